@@ -1,0 +1,64 @@
+"""meterkit: authenticate API keys, enforce multi-tier rate limits and meter credits,
+in one atomic step.
+
+    >>> import meterkit
+    >>> meter = meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend())
+    >>> meter.check(key="key_1", org="org_1", operation="invoices.list").allowed
+    True
+"""
+
+from __future__ import annotations
+
+from meterkit._backend import AsyncBackend, Backend
+from meterkit._credits import from_micro, to_micro
+from meterkit._decision import Decision, KeyUsage, OperationUsage, TierState, Usage
+from meterkit._errors import (
+    AuthenticationError,
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    InvalidAmountError,
+    InvalidIdentifierError,
+    InvalidRequestError,
+    MeterkitError,
+    StateError,
+    UnknownOperationError,
+)
+from meterkit._memory import MemoryBackend
+from meterkit._meter import AsyncMeter, Meter
+from meterkit._plan import Plan
+from meterkit._policy import Category, CostTable, CreditPlan, Operation, Policy, Tier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncBackend",
+    "AsyncMeter",
+    "AuthenticationError",
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "Category",
+    "ConfigurationError",
+    "CostTable",
+    "CreditPlan",
+    "Decision",
+    "InvalidAmountError",
+    "InvalidIdentifierError",
+    "InvalidRequestError",
+    "KeyUsage",
+    "MemoryBackend",
+    "Meter",
+    "MeterkitError",
+    "Operation",
+    "OperationUsage",
+    "Plan",
+    "Policy",
+    "StateError",
+    "Tier",
+    "TierState",
+    "UnknownOperationError",
+    "Usage",
+    "from_micro",
+    "to_micro",
+]

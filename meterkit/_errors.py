@@ -1,0 +1,122 @@
+"""meterkit's exceptions: one root, small families under it.
+
+::
+
+    MeterkitError
+    ├── ConfigurationError (ValueError)     a policy, rate, price or file is wrong
+    ├── InvalidRequestError (ValueError)    one call's arguments are wrong; nothing changed
+    │   ├── UnknownOperationError           the operation is not in the cost table
+    │   ├── InvalidIdentifierError          an empty, over-long or control-character id
+    │   └── InvalidAmountError              NaN, infinite, negative or over-precise credits
+    ├── BackendError                        the store could not do what was asked
+    │   ├── BackendUnavailable              unreachable, timed out, paused
+    │   └── StateError                      the store holds something meterkit did not write
+    └── AuthenticationError                 a request's API key was refused (seed-shaped body)
+
+Every error raised for bad input is raised *before* any state is touched.
+Messages never contain secrets: identifiers are public ids, never API key plaintext.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthenticationError",
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigurationError",
+    "InvalidAmountError",
+    "InvalidIdentifierError",
+    "InvalidRequestError",
+    "MeterkitError",
+    "StateError",
+    "UnknownOperationError",
+]
+
+
+class MeterkitError(Exception):
+    """The root of every error meterkit raises on purpose."""
+
+
+class ConfigurationError(MeterkitError, ValueError):
+    """A policy (or a part of one) is invalid.
+
+    ``location`` names the place, as in ``tiers[2].rate``; it is empty when the
+    mistake is not tied to one field.
+    """
+
+    def __init__(self, message: str, location: str = "") -> None:
+        self.location = location
+        self.detail = message
+        super().__init__(f"{location}: {message}" if location else message)
+
+    def at(self, prefix: str) -> ConfigurationError:
+        """The same error, located under ``prefix`` (``tiers[2]`` + ``rate``)."""
+        if not prefix:
+            return self
+        where = f"{prefix}.{self.location}" if self.location else prefix
+        where = where.replace(".[", "[")
+        return type(self)(self.detail, where)
+
+
+class InvalidRequestError(MeterkitError, ValueError):
+    """The arguments of one call are invalid; no state was changed."""
+
+
+class UnknownOperationError(InvalidRequestError):
+    """The operation is not priced in the policy's cost table."""
+
+
+class InvalidIdentifierError(InvalidRequestError):
+    """An id (key, organization, idempotency key) is empty, too long or not printable."""
+
+
+class InvalidAmountError(InvalidRequestError):
+    """A credit amount is NaN, infinite, negative or finer than one micro-credit."""
+
+
+class BackendError(MeterkitError):
+    """The backend could not apply an operation."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend could not be reached in time (down, slow, paused, failing over)."""
+
+
+class StateError(BackendError):
+    """The backend holds data under meterkit's prefix that meterkit did not write."""
+
+
+class AuthenticationError(MeterkitError):
+    """A request's API key was refused.
+
+    ``code`` is one of ``invalid_api_key``, ``expired_api_key``,
+    ``insufficient_permissions``, ``organization_not_found``; ``body`` is the
+    seed-shaped JSON error body, ``status`` its HTTP status (401 by default).
+    """
+
+    MESSAGES = {
+        "invalid_api_key": "The provided API key is invalid or expired",
+        "expired_api_key": "The provided API key has expired",
+        "insufficient_permissions": "The API key lacks permission for the requested operation",
+        "organization_not_found": "The organization does not exist or is not accessible",
+    }
+
+    def __init__(self, code: str, message: str | None = None, status: int = 401) -> None:
+        self.code = code
+        self.status = status
+        self.message = message if message is not None else self.MESSAGES.get(code, code)
+        super().__init__(f"{code}: {self.message}")
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The JSON error body, exactly in the seed's shape."""
+        return {
+            "error": {
+                "type": "authentication_error",
+                "code": self.code,
+                "message": self.message,
+                "status": self.status,
+            }
+        }

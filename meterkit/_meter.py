@@ -1,0 +1,255 @@
+"""Meter and AsyncMeter: validate a request, build its plan, ask the backend, decide.
+
+Both share everything but the one backend call: :class:`_MeterCore` validates and
+plans, and turns outcomes into decisions; the two shells only differ in ``await``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Literal
+
+from meterkit._credits import to_micro
+from meterkit._decision import Decision, Usage, build_usage
+from meterkit._errors import (
+    AuthenticationError,
+    BackendUnavailable,
+    InvalidIdentifierError,
+    InvalidRequestError,
+)
+from meterkit._plan import Outcome, Plan
+
+if TYPE_CHECKING:
+    from meterkit._backend import AsyncBackend, Backend
+    from meterkit._policy import Policy
+
+__all__ = ["AsyncMeter", "Meter"]
+
+_MAX_ID = 256
+_US = 1_000_000
+Mode = Literal["live", "test"]
+
+
+def _bad_id(value: object, what: str) -> InvalidIdentifierError:
+    if not isinstance(value, str):
+        return InvalidIdentifierError(f"{what} must be a str, not {type(value).__name__}")
+    if not value:
+        return InvalidIdentifierError(f"{what} must not be empty")
+    if len(value) > _MAX_ID:
+        return InvalidIdentifierError(f"{what} is longer than {_MAX_ID} characters")
+    return InvalidIdentifierError(f"{what} holds control or non-printable characters")
+
+
+def check_id(value: object, what: str) -> str:
+    """Return ``value`` if it is a usable id (1–256 printable characters), else raise."""
+    if type(value) is str and 0 < len(value) <= _MAX_ID and value.isprintable():
+        return value
+    raise _bad_id(value, what)
+
+
+class _MeterCore:
+    """What Meter and AsyncMeter share: planning, validation, deciding."""
+
+    def __init__(self, policy: Policy, *, fail_open: bool = False) -> None:
+        self.policy = policy
+        self.fail_open = fail_open
+        self._plan_for = policy.plan_for
+        self._watch_shadow = policy.shadow or any(t.shadow for t in policy.tiers)
+        #: Denials that shadow mode let through, per tier name (and "credits").
+        self.shadow_denials: Counter[str] = Counter()
+        #: Checks admitted without the backend because it was unavailable (fail-open).
+        self.degraded = 0
+
+    def _plan(
+        self,
+        key: Any,
+        org: str | None,
+        operation: str,
+        idempotency_key: str | None,
+        cost: object,
+        mode: str,
+    ) -> Plan:
+        if type(key) is not str and hasattr(key, "org") and hasattr(key, "id"):
+            # An authenticated ApiKey: its id meters, its org and mode scope.
+            if org is not None and org != key.org:
+                raise AuthenticationError("organization_not_found")
+            key, org, mode = key.id, key.org, key.mode
+        check_id(key, "key")
+        check_id(org, "org")
+        if mode != "live" and mode != "test":
+            raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+        op = self._plan_for(operation)
+        price = op.price if cost is None else to_micro(cost, "cost")
+        if idempotency_key is not None:
+            check_id(idempotency_key, "idempotency_key")
+        return Plan(self.policy, op, key, org, mode, price, idempotency_key)  # type: ignore[arg-type]
+
+    def _decide(self, plan: Plan, outcome: Outcome) -> Decision:
+        decision = Decision(plan, outcome)
+        # Only shadow tiers can say no to an admitted request.
+        if self._watch_shadow and outcome[0]:
+            names = decision.would_deny
+            if names:
+                self.shadow_denials.update(names)
+        return decision
+
+    def _degraded(self, plan: Plan) -> Decision:
+        self.degraded += 1
+        now = round(time.time() * _US)
+        tiers = tuple((t.capacity, 0, 0) for t in plan.op.tiers)
+        return Decision(plan, (True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
+
+    def _usage_args(self, org: str, key: str | None, mode: str) -> None:
+        check_id(org, "org")
+        if key is not None:
+            check_id(key, "key")
+        if mode not in ("live", "test"):
+            raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+
+
+class Meter(_MeterCore):
+    """Authenticate-then-meter in one call: rate tiers and credits, atomically.
+
+    ``fail_open=True`` admits requests (flagged ``degraded`` and counted) while the
+    backend is unavailable, instead of raising :class:`BackendUnavailable`.
+    """
+
+    def __init__(self, policy: Policy, backend: Backend, *, fail_open: bool = False) -> None:
+        if inspect.iscoroutinefunction(getattr(backend, "apply", None)):
+            raise InvalidRequestError("this backend is asynchronous: use meterkit.AsyncMeter")
+        super().__init__(policy, fail_open=fail_open)
+        self.backend = backend
+        self._apply = backend.apply
+
+    def __repr__(self) -> str:
+        return f"Meter(policy={self.policy.name!r}, backend={self.backend!r})"
+
+    def check(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        idempotency_key: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """Admit and charge one request, or consume nothing and say why not.
+
+        ``key`` is a key id or an authenticated ``ApiKey`` (whose org and mode are
+        then used). ``cost`` overrides the table price (for operations priced by size).
+        """
+        plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+        try:
+            outcome = self._apply(plan)
+        except BackendUnavailable:
+            if self.fail_open:
+                return self._degraded(plan)
+            raise
+        return self._decide(plan, outcome)
+
+    def refund(self, decision: Decision) -> bool:
+        """Return an admitted decision's credits, once. True if this call refunded them."""
+        if decision.degraded:
+            return False
+        return self.backend.refund(decision.plan, decision.outcome)
+
+    def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage:
+        """This period's requests and credits for ``org`` (or one ``key`` of it)."""
+        self._usage_args(org, key, mode)
+        return build_usage(org, key, self.backend.usage(self.policy, org, mode))
+
+    def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
+        """Give ``org`` its own monthly allowance (``None``: the policy's again)."""
+        check_id(org, "org")
+        micro = None if credits is None else to_micro(credits, "allowance")
+        self.backend.set_allowance(org, mode, micro)
+
+    def top_up(self, org: str, credits: object, mode: Mode = "live") -> None:
+        """Add credits to ``org``'s current month; they expire with it."""
+        check_id(org, "org")
+        self.backend.top_up(org, mode, to_micro(credits, "top-up"))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMeter(_MeterCore):
+    """:class:`Meter` for asyncio: the same methods, awaitable.
+
+    Works with an asynchronous backend (``AsyncRedisBackend``) and with
+    ``MemoryBackend``, whose calls never block.
+    """
+
+    def __init__(
+        self, policy: Policy, backend: AsyncBackend | Backend, *, fail_open: bool = False
+    ) -> None:
+        super().__init__(policy, fail_open=fail_open)
+        self.backend = backend
+        self._async = inspect.iscoroutinefunction(getattr(backend, "apply", None))
+
+    def __repr__(self) -> str:
+        return f"AsyncMeter(policy={self.policy.name!r}, backend={self.backend!r})"
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        result = getattr(self.backend, name)(*args)
+        return await result if self._async else result
+
+    async def check(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        idempotency_key: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """See :meth:`Meter.check`."""
+        plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+        try:
+            outcome = await self._call("apply", plan)
+        except BackendUnavailable:
+            if self.fail_open:
+                return self._degraded(plan)
+            raise
+        return self._decide(plan, outcome)
+
+    async def refund(self, decision: Decision) -> bool:
+        """See :meth:`Meter.refund`."""
+        if decision.degraded:
+            return False
+        return bool(await self._call("refund", decision.plan, decision.outcome))
+
+    async def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage:
+        """See :meth:`Meter.usage`."""
+        self._usage_args(org, key, mode)
+        return build_usage(org, key, await self._call("usage", self.policy, org, mode))
+
+    async def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
+        """See :meth:`Meter.set_allowance`."""
+        check_id(org, "org")
+        micro = None if credits is None else to_micro(credits, "allowance")
+        await self._call("set_allowance", org, mode, micro)
+
+    async def top_up(self, org: str, credits: object, mode: Mode = "live") -> None:
+        """See :meth:`Meter.top_up`."""
+        check_id(org, "org")
+        await self._call("top_up", org, mode, to_micro(credits, "top-up"))
+
+    async def close(self) -> None:
+        await self._call("close")
+
+    async def __aenter__(self) -> AsyncMeter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

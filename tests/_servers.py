@@ -1,0 +1,153 @@
+"""Real redis-server processes for the tests: one standalone, one 3-master cluster.
+
+A test session uses ``METERKIT_REDIS_URL`` / ``METERKIT_REDIS_CLUSTER_URL`` when set;
+otherwise it starts its own servers on free loopback ports in a temporary folder and
+stops them at the end. Without a ``redis-server`` binary the Redis tests skip, unless
+``METERKIT_REQUIRE_REDIS=1`` (set by ``.ci/run``), which makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+def _wait_ready(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    cli = shutil.which("redis-cli")
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"redis-server on port {port} did not start (cli: {cli})")
+
+
+class RedisServer:
+    """One redis-server process we started; ``restart()`` keeps its port and folder."""
+
+    def __init__(self, folder: Path, port: int, *extra: str) -> None:
+        self.folder = folder
+        self.port = port
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = redis_binary()
+        assert binary is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [
+            binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.folder),
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.folder / "redis.log"),
+            *self.extra,
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_ready(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextmanager
+def standalone(*extra: str) -> Iterator[RedisServer]:
+    """Start one redis-server on a free port for the duration of the block."""
+    with tempfile.TemporaryDirectory(prefix="meterkit-redis-") as tmp:
+        server = RedisServer(Path(tmp), free_port(), *extra)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@contextmanager
+def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
+    """Start a cluster of ``masters`` nodes (no replicas) and wait until it is ok."""
+    cli = shutil.which("redis-cli")
+    assert cli is not None, "redis-cli is needed to create a cluster"
+    with tempfile.TemporaryDirectory(prefix="meterkit-cluster-") as tmp:
+        nodes: list[RedisServer] = []
+        try:
+            for i in range(masters):
+                port = free_port()
+                node = RedisServer(
+                    Path(tmp) / str(i), port,
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "2000",
+                )
+                node.start()
+                nodes.append(node)
+            subprocess.run(
+                [cli, "--cluster", "create",
+                 *[f"127.0.0.1:{n.port}" for n in nodes],
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+            )
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                out = subprocess.run(
+                    [cli, "-p", str(nodes[0].port), "cluster", "info"],
+                    capture_output=True, text=True, timeout=5,
+                ).stdout
+                if "cluster_state:ok" in out:
+                    break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError("the test cluster did not reach cluster_state:ok")
+            yield nodes
+        finally:
+            for node in nodes:
+                node.stop()
+
+
+def require_redis() -> bool:
+    return os.environ.get("METERKIT_REQUIRE_REDIS") == "1"
