@@ -7,7 +7,8 @@
     ├── InvalidRequestError (ValueError)    one call's arguments are wrong; nothing changed
     │   ├── UnknownOperationError           the operation is not in the cost table
     │   ├── InvalidIdentifierError          an empty, over-long or control-character id
-    │   └── InvalidAmountError              NaN, infinite, negative or over-precise credits
+    │   ├── InvalidAmountError              NaN, infinite, negative or over-precise credits
+    │   └── UnknownKeyError                 no API key has this (well-formed) id
     ├── BackendError                        the store could not do what was asked
     │   ├── BackendUnavailable              unreachable, timed out, paused
     │   └── StateError                      the store holds something meterkit did not write
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidRequestError",
     "MeterkitError",
     "StateError",
+    "UnknownKeyError",
     "UnknownOperationError",
 ]
 
@@ -74,6 +76,10 @@ class InvalidIdentifierError(InvalidRequestError):
 
 class InvalidAmountError(InvalidRequestError):
     """A credit amount is NaN, infinite, negative or finer than one micro-credit."""
+
+
+class UnknownKeyError(InvalidRequestError):
+    """No API key has this id (the id is well formed; it was never created here)."""
 
 
 class BackendError(MeterkitError):
