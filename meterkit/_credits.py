@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal, InvalidOperation
-from typing import Union
 
 from meterkit._errors import InvalidAmountError
 
@@ -17,7 +16,7 @@ MAX_MICRO = 2**53 - 1
 _MICRO_DEC = Decimal(MICRO)
 
 #: What the API accepts as an amount of credits.
-Credits = Union[Decimal, str, int, float]
+Credits = Decimal | str | int | float
 
 
 def to_micro(value: object, what: str = "amount") -> int:

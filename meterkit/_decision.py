@@ -124,7 +124,7 @@ class Decision:
         policy_shadow = self._plan.policy.shadow
         return tuple(
             TierState(t.name, t.capacity, rem, reset / _US, bool(den), t.shadow or policy_shadow)
-            for t, (rem, reset, den) in zip(self._plan.op.tiers, self._out[4])
+            for t, (rem, reset, den) in zip(self._plan.op.tiers, self._out[4], strict=True)
         )
 
     @property
@@ -133,7 +133,7 @@ class Decision:
         policy_shadow = self._plan.policy.shadow
         names = [
             t.name
-            for t, (_, _, den) in zip(self._plan.op.tiers, self._out[4])
+            for t, (_, _, den) in zip(self._plan.op.tiers, self._out[4], strict=True)
             if den and (t.shadow or policy_shadow)
         ]
         if policy_shadow and self._out[6] < 0:
@@ -150,7 +150,7 @@ class Decision:
         if op.tiers:
             items = []
             tightest = None
-            for tier, (rem, reset, _) in zip(op.tiers, out[4]):
+            for tier, (rem, reset, _) in zip(op.tiers, out[4], strict=True):
                 items.append(f'"{tier.name}";r={rem};t={_ceil_seconds(reset)}')
                 if tightest is None or (rem, reset) < (tightest[1], tightest[2]):
                     tightest = (tier, rem, reset)

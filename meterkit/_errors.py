@@ -20,7 +20,8 @@ Messages never contain secrets: identifiers are public ids, never API key plaint
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 __all__ = [
     "AuthenticationError",
@@ -102,7 +103,7 @@ class AuthenticationError(MeterkitError):
     seed-shaped JSON error body, ``status`` its HTTP status (401 by default).
     """
 
-    MESSAGES = {
+    MESSAGES: ClassVar[Mapping[str, str]] = {
         "invalid_api_key": "The provided API key is invalid or expired",
         "expired_api_key": "The provided API key has expired",
         "insufficient_permissions": "The API key lacks permission for the requested operation",

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from meterkit._plan import (
     REASON_CREDITS,
@@ -194,7 +194,7 @@ class _SlidingLog:
         return len(self.logs)
 
 
-_State = Union[_FixedWindow, _SlidingWindow, _Gcra, _SlidingLog]
+_State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
 _KINDS: dict[str, type[_FixedWindow] | type[_SlidingWindow] | type[_Gcra] | type[_SlidingLog]] = {
     "fixed_window": _FixedWindow,
     "sliding_window": _SlidingWindow,
@@ -349,11 +349,11 @@ class MemoryBackend:
             outcome: Outcome = (True, REASON_NONE, now, 0, tuple(results),
                                 cost, balance - cost, end, charge, False)
             if plan.idem is not None:
-                self._remember(org, plan, now, outcome)
+                self._remember(org, plan.idem, plan, now, outcome)
             return outcome
 
-    def _remember(self, org: str, plan: Plan, now: int, outcome: Outcome) -> None:
-        self._idem[(org, plan.idem)] = (  # type: ignore[index]
+    def _remember(self, org: str, idem: str, plan: Plan, now: int, outcome: Outcome) -> None:
+        self._idem[(org, idem)] = (
             now + _IDEM_TTL_US, plan.key, plan.op.name, plan.cost, outcome
         )
         self._idem_commits += 1
@@ -424,7 +424,7 @@ def _unspent(results: list[TierOutcome]) -> tuple[TierOutcome, ...]:
     """Tier results of a denied request: nothing was consumed, so an admitting tier
     has one more left than it would have had after this request (exact for all four
     algorithms)."""
-    return tuple((rem + 1, reset, 0) if not den else (rem, reset, den) for rem, reset, den in results)
+    return tuple((r + 1, reset, 0) if not den else (r, reset, den) for r, reset, den in results)
 
 
 def _replay(plan: Plan, record: tuple[int, str, str, int, Outcome]) -> Outcome:
@@ -436,4 +436,4 @@ def _replay(plan: Plan, record: tuple[int, str, str, int, Outcome]) -> Outcome:
             "this idempotency key was first used for a different request "
             f"(key {key!r}, operation {operation!r})"
         )
-    return first[:9] + (True,)  # type: ignore[return-value]
+    return (*first[:9], True)

@@ -12,7 +12,7 @@ import calendar
 import itertools
 import os
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Literal, Tuple
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from meterkit._policy import OperationPlan, Policy
@@ -23,7 +23,7 @@ Mode = Literal["live", "test"]
 
 #: One tier's result: (remaining after this request, µs until it resets, denied?).
 #: ``denied`` is 1 when the tier said no (even in shadow mode), else 0.
-TierOutcome = Tuple[int, int, int]
+TierOutcome = tuple[int, int, int]
 
 #: A backend's answer, by position:
 #:   0 allowed (bool)        1 reason (0 none, 1 rate_limited, 2 insufficient_credits)
@@ -32,7 +32,7 @@ TierOutcome = Tuple[int, int, int]
 #:   5 charged (µ-credits)   6 balance after the charge (µ-credits, may go below 0 in shadow)
 #:   7 period end (µs)       8 charge id ("" when nothing was charged)
 #:   9 replayed (bool: an idempotent retry answered from the first decision)
-Outcome = Tuple[bool, int, int, int, Tuple[TierOutcome, ...], int, int, int, str, bool]
+Outcome = tuple[bool, int, int, int, tuple[TierOutcome, ...], int, int, int, str, bool]
 
 REASON_NONE = 0
 REASON_RATE = 1

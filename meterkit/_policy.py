@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, TypeVar, Union
+from typing import Literal, TypeVar
 
 import limits
 import msgspec
@@ -47,7 +47,7 @@ _MAX_LOG = 100_000  # a sliding log keeps one timestamp per admitted request
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _OP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _PRICE_KINDS = (str, int, float)
-Amount = Union[str, int, float]
+Amount = str | int | float
 
 
 def _parse_rate(rate: object) -> limits.RateLimitItem:
@@ -318,7 +318,9 @@ class Policy:
         plans: dict[str, OperationPlan] = {}
         for op in costs.operations:
             applies = [
-                (i, t) for i, t in enumerate(tiers) if t.operations is None or op.name in t.operations
+                (i, t)
+                for i, t in enumerate(tiers)
+                if t.operations is None or op.name in t.operations
             ]
             plans[op.name] = OperationPlan(
                 op, tuple(t for _, t in applies), tuple(i for i, _ in applies)
@@ -434,26 +436,26 @@ class _TierSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     scope: Scope
     rate: str
     algorithm: Algorithm = "fixed_window"
-    burst: Union[int, None] = None
+    burst: int | None = None
     shadow: bool = False
-    operations: Union[list[str], None] = None
+    operations: list[str] | None = None
 
 
 class _CategorySpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    min: Union[str, int, float]
-    max: Union[str, int, float]
+    min: str | int | float
+    max: str | int | float
     description: str = ""
 
 
 class _OperationSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     category: str
-    price: Union[str, int, float]
+    price: str | int | float
     description: str = ""
-    permission: Union[str, None] = None
+    permission: str | None = None
 
 
 class _CreditsSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    allowance: Union[str, int, float]
+    allowance: str | int | float
     period: Literal["month"] = "month"
 
 
