@@ -22,8 +22,21 @@ from meterkit._errors import (
     InvalidRequestError,
     MeterkitError,
     StateError,
+    UnknownKeyError,
     UnknownOperationError,
 )
+from meterkit._keys import (
+    ApiKey,
+    AsyncKeyStore,
+    AsyncMemoryKeyStore,
+    KeyFormat,
+    KeyStore,
+    MemoryKeyStore,
+    PlaintextKey,
+    async_keystore_from_url,
+    keystore_from_url,
+)
+from meterkit._keystore_redis import AsyncRedisKeyStore, RedisKeyStore
 from meterkit._memory import MemoryBackend
 from meterkit._meter import AsyncMeter, Meter
 from meterkit._plan import Plan
@@ -32,8 +45,12 @@ from meterkit._policy import Category, CostTable, CreditPlan, Operation, Policy,
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApiKey",
     "AsyncBackend",
+    "AsyncKeyStore",
+    "AsyncMemoryKeyStore",
     "AsyncMeter",
+    "AsyncRedisKeyStore",
     "AuthenticationError",
     "Backend",
     "BackendError",
@@ -46,19 +63,27 @@ __all__ = [
     "InvalidAmountError",
     "InvalidIdentifierError",
     "InvalidRequestError",
+    "KeyFormat",
+    "KeyStore",
     "KeyUsage",
     "MemoryBackend",
+    "MemoryKeyStore",
     "Meter",
     "MeterkitError",
     "Operation",
     "OperationUsage",
+    "PlaintextKey",
     "Plan",
     "Policy",
+    "RedisKeyStore",
     "StateError",
     "Tier",
     "TierState",
+    "UnknownKeyError",
     "UnknownOperationError",
     "Usage",
+    "async_keystore_from_url",
     "from_micro",
+    "keystore_from_url",
     "to_micro",
 ]
