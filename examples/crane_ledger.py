@@ -1,0 +1,276 @@
+"""A small Crane Ledger-like API (FastAPI) behind meterkit's ASGI middleware.
+
+Run it (keys are written to demo-keys.json on start-up)::
+
+    METERKIT_DEMO_KEYS_FILE=demo-keys.json uvicorn examples.crane_ledger:app
+
+Every route under ``/organizations/{organization_id}/`` is authenticated, rate-limited
+and charged by the middleware before the handler runs; the handlers below contain no
+metering code at all, except ``/usage``, which reports it. The operations and their
+prices come from the policy's ``[routes]`` table (``meterkit/policies/crane_ledger.toml``).
+
+Environment:
+
+- ``METERKIT_BACKEND_URL``: ``redis://…`` to keep limits, credits and keys in Redis
+  (default: in this process's memory);
+- ``METERKIT_DEMO_KEYS_FILE``: where to write the demo keys' plaintext, as JSON
+  ``{"live": …, "test": …, "read_only": …}``.
+
+Plain HTTP is refused: run behind a TLS-terminating proxy that sets
+``X-Forwarded-Proto: https`` (uvicorn believes it from 127.0.0.1 by default), or give
+uvicorn a certificate (``--ssl-keyfile``/``--ssl-certfile``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+import meterkit
+from meterkit.asgi import MeterMiddleware
+
+ORG = "org_demo"
+READ_ONLY = ["invoices:read", "currency:read", "reports:read", "usage:read"]
+REPORTS = ("balance_sheet", "profit_and_loss", "summary")
+# Paths that are not metered: the health check and FastAPI's own documentation.
+UNMETERED = ["/health", "/docs*", "/redoc", "/openapi.json"]
+
+
+def error(status: int, code: str, message: str, type_: str = "invalid_request_error") -> Any:
+    """An error response in the same shape as meterkit's."""
+    return JSONResponse(
+        {"error": {"type": type_, "code": code, "message": message, "status": status}},
+        status_code=status,
+    )
+
+
+class RatesUnavailable(Exception):
+    """The exchange-rate provider did not answer."""
+
+
+class RatesFeed:
+    """Exchange rates from an upstream provider (fixed figures here). It can go down:
+    then conversions answer 503, and the middleware refunds their credits."""
+
+    def __init__(self) -> None:
+        self.available = True
+        self.per_usd = {"USD": Decimal("1"), "EUR": Decimal("0.92"), "GBP": Decimal("0.79"),
+                        "JPY": Decimal("151.20")}
+
+    def convert(self, amount: Decimal, source: str, target: str) -> Decimal:
+        if not self.available:
+            raise RatesUnavailable
+        return (amount / self.per_usd[source] * self.per_usd[target]).quantize(Decimal("0.01"))
+
+
+class InvoiceIn(BaseModel):
+    customer: str = Field(min_length=1, max_length=200)
+    amount: Decimal = Field(gt=0, max_digits=14, decimal_places=2)
+    currency: str = "USD"
+
+
+class ConversionIn(BaseModel):
+    amount: Decimal = Field(gt=0, max_digits=14, decimal_places=2)
+    source: str = Field(alias="from")
+    target: str = Field(alias="to")
+
+
+class Ledger:
+    """The invoices of each (organization, mode): test keys never see live data."""
+
+    def __init__(self) -> None:
+        self.invoices: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self.by_idempotency_key: dict[tuple[str, str, str], str] = {}
+        self._numbers = itertools.count(1)
+
+    def book(self, org: str, mode: str) -> dict[str, dict[str, Any]]:
+        return self.invoices.setdefault((org, mode), {})
+
+    def create(self, org: str, mode: str, invoice: InvoiceIn, idem: str | None) -> dict[str, Any]:
+        # A retried create (same Idempotency-Key) returns the invoice it made the first time.
+        if idem is not None and (org, mode, idem) in self.by_idempotency_key:
+            return self.book(org, mode)[self.by_idempotency_key[(org, mode, idem)]]
+        number = next(self._numbers)
+        record = {
+            "id": f"inv_{number:06d}",
+            "number": f"INV-{number:04d}",
+            "customer": invoice.customer,
+            "amount": str(invoice.amount),
+            "currency": invoice.currency,
+            "status": "open",
+        }
+        self.book(org, mode)[record["id"]] = record
+        if idem is not None:
+            self.by_idempotency_key[(org, mode, idem)] = record["id"]
+        return record
+
+
+def pdf_of(invoice: dict[str, Any]) -> bytes:
+    """A one-page PDF naming the invoice (a real, if minimal, PDF file)."""
+    text = f"{invoice['number']}  {invoice['customer']}  {invoice['amount']} {invoice['currency']}"
+    text = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    stream = f"BT /F1 14 Tf 72 720 Td ({text}) Tj ET".encode("latin-1", "replace")
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+        b"/Resources << /Font << /F1 5 0 R >> >> /Contents 4 0 R >>",
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, xref)
+    return bytes(out)
+
+
+def _stores_from_env(policy: meterkit.Policy, clock: Callable[[], float] | None) -> tuple[Any, Any]:
+    """An AsyncMeter and an async key store: in memory, or in Redis at METERKIT_BACKEND_URL."""
+    url = os.environ.get("METERKIT_BACKEND_URL")
+    if not url:
+        meter = meterkit.AsyncMeter(policy, meterkit.MemoryBackend(clock=clock))
+        return meter, meterkit.async_keystore_from_url("memory://", clock=clock)
+    from meterkit._url import async_backend_from_url
+
+    meter = meterkit.AsyncMeter(policy, async_backend_from_url(url, clock=clock))
+    return meter, meterkit.async_keystore_from_url(url, clock=clock)
+
+
+def create_app(
+    *,
+    meter: meterkit.AsyncMeter | None = None,
+    keystore: Any = None,
+    clock: Callable[[], float] | None = None,
+    policy: meterkit.Policy | None = None,
+    rates: RatesFeed | None = None,
+    **middleware_options: Any,
+) -> FastAPI:
+    """The example API. Give ``meter`` (an AsyncMeter) and ``keystore`` (an async key
+    store), or let them be made from the environment; ``clock`` drives the ones made
+    here. ``middleware_options`` go to :class:`meterkit.asgi.MeterMiddleware`."""
+    if (meter is None) != (keystore is None):
+        raise TypeError("give both meter and keystore, or neither")
+    owned = meter is None
+    if meter is None:
+        meter, keystore = _stores_from_env(policy or meterkit.Policy.crane_ledger(), clock)
+    ledger = Ledger()
+    feed = rates or RatesFeed()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        demo = {"live": ("live", ["*"]), "test": ("test", ["*"]), "read_only": ("live", READ_ONLY)}
+        app.state.demo_keys = {}
+        for name, (key_mode, permissions) in demo.items():
+            plaintext, _ = await keystore.create(
+                org=ORG, mode=key_mode, permissions=permissions, name=f"demo {name}"
+            )
+            app.state.demo_keys[name] = str(plaintext)
+        keys_file = os.environ.get("METERKIT_DEMO_KEYS_FILE")
+        if keys_file:
+            path = Path(keys_file)
+            path.write_text(json.dumps(app.state.demo_keys, indent=2) + "\n", encoding="utf-8")
+            path.chmod(0o600)
+        yield
+        if owned:
+            await meter.close()
+            await keystore.aclose()
+
+    app = FastAPI(title="Crane Ledger (meterkit example)", lifespan=lifespan)
+    app.state.meter = meter
+    app.state.keystore = keystore
+    app.state.rates = feed
+    app.state.ledger = ledger
+    app.add_middleware(
+        MeterMiddleware,
+        meter=meter,
+        keystore=keystore,
+        exclude=middleware_options.pop("exclude", UNMETERED),
+        **middleware_options,
+    )
+
+    def mode(request: Request) -> Literal["live", "test"]:
+        # The authenticated key, as the middleware admitted it.
+        key: meterkit.ApiKey = request.state.meterkit.key
+        return key.mode
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/organizations/{organization_id}/invoices")
+    async def list_invoices(organization_id: str, request: Request) -> dict[str, Any]:
+        invoices = list(ledger.book(organization_id, mode(request)).values())
+        return {"data": invoices, "count": len(invoices)}
+
+    @app.post("/organizations/{organization_id}/invoices", status_code=201)
+    async def create_invoice(organization_id: str, invoice: InvoiceIn, request: Request) -> Any:
+        if invoice.currency not in feed.per_usd:
+            return error(400, "unsupported_currency", f"Unknown currency {invoice.currency!r}.")
+        idem = request.headers.get("idempotency-key")
+        return ledger.create(organization_id, mode(request), invoice, idem)
+
+    @app.get("/organizations/{organization_id}/invoices/{invoice_id}")
+    async def get_invoice(organization_id: str, invoice_id: str, request: Request) -> Any:
+        invoice = ledger.book(organization_id, mode(request)).get(invoice_id)
+        if invoice is None:
+            return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
+        return invoice
+
+    @app.post("/organizations/{organization_id}/invoices/{invoice_id}/pdf")
+    async def invoice_pdf(organization_id: str, invoice_id: str, request: Request) -> Any:
+        invoice = ledger.book(organization_id, mode(request)).get(invoice_id)
+        if invoice is None:
+            return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
+        return Response(pdf_of(invoice), media_type="application/pdf")
+
+    @app.post("/organizations/{organization_id}/currency/convert")
+    async def convert(organization_id: str, conversion: ConversionIn) -> Any:
+        for currency in (conversion.source, conversion.target):
+            if currency not in feed.per_usd:
+                return error(400, "unsupported_currency", f"Unknown currency {currency!r}.")
+        try:
+            result = feed.convert(conversion.amount, conversion.source, conversion.target)
+        except RatesUnavailable:
+            return error(503, "rates_unavailable", "Exchange rates are unavailable right now.",
+                         type_="api_error")
+        return {"from": conversion.source, "to": conversion.target,
+                "amount": str(conversion.amount), "result": str(result)}
+
+    @app.get("/organizations/{organization_id}/reports/{name}")
+    async def report(organization_id: str, name: str, request: Request) -> Any:
+        if name not in REPORTS:
+            return error(404, "report_not_found", f"No report {name!r}; try {', '.join(REPORTS)}.")
+        invoices = ledger.book(organization_id, mode(request)).values()
+        receivable = sum((Decimal(i["amount"]) for i in invoices if i["currency"] == "USD"),
+                         Decimal(0))
+        return {"report": name, "currency": "USD", "invoices": len(invoices),
+                "accounts_receivable": str(receivable)}
+
+    @app.get("/organizations/{organization_id}/usage")
+    async def usage(organization_id: str, request: Request) -> dict[str, Any]:
+        # The seed's credit monitoring: per key, requests and credits this period,
+        # and the organization's credits left (this request's own charge included).
+        report = await meter.usage(organization_id, mode=mode(request))
+        return report.to_dict()
+
+    return app
+
+
+app = create_app()

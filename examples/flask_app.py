@@ -1,0 +1,131 @@
+"""A small Flask (WSGI) API metered by meterkit: invoices, currency conversion, usage.
+
+Run it under waitress, believing ``X-Forwarded-Proto`` from a local TLS proxy::
+
+    METERKIT_DEMO_KEYS_FILE=demo-keys.json waitress-serve --listen 127.0.0.1:8080 \\
+        --trusted-proxy 127.0.0.1 --trusted-proxy-headers x-forwarded-proto \\
+        examples.flask_app:app
+
+The middleware wraps ``app.wsgi_app``; the views below hold no metering code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, jsonify, request
+
+import meterkit
+from meterkit.wsgi import MeterMiddleware
+
+ORG = "org_demo"
+READ_ONLY = ["invoices:read", "currency:read", "reports:read", "usage:read"]
+
+
+def error(status: int, code: str, message: str, type_: str = "invalid_request_error") -> Any:
+    """An error response in the same shape as meterkit's."""
+    body = {"error": {"type": type_, "code": code, "message": message, "status": status}}
+    return jsonify(body), status
+
+
+class RatesFeed:
+    """Exchange rates from an upstream provider that can go down (answers 503 then)."""
+
+    def __init__(self) -> None:
+        self.available = True
+        self.per_usd = {"USD": Decimal("1"), "EUR": Decimal("0.92"), "GBP": Decimal("0.79")}
+
+
+def create_app(
+    *,
+    meter: meterkit.Meter | None = None,
+    keystore: Any = None,
+    clock: Callable[[], float] | None = None,
+    rates: RatesFeed | None = None,
+    **middleware_options: Any,
+) -> Flask:
+    """The example API; ``meter`` and ``keystore`` default to in-memory ones on ``clock``."""
+    if meter is None:
+        meter = meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend(clock=clock))
+    if keystore is None:
+        keystore = meterkit.keystore_from_url("memory://", clock=clock)
+    feed = rates or RatesFeed()
+    invoices: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    created: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    app = Flask(__name__)
+    app.wsgi_app = MeterMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, meter=meter, keystore=keystore,
+        exclude=middleware_options.pop("exclude", ["/health"]), **middleware_options,
+    )
+    keys = {
+        "live": keystore.create(org=ORG, mode="live", permissions=["*"]),
+        "test": keystore.create(org=ORG, mode="test", permissions=["*"]),
+        "read_only": keystore.create(org=ORG, mode="live", permissions=READ_ONLY),
+    }
+    app.config["DEMO_KEYS"] = {name: str(plaintext) for name, (plaintext, _) in keys.items()}
+    if os.environ.get("METERKIT_DEMO_KEYS_FILE"):
+        path = Path(os.environ["METERKIT_DEMO_KEYS_FILE"])
+        path.write_text(json.dumps(app.config["DEMO_KEYS"], indent=2) + "\n", encoding="utf-8")
+        path.chmod(0o600)
+
+    def book(org: str) -> list[dict[str, Any]]:
+        mode = request.environ["meterkit"].key.mode  # what the middleware admitted
+        return invoices.setdefault((org, mode), [])
+
+    @app.get("/health")
+    def health() -> Any:
+        return {"status": "ok"}
+
+    @app.get("/organizations/<organization_id>/invoices")
+    def list_invoices(organization_id: str) -> Any:
+        data = book(organization_id)
+        return {"data": data, "count": len(data)}
+
+    @app.post("/organizations/<organization_id>/invoices")
+    def create_invoice(organization_id: str) -> Any:
+        body = request.get_json(silent=True) or {}
+        try:
+            amount = Decimal(str(body["amount"]))
+            customer = str(body["customer"])
+        except (KeyError, InvalidOperation):
+            return error(400, "invalid_invoice", "An invoice needs a customer and an amount.")
+        # A retried create (same Idempotency-Key) returns the invoice it made the first time.
+        idem = request.headers.get("Idempotency-Key")
+        mode = request.environ["meterkit"].key.mode
+        if idem is not None and (organization_id, mode, idem) in created:
+            return created[(organization_id, mode, idem)], 201
+        data = book(organization_id)
+        invoice = {"id": f"inv_{len(data) + 1:06d}", "customer": customer, "amount": str(amount)}
+        data.append(invoice)
+        if idem is not None:
+            created[(organization_id, mode, idem)] = invoice
+        return invoice, 201
+
+    @app.post("/organizations/<organization_id>/currency/convert")
+    def convert(organization_id: str) -> Any:
+        body = request.get_json(silent=True) or {}
+        source, target = body.get("from"), body.get("to")
+        if source not in feed.per_usd or target not in feed.per_usd:
+            return error(400, "unsupported_currency", "Unknown currency.")
+        if not feed.available:
+            return error(503, "rates_unavailable", "Exchange rates are unavailable right now.",
+                         type_="api_error")
+        amount = Decimal(str(body.get("amount", "0")))
+        result = (amount / feed.per_usd[source] * feed.per_usd[target]).quantize(Decimal("0.01"))
+        return {"from": source, "to": target, "result": str(result)}
+
+    @app.get("/organizations/<organization_id>/usage")
+    def usage(organization_id: str) -> Any:
+        mode = request.environ["meterkit"].key.mode
+        return meter.usage(organization_id, mode=mode).to_dict()
+
+    return app
+
+
+app = create_app()
