@@ -7,13 +7,16 @@ so every balance meterkit keeps stays below that bound (about 9 billion credits)
 from __future__ import annotations
 
 import math
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 
 from meterkit._errors import InvalidAmountError
 
 MICRO = 1_000_000
 MAX_MICRO = 2**53 - 1
 _MICRO_DEC = Decimal(MICRO)
+# Scaling must be exact: the default context would round a 29th digit away (or flush a
+# tiny amount to zero) without a word, and raise decimal.Overflow on huge exponents.
+_EXACT = Context(prec=60, traps=[InvalidOperation, Inexact, Overflow])
 
 #: What the API accepts as an amount of credits.
 Credits = Decimal | str | int | float
@@ -44,8 +47,13 @@ def to_micro(value: object, what: str = "amount") -> int:
             raise InvalidAmountError(f"{what} is not a number: {value!r}") from None
         if not dec.is_finite():
             raise InvalidAmountError(f"{what} must be finite, got {value!r}")
-        scaled = dec.scaleb(6)
-        if scaled != scaled.to_integral_value():
+        try:
+            scaled = dec.scaleb(6, _EXACT)
+        except Overflow:  # a subclass of Inexact
+            raise InvalidAmountError(f"{what} is too large: {value!r}") from None
+        except Inexact:  # it needs rounding: digits finer than one micro-credit
+            scaled = None
+        if scaled is None or scaled != scaled.to_integral_value():
             raise InvalidAmountError(
                 f"{what} has more than 6 decimal places (the unit is one micro-credit): {value!r}"
             )

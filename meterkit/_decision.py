@@ -32,7 +32,9 @@ class TierState(NamedTuple):
     limit: int
     remaining: int
     reset_after: float
-    """Seconds until the tier's quota is back in full (its window turns, its bucket refills)."""
+    """Seconds until the tier next gives quota back: its window turns (fixed and sliding
+    window), its bucket is full again (gcra), its oldest logged request expires
+    (sliding_log)."""
     denied: bool
     """This tier said no (in shadow mode it said no but did not deny)."""
     shadow: bool
@@ -95,7 +97,8 @@ class Decision:
 
     @property
     def charged(self) -> Decimal:
-        """Credits this request was charged (0 when denied or replayed from a first try)."""
+        """Credits this request was charged: 0 when denied; a replayed idempotent retry
+        reports the first try's charge, and nothing more is charged."""
         return from_micro(self._out[5])
 
     @property

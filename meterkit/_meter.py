@@ -9,7 +9,8 @@ from __future__ import annotations
 import inspect
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Union, overload
 
 from meterkit._credits import to_micro
 from meterkit._decision import Decision, Usage, build_usage
@@ -18,6 +19,7 @@ from meterkit._errors import (
     BackendUnavailable,
     InvalidIdentifierError,
     InvalidRequestError,
+    MeterkitError,
 )
 from meterkit._plan import Outcome, Plan
 
@@ -30,6 +32,10 @@ __all__ = ["AsyncMeter", "Meter"]
 _MAX_ID = 256
 _US = 1_000_000
 Mode = Literal["live", "test"]
+#: One request of :meth:`Meter.check_many`: :meth:`Meter.check`'s arguments as a dict,
+#: or a tuple ``(key, operation, org, idempotency_key, cost, mode)`` (the tail optional).
+CheckRequest = Union[Mapping[str, Any], Sequence[Any]]
+_CHECK_ARGS = ("key", "operation", "org", "idempotency_key", "cost", "mode")
 
 
 def _bad_id(value: object, what: str) -> InvalidIdentifierError:
@@ -40,6 +46,12 @@ def _bad_id(value: object, what: str) -> InvalidIdentifierError:
     if len(value) > _MAX_ID:
         return InvalidIdentifierError(f"{what} is longer than {_MAX_ID} characters")
     return InvalidIdentifierError(f"{what} holds control or non-printable characters")
+
+
+def check_mode(mode: object) -> None:
+    """Raise unless ``mode`` is ``"live"`` or ``"test"``."""
+    if mode != "live" and mode != "test":
+        raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
 
 
 def check_id(value: object, what: str) -> str:
@@ -75,9 +87,12 @@ class _MeterCore:
             # An authenticated ApiKey: its id meters, its org and mode scope.
             if org is not None and org != key.org:
                 raise AuthenticationError("organization_not_found")
-            key, org, mode = key.id, key.org, key.mode
-        check_id(key, "key")
-        check_id(org, "org")
+            key, org, mode = key.id, key.org, getattr(key, "mode", "live")
+        # check_id inlined: its two calls cost a few % of a whole check.
+        if not (type(key) is str and 0 < len(key) <= _MAX_ID and key.isprintable()):
+            raise _bad_id(key, "key")
+        if not (type(org) is str and 0 < len(org) <= _MAX_ID and org.isprintable()):
+            raise _bad_id(org, "org")
         if mode != "live" and mode != "test":
             raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
         op = self._plan_for(operation)
@@ -100,6 +115,50 @@ class _MeterCore:
         now = round(time.time() * _US)
         tiers = tuple((t.capacity, 0, 0) for t in plan.op.tiers)
         return Decision(plan, (True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
+
+    def _plans(self, requests: Iterable[CheckRequest]) -> list[Plan]:
+        """Plan every request of a batch, so that bad input raises before any is applied."""
+        plans = []
+        for i, request in enumerate(requests):
+            if isinstance(request, Mapping):
+                args = dict(request)
+            elif isinstance(request, (tuple, list)) and len(request) <= len(_CHECK_ARGS):
+                args = dict(zip(_CHECK_ARGS, request))
+            else:
+                raise InvalidRequestError(
+                    f"requests[{i}] is a dict of check() arguments or a tuple "
+                    "(key, operation, org, idempotency_key, cost, mode)"
+                )
+            unknown = sorted(set(args) - set(_CHECK_ARGS))
+            if unknown or "key" not in args or "operation" not in args:
+                raise InvalidRequestError(
+                    f"requests[{i}] needs key and operation"
+                    + (f", and takes no {', '.join(map(repr, unknown))}" if unknown else "")
+                )
+            plans.append(
+                self._plan(
+                    args["key"], args.get("org"), args["operation"],
+                    args.get("idempotency_key"), args.get("cost"), args.get("mode", "live"),
+                )
+            )
+        return plans
+
+    def _decide_many(
+        self, plans: list[Plan], results: Sequence[Any], return_exceptions: bool
+    ) -> list[Any]:
+        decisions: list[Any] = []
+        first: MeterkitError | None = None
+        for plan, result in zip(plans, results):
+            if not isinstance(result, MeterkitError):
+                decisions.append(self._decide(plan, result))
+            elif self.fail_open and isinstance(result, BackendUnavailable):
+                decisions.append(self._degraded(plan))
+            else:
+                first = first or result
+                decisions.append(result)
+        if first is not None and not return_exceptions:
+            raise first
+        return decisions
 
     def _usage_args(self, org: str, key: str | None, mode: str) -> None:
         check_id(org, "org")
@@ -150,6 +209,47 @@ class Meter(_MeterCore):
             raise
         return self._decide(plan, outcome)
 
+    @overload
+    def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: Literal[False] = False
+    ) -> list[Decision]: ...
+
+    @overload
+    def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: bool
+    ) -> list[Decision | MeterkitError]: ...
+
+    def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Check many requests in one round trip; each is still atomic on its own.
+
+        ``requests`` holds dicts of :meth:`check`'s arguments, or tuples ``(key,
+        operation, org, idempotency_key, cost, mode)`` whose tail may be left off.
+        Every request is validated first: bad input raises before any is applied.
+        The answer is one :class:`Decision` per request, in order. An error of one
+        request alone (an idempotency conflict) is raised once all the others were
+        applied — or, with ``return_exceptions=True``, takes that request's place.
+        """
+        plans = self._plans(requests)
+        apply_many = getattr(self.backend, "apply_many", None)
+        try:
+            if apply_many is not None:
+                results = apply_many(plans)
+            else:
+                results = [self._apply_or_error(plan) for plan in plans]
+        except BackendUnavailable:
+            if self.fail_open:
+                return [self._degraded(plan) for plan in plans]
+            raise
+        return self._decide_many(plans, results, return_exceptions)
+
+    def _apply_or_error(self, plan: Plan) -> Outcome | MeterkitError:
+        try:
+            return self._apply(plan)
+        except MeterkitError as exc:
+            return exc
+
     def refund(self, decision: Decision) -> bool:
         """Return an admitted decision's credits, once. True if this call refunded them."""
         if decision.degraded:
@@ -164,12 +264,14 @@ class Meter(_MeterCore):
     def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
         """Give ``org`` its own monthly allowance (``None``: the policy's again)."""
         check_id(org, "org")
+        check_mode(mode)
         micro = None if credits is None else to_micro(credits, "allowance")
         self.backend.set_allowance(org, mode, micro)
 
     def top_up(self, org: str, credits: object, mode: Mode = "live") -> None:
         """Add credits to ``org``'s current month; they expire with it."""
         check_id(org, "org")
+        check_mode(mode)
         self.backend.top_up(org, mode, to_micro(credits, "top-up"))
 
     def close(self) -> None:
@@ -223,6 +325,38 @@ class AsyncMeter(_MeterCore):
             raise
         return self._decide(plan, outcome)
 
+    @overload
+    async def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: Literal[False] = False
+    ) -> list[Decision]: ...
+
+    @overload
+    async def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: bool
+    ) -> list[Decision | MeterkitError]: ...
+
+    async def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: bool = False
+    ) -> list[Any]:
+        """See :meth:`Meter.check_many`."""
+        plans = self._plans(requests)
+        try:
+            if hasattr(self.backend, "apply_many"):
+                results = await self._call("apply_many", plans)
+            else:
+                results = [await self._apply_or_error(plan) for plan in plans]
+        except BackendUnavailable:
+            if self.fail_open:
+                return [self._degraded(plan) for plan in plans]
+            raise
+        return self._decide_many(plans, results, return_exceptions)
+
+    async def _apply_or_error(self, plan: Plan) -> Outcome | MeterkitError:
+        try:
+            return await self._call("apply", plan)  # type: ignore[no-any-return]
+        except MeterkitError as exc:
+            return exc
+
     async def refund(self, decision: Decision) -> bool:
         """See :meth:`Meter.refund`."""
         if decision.degraded:
@@ -237,12 +371,14 @@ class AsyncMeter(_MeterCore):
     async def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
         """See :meth:`Meter.set_allowance`."""
         check_id(org, "org")
+        check_mode(mode)
         micro = None if credits is None else to_micro(credits, "allowance")
         await self._call("set_allowance", org, mode, micro)
 
     async def top_up(self, org: str, credits: object, mode: Mode = "live") -> None:
         """See :meth:`Meter.top_up`."""
         check_id(org, "org")
+        check_mode(mode)
         await self._call("top_up", org, mode, to_micro(credits, "top-up"))
 
     async def close(self) -> None:

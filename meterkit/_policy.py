@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,6 +46,7 @@ _US = 1_000_000
 _MAX_LOG = 100_000  # a sliding log keeps one timestamp per admitted request
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _OP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_ZERO_WINDOW = re.compile(r"(?:/|per)\s*0+\s*[a-z]", re.IGNORECASE)
 _PRICE_KINDS = (str, int, float)
 Amount = str | int | float
 
@@ -55,11 +56,20 @@ def _parse_rate(rate: object) -> limits.RateLimitItem:
         item = rate
     elif isinstance(rate, str):
         try:
-            item = limits.parse(rate)
+            items = limits.parse_many(rate)
         except ValueError:
             raise ConfigurationError(
                 f"malformed rate {rate!r}; write it as '1000/hour' or '100 per minute'", "rate"
             ) from None
+        if len(items) != 1:
+            # limits.parse would keep the first rate and drop the others without a word.
+            raise ConfigurationError(
+                f"a tier has exactly one rate; give each rate of {rate!r} its own tier", "rate"
+            )
+        if _ZERO_WINDOW.search(rate):
+            # limits reads a window of 0 units as 1 unit.
+            raise ConfigurationError(f"the window of {rate!r} is empty", "rate")
+        item = items[0]
     else:
         raise ConfigurationError(
             f"a rate is a string such as '1000/hour' or a limits.RateLimitItem, "
@@ -68,12 +78,14 @@ def _parse_rate(rate: object) -> limits.RateLimitItem:
         )
     if item.amount <= 0:
         raise ConfigurationError(f"a rate of {item.amount} admits nothing", "rate")
+    if item.get_expiry() <= 0:
+        raise ConfigurationError(f"the window of {item} is not positive", "rate")
     return item
 
 
 def _micro(value: object, location: str) -> int:
     try:
-        return to_micro(value, "price")
+        return to_micro(value, location)
     except InvalidAmountError as exc:
         raise ConfigurationError(str(exc), location) from None
 
@@ -140,9 +152,18 @@ class Tier:
             raise ConfigurationError("shadow is true or false", "shadow")
         ops = self.operations
         if ops is not None:
-            if isinstance(ops, str) or not all(isinstance(o, str) for o in ops):
+            if isinstance(ops, str) or not isinstance(ops, Iterable):
                 raise ConfigurationError("operations is a list of operation names", "operations")
-            object.__setattr__(self, "operations", tuple(ops))
+            ops = tuple(ops)
+            if not all(isinstance(o, str) for o in ops):
+                raise ConfigurationError("operations is a list of operation names", "operations")
+            if not ops:
+                raise ConfigurationError(
+                    "an empty operations list applies the tier to nothing; omit it to apply "
+                    "the tier to every operation",
+                    "operations",
+                )
+            object.__setattr__(self, "operations", ops)
         object.__setattr__(self, "rate", item)
         object.__setattr__(self, "limit", limit)
         object.__setattr__(self, "window", window_us // _US)
@@ -290,10 +311,11 @@ class Policy:
         routes: Mapping[str, str] | None = None,
     ) -> None:
         tiers = tuple(tiers)
-        names = [t.name for t in tiers]
         for i, t in enumerate(tiers):
             if not isinstance(t, Tier):
                 raise ConfigurationError("each tier is a meterkit.Tier", f"tiers[{i}]")
+        names = [t.name for t in tiers]
+        for i, t in enumerate(tiers):
             if names.index(t.name) != i:
                 raise ConfigurationError(f"two tiers are named {t.name!r}", f"tiers[{i}].name")
         known = {op.name for op in costs.operations}

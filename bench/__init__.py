@@ -1,0 +1,1 @@
+"""meterkit's benchmarks (pytest-benchmark); run with ``pytest bench/ --benchmark-only``."""
