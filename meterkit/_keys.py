@@ -741,7 +741,7 @@ class AsyncMemoryKeyStore:
         """Nothing to release: present for the :class:`AsyncKeyStore` protocol."""
 
 
-_REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
+_REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix", "redis+unix"})
 
 
 def _scheme(url: object) -> str:
@@ -757,9 +757,16 @@ def _scheme(url: object) -> str:
         return scheme
     raise ConfigurationError(
         f"unsupported key store URL scheme {scheme!r}: use memory://, redis://, rediss://"
-        " or unix:// (Redis Cluster is not supported for keys)",
+        " or redis+unix:// (Redis Cluster is not supported for keys)",
         "url",
     )
+
+
+def _driver_url(url: str) -> str:
+    """``redis+unix://`` (the spelling backend_from_url uses) as redis-py's ``unix://``."""
+    if url.lower().startswith("redis+unix://"):
+        return "unix://" + url[len("redis+unix://") :]
+    return url
 
 
 def keystore_from_url(
@@ -783,6 +790,7 @@ def keystore_from_url(
         return MemoryKeyStore(**options)
     from meterkit._keystore_redis import RedisKeyStore
 
+    url = _driver_url(url)
     return RedisKeyStore.from_url(url, namespace=namespace, **options)
 
 
@@ -802,4 +810,4 @@ def async_keystore_from_url(
         return AsyncMemoryKeyStore(**options)
     from meterkit._keystore_redis import AsyncRedisKeyStore
 
-    return AsyncRedisKeyStore.from_url(url, namespace=namespace, **options)
+    return AsyncRedisKeyStore.from_url(_driver_url(url), namespace=namespace, **options)
