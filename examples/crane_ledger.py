@@ -147,7 +147,7 @@ def _stores_from_env(policy: meterkit.Policy, clock: Callable[[], float] | None)
     if not url:
         meter = meterkit.AsyncMeter(policy, meterkit.MemoryBackend(clock=clock))
         return meter, meterkit.async_keystore_from_url("memory://", clock=clock)
-    from meterkit._url import async_backend_from_url
+    from meterkit import async_backend_from_url
 
     meter = meterkit.AsyncMeter(policy, async_backend_from_url(url, clock=clock))
     return meter, meterkit.async_keystore_from_url(url, clock=clock)

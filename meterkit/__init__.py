@@ -41,6 +41,9 @@ from meterkit._memory import MemoryBackend
 from meterkit._meter import AsyncMeter, Meter
 from meterkit._plan import Plan
 from meterkit._policy import Category, CostTable, CreditPlan, Operation, Policy, Tier
+from meterkit._redis import AsyncRedisBackend, RedisBackend
+from meterkit._simulate import SimulationReport, TraceError, read_trace, simulate
+from meterkit._url import async_backend_from_url, backend_from_url
 
 __version__ = "0.1.0"
 
@@ -50,6 +53,7 @@ __all__ = [
     "AsyncKeyStore",
     "AsyncMemoryKeyStore",
     "AsyncMeter",
+    "AsyncRedisBackend",
     "AsyncRedisKeyStore",
     "AuthenticationError",
     "Backend",
@@ -75,15 +79,22 @@ __all__ = [
     "PlaintextKey",
     "Plan",
     "Policy",
+    "RedisBackend",
     "RedisKeyStore",
+    "SimulationReport",
     "StateError",
     "Tier",
     "TierState",
+    "TraceError",
     "UnknownKeyError",
     "UnknownOperationError",
     "Usage",
+    "async_backend_from_url",
     "async_keystore_from_url",
+    "backend_from_url",
     "from_micro",
     "keystore_from_url",
+    "read_trace",
+    "simulate",
     "to_micro",
 ]

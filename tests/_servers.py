@@ -26,14 +26,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port for a cluster node: its bus port (port + 10000) must be free too,
+    so the port is at most 55535 (redis-server refuses higher ones)."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20_000, 55_535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def redis_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def _wait_ready(port: int, timeout: float = 10.0) -> None:
+def _wait_ready(
+    port: int, timeout: float = 10.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     cli = shutil.which("redis-cli")
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            break  # it exited (see redis.log): waiting longer cannot help
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
                 sock.sendall(b"PING\r\n")
@@ -73,7 +94,11 @@ class RedisServer:
             *self.extra,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ready(self.port)
+        try:
+            _wait_ready(self.port, process=self.process)
+        except RuntimeError:
+            self.kill()
+            raise
 
     def stop(self) -> None:
         if self.process is not None:
@@ -117,7 +142,7 @@ def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
         nodes: list[RedisServer] = []
         try:
             for i in range(masters):
-                port = free_port()
+                port = free_cluster_port()
                 node = RedisServer(
                     Path(tmp) / str(i), port,
                     "--cluster-enabled", "yes",
@@ -134,11 +159,15 @@ def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
             )
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                out = subprocess.run(
-                    [cli, "-p", str(nodes[0].port), "cluster", "info"],
-                    capture_output=True, text=True, timeout=5,
-                ).stdout
-                if "cluster_state:ok" in out:
+                # Every node must agree: one that does not yet answers CLUSTERDOWN.
+                states = [
+                    subprocess.run(
+                        [cli, "-p", str(n.port), "cluster", "info"],
+                        capture_output=True, text=True, timeout=5,
+                    ).stdout
+                    for n in nodes
+                ]
+                if all("cluster_state:ok" in out for out in states):
                     break
                 time.sleep(0.1)
             else:

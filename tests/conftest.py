@@ -101,6 +101,115 @@ def _memory_factory(request: pytest.FixtureRequest) -> MeterFactory:
 METER_FACTORIES["memory"] = _memory_factory
 
 
+# -- the Redis backends in the behaviour suite ------------------------------------------
+#
+# Every meter gets a fresh random key prefix on the session's servers, so tests never
+# see each other's state; its keys are deleted when the test ends. Synchronous clients
+# are shared by the session; the asyncio backend runs on an event loop of its own,
+# behind a small synchronous facade.
+
+
+def new_prefix() -> str:
+    """A key prefix no other test uses."""
+    import secrets
+
+    return "mkt" + secrets.token_hex(6)
+
+
+def delete_prefix(client: Any, prefix: str) -> None:
+    """Delete every key under ``prefix`` (on every primary of a cluster)."""
+    keys = list(client.scan_iter(match=prefix + ":*", count=1000))
+    for key in keys:
+        client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def redis_clients() -> Iterator[dict[str, Any]]:
+    """Synchronous redis-py clients shared by the session, by URL, closed at its end."""
+    clients: dict[str, Any] = {}
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+def shared_client(request: pytest.FixtureRequest, url: str) -> Any:
+    """The session's synchronous client for ``url`` (a ``redis+cluster://`` URL too)."""
+    clients = request.getfixturevalue("redis_clients")
+    client = clients.get(url)
+    if client is None:
+        from meterkit._url import redis_client
+
+        client = clients[url] = redis_client(url)
+    return client
+
+
+def _redis_factory(url_fixture: str) -> Callable[[pytest.FixtureRequest], MeterFactory]:
+    def factory(request: pytest.FixtureRequest) -> MeterFactory:
+        import meterkit
+        from meterkit._redis import RedisBackend
+
+        client = shared_client(request, request.getfixturevalue(url_fixture))
+
+        def make(policy: Any, clock: FakeClock) -> Any:
+            prefix = new_prefix()
+            request.addfinalizer(lambda: delete_prefix(client, prefix))
+            backend = RedisBackend(client, prefix=prefix, clock=clock)
+            return meterkit.Meter(policy, backend)
+
+        return make
+
+    return factory
+
+
+class SyncFacade:
+    """An AsyncMeter with the synchronous API: each call runs on the facade's own loop."""
+
+    def __init__(self, meter: Any, loop: Any) -> None:
+        self._meter = meter
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        import inspect
+
+        attr = getattr(self._meter, name)
+        if inspect.iscoroutinefunction(attr):
+            return lambda *args, **kwargs: self._loop.run_until_complete(attr(*args, **kwargs))
+        return attr
+
+    def __repr__(self) -> str:
+        return f"SyncFacade({self._meter!r})"
+
+
+def _async_redis_factory(request: pytest.FixtureRequest) -> MeterFactory:
+    import asyncio
+
+    import meterkit
+    from meterkit._url import async_backend_from_url
+
+    url = request.getfixturevalue("redis_url")
+    client = shared_client(request, url)
+
+    def make(policy: Any, clock: FakeClock) -> Any:
+        prefix = new_prefix()
+        loop = asyncio.new_event_loop()
+        backend = async_backend_from_url(url, prefix=prefix, clock=clock)
+
+        def finish() -> None:
+            loop.run_until_complete(backend.close())
+            loop.close()
+            delete_prefix(client, prefix)
+
+        request.addfinalizer(finish)
+        return SyncFacade(meterkit.AsyncMeter(policy, backend), loop)
+
+    return make
+
+
+METER_FACTORIES["redis"] = _redis_factory("redis_url")
+METER_FACTORIES["redis-cluster"] = _redis_factory("redis_cluster_url")
+METER_FACTORIES["redis-async"] = _async_redis_factory
+
+
 @pytest.fixture(params=sorted(METER_FACTORIES))
 def make_meter(request: pytest.FixtureRequest, clock: FakeClock) -> Callable[[Any], Any]:
     """A function ``policy -> meter`` on each backend in turn, clocked by ``clock``."""

@@ -1,0 +1,67 @@
+-- meterkit: helpers shared by every script (prepended to each one when it is loaded).
+--
+-- Every quantity is an integer: times in microseconds, credits in micro-credits.
+-- Lua numbers are doubles, exact below 2^53; meterkit's policy checks keep every
+-- product below that bound. Numbers are written to Redis through string.format
+-- ('%.0f'), never tostring(), which would round to 14 digits.
+
+-- Globals are looked up through Redis's guard on every use; locals are not.
+local tonumber, unpack, error, floor = tonumber, unpack, error, math.floor
+local format, match, rep, concat = string.format, string.match, string.rep, table.concat
+
+-- floor(a / b) for non-negative integers, exact even where a / b rounds up.
+local function idiv(a, b)
+  local q = floor(a / b)
+  if q * b > a then
+    return q - 1
+  elseif (q + 1) * b <= a then
+    return q + 1
+  end
+  return q
+end
+
+local function int(x)
+  return format('%.0f', x)
+end
+
+-- A key holds something meterkit did not write: a typed error, before any write.
+local function corrupt(key)
+  error({err = 'METERKIT_STATE unexpected value at ' .. key})
+end
+
+-- Microseconds now: the client's clock when given, else the server's TIME (Redis 5+
+-- replicates a script's effects, not the script, so TIME may precede writes).
+local function clock(arg)
+  if arg ~= '' then
+    return tonumber(arg)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- A TTL in milliseconds for state that matters `us` more microseconds, plus `grace`.
+local function ttl(us, grace)
+  return idiv(us + 999, 1000) + grace
+end
+
+-- The calendar month (UTC) holding `now`, as [start, end) in microseconds.
+-- Days to civil date after H. Hinnant's algorithm, with months counted from March.
+local DAY = 86400000000
+local function month(now)
+  local days = idiv(now, DAY)
+  local z = days + 719468
+  local era = idiv(z, 146097)
+  local doe = z - era * 146097
+  local yoe = idiv(doe - idiv(doe, 1460) + idiv(doe, 36524) - idiv(doe, 146096), 365)
+  local doy = doe - (365 * yoe + idiv(yoe, 4) - idiv(yoe, 100))
+  local mp = idiv(5 * doy + 2, 153)
+  local first = days - (doy - idiv(153 * mp + 2, 5))
+  local length = ({31, 30, 31, 30, 31, 31, 30, 31, 30, 31, 31, 28})[mp + 1]
+  if mp == 11 then
+    local y = yoe + era * 400 + 1
+    if y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0) then
+      length = 29
+    end
+  end
+  return first * DAY, (first + length) * DAY
+end
