@@ -474,7 +474,7 @@ def test_flat_interleaved(benchmark: Any, figures: Report) -> None:
     )
     benchmark.extra_info[f"floor {large}/{small}"] = round(floor, 3)
     # Short rounds show a typical check; state sweeps (amortized O(1), one pass over a
-    # tier's dict every len(dict) commits) land in few of them. One long run per size
+    # tier's dict every few len(dict) commits) land in few of them. One long run per size
     # shows the amortized cost, sweeps and window turns included.
     amortized = []
     for n in FLAT_SIZES:

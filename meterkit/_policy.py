@@ -280,7 +280,17 @@ class CreditPlan:
 class OperationPlan:
     """What a check of one operation needs, precomputed: price, tiers, header text."""
 
-    __slots__ = ("category", "name", "policy_header", "price", "tier_index", "tiers")
+    __slots__ = (
+        "category",
+        "header_limits",
+        "header_names",
+        "name",
+        "policy_header",
+        "price",
+        "price_text",
+        "tier_index",
+        "tiers",
+    )
 
     def __init__(self, op: Operation, tiers: tuple[Tier, ...], indexes: tuple[int, ...]) -> None:
         self.name = op.name
@@ -289,6 +299,10 @@ class OperationPlan:
         self.tiers = tiers
         self.tier_index = indexes
         self.policy_header = ", ".join(f'"{t.name}";q={t.capacity};w={t.window}' for t in tiers)
+        # Fragments of Decision.headers, so that rendering them only formats integers.
+        self.header_names = tuple(f'"{t.name}";r=' for t in tiers)
+        self.header_limits = tuple(str(t.capacity) for t in tiers)
+        self.price_text = str(from_micro(op.price_micro))
 
 
 class Policy:

@@ -116,3 +116,15 @@ def test_more_than_six_decimal_places_are_refused(digits: int, places: int) -> N
         to_micro(value)
     with pytest.raises(InvalidAmountError):
         to_micro(str(value))
+
+
+def test_from_micro_is_exact_whatever_the_callers_decimal_context() -> None:
+    """A caller's low decimal precision does not round balances or prices."""
+    import decimal
+
+    from meterkit import from_micro
+
+    with decimal.localcontext() as ctx:
+        ctx.prec = 3
+        assert str(from_micro(9_999_990_000)) == "9999.99"
+        assert str(from_micro(2**53 - 1)) == "9007199254.740991"

@@ -673,7 +673,15 @@ def test_memory_tiers_of_one_name_but_other_scopes_are_apart(clock: FakeClock) -
     same = Meter(_policy(Tier("t", "key", "1/minute")), backend)
     assert per_key.check("acme", org="org_x", operation="items.list")
     assert per_org.check("key_1", org="acme", operation="items.list")
-    assert same.check("acme", org="org_y", operation="items.list").reason == "rate_limited"
+    assert same.check("acme", org="org_x", operation="items.list").reason == "rate_limited"
+
+
+def test_key_scoped_tiers_count_a_key_within_its_organization(make_meter: MakeMeter) -> None:
+    """One key id used in two organizations has two sets of key-scoped counters (as on Redis)."""
+    meter = make_meter(_policy(Tier("t", "key", "1/minute")))
+    assert meter.check("acme", org="org_x", operation="items.list")
+    assert meter.check("acme", org="org_y", operation="items.list")
+    assert meter.check("acme", org="org_x", operation="items.list").reason == "rate_limited"
 
 
 class _Unreachable(MemoryBackend):

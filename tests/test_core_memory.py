@@ -1,0 +1,143 @@
+"""The memory backend's generated code and bounded state.
+
+``MemoryBackend`` writes one function per operation from its algorithm snippets;
+these tests hold what that must keep: readable source that tracebacks show, the
+lock released when a check fails half-way, state shared between operations and
+policies with the same tier, a plan paired with another policy than its own, and
+state that stays bounded (and outcomes unchanged) as idle identities are swept.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+
+from meterkit import (
+    Category,
+    CostTable,
+    CreditPlan,
+    MemoryBackend,
+    Meter,
+    Operation,
+    Plan,
+    Policy,
+    Tier,
+)
+from tests.conftest import FakeClock
+
+
+def _policy(tiers: list[Tier], allowance: str = "100", *, shadow: bool = False) -> Policy:
+    costs = CostTable(
+        (Category("read", "0.01", "0.01"),),
+        (Operation("items.list", "read", "0.01"), Operation("items.get", "read", "0.01")),
+    )
+    return Policy(tiers, costs, CreditPlan(allowance), shadow=shadow)
+
+
+def test_generated_source_is_readable_and_kept_on_the_function(clock: FakeClock) -> None:
+    """The source of an operation's function names its tiers and is kept on the function."""
+    policy = Policy.crane_ledger()
+    backend = MemoryBackend(clock=clock)
+    Meter(policy, backend).check("key_1", org="org_1", operation="invoices.list")
+    source = MemoryBackend.source(policy, "invoices.list")
+    for text in ("'key-hour', fixed_window, 1000 per 3600 s per key",
+                 "'org-hour', fixed_window, 10000 per 3600 s per org",
+                 "'key-burst', sliding_log, 100 per 60 s per key"):
+        assert text in source
+    fn = backend._applies[policy.plan_for("invoices.list")]
+    assert fn.__source__ == source  # type: ignore[attr-defined]
+    # "<meterkit apply invoices.list>", or "... #2" if another policy's differs.
+    assert fn.__code__.co_filename.startswith("<meterkit apply invoices.list")
+    compile(source, "<check>", "exec")
+
+
+def test_a_failing_check_shows_its_line_and_releases_the_lock(clock: FakeClock) -> None:
+    """An error inside a generated function names it in the traceback and leaves the
+    backend usable: the lock is released and nothing was consumed."""
+    state = {"fail": True}
+
+    def flaky() -> float:
+        if state["fail"]:
+            raise RuntimeError("clock unavailable")
+        return clock()
+
+    meter = Meter(_policy([Tier("t", "key", "1/hour")]), MemoryBackend(clock=flaky))
+    with pytest.raises(RuntimeError) as info:
+        meter.check("k", org="o", operation="items.list")
+    text = "".join(traceback.format_exception(info.value))
+    assert 'File "<meterkit apply items.list' in text
+    assert "now = round(clock() * 1000000)" in text
+    state["fail"] = False
+    assert meter.check("k", org="o", operation="items.list").allowed
+    assert not meter.check("k", org="o", operation="items.list").allowed
+
+
+def test_operations_and_policies_share_a_tier_of_the_same_name_and_rate(
+    clock: FakeClock,
+) -> None:
+    """Two operations, and two policies on one backend, count against one shared tier."""
+    backend = MemoryBackend(clock=clock)
+    a = Meter(_policy([Tier("per-key", "key", "3/hour")]), backend)
+    b = Meter(_policy([Tier("per-key", "key", "3/hour")], allowance="5"), backend)
+    assert a.check("k", org="o", operation="items.list").allowed
+    assert a.check("k", org="o", operation="items.get").allowed
+    assert b.check("k", org="o", operation="items.get").allowed
+    denied = b.check("k", org="o", operation="items.list")
+    assert not denied.allowed
+    assert denied.reason == "rate_limited"
+
+
+def test_a_plan_paired_with_another_policy_uses_that_policy(clock: FakeClock) -> None:
+    """A hand-built plan whose policy is not its operation's own is applied with its
+    policy's allowance and shadow mode, as the plan says."""
+    own = _policy([Tier("t", "key", "1/hour")], allowance="100")
+    other = _policy([Tier("t", "key", "1/hour")], allowance="0.01", shadow=True)
+    backend = MemoryBackend(clock=clock)
+    op = own.plan_for("items.list")
+    first = backend.apply(Plan(own, op, "k", "o", "live", op.price, None))
+    assert first[0]
+    assert first[6] == 99_990_000
+    # The stray pairing: other's allowance (0.01) and shadow mode (nothing denies).
+    stray = backend.apply(Plan(other, op, "k", "o2", "live", op.price, None))
+    assert stray[0]
+    assert stray[6] == 0
+    again = backend.apply(Plan(other, op, "k", "o2", "live", op.price, None))
+    assert again[0]
+    assert again[4] == ((0, again[4][0][1], 1),)
+    assert again[6] == -10_000
+    assert not backend.apply(Plan(own, op, "k", "o", "live", op.price, None))[0]
+
+
+@pytest.mark.parametrize("algorithm", ["gcra", "sliding_log"])
+def test_idle_identities_are_swept(clock: FakeClock, algorithm: str) -> None:
+    """Identities seen once and then idle for a window are dropped by the amortized
+    sweeps, so state stays bounded by recent traffic, and a swept key is admitted as new."""
+    policy = _policy([Tier("t", "key", "1/minute", algorithm)], allowance="10000")  # type: ignore[arg-type]
+    backend = MemoryBackend(clock=clock)
+    check = Meter(policy, backend).check
+    rounds, per_round = 8, 10_000
+    for r in range(rounds):
+        for i in range(per_round):
+            assert check(f"k{r}_{i}", org="o", operation="items.list").allowed
+        clock.advance(61)  # every key of this round is idle for a window from now on
+    # Without sweeps, all 80k identities would be held; a sweep keeps only live ones.
+    held = backend.size() - 1  # one account
+    assert held < 5 * per_round, held
+    assert check("k0_0", org="o", operation="items.list").allowed
+    assert not check("k0_0", org="o", operation="items.list").allowed
+
+
+def test_a_sliding_log_trims_several_expired_entries_at_once(clock: FakeClock) -> None:
+    """After a quiet window, a log full of expired times admits a whole burst again."""
+    meter = Meter(_policy([Tier("t", "key", "5/minute", "sliding_log")]), MemoryBackend(clock))
+    for _ in range(5):
+        assert meter.check("k", org="o", operation="items.list").allowed
+        clock.advance(1)
+    denied = meter.check("k", org="o", operation="items.list")
+    assert not denied.allowed
+    assert denied.retry_after == 55
+    clock.advance(57.5)  # the first three expired, two remain
+    remaining = [meter.check("k", org="o", operation="items.list") for _ in range(4)]
+    assert [d.allowed for d in remaining] == [True, True, True, False]
+    assert remaining[2].tiers[0].remaining == 0
