@@ -29,7 +29,7 @@ from __future__ import annotations
 import builtins
 import math
 import re
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 
 import msgspec
@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncRedisKeyStore", "RedisKeyStore"]
 
 T = TypeVar("T")
+_Shell = TypeVar("_Shell", bound="_RedisStoreShell")
 
 FIELDS: Final = ("rec", "hash", "expires", "revoked", "used")
 _ATTEMPTS: Final = 16
@@ -366,17 +367,18 @@ def _translate(exc: Exception) -> BackendError:
     return BackendError(f"Redis refused a key store operation: {type(exc).__name__}: {exc}")
 
 
-class RedisKeyStore:
-    """API keys in Redis, through a blocking ``redis.Redis`` client.
+class _RedisStoreShell:
+    """What the blocking and the asyncio store share: set-up, naming, the key format.
 
-    Give a client (it stays yours to close) or use :meth:`from_url`. The store's
-    ``clock`` (default :func:`time.time`) dates creations, revocations, rotations and
-    uses, and decides expiry.
+    Everything a store decides lives in :class:`_KeyCommands`; the two shells below
+    only run its steps, blocking or awaited.
     """
+
+    _client_module: Callable[[], ModuleType]
 
     def __init__(
         self,
-        client: Redis,
+        client: Any,
         *,
         namespace: str = "mk",
         clock: Clock | None = None,
@@ -390,12 +392,15 @@ class RedisKeyStore:
         self._commands = _KeyCommands(rules, namespace)
         self._client = client
         self._owns_client = owns_client
-        self._scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
+        self._scripts = {
+            name: client.register_script(source)
+            for name, source in SCRIPTS.items()
+        }
         self._driver_error: type[Exception] = _redis().exceptions.RedisError
 
     @classmethod
     def from_url(
-        cls,
+        cls: type[_Shell],
         url: str,
         *,
         namespace: str = "mk",
@@ -403,19 +408,31 @@ class RedisKeyStore:
         token_prefix: str = "cl",
         pepper: bytes | str | None = None,
         status_codes: Mapping[str, int] | None = None,
-    ) -> RedisKeyStore:
-        """A store on a client made from ``url``, closed by :meth:`close`."""
-        client = _redis().Redis.from_url(url)
+    ) -> _Shell:
+        """A store on a client made from ``url``, closed with the store."""
+        client = cls._client_module().Redis.from_url(url)
         return cls(client, namespace=namespace, clock=clock, token_prefix=token_prefix,
                    pepper=pepper, status_codes=status_codes, owns_client=True)
 
     def __repr__(self) -> str:
-        return f"RedisKeyStore(namespace={self._commands.namespace!r})"
+        return f"{type(self).__name__}(namespace={self._commands.namespace!r})"
 
     @property
     def key_format(self) -> KeyFormat:
         """The format of this store's keys."""
         return self._commands.rules.format
+
+
+class RedisKeyStore(_RedisStoreShell):
+    """API keys in Redis, through a blocking ``redis.Redis`` client.
+
+    Give a client (it stays yours to close) or use :meth:`from_url`. The store's
+    ``clock`` (default :func:`time.time`) dates creations, revocations, rotations and
+    uses, and decides expiry.
+    """
+
+    _client: Redis
+    _client_module = staticmethod(_redis)
 
     def _call(self, step: _Step) -> Any:
         if isinstance(step, _Script):
@@ -476,54 +493,14 @@ class RedisKeyStore:
             self._client.close()
 
 
-class AsyncRedisKeyStore:
+class AsyncRedisKeyStore(_RedisStoreShell):
     """API keys in Redis, through a ``redis.asyncio.Redis`` client.
 
     The same operations, layout and decisions as :class:`RedisKeyStore`, awaited.
     """
 
-    def __init__(
-        self,
-        client: AsyncRedis,
-        *,
-        namespace: str = "mk",
-        clock: Clock | None = None,
-        token_prefix: str = "cl",
-        pepper: bytes | str | None = None,
-        status_codes: Mapping[str, int] | None = None,
-        owns_client: bool = False,
-    ) -> None:
-        rules = KeyRules(clock=clock, token_prefix=token_prefix, pepper=pepper,
-                         status_codes=status_codes)
-        self._commands = _KeyCommands(rules, namespace)
-        self._client = client
-        self._owns_client = owns_client
-        self._scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
-        self._driver_error: type[Exception] = _redis().exceptions.RedisError
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        namespace: str = "mk",
-        clock: Clock | None = None,
-        token_prefix: str = "cl",
-        pepper: bytes | str | None = None,
-        status_codes: Mapping[str, int] | None = None,
-    ) -> AsyncRedisKeyStore:
-        """A store on a client made from ``url``, closed by :meth:`aclose`."""
-        client = _redis_asyncio().Redis.from_url(url)
-        return cls(client, namespace=namespace, clock=clock, token_prefix=token_prefix,
-                   pepper=pepper, status_codes=status_codes, owns_client=True)
-
-    def __repr__(self) -> str:
-        return f"AsyncRedisKeyStore(namespace={self._commands.namespace!r})"
-
-    @property
-    def key_format(self) -> KeyFormat:
-        """The format of this store's keys."""
-        return self._commands.rules.format
+    _client: AsyncRedis
+    _client_module = staticmethod(_redis_asyncio)
 
     async def _call(self, step: _Step) -> Any:
         if isinstance(step, _Script):
