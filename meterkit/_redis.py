@@ -2,7 +2,9 @@
 
 A check is one Lua script (``meterkit/lua/check.lua``) run by one ``EVALSHA``: every
 tier, the credit debit, the idempotency record and the usage counters, all or
-nothing. Refunds, usage reports, top-ups and allowance overrides are a script each.
+nothing. An operation's fixed parameters are the script's first line (one script
+per distinct set of tiers), so that Redis does not parse them on every check.
+Refunds, usage reports, top-ups and allowance overrides are a script each.
 Scripts are package data, sent by SHA; after ``NOSCRIPT`` (``SCRIPT FLUSH``, a
 restart, a failover to a replica that never saw them) the same command goes again as
 ``EVAL`` with the script's text, which registers it again (a pipeline sends one
@@ -67,25 +69,29 @@ _US = 1_000_000
 _KINDS = ("fw", "sw", "gc", "sl")  # by Tier.code
 
 
+def _lua(name: str) -> str:
+    return resources.files("meterkit").joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+
+
 class _Script:
-    """One Lua script: the shared helpers, then its own body; sent by SHA."""
+    """One Lua script: the shared helpers, a generated line (the check's parameters),
+    then its own body; sent by SHA."""
 
     __slots__ = ("sha", "text")
 
-    def __init__(self, name: str) -> None:
-        folder = resources.files("meterkit").joinpath("lua")
-        common = folder.joinpath("common.lua").read_text("utf-8")
-        self.text = common + "\n" + folder.joinpath(f"{name}.lua").read_text("utf-8")
+    def __init__(self, name: str, line: str = "") -> None:
+        self.text = _lua("common") + "\n" + line + _lua(name)
         self.sha = hashlib.sha1(self.text.encode("utf-8")).hexdigest()
 
 
 _SCRIPTS: dict[str, _Script] = {}
 
 
-def _script(name: str) -> _Script:
-    script = _SCRIPTS.get(name)
+def _script(name: str, line: str = "") -> _Script:
+    """The script ``name`` (with ``line`` put before its body), made once."""
+    script = _SCRIPTS.get(name + line)
     if script is None:
-        script = _SCRIPTS[name] = _Script(name)
+        script = _SCRIPTS[name + line] = _Script(name, line)
     return script
 
 
@@ -166,12 +172,13 @@ def _translate(exc: BaseException) -> MeterkitError:
 
 
 class _Compiled:
-    """What one operation's checks share: key suffixes and the static script arguments."""
+    """What one operation's checks share: key suffixes and the check script, whose
+    first line holds the operation's fixed parameters (see check.lua)."""
 
-    __slots__ = ("args", "suffixes")
+    __slots__ = ("sha", "suffixes")
 
-    def __init__(self, args: tuple[bytes, ...], suffixes: tuple[tuple[str, bool], ...]) -> None:
-        self.args = args
+    def __init__(self, sha: str, suffixes: tuple[tuple[str, bool], ...]) -> None:
+        self.sha = sha
         self.suffixes = suffixes
 
 
@@ -224,12 +231,7 @@ class _Codec:
 
     def _compile(self, plan: Plan) -> _Compiled:
         policy, op = plan.policy, plan.op
-        args: list[object] = [
-            self._grace,
-            policy.credits.allowance_micro,
-            int(policy.shadow),
-            len(op.tiers),
-        ]
+        params: list[str] = []
         suffixes = []
         for tier in op.tiers:
             sig = f"{_KINDS[tier.code]}:{tier.name}.{tier.limit}.{tier.window}"
@@ -237,15 +239,26 @@ class _Codec:
                 sig += f".{tier.capacity}"
             scoped = tier.scope == "key"
             suffixes.append((sig + ":" if scoped else sig, scoped))
-            args.append(tier.code + (10 if tier.shadow or policy.shadow else 0))
+            params.append(str(int(tier.code) + (10 if tier.shadow or policy.shadow else 0)))
             if tier.algorithm == "gcra":
-                args += [tier.interval_us, tier.capacity * tier.interval_us]
+                tau = int(tier.capacity * tier.interval_us)
+                params += [str(int(tier.interval_us)), str(tau), "0"]
             else:
-                args += [tier.limit, tier.window_us]
-            if tier.algorithm == "sliding_log":
-                # The log lives until its newest entry leaves the window.
-                args.append(-(-tier.window_us // 1000) + self._grace)
-        compiled = _Compiled(tuple(str(a).encode() for a in args), tuple(suffixes))
+                params += [str(int(tier.limit)), str(int(tier.window_us))]
+                # The log lives until its newest entry leaves the window (text: it
+                # goes to PEXPIRE as it is).
+                params.append(
+                    f"'{int(-(-tier.window_us // 1000) + self._grace)}'"
+                    if tier.algorithm == "sliding_log"
+                    else "0"
+                )
+        # Integers and booleans only: nothing from outside reaches the script's text.
+        line = (
+            f"local grace, allowance, shadow, n, P = {int(self._grace)}, "
+            f"{int(policy.credits.allowance_micro)}, {'true' if policy.shadow else 'false'}, "
+            f"{len(op.tiers)}, {{{', '.join(params)}}}\n"
+        )
+        compiled = _Compiled(_script("check", line).sha, tuple(suffixes))
         self._compiled[op] = compiled
         return compiled
 
@@ -280,8 +293,8 @@ class _Codec:
         now = self._now()
         start, end = self._month(now)
         return [
-            "EVALSHA", _CHECK.sha, len(keys), *keys,
-            now, plan.cost, charge, key, plan.op.name, start, end, *compiled.args,
+            "EVALSHA", compiled.sha, len(keys), *keys,
+            now, plan.cost, charge, key, plan.op.name, start, end,
         ], charge
 
     def outcome(self, plan: Plan, reply: Any, charge: str) -> Outcome:
@@ -394,7 +407,6 @@ class _Codec:
                 self._grace]
 
 
-_CHECK = _script("check")
 _REFUND = _script("refund")
 _USAGE = _script("usage")
 _TOPUP = _script("topup")

@@ -2,6 +2,17 @@
 -- request, all or nothing. The same math as meterkit/_memory.py, which is the
 -- reference; tests/test_conformance.py holds the two together.
 --
+-- What is fixed for an operation comes as code, not arguments: meterkit/_redis.py
+-- puts one line before this file (one script per distinct line, loaded by SHA),
+--
+--   local grace, allowance, shadow, n, P = <TTL grace ms>, <policy allowance>,
+--     <policy shadow: true/false>, <tier count>, {<per tier: algorithm, a, b, c>...}
+--
+-- where a tier's algorithm is +10 when soft (a shadow tier never denies) and a, b, c
+-- are: fixed and sliding window: limit, window µs, 0; gcra: emission interval µs,
+-- tau µs, 0; sliding log: limit, window µs, TTL ms of the log (as text).
+-- That saves Redis turning a dozen arguments into numbers on every check.
+--
 -- KEYS[1..n]  one state key per tier, in policy order
 -- KEYS[n+1]   the organization's account (HASH: p period start, u used, t top-ups,
 --             a the allowance override (a copy of KEYS[n+2], made when the account
@@ -12,33 +23,28 @@
 --
 -- ARGV  1 now µs ('' = server TIME)  2 cost µ-credits  3 charge id  4 key id
 --       5 operation  6, 7 the month the caller expects (start, end µs; checked)
---       8 TTL grace ms  9 policy allowance  10 policy shadow (0/1)
---       11 n, then per tier its algorithm (+10 when soft: a shadow tier never denies)
---       and parameters: fixed and sliding window: limit, window µs; gcra: emission
---       interval µs, tau µs; sliding log: limit, window µs, TTL ms of the log.
 --
 -- Reply: {allowed 0/1, reason, now, retry, charged, balance, period end,
 --         remaining, reset, denied, ...per tier} — remaining as if admitted
 --         (the caller adds back what a denied request did not take);
 --         or {-1, record} to replay the first decision of an idempotency key.
 --
--- Hot path: numbers are turned into strings as rarely as possible (that costs more
--- than a command here); counters go up with HINCRBY, and times already written as
--- text (ARGV, TIME) are stored as they came.
+-- Hot path (each of these costs Redis more than a line of Lua): as few commands as
+-- the state allows (one read and one write per key), no number parsed or printed
+-- twice, text that came as text (ARGV, TIME) stored as it came, and constant
+-- arguments to redis.call written as strings (a Lua number is printed with %.17g).
 
 local call = redis.call
 local now, now_text
 if ARGV[1] == '' then
   -- Redis 5+ replicates a script's effects, not the script, so TIME may precede writes.
   local t = call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   now_text = t[1] .. rep('0', 6 - #t[2]) .. t[2]
+  now = tonumber(now_text)
 else
   now_text = ARGV[1]
   now = tonumber(now_text)
 end
-local grace = tonumber(ARGV[8])
-local n = tonumber(ARGV[11])
 local IDEM_US = 86400000000
 
 local idem = KEYS[n + 3]
@@ -59,13 +65,14 @@ end
 -- What each admitting tier will write: plan[i] = 1 increment the window's counter,
 -- 2 start a new window (fixed), 3 start a new window (sliding), 4 set the TAT,
 -- 5 append to the log; new[i] the value that comes with it.
-local results = {}
+-- The reply, built in place: its head (7 slots) is filled in once the outcome is known.
+local results = {0, 0, 0, 0, 0, 0, 0}
 local plan, new, extra = {}, {}, {}
 local retry = 0
 local denied = false
-local a = 12
+local a = 1
 for i = 1, n do
-  local code = tonumber(ARGV[a])
+  local code = P[a]
   local soft = code >= 10
   if soft then
     code = code - 10
@@ -75,8 +82,7 @@ for i = 1, n do
   if code == 0 or code == 1 then
     -- fixed window (UTC-aligned) and sliding window (weighted two-counter):
     -- a HASH of w (window id), c (count in it) and, sliding, p (count in the one before)
-    local limit, w = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-    a = a + 3
+    local limit, w = P[a + 1], P[a + 2]
     local wid = idiv(now, w)
     local cur, prev = 0, 0
     local v = code == 0 and call('HMGET', key, 'w', 'c') or call('HMGET', key, 'w', 'c', 'p')
@@ -84,7 +90,8 @@ for i = 1, n do
     if sw then
       sw = tonumber(sw)
       local sc = tonumber(v[2])
-      if not (sw and sc) then
+      -- (counts are written back as computed here: an integer, or no count at all)
+      if not (sw and sc) or sc % 1 ~= 0 then
         corrupt(key)
       end
       if sw == wid then
@@ -119,7 +126,7 @@ for i = 1, n do
     end
     if ok then
       if sw == wid then
-        plan[i] = 1
+        plan[i], new[i] = 1, cur + 1
       else
         -- a new window: its TTL ends with it (sliding: with the next, where it is "prev")
         plan[i], new[i] = 2 + code, wid
@@ -129,8 +136,7 @@ for i = 1, n do
     end
   elseif code == 2 then
     -- gcra: the theoretical arrival time (STRING)
-    local interval, tau = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-    a = a + 3
+    local interval, tau = P[a + 1], P[a + 2]
     local tat = now
     local v = call('GET', key)
     if v then
@@ -151,35 +157,37 @@ for i = 1, n do
     end
   else
     -- sliding log: a LIST of admission times, oldest first (equal times count twice)
-    local limit, w = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-    local life = ARGV[a + 3]
-    a = a + 4
+    local limit, w, life = P[a + 1], P[a + 2], P[a + 3]
     local len = call('LLEN', key)
-    local oldest = now
+    local oldest, drop = now, 0
     if len > 0 then
+      -- entries at or before the cutoff have left the window: skip them here and
+      -- trim them once, when the request is admitted (nothing is written before)
+      -- (the first two in one read: a steady stream drops one entry per request)
       local cutoff = now - w
-      oldest = tonumber(call('LINDEX', key, 0))
+      local head = call('LRANGE', key, '0', '1')
+      oldest = tonumber(head[1])
       if not oldest then
         corrupt(key)
       end
       while oldest <= cutoff do
-        call('LPOP', key)
-        len = len - 1
-        if len == 0 then
+        drop = drop + 1
+        if drop == len then
           oldest = now
           break
         end
-        oldest = tonumber(call('LINDEX', key, 0))
+        oldest = tonumber(drop == 1 and head[2] or call('LINDEX', key, drop))
         if not oldest then
           corrupt(key)
         end
       end
+      len = len - drop
     end
     if len < limit then
       ok, remaining, reset = true, limit - len - 1, oldest + w - now
-      plan[i], new[i] = 5, life
+      plan[i], new[i], extra[i] = 5, life, drop
     else
-      local edge = tonumber(call('LINDEX', key, len - limit))
+      local edge = tonumber(call('LINDEX', key, drop + len - limit))
       if not edge then
         corrupt(key)
       end
@@ -187,7 +195,8 @@ for i = 1, n do
       ok, reset = false, wait
     end
   end
-  local r = (i - 1) * 3
+  a = a + 4
+  local r = i * 3 + 4
   if ok then
     results[r + 1], results[r + 2], results[r + 3] = remaining, reset, 0
   else
@@ -204,25 +213,34 @@ end
 
 -- Credits: one account per organization and calendar month.
 local account = KEYS[n + 1]
-local start, finish = tonumber(ARGV[6]), tonumber(ARGV[7])
+local start_text = ARGV[6]
+local start, finish = tonumber(start_text), tonumber(ARGV[7])
 if not (start <= now and now < finish) then
   start, finish = month(now)
+  start_text = int(start)
 end
-local cost = tonumber(ARGV[2])
+local cost_text = ARGV[2]
+local cost = tonumber(cost_text)
 local pair = ARGV[5] .. '|' .. ARGV[4]
-local v = call('HMGET', account, 'p', 'u', 't', 'a', 'r|' .. pair, 'c|' .. pair)
-local used, topup = 0, 0
+local rf, cf = 'r|' .. pair, 'c|' .. pair
+local v = call('HMGET', account, 'p', 'u', 't', 'a', rf, cf)
+local used, topup, requests, spent = 0, 0, 0, 0
 local current, stale = false, false
 local override = false
-if v[1] then
-  local period = tonumber(v[1])
-  if not period then
-    corrupt(account)
+local period = v[1]
+if period then
+  if period ~= start_text then
+    period = tonumber(period)
+    if not period then
+      corrupt(account)
+    end
   end
-  if period == start then
+  if period == start_text or period == start then
     current = true
     used, topup = tonumber(v[2] or 0), tonumber(v[3] or 0)
-    if not (used and topup and tonumber(v[5] or 0) and tonumber(v[6] or 0)) then
+    requests, spent = tonumber(v[5] or 0), tonumber(v[6] or 0)
+    if not (used and topup and requests and spent)
+      or used % 1 ~= 0 or requests % 1 ~= 0 or spent % 1 ~= 0 then
       corrupt(account)
     end
     override = v[4]
@@ -233,7 +251,6 @@ end
 if not current then
   override = call('GET', KEYS[n + 2])
 end
-local allowance = tonumber(ARGV[9])
 if override then
   allowance = tonumber(override)
   if not allowance then
@@ -242,7 +259,7 @@ if override then
 end
 local balance = allowance + topup - used
 
-local broke = cost > balance and ARGV[10] == '0'
+local broke = cost > balance and not shadow
 if broke or denied then
   if stale then
     -- A new month began: last month's account (and its refunds) ends here, as in memory.
@@ -253,9 +270,13 @@ if broke or denied then
     if retry > wait then
       wait = retry
     end
-    return {0, 2, now, wait, 0, balance, finish, unpack(results)}
+    results[1], results[2], results[3], results[4] = 0, 2, now, wait
+    results[6], results[7] = balance, finish
+    return results
   end
-  return {0, 1, now, retry, 0, balance, finish, unpack(results)}
+  results[1], results[2], results[3], results[4] = 0, 1, now, retry
+  results[6], results[7] = balance, finish
+  return results
 end
 
 -- Admitted: consume every tier, debit the credits, remember the decision.
@@ -264,42 +285,48 @@ for i = 1, n do
   if step then
     local key = KEYS[i]
     if step == 1 then
-      call('HINCRBY', key, 'c', 1)
+      call('HSET', key, 'c', int(new[i]))
     elseif step == 2 then
-      call('HSET', key, 'w', new[i], 'c', 1)
+      call('HSET', key, 'w', int(new[i]), 'c', '1')
       call('PEXPIRE', key, ttl(extra[i], grace))
     elseif step == 3 then
-      call('HSET', key, 'w', new[i], 'c', 1, 'p', extra[-i])
+      call('HSET', key, 'w', int(new[i]), 'c', '1', 'p', int(extra[-i]))
       call('PEXPIRE', key, ttl(extra[i], grace))
     elseif step == 4 then
       call('SET', key, int(new[i]), 'PX', ttl(extra[i], grace))
     else
+      local drop = extra[i]
+      if drop == 1 then
+        call('LPOP', key)
+      elseif drop > 1 then
+        call('LTRIM', key, drop, '-1')
+      end
       call('RPUSH', key, now_text)
       call('PEXPIRE', key, new[i])
     end
   end
 end
+-- One write for the account: the totals were read above, and nothing ran since.
 if current then
-  call('HINCRBY', account, 'u', ARGV[2])
+  call('HSET', account, 'u', int(used + cost), rf, int(requests + 1), cf, int(spent + cost))
 else
   if stale then
     call('DEL', account)
   end
   if override then
-    call('HSET', account, 'p', int(start), 'u', ARGV[2], 'a', override)
+    call('HSET', account, 'p', start_text, 'u', cost_text, rf, '1', cf, cost_text, 'a', override)
   else
-    call('HSET', account, 'p', int(start), 'u', ARGV[2])
+    call('HSET', account, 'p', start_text, 'u', cost_text, rf, '1', cf, cost_text)
   end
   call('PEXPIRE', account, ttl(finish - now, grace))
 end
-call('HINCRBY', account, 'r|' .. pair, 1)
-call('HINCRBY', account, 'c|' .. pair, ARGV[2])
 if idem then
-  local parts = {int(now + IDEM_US), now_text, ARGV[2], int(balance - cost), int(finish)}
+  local parts = {int(now + IDEM_US), now_text, cost_text, int(balance - cost), int(finish)}
   for j = 1, n * 3 do
-    parts[j + 5] = int(results[j])
+    parts[j + 5] = int(results[j + 7])
   end
   local record = concat(parts, ' ') .. '\n' .. ARGV[3] .. '\n' .. ARGV[5] .. '\n' .. ARGV[4]
   call('SET', idem, record, 'PX', ttl(IDEM_US, grace))
 end
-return {1, 0, now, 0, cost, balance - cost, finish, unpack(results)}
+results[1], results[3], results[5], results[6], results[7] = 1, now, cost, balance - cost, finish
+return results

@@ -3,10 +3,10 @@
 -- Every quantity is an integer: times in microseconds, credits in micro-credits.
 -- Lua numbers are doubles, exact below 2^53; meterkit's policy checks keep every
 -- product below that bound. Numbers are written to Redis through string.format
--- ('%.0f'), never tostring(), which would round to 14 digits.
+-- (see int() below), never tostring(), which would round to 14 digits.
 
 -- Globals are looked up through Redis's guard on every use; locals are not.
-local tonumber, unpack, error, floor = tonumber, unpack, error, math.floor
+local tonumber, error, floor = tonumber, error, math.floor
 local format, match, rep, concat = string.format, string.match, string.rep, table.concat
 
 -- floor(a / b) for non-negative integers, exact even where a / b rounds up.
@@ -20,7 +20,12 @@ local function idiv(a, b)
   return q
 end
 
+-- An integer as text. '%d' is cheaper, but exact only within a C long, which may
+-- be 32 bits wide; '%.0f' is exact for every integer a double holds.
 local function int(x)
+  if x < 2147483648 and x > -2147483648 then
+    return format('%d', x)
+  end
   return format('%.0f', x)
 end
 
