@@ -575,6 +575,11 @@ def _keys_create(store: Any, args: argparse.Namespace) -> int:
         _json({"plaintext": str(plaintext), "key": _key_dict(record, now)})
         return EXIT_OK
     _out(f"created {record.id} for {record.org}")
+    return _show_new_key(record, plaintext, now)
+
+
+def _show_new_key(record: Any, plaintext: object, now: float) -> int:
+    """Print a new key's record, then its plaintext, the only time it is ever shown."""
     _print_key(record, now)
     _out()
     _out(str(plaintext))
@@ -618,12 +623,7 @@ def _keys_rotate(store: Any, args: argparse.Namespace) -> int:
     _out(f"rotated {args.key_id} -> {record.id}")
     if old is not None and old.expires_at is not None:
         _out(f"  {args.key_id} keeps working until {_utc(old.expires_at)}")
-    _print_key(record, now)
-    _out()
-    _out(str(plaintext))
-    _out()
-    _err(_SHOWN_ONCE)
-    return EXIT_OK
+    return _show_new_key(record, plaintext, now)
 
 
 def _keys_revoke(store: Any, args: argparse.Namespace) -> int:
