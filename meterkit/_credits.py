@@ -18,8 +18,6 @@ _MICRO_DEC = Decimal(MICRO)
 # tiny amount to zero) without a word, and raise decimal.Overflow on huge exponents.
 _EXACT = Context(prec=60, traps=[InvalidOperation, Inexact, Overflow])
 
-#: What the API accepts as an amount of credits.
-Credits = Decimal | str | int | float
 
 
 def to_micro(value: object, what: str = "amount") -> int:

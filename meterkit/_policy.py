@@ -47,7 +47,6 @@ _MAX_LOG = 100_000  # a sliding log keeps one timestamp per admitted request
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _OP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _ZERO_WINDOW = re.compile(r"(?:/|per)\s*0+\s*[a-z]", re.IGNORECASE)
-_PRICE_KINDS = (str, int, float)
 Amount = str | int | float
 
 
