@@ -51,6 +51,7 @@ class Decision:
     __slots__ = ("_out", "_plan", "allowed", "degraded", "reason")
 
     def __init__(self, plan: Plan, outcome: Outcome, degraded: bool = False) -> None:
+        # meterkit/_speedups.c (Checker) fills these five slots itself, as here.
         self._plan = plan
         self._out = outcome
         self.allowed: bool = outcome[0]

@@ -16,6 +16,12 @@ faster. The source is kept on the function (``fn.__source__``) and in
 :mod:`linecache` under a filename such as ``<meterkit apply invoices.list>``, so
 tracebacks show the line that failed; :meth:`MemoryBackend.source` returns it.
 
+When meterkit/_speedups.c is built, each generated function gets a compiled twin
+(``Lane``) that decides the common case in C over the very same state and hands
+anything else -- idempotency keys, a month or account to open, a sweep that falls
+due -- to the Python before consuming anything; ``Meter.check`` is compiled alike
+(``Checker``). tests/test_speedups.py holds the two to the same outcomes.
+
 State per tier lives in plain dicts keyed by identity (a key id or an org id), in
 slotted containers shared by every operation (and every policy) that uses a tier of
 the same name and parameters. Fixed and sliding windows keep only the current (and
@@ -46,6 +52,7 @@ from collections.abc import Callable, Sequence
 from string import Template
 from typing import TYPE_CHECKING, cast
 
+from meterkit._native import speedups
 from meterkit._plan import (
     REASON_CREDITS,
     REASON_NONE,
@@ -149,6 +156,8 @@ class _SlidingLog:
 
 
 _State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
+# The algorithms' numbers in meterkit/_speedups.c.
+_KINDS = {"fixed_window": 0, "sliding_window": 1, "gcra": 2, "sliding_log": 3}
 
 
 def _new_state(tier: Tier) -> _State:
@@ -510,10 +519,16 @@ class MemoryBackend:
     ``clock`` is a zero-argument callable returning UNIX seconds (default
     ``time.time``). Time never runs backwards here: a clock that steps back is
     held at the latest time seen.
+
+    ``native`` (default True) runs each operation's common case in compiled code
+    (``meterkit/_speedups.c``, built at install when a C compiler is at hand) over the
+    same state, with the same outcomes; ``native=False``, or an install without the
+    extension, runs the generated Python alone (what :meth:`source` shows).
     """
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | None = None, *, native: bool = True) -> None:
         self._clock: Clock = clock if clock is not None else time.time
+        self._native = native and speedups is not None
         self._lock = threading.Lock()
         self._last = 0
         # Tier state by (name, scope, algorithm, limit, window, burst): tiers with the
@@ -566,7 +581,38 @@ class MemoryBackend:
         fn = _binder(source, op.name)(self, policy, self._lock, self._clock, *states)
         fn.__qualname__ = f"MemoryBackend.apply[{op.name}]"
         fn.__source__ = source  # type: ignore[attr-defined]
+        if self._native and speedups is not None:
+            return self._lane(op, policy, states, fn)
         return fn
+
+    def _lane(
+        self, op: OperationPlan, policy: Policy, states: list[_State], fn: Apply
+    ) -> Apply:
+        """The compiled twin of ``fn`` (meterkit/_speedups.c): the same state, the
+        common case in C, everything else handed to ``fn`` before anything is consumed."""
+        assert speedups is not None
+        tiers = tuple(
+            (
+                _KINDS[tier.algorithm],
+                tier.scope == "key",
+                not (tier.shadow or policy.shadow),
+                tier.window_us,
+                tier.limit,
+                tier.interval_us,
+                tier.capacity * tier.interval_us,
+                1 + _SWEEP_EVERY,
+                state,
+            )
+            for tier, state in zip(op.tiers, states, strict=True)
+        )
+        try:
+            lane = speedups.Lane(
+                self, policy, self._lock, self._clock, fn, op.name,
+                policy.credits.allowance_micro, not policy.shadow, tiers,
+            )
+        except (ValueError, OverflowError):  # parameters past int64, or too many tiers
+            return fn
+        return cast("Apply", lane)
 
     @staticmethod
     def source(policy: Policy, operation: str) -> str:
@@ -604,6 +650,23 @@ class MemoryBackend:
         if fn is None:
             fn = self._applies[plan.op] = self._bind(plan.op, plan.policy)
         return fn(plan)
+
+    def _compiled_routes(
+        self, policy: Policy
+    ) -> dict[str, tuple[OperationPlan, int, Apply]] | None:
+        """Each operation of ``policy`` with its table price and compiled function, for
+        meterkit._speedups.Checker; None when this backend runs in pure Python (or
+        ``apply`` was replaced on the instance or by a subclass)."""
+        if not self._native or type(self).apply is not MemoryBackend.apply or "apply" in vars(self):
+            return None
+        routes = {}
+        for name in policy.operations:
+            op = policy.plan_for(name)
+            fn = self._applies.get(op)
+            if fn is None:
+                fn = self._applies[op] = self._bind(op, policy)
+            routes[name] = (op, op.price, fn)
+        return routes
 
     def _apply_stray(self, plan: Plan) -> Outcome:
         pair = (plan.op, plan.policy)
@@ -693,6 +756,10 @@ def _unspent(results: Sequence[TierOutcome]) -> tuple[TierOutcome, ...]:
     has one more left than it would have had after this request (exact for all four
     algorithms)."""
     return tuple((r + 1, reset, 0) if not den else (r, reset, den) for r, reset, den in results)
+
+
+if speedups is not None:
+    speedups.setup(Plan, _Account, _Pair, array, _TEST_NS)
 
 
 def _replay(plan: Plan, record: tuple[int, str, str, int, Outcome]) -> Outcome:
