@@ -130,24 +130,59 @@ def _same(a: Any, b: Any, where: str) -> None:
         assert a == b, where
 
 
-def play(policy: Policy, start: float, trace: list[tuple[Any, ...]], client: Any) -> None:
-    """Play ``trace`` on both backends, asserting that every step agrees."""
+def _check_args(step: tuple[Any, ...]) -> dict[str, Any]:
+    _, k, operation, idem, cost, mode = step
+    key, org = KEYS[k][0], ORGS[KEYS[k][1]]
+    return {
+        "key": key,
+        "org": org,
+        "operation": operation,
+        "idempotency_key": idem,
+        "cost": cost,
+        "mode": mode,
+    }
+
+
+def play(
+    policy: Policy, start: float, trace: list[tuple[Any, ...]], client: Any, batched: bool = False
+) -> None:
+    """Play ``trace`` on both backends, asserting that every step agrees.
+
+    ``batched``: checks in a row (no other step between them) go to ``check_many`` on
+    both backends, so that Redis runs them through its batch script (memory, the
+    reference, applies them one by one)."""
     clock = FakeClock(start)
     memory = Meter(policy, MemoryBackend(clock=clock))
     prefix = new_prefix()
     redis = Meter(policy, RedisBackend(client, prefix=prefix, clock=clock))
     admitted: list[tuple[Any, Any]] = []
     try:
-        for i, step in enumerate(trace):
+        i = 0
+        while i < len(trace):
+            step = trace[i]
             where = f"step {i}: {step}"
             kind = step[0]
+            if kind == "check" and batched:
+                run = [step]
+                while i + len(run) < len(trace) and trace[i + len(run)][0] == "check":
+                    run.append(trace[i + len(run)])
+                requests = [_check_args(s) for s in run]
+                many_a = memory.check_many(requests, return_exceptions=True)
+                many_b = redis.check_many(requests, return_exceptions=True)
+                for j, (a, b) in enumerate(zip(many_a, many_b, strict=True)):
+                    where = f"step {i + j}: {run[j]} (in a batch of {len(run)})"
+                    if isinstance(a, BaseException) or isinstance(b, BaseException):
+                        _same(a, b, where)
+                    else:
+                        assert _comparable(a.outcome) == _comparable(b.outcome), where
+                        admitted.append((a, b))
+                i += len(run)
+                continue
+            i += 1
             if kind == "check":
-                _, k, operation, idem, cost, mode = step
-                key, org = KEYS[k][0], ORGS[KEYS[k][1]]
-                args = {"org": org, "operation": operation, "idempotency_key": idem,
-                        "cost": cost, "mode": mode}
-                a = _run(memory, "check", key, **args)
-                b = _run(redis, "check", key, **args)
+                args = _check_args(step)
+                a = _run(memory, "check", **args)
+                b = _run(redis, "check", **args)
                 if isinstance(a, BaseException) or isinstance(b, BaseException):
                     _same(a, b, where)
                 else:
@@ -190,12 +225,14 @@ def client(request: pytest.FixtureRequest) -> Any:
     policy=policies(),
     start=st.sampled_from(STARTS),
     trace=st.lists(steps, min_size=1, max_size=80),
+    batched=st.booleans(),
 )
 def test_redis_matches_memory_step_by_step(
-    client: Any, policy: Policy, start: float, trace: list[tuple[Any, ...]]
+    client: Any, policy: Policy, start: float, trace: list[tuple[Any, ...]], batched: bool
 ) -> None:
-    """Random policies and traces give the same outcomes, refunds, usage and errors on both."""
-    play(policy, start, trace, client)
+    """Random policies and traces give the same outcomes, refunds, usage and errors on
+    both, whether Redis gets each check alone or runs of checks as one batch."""
+    play(policy, start, trace, client, batched)
 
 
 def test_a_hand_written_trace_covers_every_feature(client: Any) -> None:
@@ -231,6 +268,7 @@ def test_a_hand_written_trace_covers_every_feature(client: Any) -> None:
         ("advance", 31 * 86_400_000_000), ("refund", 0), check, ("usage", ORGS[0], "live"),
     ]
     play(policy, STARTS[1], trace, client)
+    play(policy, STARTS[1], trace, client, batched=True)
 
 
 def test_the_month_in_lua_is_the_calendar_month_in_python(redis_url: str, request: Any) -> None:

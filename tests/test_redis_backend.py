@@ -213,7 +213,7 @@ def _state(client: Any, prefix: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("suffix", "kind"),
     [("fw:fw.5.60:k", "string"), ("sw:sw.5.60", "list"), ("gc:gc.5.60.2:k", "hash"),
-     ("sl:sl.5.60:k", "string"), ("cr", "string"), ("al", "list"), ("id:i", "hash")],
+     ("sl:sl.5.60:k", "list"), ("cr", "string"), ("al", "list"), ("id:i", "hash")],
 )
 def test_a_key_of_the_wrong_type_gives_a_state_error_and_changes_nothing(
     client: redis.Redis, prefix: str, suffix: str, kind: str
@@ -282,9 +282,11 @@ def test_malformed_accounts_and_logs_give_state_errors_everywhere(
     with pytest.raises(StateError):
         meter.top_up("o", "1")
     client.delete(account)
-    client.lset(f"{prefix}:{{o}}:sl:sl.5.60:k", 0, "yesterday")
-    with pytest.raises(StateError):
-        meter.check("k", org="o", operation="items.list")
+    log = f"{prefix}:{{o}}:sl:sl.5.60:k"
+    for garbled in ("yesterday", "yesterda", b"\x00" * 7 + b"\x80"):  # no 8-byte µs entries
+        client.set(log, garbled)
+        with pytest.raises(StateError):
+            meter.check("k", org="o", operation="items.list")
 
 
 def test_driver_errors_never_leak_from_any_call() -> None:
@@ -412,6 +414,92 @@ def test_check_many_on_cluster_groups_by_node_and_agrees_with_memory(
             else:
                 assert (*a.outcome[:8], a.outcome[9]) == (*b.outcome[:8], b.outcome[9])
         assert any(isinstance(a, Exception) for a in want)
+    finally:
+        delete_prefix(cluster, prefix)
+
+
+def test_a_batch_is_one_evalsha_per_fifty_requests(own_server: _servers.RedisServer) -> None:
+    """INFO commandstats: check_many sends one EVALSHA of the batch script per 50
+    requests (each request's tiers, credits and record inside it), and nothing else."""
+    from meterkit._redis import _BATCH
+
+    client = redis.Redis(port=own_server.port)
+    meter = Meter(Policy.crane_ledger(), RedisBackend(client, prefix=new_prefix()))
+    meter.check_many([("warm", "invoices.list", "o")] * 3)  # registers the batch script
+    meter.check("warm", org="o", operation="invoices.list")  # and the one-request script
+    for n, calls in ((2, 1), (_BATCH, 1), (2 * _BATCH + 1, 3)):
+        client.config_resetstat()
+        requests = [
+            {
+                "key": f"key_{i % 7}",
+                "org": f"org_{i % 3}",
+                "operation": "invoices.create",
+                "idempotency_key": f"i{i % 5}" if i % 2 else None,
+            }
+            for i in range(n)
+        ]
+        decisions = meter.check_many(requests, return_exceptions=True)
+        assert len(decisions) == n
+        stats = client.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == calls, n
+        assert stats["cmdstat_evalsha"]["failed_calls"] == 0
+        from_lua = {
+            "cmdstat_time",
+            "cmdstat_get",
+            "cmdstat_set",
+            "cmdstat_hmget",
+            "cmdstat_hset",
+            "cmdstat_pexpire",
+            "cmdstat_del",
+        }
+        assert set(stats) - from_lua == {"cmdstat_evalsha", "cmdstat_config|resetstat"}
+        assert stats["cmdstat_time"]["calls"] == calls  # the server's clock: once a batch
+    client.close()
+
+
+def test_one_requests_bad_state_fails_it_alone_inside_a_batch(
+    client: redis.Redis, prefix: str
+) -> None:
+    """A key of the wrong type fails its own request with StateError; the batch's other
+    requests, before and after it in the same script, are decided and applied."""
+    clock = FakeClock()
+    meter = Meter(_policy(), RedisBackend(client, prefix=prefix, clock=clock))
+    client.hset(f"{prefix}:{{o2}}:gc:gc.5.60.2:k", "x", "1")  # a hash where a TAT belongs
+    requests = [("k", "items.list", "o1"), ("k", "items.list", "o2"), ("k", "items.list", "o3")]
+    before = client.hgetall(f"{prefix}:{{o2}}:gc:gc.5.60.2:k")
+    results = meter.check_many(requests, return_exceptions=True)
+    assert isinstance(results[1], StateError)
+    assert results[0].allowed
+    assert results[2].allowed
+    assert meter.usage("o1").requests == meter.usage("o3").requests == 1
+    assert not client.exists(f"{prefix}:{{o2}}:cr")  # nothing of o2's request was written
+    assert client.hgetall(f"{prefix}:{{o2}}:gc:gc.5.60.2:k") == before
+    with pytest.raises(StateError, match="did not write"):
+        meter.check_many(requests)
+
+
+def test_a_batch_on_cluster_is_one_evalsha_per_slot(
+    request: pytest.FixtureRequest, redis_cluster_url: str
+) -> None:
+    """On Cluster, a batch runs one script call per hash slot (an organization's keys
+    share one): requests of one org go together, a lone request is a plain check."""
+    cluster = shared_client(request, redis_cluster_url)
+    prefix = new_prefix()
+    orgs = [f"org_{i}" for i in range(6)]
+    assert len({key_slot(f"x:{{{o}}}".encode()) for o in orgs}) == 6
+    meter = Meter(_policy(), RedisBackend(cluster, prefix=prefix, clock=FakeClock()))
+    requests = [(f"k{i}", "items.list", orgs[i % 5]) for i in range(20)]
+    requests.append(("k0", "items.list", orgs[5]))
+    try:
+        meter.check_many(requests)  # registers the scripts on every node
+        nodes = [cluster.get_redis_connection(n) for n in cluster.get_primaries()]
+        for node in nodes:
+            node.config_resetstat()
+        decisions = meter.check_many(requests)
+        calls = sum(n.info("commandstats")["cmdstat_evalsha"]["calls"] for n in nodes)
+        assert calls == 6
+        assert len(decisions) == 21
+        assert meter.usage(orgs[0]).requests == 5  # 4 requests twice; "sw" admits 5 a minute
     finally:
         delete_prefix(cluster, prefix)
 

@@ -2,27 +2,34 @@
 -- request, all or nothing. The same math as meterkit/_memory.py, which is the
 -- reference; tests/test_conformance.py holds the two together.
 --
--- What is fixed for an operation comes as code, not arguments: meterkit/_redis.py
--- puts one line before this file (one script per distinct line, loaded by SHA),
+-- This file defines check(); a driver after it calls it: check_one.lua once per
+-- EVALSHA, check_many.lua once per request of a batch. What is fixed for an
+-- operation comes as code, not arguments: meterkit/_redis.py puts lines before this
+-- file (one script per distinct text, loaded by SHA),
 --
---   local grace, allowance, shadow, n, P = <TTL grace ms>, <policy allowance>,
---     <policy shadow: true/false>, <tier count>, {<per tier: algorithm, a, b, c>...}
+--   local grace, allowance, shadow = <TTL grace ms>, <policy allowance>, <true/false>
+--   local n, P = <tier count>, {<per tier: algorithm, a, b, c>...}    (check_one)
+--   local T = {{<tier count>, {<per tier: ...>}}, ...}   (check_many: every tier set)
 --
 -- where a tier's algorithm is +10 when soft (a shadow tier never denies) and a, b, c
 -- are: fixed and sliding window: limit, window µs, 0; gcra: emission interval µs,
 -- tau µs, 0; sliding log: limit, window µs, TTL ms of the log (as text).
 -- That saves Redis turning a dozen arguments into numbers on every check.
 --
--- KEYS[1..n]  one state key per tier, in policy order
--- KEYS[n+1]   the organization's account (HASH: p period start, u used, t top-ups,
---             a the allowance override (a copy of KEYS[n+2], made when the account
---             starts and kept by set_allowance), 'r|<op>|<key>' requests and
---             'c|<op>|<key>' credits of each pair, 'x|<charge>' refunded charges)
--- KEYS[n+2]   the organization's allowance override (STRING, optional)
--- KEYS[n+3]   the idempotency record (STRING), only when the request has a key
+-- check(n, P, k, now, now_text, cost, charge, who, operation, start, finish, idem)
+-- finds its keys at KEYS[k + 1...]:
 --
--- ARGV  1 now µs ('' = server TIME)  2 cost µ-credits  3 charge id  4 key id
---       5 operation  6, 7 the month the caller expects (start, end µs; checked)
+-- KEYS[k+1..k+n]  one state key per tier, in policy order
+-- KEYS[k+n+1]     the organization's account (HASH: p period start, u used, t top-ups,
+--                 a the allowance override (a copy of KEYS[k+n+2], made when the
+--                 account starts and kept by set_allowance), 'r|<op>|<key>' requests
+--                 and 'c|<op>|<key>' credits of each pair, 'x|<charge>' refunds)
+-- KEYS[k+n+2]     the organization's allowance override (STRING, optional)
+-- idem            the idempotency record's key (STRING), or nil
+--
+-- and takes as text (as it came in ARGV): the cost in µ-credits, the charge id, the
+-- key id (who), the operation, and the month the caller expects (start and finish
+-- µs; checked).
 --
 -- Reply: {allowed 0/1, reason, now, retry, charged, balance, period end,
 --         remaining, reset, denied, ...per tier} — remaining as if admitted
@@ -35,298 +42,309 @@
 -- arguments to redis.call written as strings (a Lua number is printed with %.17g).
 
 local call = redis.call
-local now, now_text
-if ARGV[1] == '' then
-  -- Redis 5+ replicates a script's effects, not the script, so TIME may precede writes.
-  local t = call('TIME')
-  now_text = t[1] .. rep('0', 6 - #t[2]) .. t[2]
-  now = tonumber(now_text)
-else
-  now_text = ARGV[1]
-  now = tonumber(now_text)
-end
+local pack, unpack, sub = struct.pack, struct.unpack, string.sub
 local IDEM_US = 86400000000
+-- A sliding log entry is an 8-byte little-endian integer (µs), exact below 2^53.
+local ENTRY_MAX = 9007199254740992
 
-local idem = KEYS[n + 3]
-if idem then
-  local record = call('GET', idem)
-  if record then
-    local expires = tonumber(match(record, '^%d+'))
-    if not expires then
-      corrupt(idem)
-    end
-    if expires > now then
-      return {-1, record}
-    end
+-- The time of a check from its text: the client's clock, or '' for the server's
+-- TIME (Redis 5+ replicates a script's effects, not the script, so TIME may precede
+-- writes). Returns the time and its text.
+local function clock_text(text)
+  if text == '' then
+    local t = call('TIME')
+    text = t[1] .. rep('0', 6 - #t[2]) .. t[2]
   end
+  return tonumber(text), text
 end
 
--- Look at every tier first; write nothing until all of them and the credits agree.
--- What each admitting tier will write: plan[i] = 1 increment the window's counter,
--- 2 start a new window (fixed), 3 start a new window (sliding), 4 set the TAT,
--- 5 append to the log; new[i] the value that comes with it.
--- The reply, built in place: its head (7 slots) is filled in once the outcome is known.
-local results = {0, 0, 0, 0, 0, 0, 0}
-local plan, new, extra = {}, {}, {}
-local retry = 0
-local denied = false
-local a = 1
-for i = 1, n do
-  local code = P[a]
-  local soft = code >= 10
-  if soft then
-    code = code - 10
+-- The log entry at 0-based position i of a sliding log.
+local function entry(log, i, key)
+  local t = unpack('<i8', log, i * 8 + 1)
+  if not (t < ENTRY_MAX and t > -ENTRY_MAX) then
+    corrupt(key)
   end
-  local key = KEYS[i]
-  local ok, wait, remaining, reset
-  if code == 0 or code == 1 then
-    -- fixed window (UTC-aligned) and sliding window (weighted two-counter):
-    -- a HASH of w (window id), c (count in it) and, sliding, p (count in the one before)
-    local limit, w = P[a + 1], P[a + 2]
-    local wid = idiv(now, w)
-    local cur, prev = 0, 0
-    local v = code == 0 and call('HMGET', key, 'w', 'c') or call('HMGET', key, 'w', 'c', 'p')
-    local sw = v[1]
-    if sw then
-      sw = tonumber(sw)
-      local sc = tonumber(v[2])
-      -- (counts are written back as computed here: an integer, or no count at all)
-      if not (sw and sc) or sc % 1 ~= 0 then
-        corrupt(key)
+  return t
+end
+
+local function check(n, P, k, now, now_text, cost_text, charge, who, operation,
+                     start_text, finish_text, idem)
+  if idem then
+    local record = call('GET', idem)
+    if record then
+      local expires = tonumber(match(record, '^%d+'))
+      if not expires then
+        corrupt(idem)
       end
-      if sw == wid then
-        cur = sc
-        if code == 1 then
-          prev = tonumber(v[3] or 0)
-          if not prev then
-            corrupt(key)
-          end
-        end
-      elseif sw == wid - 1 and code == 1 then
-        prev = sc
+      if expires > now then
+        return {-1, record}
       end
     end
-    local start = wid * w
-    reset = start + w - now
-    if code == 0 then
-      if cur < limit then
-        ok, remaining = true, limit - cur - 1
-      else
-        ok, wait = false, reset
-      end
-    else
-      local used = prev * (w - (now - start)) + (cur + 1) * w
-      if used <= limit * w then
-        ok, remaining = true, idiv(limit * w - used, w)
-      elseif cur + 1 <= limit then
-        ok, wait = false, start + w - idiv((limit - 1 - cur) * w, prev) - now
-      else
-        ok, wait = false, start + w + w - idiv((limit - 1) * w, cur) - now
-      end
+  end
+
+  -- Look at every tier first; write nothing until all of them and the credits agree.
+  -- What each admitting tier will write: plan[i] = 1 increment the window's counter,
+  -- 2 start a new window (fixed), 3 start a new window (sliding), 4 set the TAT,
+  -- 5 append to the log; new[i] the value that comes with it.
+  -- The reply, built in place: its head (7 slots) is filled in once the outcome is known.
+  local results = {0, 0, 0, 0, 0, 0, 0}
+  local plan, new, extra = {}, {}, {}
+  local retry = 0
+  local denied = false
+  local a = 1
+  for i = 1, n do
+    local code = P[a]
+    local soft = code >= 10
+    if soft then
+      code = code - 10
     end
-    if ok then
-      if sw == wid then
-        plan[i], new[i] = 1, cur + 1
-      else
-        -- a new window: its TTL ends with it (sliding: with the next, where it is "prev")
-        plan[i], new[i] = 2 + code, wid
-        extra[i] = code == 0 and reset or reset + w
-        extra[-i] = prev
-      end
-    end
-  elseif code == 2 then
-    -- gcra: the theoretical arrival time (STRING)
-    local interval, tau = P[a + 1], P[a + 2]
-    local tat = now
-    local v = call('GET', key)
-    if v then
-      local t = tonumber(v)
-      if not t then
-        corrupt(key)
-      end
-      if t > now then
-        tat = t
-      end
-    end
-    local ahead = tat + interval - now
-    if ahead <= tau then
-      ok, remaining, reset = true, idiv(tau - ahead, interval), ahead
-      plan[i], new[i], extra[i] = 4, tat + interval, ahead
-    else
-      ok, wait, reset = false, ahead - tau, tat - now
-    end
-  else
-    -- sliding log: a LIST of admission times, oldest first (equal times count twice)
-    local limit, w, life = P[a + 1], P[a + 2], P[a + 3]
-    local len = call('LLEN', key)
-    local oldest, drop = now, 0
-    if len > 0 then
-      -- entries at or before the cutoff have left the window: skip them here and
-      -- trim them once, when the request is admitted (nothing is written before)
-      -- (the first two in one read: a steady stream drops one entry per request)
-      local cutoff = now - w
-      local head = call('LRANGE', key, '0', '1')
-      oldest = tonumber(head[1])
-      if not oldest then
-        corrupt(key)
-      end
-      while oldest <= cutoff do
-        drop = drop + 1
-        if drop == len then
-          oldest = now
-          break
-        end
-        oldest = tonumber(drop == 1 and head[2] or call('LINDEX', key, drop))
-        if not oldest then
+    local key = KEYS[k + i]
+    local ok, wait, remaining, reset
+    if code == 0 or code == 1 then
+      -- fixed window (UTC-aligned) and sliding window (weighted two-counter):
+      -- a HASH of w (window id), c (count in it) and, sliding, p (count in the one before)
+      local limit, w = P[a + 1], P[a + 2]
+      local wid = idiv(now, w)
+      local cur, prev = 0, 0
+      local v = code == 0 and call('HMGET', key, 'w', 'c') or call('HMGET', key, 'w', 'c', 'p')
+      local sw = v[1]
+      if sw then
+        sw = tonumber(sw)
+        local sc = tonumber(v[2])
+        -- (counts are written back as computed here: an integer, or no count at all)
+        if not (sw and sc) or sc % 1 ~= 0 then
           corrupt(key)
         end
+        if sw == wid then
+          cur = sc
+          if code == 1 then
+            prev = tonumber(v[3] or 0)
+            if not prev then
+              corrupt(key)
+            end
+          end
+        elseif sw == wid - 1 and code == 1 then
+          prev = sc
+        end
       end
-      len = len - drop
-    end
-    if len < limit then
-      ok, remaining, reset = true, limit - len - 1, oldest + w - now
-      plan[i], new[i], extra[i] = 5, life, drop
+      local start = wid * w
+      reset = start + w - now
+      if code == 0 then
+        if cur < limit then
+          ok, remaining = true, limit - cur - 1
+        else
+          ok, wait = false, reset
+        end
+      else
+        local used = prev * (w - (now - start)) + (cur + 1) * w
+        if used <= limit * w then
+          ok, remaining = true, idiv(limit * w - used, w)
+        elseif cur + 1 <= limit then
+          ok, wait = false, start + w - idiv((limit - 1 - cur) * w, prev) - now
+        else
+          ok, wait = false, start + w + w - idiv((limit - 1) * w, cur) - now
+        end
+      end
+      if ok then
+        if sw == wid then
+          plan[i], new[i] = 1, cur + 1
+        else
+          -- a new window: its TTL ends with it (sliding: with the next, where it is "prev")
+          plan[i], new[i] = 2 + code, wid
+          extra[i] = code == 0 and reset or reset + w
+          extra[-i] = prev
+        end
+      end
+    elseif code == 2 then
+      -- gcra: the theoretical arrival time (STRING)
+      local interval, tau = P[a + 1], P[a + 2]
+      local tat = now
+      local v = call('GET', key)
+      if v then
+        local t = tonumber(v)
+        if not t then
+          corrupt(key)
+        end
+        if t > now then
+          tat = t
+        end
+      end
+      local ahead = tat + interval - now
+      if ahead <= tau then
+        ok, remaining, reset = true, idiv(tau - ahead, interval), ahead
+        plan[i], new[i], extra[i] = 4, tat + interval, ahead
+      else
+        ok, wait, reset = false, ahead - tau, tat - now
+      end
     else
-      local edge = tonumber(call('LINDEX', key, drop + len - limit))
-      if not edge then
-        corrupt(key)
+      -- sliding log: a STRING of admission times, 8 bytes each, oldest first (equal
+      -- times count twice); one GET, and one SET when admitted, whatever its length.
+      local limit, w = P[a + 1], P[a + 2]
+      local log = call('GET', key)
+      local len, oldest, drop = 0, now, 0
+      if log then
+        len = #log / 8
+        if len % 1 ~= 0 then
+          corrupt(key)
+        end
+        -- entries at or before the cutoff have left the window: skip them here and
+        -- cut them off once, when the request is admitted (nothing is written before)
+        local cutoff = now - w
+        while drop < len do
+          oldest = entry(log, drop, key)
+          if oldest > cutoff then
+            break
+          end
+          drop = drop + 1
+        end
+        if drop == len then
+          oldest = now
+        end
+        len = len - drop
       end
-      wait = edge + w - now
-      ok, reset = false, wait
+      if len < limit then
+        ok, remaining, reset = true, limit - len - 1, oldest + w - now
+        plan[i], new[i], extra[i] = 5, log, drop
+      else
+        wait = entry(log, drop + len - limit, key) + w - now
+        ok, reset = false, wait
+      end
     end
-  end
-  a = a + 4
-  local r = i * 3 + 4
-  if ok then
-    results[r + 1], results[r + 2], results[r + 3] = remaining, reset, 0
-  else
-    results[r + 1], results[r + 2], results[r + 3] = 0, reset, 1
-    plan[i] = false
-    if not soft then
-      denied = true
-      if wait > retry then
-        retry = wait
+    a = a + 4
+    local r = i * 3 + 4
+    if ok then
+      results[r + 1], results[r + 2], results[r + 3] = remaining, reset, 0
+    else
+      results[r + 1], results[r + 2], results[r + 3] = 0, reset, 1
+      plan[i] = false
+      if not soft then
+        denied = true
+        if wait > retry then
+          retry = wait
+        end
       end
     end
   end
-end
 
--- Credits: one account per organization and calendar month.
-local account = KEYS[n + 1]
-local start_text = ARGV[6]
-local start, finish = tonumber(start_text), tonumber(ARGV[7])
-if not (start <= now and now < finish) then
-  start, finish = month(now)
-  start_text = int(start)
-end
-local cost_text = ARGV[2]
-local cost = tonumber(cost_text)
-local pair = ARGV[5] .. '|' .. ARGV[4]
-local rf, cf = 'r|' .. pair, 'c|' .. pair
-local v = call('HMGET', account, 'p', 'u', 't', 'a', rf, cf)
-local used, topup, requests, spent = 0, 0, 0, 0
-local current, stale = false, false
-local override = false
-local period = v[1]
-if period then
-  if period ~= start_text then
-    period = tonumber(period)
-    if not period then
-      corrupt(account)
+  -- Credits: one account per organization and calendar month.
+  local account = KEYS[k + n + 1]
+  local start, finish = tonumber(start_text), tonumber(finish_text)
+  if not (start <= now and now < finish) then
+    start, finish = month(now)
+    start_text = int(start)
+  end
+  local cost = tonumber(cost_text)
+  local pair = operation .. '|' .. who
+  local rf, cf = 'r|' .. pair, 'c|' .. pair
+  local v = call('HMGET', account, 'p', 'u', 't', 'a', rf, cf)
+  local used, topup, requests, spent = 0, 0, 0, 0
+  local current, stale = false, false
+  local override = false
+  local period = v[1]
+  if period then
+    if period ~= start_text then
+      period = tonumber(period)
+      if not period then
+        corrupt(account)
+      end
+    end
+    if period == start_text or period == start then
+      current = true
+      used, topup = tonumber(v[2] or 0), tonumber(v[3] or 0)
+      requests, spent = tonumber(v[5] or 0), tonumber(v[6] or 0)
+      if not (used and topup and requests and spent)
+        or used % 1 ~= 0 or requests % 1 ~= 0 or spent % 1 ~= 0 then
+        corrupt(account)
+      end
+      override = v[4]
+    else
+      stale = true
     end
   end
-  if period == start_text or period == start then
-    current = true
-    used, topup = tonumber(v[2] or 0), tonumber(v[3] or 0)
-    requests, spent = tonumber(v[5] or 0), tonumber(v[6] or 0)
-    if not (used and topup and requests and spent)
-      or used % 1 ~= 0 or requests % 1 ~= 0 or spent % 1 ~= 0 then
-      corrupt(account)
+  if not current then
+    override = call('GET', KEYS[k + n + 2])
+  end
+  local allowed_micro = allowance
+  if override then
+    allowed_micro = tonumber(override)
+    if not allowed_micro then
+      corrupt(current and account or KEYS[k + n + 2])
     end
-    override = v[4]
-  else
-    stale = true
   end
-end
-if not current then
-  override = call('GET', KEYS[n + 2])
-end
-if override then
-  allowance = tonumber(override)
-  if not allowance then
-    corrupt(current and account or KEYS[n + 2])
-  end
-end
-local balance = allowance + topup - used
+  local balance = allowed_micro + topup - used
 
-local broke = cost > balance and not shadow
-if broke or denied then
-  if stale then
-    -- A new month began: last month's account (and its refunds) ends here, as in memory.
-    call('DEL', account)
-  end
-  if broke then
-    local wait = finish - now
-    if retry > wait then
-      wait = retry
+  local broke = cost > balance and not shadow
+  if broke or denied then
+    if stale then
+      -- A new month began: last month's account (and its refunds) ends here, as in memory.
+      call('DEL', account)
     end
-    results[1], results[2], results[3], results[4] = 0, 2, now, wait
+    if broke then
+      local wait = finish - now
+      if retry > wait then
+        wait = retry
+      end
+      results[1], results[2], results[3], results[4] = 0, 2, now, wait
+      results[6], results[7] = balance, finish
+      return results
+    end
+    results[1], results[2], results[3], results[4] = 0, 1, now, retry
     results[6], results[7] = balance, finish
     return results
   end
-  results[1], results[2], results[3], results[4] = 0, 1, now, retry
-  results[6], results[7] = balance, finish
-  return results
-end
 
--- Admitted: consume every tier, debit the credits, remember the decision.
-for i = 1, n do
-  local step = plan[i]
-  if step then
-    local key = KEYS[i]
-    if step == 1 then
-      call('HSET', key, 'c', int(new[i]))
-    elseif step == 2 then
-      call('HSET', key, 'w', int(new[i]), 'c', '1')
-      call('PEXPIRE', key, ttl(extra[i], grace))
-    elseif step == 3 then
-      call('HSET', key, 'w', int(new[i]), 'c', '1', 'p', int(extra[-i]))
-      call('PEXPIRE', key, ttl(extra[i], grace))
-    elseif step == 4 then
-      call('SET', key, int(new[i]), 'PX', ttl(extra[i], grace))
-    else
-      local drop = extra[i]
-      if drop == 1 then
-        call('LPOP', key)
-      elseif drop > 1 then
-        call('LTRIM', key, drop, '-1')
+  -- Admitted: consume every tier, debit the credits, remember the decision.
+  for i = 1, n do
+    local step = plan[i]
+    if step then
+      local key = KEYS[k + i]
+      if step == 1 then
+        call('HSET', key, 'c', int(new[i]))
+      elseif step == 2 then
+        call('HSET', key, 'w', int(new[i]), 'c', '1')
+        call('PEXPIRE', key, ttl(extra[i], grace))
+      elseif step == 3 then
+        call('HSET', key, 'w', int(new[i]), 'c', '1', 'p', int(extra[-i]))
+        call('PEXPIRE', key, ttl(extra[i], grace))
+      elseif step == 4 then
+        call('SET', key, int(new[i]), 'PX', ttl(extra[i], grace))
+      else
+        -- the log lives until its newest entry (this one) leaves the window
+        local log, drop = new[i], extra[i]
+        local entry_now = pack('<i8', now)
+        if not log then
+          log = entry_now
+        elseif drop == 0 then
+          log = log .. entry_now
+        else
+          log = sub(log, drop * 8 + 1) .. entry_now
+        end
+        call('SET', key, log, 'PX', P[i * 4])
       end
-      call('RPUSH', key, now_text)
-      call('PEXPIRE', key, new[i])
     end
   end
-end
--- One write for the account: the totals were read above, and nothing ran since.
-if current then
-  call('HSET', account, 'u', int(used + cost), rf, int(requests + 1), cf, int(spent + cost))
-else
-  if stale then
-    call('DEL', account)
-  end
-  if override then
-    call('HSET', account, 'p', start_text, 'u', cost_text, rf, '1', cf, cost_text, 'a', override)
+  -- One write for the account: the totals were read above, and nothing ran since.
+  if current then
+    call('HSET', account, 'u', int(used + cost), rf, int(requests + 1), cf, int(spent + cost))
   else
-    call('HSET', account, 'p', start_text, 'u', cost_text, rf, '1', cf, cost_text)
+    if stale then
+      call('DEL', account)
+    end
+    if override then
+      call('HSET', account, 'p', start_text, 'u', cost_text, rf, '1', cf, cost_text, 'a', override)
+    else
+      call('HSET', account, 'p', start_text, 'u', cost_text, rf, '1', cf, cost_text)
+    end
+    call('PEXPIRE', account, ttl(finish - now, grace))
   end
-  call('PEXPIRE', account, ttl(finish - now, grace))
-end
-if idem then
-  local parts = {int(now + IDEM_US), now_text, cost_text, int(balance - cost), int(finish)}
-  for j = 1, n * 3 do
-    parts[j + 5] = int(results[j + 7])
+  if idem then
+    local parts = {int(now + IDEM_US), now_text, cost_text, int(balance - cost), int(finish)}
+    for j = 1, n * 3 do
+      parts[j + 5] = int(results[j + 7])
+    end
+    local record = concat(parts, ' ') .. '\n' .. charge .. '\n' .. operation .. '\n' .. who
+    call('SET', idem, record, 'PX', ttl(IDEM_US, grace))
   end
-  local record = concat(parts, ' ') .. '\n' .. ARGV[3] .. '\n' .. ARGV[5] .. '\n' .. ARGV[4]
-  call('SET', idem, record, 'PX', ttl(IDEM_US, grace))
+  results[1], results[3], results[5], results[6], results[7] = 1, now, cost, balance - cost, finish
+  return results
 end
-results[1], results[3], results[5], results[6], results[7] = 1, now, cost, balance - cost, finish
-return results
