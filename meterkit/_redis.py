@@ -180,6 +180,20 @@ def _translate(exc: BaseException) -> MeterkitError:
     raise exc  # a bug, not an outage: let it show
 
 
+def _translate_all(exc: BaseException) -> BaseException:
+    """What every caller of a failed batch gets: meterkit's error, caused by ``exc``
+    (a bug stays itself; a cancelled batch is ``BackendUnavailable``)."""
+    if not isinstance(exc, Exception):
+        return BackendUnavailable("request cancelled")
+    try:
+        error: BaseException = _translate(exc)
+    except BaseException as bug:
+        return bug
+    if error is not exc:
+        error.__cause__ = exc
+    return error
+
+
 # -- the shared codec --------------------------------------------------------------------
 
 
@@ -1086,6 +1100,9 @@ class AsyncRedisBackend:
         self._codec = _Codec(prefix, clock, clock_skew)
         self._io = _async_transport(client)
         self._owned = False
+        # Checks of this loop iteration, not yet sent, with their callers' futures.
+        self._queue: list[tuple[Plan, asyncio.Future[Outcome]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         kind = "cluster" if isinstance(self._io, _AsyncCluster) else "standalone"
@@ -1096,13 +1113,54 @@ class AsyncRedisBackend:
         return self._codec.prefix
 
     async def apply(self, plan: Plan) -> Outcome:
-        """See :meth:`RedisBackend.apply`."""
-        cmd, charge = self._codec.check(plan)
+        """See :meth:`RedisBackend.apply`.
+
+        Checks that tasks start in the same turn of the event loop go to Redis
+        together, as one batch script call per :data:`_BATCH` of them (see
+        :meth:`apply_many`); each is still atomic on its own, and each caller gets its
+        own outcome or error. A check that starts alone goes alone.
+        """
+        waiter: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        queue = self._queue
+        queue.append((plan, waiter))
+        if len(queue) == 1:
+            # Runs in the next turn of the loop, once this turn's callers have queued.
+            task = asyncio.ensure_future(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        return await waiter
+
+    async def _send(self) -> None:
+        # (a caller cancelled before its check was sent: the check never happens)
+        batch = [item for item in self._queue if not item[1].done()]
+        self._queue = []
+        if not batch:
+            return
+        plans = [plan for plan, _ in batch]
         try:
-            reply = await self._io.call(cmd)
-        except Exception as exc:
-            raise _translate(exc) from exc
-        return self._codec.outcome(plan, reply, charge)
+            if len(plans) == 1:
+                cmd, charge = self._codec.check(plans[0])
+                sent: list[Sent] = [([0], [charge], False)]
+                replies = [await self._io.call(cmd)]
+            else:
+                cmds, sent = self._codec.check_many(plans, self._io.slot)
+                replies = await self._io.many(cmds)
+            results = self._codec.outcomes(plans, sent, replies)
+        except BaseException as exc:
+            error = _translate_all(exc)
+            for _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, waiter), result in zip(batch, results, strict=True):
+            if waiter.done():  # its caller gave up (cancelled)
+                continue
+            if isinstance(result, BaseException):
+                waiter.set_exception(result)
+            else:
+                waiter.set_result(result)
 
     async def apply_many(self, plans: Sequence[Plan]) -> list[Outcome | MeterkitError]:
         """See :meth:`RedisBackend.apply_many`."""
@@ -1140,5 +1198,9 @@ class AsyncRedisBackend:
 
     async def close(self) -> None:
         """See :meth:`RedisBackend.close`."""
+        for _, waiter in self._queue:
+            if not waiter.done():
+                waiter.set_exception(BackendUnavailable("the backend was closed"))
+        self._queue = []
         if self._owned:
             await self._io.close()
