@@ -52,6 +52,7 @@ import pytest
 
 import meterkit
 from meterkit import MemoryBackend, Meter, Policy, Tier
+from meterkit._native import speedups
 
 if __package__ in (None, ""):  # run as a script: python bench/bench_core.py --profile
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -108,10 +109,12 @@ class Side:
     keep: Any = None  # what must stay alive with it (its meter or storage)
 
 
-def meterkit_side(n_keys: int = KEYS, *, headers: bool = False) -> Side:
-    """The seed policy on MemoryBackend; reads ``.allowed`` (and ``.headers`` if asked)."""
+def meterkit_side(n_keys: int = KEYS, *, headers: bool = False, native: bool = True) -> Side:
+    """The seed policy on MemoryBackend; reads ``.allowed`` (and ``.headers`` if asked).
+    ``native=False``: the generated Python alone, as without meterkit/_speedups.c."""
     warm, timed = traffic(n_keys)
-    meter = Meter(Policy.crane_ledger(), MemoryBackend(clock=sim_clock(n_keys)))
+    backend = MemoryBackend(clock=sim_clock(n_keys), native=native)
+    meter = Meter(Policy.crane_ledger(), backend)
     check = meter.check
     for key, org in warm:
         check(key, org=org, operation=OPERATION)
@@ -135,6 +138,8 @@ def meterkit_side(n_keys: int = KEYS, *, headers: bool = False) -> Side:
                 denied[0] += 1
 
     name = "meterkit+headers" if headers else "meterkit"
+    if not native:
+        name += " (pure Python)"
     return Side(name, run, denied, meter)
 
 
@@ -284,6 +289,7 @@ def run_ratios(
     sides = [
         meterkit_side(),
         meterkit_side(headers=True),
+        meterkit_side(native=False),
         limits_side(),
         throttled_side(),
         floor_side(),
@@ -296,12 +302,17 @@ def test_ratio_interleaved(benchmark: Any, figures: Report) -> None:
     """Print meterkit's speed-up over limits and throttled-py, from interleaved rounds."""
     result, sides = benchmark.pedantic(run_ratios, rounds=1, iterations=1)
     figures(f"interleaved rounds (µs per check), {'quick' if QUICK else 'full'} mode:")
+    if speedups is None:
+        figures("NOTE meterkit._speedups is not built: 'meterkit' runs the pure Python too")
     figures(result.table())
     lines = [
         ("limits", "meterkit", "meterkit/limits memory", 8.0),
         ("throttled-py", "meterkit", "meterkit/throttled-py memory", 6.0),
         ("limits", "meterkit+headers", "meterkit+headers/limits memory", None),
         ("throttled-py", "meterkit+headers", "meterkit+headers/throttled-py memory", None),
+        ("limits", "meterkit (pure Python)", "meterkit pure Python/limits memory", None),
+        ("throttled-py", "meterkit (pure Python)", "meterkit pure Python/throttled-py memory",
+         None),
     ]
     for slow, fast, label, target in lines:
         ratio = result.ratio(slow, fast)

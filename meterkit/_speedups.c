@@ -39,6 +39,7 @@ static Py_ssize_t o_acct_pairs, o_acct_period, o_acct_requests, o_acct_topup, o_
 static Py_ssize_t o_pair_micro, o_pair_requests;
 static PyObject *test_ns, *separator, *typecode_q;
 static PyObject *s_operation, *s_org, *s_mode, *s_idempotency_key, *s_cost;
+static PyObject *zero;
 static PyObject *s_live, *s_test, *s__last, *s__period, *s__accounts, *s__allowances, *s_append, *s_empty;
 
 /* charge ids: a per-process prefix (set from Python, again after a fork) + a counter */
@@ -128,14 +129,17 @@ concat3(PyObject *a, PyObject *b, PyObject *c)
 static PyObject *
 new_charge_id(PyObject *module, PyObject *unused)
 {
-    char digits[24];
-    int n = snprintf(digits, sizeof digits, "%llu", ++charge_counter);
-    Py_ssize_t lp = PyUnicode_GET_LENGTH(charge_prefix);
+    char digits[24], *d = digits + sizeof digits;
+    unsigned long long v = ++charge_counter;
+    do /* the counter in decimal, as str() writes it */
+        *--d = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    Py_ssize_t n = digits + sizeof digits - d, lp = PyUnicode_GET_LENGTH(charge_prefix);
     PyObject *r = PyUnicode_New(lp + n, 127);
     if (r == NULL)
         return NULL;
     memcpy(PyUnicode_1BYTE_DATA(r), PyUnicode_1BYTE_DATA(charge_prefix), (size_t)lp);
-    memcpy(PyUnicode_1BYTE_DATA(r) + lp, digits, (size_t)n);
+    memcpy(PyUnicode_1BYTE_DATA(r) + lp, d, (size_t)n);
     return r;
 }
 
@@ -414,15 +418,16 @@ tier_tuple(Py_ssize_t n, const int64_t *rem, const int64_t *reset, const int *de
     return pack(n, each);
 }
 
+/* now, charged and end come as the objects already at hand (no new int each). */
 static PyObject *
-outcome(int allowed, int reason, int64_t now, int64_t retry, PyObject *tiers, int64_t charged,
-        int64_t balance, int64_t end, PyObject *charge) /* steals tiers and charge */
+outcome(int allowed, int reason, PyObject *now, int64_t retry, PyObject *tiers,
+        PyObject *charged, int64_t balance, PyObject *end,
+        PyObject *charge) /* steals tiers and charge */
 {
     PyObject *parts[10] = {
-        Py_NewRef(allowed ? Py_True : Py_False), PyLong_FromLong(reason),
-        PyLong_FromLongLong(now), PyLong_FromLongLong(retry), tiers,
-        PyLong_FromLongLong(charged), PyLong_FromLongLong(balance), PyLong_FromLongLong(end),
-        charge, Py_NewRef(Py_False)};
+        Py_NewRef(allowed ? Py_True : Py_False), PyLong_FromLong(reason), Py_NewRef(now),
+        PyLong_FromLongLong(retry), tiers, Py_NewRef(charged), PyLong_FromLongLong(balance),
+        Py_NewRef(end), charge, Py_NewRef(Py_False)};
     return pack(10, parts);
 }
 
@@ -458,13 +463,14 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     PyObject *policy = slot(plan, o_plan_policy), *idem = slot(plan, o_plan_idem),
              *mode = slot(plan, o_plan_mode), *org = slot(plan, o_plan_org),
              *keyid = slot(plan, o_plan_key);
+    PyObject *cost_o = slot(plan, o_plan_cost);
     int64_t cost;
     if (policy != self->policy || idem != Py_None || mode == NULL || org == NULL ||
         keyid == NULL || !PyUnicode_CheckExact(org) || !PyUnicode_CheckExact(keyid) ||
-        as_i64(slot(plan, o_plan_cost), &cost) < 0)
+        as_i64(cost_o, &cost) < 0)
         return PyObject_CallOneArg(self->fallback, plan);
 
-    PyObject *orgk = NULL, *key = NULL, *result = NULL;
+    PyObject *orgk = NULL, *key = NULL, *result = NULL, *now_o = NULL;
     PyObject *held[MAX_TIERS] = {NULL}; /* per tier: the dict or log it reads and writes */
     int64_t rem[MAX_TIERS], reset[MAX_TIERS], wait, retry = 0, now, last;
     int64_t cnt[MAX_TIERS], aux[MAX_TIERS];
@@ -498,18 +504,16 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     Py_DECREF(t);
     if (bail)
         goto bail;
-    if (dict_i64(self->bdict, s__last, &last) != 0)
+    PyObject *last_o = PyDict_GetItemWithError(self->bdict, s__last);
+    if (as_i64(last_o, &last) < 0)
         goto bail;
-    if (now < last)
+    if (now < last) { /* the clock stepped back: hold time at the latest seen */
         now = last;
-    else {
-        PyObject *v = PyLong_FromLongLong(now);
-        if (v == NULL || PyDict_SetItem(self->bdict, s__last, v) < 0) {
-            Py_XDECREF(v);
-            goto error;
-        }
-        Py_DECREF(v);
+        now_o = Py_NewRef(last_o);
     }
+    else if ((now_o = PyLong_FromLongLong(now)) == NULL ||
+             PyDict_SetItem(self->bdict, s__last, now_o) < 0)
+        goto error;
 
     for (Py_ssize_t i = 0; i < n; i++) {
         Tier *tr = &self->tiers[i];
@@ -686,6 +690,7 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         as_i64(PyTuple_GET_ITEM(period, 0), &start) < 0 ||
         as_i64(PyTuple_GET_ITEM(period, 1), &pend) < 0 || !(start <= now && now < pend))
         goto bail; /* a new month: the Python code turns it */
+    PyObject *pend_o = PyTuple_GET_ITEM(period, 1);
     PyObject *accounts = PyDict_GetItemWithError(self->bdict, s__accounts);
     PyObject *acct = accounts == NULL || !PyDict_CheckExact(accounts)
                          ? NULL
@@ -710,13 +715,15 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     if (self->credits && cost > balance) {
         int64_t until = pend - now > retry ? pend - now : retry;
         self->hits++;
-        result = outcome(0, 2, now, until, tier_tuple(n, rem, reset, den, 1), 0, balance, pend,
+        result = outcome(0, 2, now_o, until, tier_tuple(n, rem, reset, den, 1), zero, balance,
+                         pend_o,
                          (Py_INCREF(s_empty), s_empty));
         goto unlock;
     }
     if (denied) {
         self->hits++;
-        result = outcome(0, 1, now, retry, tier_tuple(n, rem, reset, den, 1), 0, balance, pend,
+        result = outcome(0, 1, now_o, retry, tier_tuple(n, rem, reset, den, 1), zero, balance,
+                         pend_o,
                          (Py_INCREF(s_empty), s_empty));
         goto unlock;
     }
@@ -775,9 +782,7 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
             Py_DECREF(v);
             break;
         case LOG:
-            v = PyLong_FromLongLong(now);
-            if (v == NULL)
-                goto error;
+            v = Py_NewRef(now_o);
             if (held[i] != NULL)
                 r = PyObject_CallMethodOneArg(held[i], s_append, v);
             else {
@@ -827,7 +832,7 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     else if (put_i64(pair, o_pair_requests, pr + 1) < 0 || put_i64(pair, o_pair_micro, pm) < 0)
         goto error;
     self->hits++;
-    result = outcome(1, 0, now, 0, tier_tuple(n, rem, reset, den, 0), cost, after, pend,
+    result = outcome(1, 0, now_o, 0, tier_tuple(n, rem, reset, den, 0), cost_o, after, pend_o,
                      new_charge_id(NULL, NULL));
     goto unlock;
 
@@ -847,6 +852,7 @@ done:
         Py_XDECREF(held[i]);
     Py_XDECREF(orgk);
     Py_XDECREF(key);
+    Py_XDECREF(now_o);
     return result;
 }
 
@@ -1142,11 +1148,12 @@ PyInit__speedups(void)
     s__allowances = PyUnicode_InternFromString("_allowances");
     s_append = PyUnicode_InternFromString("append");
     s_empty = PyUnicode_New(0, 0);
+    zero = PyLong_FromLong(0);
     separator = PyUnicode_FromString("\x1f");
     typecode_q = PyUnicode_FromString("q");
     charge_prefix = PyUnicode_FromString("0000000000000000");
     if (!s_operation || !s_org || !s_mode || !s_idempotency_key || !s_cost || !s_live || !s_test || !s__last || !s__period || !s__accounts || !s__allowances || !s_append ||
-        !s_empty || !separator || !typecode_q || !charge_prefix) {
+        !s_empty || !zero || !separator || !typecode_q || !charge_prefix) {
         Py_DECREF(m);
         return NULL;
     }

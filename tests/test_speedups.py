@@ -301,3 +301,32 @@ def test_checker_hands_unusual_calls_to_python(clock: FakeClock) -> None:
         meter.check("key_1", "invoices.list")  # type: ignore[misc]
     assert meter.usage("org_1").requests == 0
     assert meter.check("key_1", org="org_1", operation="invoices.list").allowed
+
+
+# Python 3.12+ warns about fork() in a process with threads; this child only writes.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_charge_ids_are_the_python_format_and_fresh_after_fork() -> None:
+    """Charge ids come from the C counter: the process prefix and the counter in
+    decimal, as the Python writes them; a forked child draws a new prefix."""
+    import meterkit._plan as plan_module
+
+    assert plan_module.new_charge_id is speedups.new_charge_id
+    first, second = speedups.new_charge_id(), speedups.new_charge_id()
+    prefix = plan_module._CHARGE_PREFIX
+    assert first.startswith(prefix)
+    assert second.startswith(prefix)
+    assert int(second[len(prefix):]) == int(first[len(prefix):]) + 1
+    assert str(int(first[len(prefix):])) == first[len(prefix):]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its first id and leave at once
+        os.write(write, speedups.new_charge_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child
+    assert not child.startswith(prefix)
+    assert child.endswith("1")
+    assert len(child) == len(prefix) + 1
