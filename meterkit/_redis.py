@@ -43,6 +43,7 @@ import hashlib
 import math
 import os
 import select
+import struct
 import time
 import weakref
 from collections import deque
@@ -72,11 +73,26 @@ Command = list[Any]
 #: ids, and whether it is the batch script (one reply per request) or a plain check.
 Sent = tuple[list[int], list[str], bool]
 _US = 1_000_000
+#: A check's reply unpacked, by its length in bytes.
+_UNPACK: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
 _KINDS = ("fw", "sw", "gc", "sl")  # by Tier.code
 
 
 def _lua(name: str) -> str:
     return resources.files("meterkit").joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
+
+
+_CHECK = "local function check("
+
+
+def _inline(check: str, driver: str) -> str:
+    """check.lua with its function's body run inline after ``driver`` (which binds the
+    parameters): one request per call needs no function, which Redis would make anew
+    on every call."""
+    helpers, rest = check.split(_CHECK, 1)
+    body, end = rest.split(")\n", 1)[1].rsplit("\nend", 1)
+    assert not end.strip(), "check.lua ends with its check function"
+    return helpers + driver + body + "\n"
 
 
 class _Script:
@@ -86,7 +102,10 @@ class _Script:
     __slots__ = ("sha", "text")
 
     def __init__(self, name: str, line: str = "") -> None:
-        body = "".join(_lua(part) for part in name.split("+"))
+        if name == "check+check_one":
+            body = _inline(_lua("check"), _lua("check_one"))
+        else:
+            body = "".join(_lua(part) for part in name.split("+"))
         self.text = _lua("common") + "\n" + line + body
         self.sha = hashlib.sha1(self.text.encode("utf-8")).hexdigest()
 
@@ -100,6 +119,11 @@ def _script(name: str, line: str = "") -> _Script:
     if script is None:
         script = _SCRIPTS[name + line] = _Script(name, line)
     return script
+
+
+#: What redis-py's clients are told so that replies come as bytes even from a client
+#: made with ``decode_responses=True`` (a check's reply is binary).
+_RAW: dict[str, Any] = {"NEVER_DECODE": []}
 
 
 def _as_eval(cmd: Command) -> Command:
@@ -263,7 +287,7 @@ class _Codec:
         return base
 
     def _tiers(self, policy: Policy, op: OperationPlan) -> tuple[str, tuple[tuple[str, bool], ...]]:
-        """An operation's tiers as check.lua's ``n, P`` (Lua text) and its key suffixes."""
+        """An operation's tiers as check.lua's ``n, P, R`` (Lua text) and its key suffixes."""
         params: list[str] = []
         suffixes = []
         for tier in op.tiers:
@@ -285,7 +309,9 @@ class _Codec:
                     if tier.algorithm == "sliding_log"
                     else "0"
                 )
-        return f"{len(op.tiers)}, {{{', '.join(params)}}}", tuple(suffixes)
+        # The reply's format: 8-byte integers, 7 of the head and 3 per tier.
+        reply = "i8" * (7 + 3 * len(op.tiers))
+        return f"{len(op.tiers)}, {{{', '.join(params)}}}, '<{reply}'", tuple(suffixes)
 
     def _compile(self, plan: Plan) -> _Compiled:
         """Compile every operation of ``plan``'s policy: a check script per distinct
@@ -305,7 +331,7 @@ class _Codec:
         batch = _script("check+check_many", f"{head}local T = {{{table}}}\n").sha
         compiled = None
         for op, (lua, suffixes) in tiers.items():
-            sha = _script("check+check_one", f"{head}local n, P = {lua}\n").sha
+            sha = _script("check+check_one", f"{head}local n, P, R = {lua}\n").sha
             self._compiled[op] = _Compiled(sha, suffixes, batch, sets[lua])
             if op is plan.op:
                 compiled = self._compiled[op]
@@ -357,16 +383,21 @@ class _Codec:
         ], charge
 
     def outcome(self, plan: Plan, reply: Any, charge: str) -> Outcome:
-        """The :data:`Outcome` of one check's reply (raises on an idempotency conflict)."""
+        """The :data:`Outcome` of one check's reply (raises on an idempotency conflict):
+        8-byte integers packed in one string (see check.lua), or a replay's table."""
+        if not isinstance(reply, bytes):
+            return self._replay(plan, reply[1])
+        unpack = _UNPACK.get(len(reply))
+        if unpack is None:
+            unpack = _UNPACK[len(reply)] = struct.Struct(f"<{len(reply) // 8}q").unpack
+        reply = unpack(reply)
         head = reply[0]
         t = reply[7:]
         if head == 1:
             tiers = tuple(zip(t[0::3], t[1::3], t[2::3], strict=False))
             return (True, 0, reply[2], 0, tiers, reply[4], reply[5], reply[6], charge, False)
-        if head == 0:
-            tiers = _unspent(list(zip(t[0::3], t[1::3], t[2::3], strict=False)))
-            return (False, reply[1], reply[2], reply[3], tiers, 0, reply[5], reply[6], "", False)
-        return self._replay(plan, reply[1])
+        tiers = _unspent(list(zip(t[0::3], t[1::3], t[2::3], strict=False)))
+        return (False, reply[1], reply[2], reply[3], tiers, 0, reply[5], reply[6], "", False)
 
     def _replay(self, plan: Plan, record: Any) -> Outcome:
         try:
@@ -629,10 +660,10 @@ class _Pool:
         try:
             conn.send_packed_command((_pack(cmd),))
             try:
-                return conn.read_response()
+                return conn.read_response(disable_decoding=True)
             except self._noscript:
                 conn.send_packed_command((_pack(_as_eval(cmd)),))
-                return conn.read_response()
+                return conn.read_response(disable_decoding=True)
         except self._response_error:
             raise
         except BaseException:
@@ -661,7 +692,7 @@ class _Pool:
         def read_until(count: int) -> None:
             while len(replies) < count:
                 try:
-                    replies.append(conn.read_response())
+                    replies.append(conn.read_response(disable_decoding=True))
                 except self._response_error as exc:
                     replies.append(exc)
 
@@ -710,9 +741,9 @@ class _Cluster:
 
     def call(self, cmd: Command) -> Any:
         try:
-            return self.client.execute_command(*cmd)
+            return self.client.execute_command(*cmd, **_RAW)
         except self._noscript:
-            return self.client.execute_command(*_as_eval(cmd))
+            return self.client.execute_command(*_as_eval(cmd), **_RAW)
 
     def many(self, commands: Iterable[Command]) -> list[Any]:
         client = self.client
@@ -736,7 +767,7 @@ class _Cluster:
             for _, conn, indexes in sent:
                 for i in indexes:
                     try:
-                        replies[i] = conn.read_response()
+                        replies[i] = conn.read_response(disable_decoding=True)
                     except self._response_error as exc:
                         replies[i] = exc
         finally:
@@ -844,7 +875,7 @@ class _AsyncPool:
         try:
             while pending:
                 try:
-                    reply = await conn.read_response(timeout=math.inf)
+                    reply = await conn.read_response(timeout=math.inf, disable_decoding=True)
                 except self._response_error as exc:
                     reply = exc
                 except asyncio.CancelledError:
@@ -937,9 +968,9 @@ class _AsyncCluster:
 
     async def call(self, cmd: Command) -> Any:
         try:
-            return await self.client.execute_command(*cmd)
+            return await self.client.execute_command(*cmd, **_RAW)
         except self._noscript:
-            return await self.client.execute_command(*_as_eval(cmd))
+            return await self.client.execute_command(*_as_eval(cmd), **_RAW)
 
     async def many(self, commands: Iterable[Command]) -> list[Any]:
         cmds = list(commands)
@@ -954,7 +985,7 @@ class _AsyncCluster:
     async def _pipeline(self, cmds: list[Command]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for cmd in cmds:
-            pipe.execute_command(*cmd)
+            pipe.execute_command(*cmd, **_RAW)
         return list(await pipe.execute(raise_on_error=False))
 
     async def close(self) -> None:

@@ -652,3 +652,49 @@ def test_a_cluster_url_whose_nodes_are_all_down_raises_backend_unavailable() -> 
     port = _servers.free_port()
     with pytest.raises(BackendUnavailable):
         backend_from_url(f"redis+cluster://127.0.0.1:{port}", timeout=0.3)
+
+
+def test_clients_that_decode_responses_work_too(redis_url: str, redis_cluster_url: str) -> None:
+    """A client made with decode_responses=True (sync, Cluster, asyncio) gives the
+    same decisions: a check's reply is binary, and meterkit reads it undecoded."""
+    import asyncio
+
+    from redis import asyncio as aredis
+    from redis.cluster import RedisCluster
+
+    from meterkit import AsyncMeter
+
+    def trace(meter: Any) -> list[Any]:
+        first = meter.check("k", org="o", operation="items.list", idempotency_key="i")
+        again = meter.check("k", org="o", operation="items.list", idempotency_key="i")
+        many = meter.check_many([("k", "items.list", "o")] * 3)
+        return [d.outcome[:8] for d in (first, again, *many)] + [meter.usage("o").requests]
+
+    expected = trace(Meter(_policy(), MemoryBackend(clock=FakeClock())))
+    assert [a[0] for a in expected[:5]] == [True, True, True, False, False]
+    cluster_url = redis_cluster_url.replace("redis+cluster", "redis")
+    for client in (
+        redis.Redis.from_url(redis_url, decode_responses=True),
+        RedisCluster.from_url(cluster_url, decode_responses=True),
+    ):
+        prefix = new_prefix()
+        backend = RedisBackend(client, prefix=prefix, clock=FakeClock())
+        backend._owned = True  # (as backend_from_url hands its client over)
+        try:
+            assert trace(Meter(_policy(), backend)) == expected
+        finally:
+            delete_prefix(client, prefix)
+            backend.close()
+
+    async def crowd() -> list[bool]:
+        client = aredis.Redis.from_url(redis_url, decode_responses=True)
+        backend = AsyncRedisBackend(client, prefix=new_prefix(), clock=FakeClock())
+        backend._owned = True
+        meter = AsyncMeter(_policy(), backend)
+        try:
+            checks = [meter.check("k", org="o", operation="items.list") for _ in range(3)]
+            return [d.allowed for d in await asyncio.gather(*checks)]
+        finally:
+            await meter.close()
+
+    assert asyncio.run(crowd()) == [True, True, False]

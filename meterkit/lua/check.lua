@@ -2,21 +2,25 @@
 -- request, all or nothing. The same math as meterkit/_memory.py, which is the
 -- reference; tests/test_conformance.py holds the two together.
 --
--- This file defines check(); a driver after it calls it: check_one.lua once per
--- EVALSHA, check_many.lua once per request of a batch. What is fixed for an
+-- This file defines check(); check_many.lua, after it, calls it once per request of
+-- a batch; check_one.lua runs its body inline instead (meterkit/_redis.py puts the
+-- body after check_one.lua's lines, which bind its parameters; so the function's
+-- signature stays on its first two lines, and its end is this file's last line). What is fixed for an
 -- operation comes as code, not arguments: meterkit/_redis.py puts lines before this
 -- file (one script per distinct text, loaded by SHA),
 --
 --   local grace, allowance, shadow = <TTL grace ms>, <policy allowance>, <true/false>
---   local n, P = <tier count>, {<per tier: algorithm, a, b, c>...}    (check_one)
---   local T = {{<tier count>, {<per tier: ...>}}, ...}   (check_many: every tier set)
+--   local n, P, R = <tier count>, {<per tier: algorithm, a, b, c>...}, <reply format>
+--                                                                     (check_one)
+--   local T = {{<tier count>, {<per tier: ...>}, <reply format>}, ...}
+--                                                    (check_many: every tier set)
 --
 -- where a tier's algorithm is +10 when soft (a shadow tier never denies) and a, b, c
 -- are: fixed and sliding window: limit, window µs, 0; gcra: emission interval µs,
 -- tau µs, 0; sliding log: limit, window µs, TTL ms of the log (as text).
 -- That saves Redis turning a dozen arguments into numbers on every check.
 --
--- check(n, P, k, now, now_text, cost, charge, who, operation, start, finish, idem)
+-- check(n, P, R, k, now, now_text, cost, charge, who, operation, start, finish, idem)
 -- finds its keys at KEYS[k + 1...]:
 --
 -- KEYS[k+1..k+n]  one state key per tier, in policy order
@@ -31,10 +35,12 @@
 -- key id (who), the operation, and the month the caller expects (start and finish
 -- µs; checked).
 --
--- Reply: {allowed 0/1, reason, now, retry, charged, balance, period end,
---         remaining, reset, denied, ...per tier} — remaining as if admitted
---         (the caller adds back what a denied request did not take);
---         or {-1, record} to replay the first decision of an idempotency key.
+-- Reply: allowed 0/1, reason, now, retry, charged, balance, period end, then per
+--        tier remaining, reset, denied — remaining as if admitted (the caller adds
+--        back what a denied request did not take) — packed in one string as
+--        8-byte little-endian integers (R: '<' and 'i8' once per number), which
+--        saves Redis a reply element per number;
+--        or {-1, record} to replay the first decision of an idempotency key.
 --
 -- Hot path (each of these costs Redis more than a line of Lua): as few commands as
 -- the state allows (one read and one write per key), no number parsed or printed
@@ -42,6 +48,7 @@
 -- arguments to redis.call written as strings (a Lua number is printed with %.17g).
 
 local call = redis.call
+local spread = unpack
 local pack, unpack, sub = struct.pack, struct.unpack, string.sub
 local IDEM_US = 86400000000
 -- A sliding log entry is an 8-byte little-endian integer (µs), exact below 2^53.
@@ -67,7 +74,7 @@ local function entry(log, i, key)
   return t
 end
 
-local function check(n, P, k, now, now_text, cost_text, charge, who, operation,
+local function check(n, P, R, k, now, now_text, cost_text, charge, who, operation,
                      start_text, finish_text, idem)
   if idem then
     local record = call('GET', idem)
@@ -286,11 +293,11 @@ local function check(n, P, k, now, now_text, cost_text, charge, who, operation,
       end
       results[1], results[2], results[3], results[4] = 0, 2, now, wait
       results[6], results[7] = balance, finish
-      return results
+      return pack(R, spread(results))
     end
     results[1], results[2], results[3], results[4] = 0, 1, now, retry
     results[6], results[7] = balance, finish
-    return results
+    return pack(R, spread(results))
   end
 
   -- Admitted: consume every tier, debit the credits, remember the decision.
@@ -346,5 +353,5 @@ local function check(n, P, k, now, now_text, cost_text, charge, who, operation,
     call('SET', idem, record, 'PX', ttl(IDEM_US, grace))
   end
   results[1], results[3], results[5], results[6], results[7] = 1, now, cost, balance - cost, finish
-  return results
+  return pack(R, spread(results))
 end

@@ -8,7 +8,7 @@
 --       else 0, now µs ('' = server TIME, read once for the batch), cost
 --       µ-credits, charge id, key id, operation
 --
--- Reply: one reply per request, check's; or an error of that request alone (a key
+-- Reply: one reply per request, check's (a packed string, or a replay's table); or an error of that request alone (a key
 -- holding something meterkit did not write), which changed nothing.
 
 local replies = {}
@@ -30,7 +30,7 @@ for r = 1, (#ARGV - 2) / 7 do
   else
     now, now_text = clock_text(ARGV[b + 2])
   end
-  local ok, reply = pcall(check, n, set[2], k, now, now_text, ARGV[b + 3], ARGV[b + 4],
+  local ok, reply = pcall(check, n, set[2], set[3], k, now, now_text, ARGV[b + 3], ARGV[b + 4],
                           ARGV[b + 5], ARGV[b + 6], ARGV[1], ARGV[2], idem)
   if not ok then
     -- (Redis hands a script's error to pcall as its text)
