@@ -21,19 +21,20 @@ Key layout (``mk`` is the configurable prefix; ``{…}`` is the organization, th
 Cluster hash tag, with ``%``, ``{`` and ``}`` percent-encoded; test mode inserts
 ``test:`` after the tag; ids are public ids, never secrets)::
 
-    mk:{org}:fw:<tier>.<limit>.<window s>[:<key id>]     fixed window: HASH w, c
-    mk:{org}:sw:<tier>.<limit>.<window s>[:<key id>]     sliding window: HASH w, c, p
+    mk:{org}:fw:<tier>.<limit>.<window s>[:<key id>]     fixed window: STRING, 16 B
+    mk:{org}:sw:<tier>.<limit>.<window s>[:<key id>]     sliding window: STRING, 24 B
     mk:{org}:gc:<tier>.<limit>.<window s>.<burst>[:<key id>]   gcra: the TAT in µs
     mk:{org}:sl:<tier>.<limit>.<window s>[:<key id>]     sliding log: STRING, 8 B per µs
     mk:{org}:cr                                          the month's account: HASH
     mk:{org}:al                                          allowance override (no TTL)
     mk:{org}:id:<idempotency key>                        first decision, 24 h
 
-Tier names hold no ``:``; the key id, when the tier counts keys, is the last part.
-Org-scoped tiers end after the tier part. Every key but the allowance override
-expires when its state can no longer matter (window end, TAT, last log entry plus
-the window, month end, 24 h), padded by ``clock_skew`` when ``clock=`` is given.
-See docs/redis.md.
+A window is 8-byte little-endian integers: its id, its count and (sliding) the
+count of the window before. Tier names hold no ``:``; the key id, when the tier
+counts keys, is the last part. Org-scoped tiers end after the tier part. Every key
+but the allowance override expires when its state can no longer matter (window end,
+TAT, last log entry plus the window, month end, 24 h), padded by ``clock_skew`` when
+``clock=`` is given. See docs/redis.md.
 """
 
 from __future__ import annotations

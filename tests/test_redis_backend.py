@@ -8,6 +8,7 @@ that Redis computes exactly what memory computes is in ``test_conformance.py``.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -212,7 +213,7 @@ def _state(client: Any, prefix: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("suffix", "kind"),
-    [("fw:fw.5.60:k", "string"), ("sw:sw.5.60", "list"), ("gc:gc.5.60.2:k", "hash"),
+    [("fw:fw.5.60:k", "hash"), ("sw:sw.5.60", "list"), ("gc:gc.5.60.2:k", "hash"),
      ("sl:sl.5.60:k", "list"), ("cr", "string"), ("al", "list"), ("id:i", "hash")],
 )
 def test_a_key_of_the_wrong_type_gives_a_state_error_and_changes_nothing(
@@ -239,12 +240,13 @@ def test_a_key_of_the_wrong_type_gives_a_state_error_and_changes_nothing(
 
 @pytest.mark.parametrize(
     ("suffix", "value"),
-    [("fw:fw.5.60:k", {"w": "seven"}), ("sw:sw.5.60", {"c": "1 2"}),
+    [("fw:fw.5.60:k", "seven"), ("fw:fw.5.60:k", struct.pack("<qq", 0, -1)),
+     ("sw:sw.5.60", struct.pack("<qq", 0, 1)), ("sw:sw.5.60", struct.pack("<qqq", 0, 1, 2**60)),
      ("gc:gc.5.60.2:k", "soon"), ("al", "lots"), ("id:i", "not a record"),
      ("cr", {"t": "plenty"}), ("cr", {"p": "then"})],
 )
 def test_a_malformed_value_gives_a_state_error_and_changes_nothing(
-    client: redis.Redis, prefix: str, suffix: str, value: str | dict[str, str]
+    client: redis.Redis, prefix: str, suffix: str, value: str | bytes | dict[str, str]
 ) -> None:
     """A value meterkit cannot read raises StateError before anything is written."""
     clock = FakeClock()
@@ -447,6 +449,7 @@ def test_a_batch_is_one_evalsha_per_fifty_requests(own_server: _servers.RedisSer
             "cmdstat_time",
             "cmdstat_get",
             "cmdstat_set",
+            "cmdstat_setrange",
             "cmdstat_hmget",
             "cmdstat_hset",
             "cmdstat_pexpire",

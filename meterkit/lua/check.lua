@@ -51,7 +51,8 @@ local call = redis.call
 local spread = unpack
 local pack, unpack, sub = struct.pack, struct.unpack, string.sub
 local IDEM_US = 86400000000
--- A sliding log entry is an 8-byte little-endian integer (µs), exact below 2^53.
+-- A sliding log entry, and each number of a window, is an 8-byte little-endian
+-- integer, exact below 2^53.
 local ENTRY_MAX = 9007199254740992
 
 -- The time of a check from its text: the client's clock, or '' for the server's
@@ -108,27 +109,29 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, who, operatio
     local key = KEYS[k + i]
     local ok, wait, remaining, reset
     if code == 0 or code == 1 then
-      -- fixed window (UTC-aligned) and sliding window (weighted two-counter):
-      -- a HASH of w (window id), c (count in it) and, sliding, p (count in the one before)
+      -- fixed window (UTC-aligned) and sliding window (weighted two-counter): a STRING
+      -- of 8-byte little-endian integers: the window id, the count in it and, sliding,
+      -- the count in the window before (one GET, one SET or SETRANGE when admitted)
       local limit, w = P[a + 1], P[a + 2]
       local wid = idiv(now, w)
       local cur, prev = 0, 0
-      local v = code == 0 and call('HMGET', key, 'w', 'c') or call('HMGET', key, 'w', 'c', 'p')
-      local sw = v[1]
-      if sw then
-        sw = tonumber(sw)
-        local sc = tonumber(v[2])
-        -- (counts are written back as computed here: an integer, or no count at all)
-        if not (sw and sc) or sc % 1 ~= 0 then
+      local v = call('GET', key)
+      local sw
+      if v then
+        if #v ~= 16 + code * 8 then
+          corrupt(key)
+        end
+        local sc, sp
+        sw, sc, sp = unpack(code == 0 and '<i8i8' or '<i8i8i8', v)
+        -- (counts are written as computed here: integers from 0, exact as doubles)
+        if not (sw < ENTRY_MAX and sw > -ENTRY_MAX and sc >= 0 and sc < ENTRY_MAX)
+          or code == 1 and not (sp >= 0 and sp < ENTRY_MAX) then
           corrupt(key)
         end
         if sw == wid then
           cur = sc
           if code == 1 then
-            prev = tonumber(v[3] or 0)
-            if not prev then
-              corrupt(key)
-            end
+            prev = sp
           end
         elseif sw == wid - 1 and code == 1 then
           prev = sc
@@ -306,13 +309,12 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, who, operatio
     if step then
       local key = KEYS[k + i]
       if step == 1 then
-        call('HSET', key, 'c', int(new[i]))
+        -- the count, in place (the window and its TTL stay)
+        call('SETRANGE', key, '8', pack('<i8', new[i]))
       elseif step == 2 then
-        call('HSET', key, 'w', int(new[i]), 'c', '1')
-        call('PEXPIRE', key, ttl(extra[i], grace))
+        call('SET', key, pack('<i8i8', new[i], 1), 'PX', ttl(extra[i], grace))
       elseif step == 3 then
-        call('HSET', key, 'w', int(new[i]), 'c', '1', 'p', int(extra[-i]))
-        call('PEXPIRE', key, ttl(extra[i], grace))
+        call('SET', key, pack('<i8i8i8', new[i], 1, extra[-i]), 'PX', ttl(extra[i], grace))
       elseif step == 4 then
         call('SET', key, int(new[i]), 'PX', ttl(extra[i], grace))
       else
