@@ -20,7 +20,8 @@
 -- tau µs, 0; sliding log: limit, window µs, TTL ms of the log (as text).
 -- That saves Redis turning a dozen arguments into numbers on every check.
 --
--- check(n, P, R, k, now, now_text, cost, charge, who, operation, start, finish, idem)
+-- check(n, P, R, k, now, now_text, cost, charge, who, operation, start, finish,
+--       start_text, idem)
 -- finds its keys at KEYS[k + 1...]:
 --
 -- KEYS[k+1..k+n]  one state key per tier, in policy order
@@ -32,8 +33,8 @@
 -- idem            the idempotency record's key (STRING), or nil
 --
 -- and takes as text (as it came in ARGV): the cost in µ-credits, the charge id, the
--- key id (who), the operation, and the month the caller expects (start and finish
--- µs; checked).
+-- key id (who) and the operation; the month the caller expects (start and finish µs,
+-- checked) as numbers (a batch parses them once), and its start as text too.
 --
 -- Reply: allowed 0/1, reason, now, retry, charged, balance, period end, then per
 --        tier remaining, reset, denied — remaining as if admitted (the caller adds
@@ -76,7 +77,7 @@ local function entry(log, i, key)
 end
 
 local function check(n, P, R, k, now, now_text, cost_text, charge, who, operation,
-                     start_text, finish_text, idem)
+                     start, finish, start_text, idem)
   if idem then
     local record = call('GET', idem)
     if record then
@@ -238,7 +239,6 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, who, operatio
 
   -- Credits: one account per organization and calendar month.
   local account = KEYS[k + n + 1]
-  local start, finish = tonumber(start_text), tonumber(finish_text)
   if not (start <= now and now < finish) then
     start, finish = month(now)
     start_text = int(start)
