@@ -314,11 +314,7 @@ def bind(b, policy, lock, clock, $states):
         """Check every tier and the credits of one $name request; consume all or none."""
         if plan.policy is not policy:  # an operation is planned by one policy: a stray
             return b._apply_stray(plan)  # pairing gets its own function
-        # Key-scoped state is the key's within its organization (as on Redis, where it
-        # must sit in the org's Cluster slot); ids hold no control characters, so the
-        # separator cannot be forged.
         org = plan.org if plan.mode == "live" else _TEST_NS + plan.org
-        key = org + "\x1f" + plan.key
         idem = plan.idem
         acquire()
         try:
@@ -331,20 +327,23 @@ def bind(b, policy, lock, clock, $states):
                 record = b._idem.get((org, idem))
                 if record is not None and record[0] > now:
                     return _replay(plan, record)
-            $init
-            $tiers
-            # -- credits, checked after the tiers
+            # -- this month's account, and the key's identity in it
             start, end = b._period
             if not start <= now < end:
                 start, end = b._period_of(now)
             acct = b._accounts.get(org)
             if acct is None or acct.period != start:
                 acct = b._account(org, start)
+            $ident
+            $init
+            $tiers
+            # -- credits, checked after the tiers
             balance = b._allowances.get(org, $ALLOWANCE) + acct.topup - acct.used
             cost = plan.cost
             $credits
             $denials
             # -- admitted: consume every tier and the credits
+            $remember
             $commits
             acct.used += cost
             acct.requests += 1
@@ -367,6 +366,21 @@ def bind(b, policy, lock, clock, $states):
 
     return apply
 '''
+# Only for operations with key-scoped tiers.
+_IDENT = """\
+# Key-scoped state is the key's within its organization (as on Redis, where it must
+# sit in the org's Cluster slot; ids hold no control characters, so the separator
+# cannot be forged): one string per key and month, kept by the account once admitted,
+# shared by every tier that holds the key.
+key = acct.idents.get(plan.key)
+fresh = key is None
+if fresh:
+    key = org + "\x1f" + plan.key
+"""
+_REMEMBER = """\
+if fresh:
+    acct.idents[plan.key] = key
+"""
 _CREDITS = """\
 if cost > balance:
     return (False, $CREDITS, now, max(end - now, retry), _unspent(($outcomes)),
@@ -435,6 +449,7 @@ def apply_source(op: OperationPlan, policy: Policy) -> str:
         checks.append(check)
         commits.append(commit)
     n = len(op.tiers)
+    by_key = any(tier.scope == "key" for tier in op.tiers)
     outcomes = ", ".join(f"t{i}" for i in range(n)) + ("," if n == 1 else "")
     states = ", ".join(f"s{i}" for i in range(n)) or "*_"
     init = "denied = False\nretry = 0" if enforcing else "retry = 0"
@@ -450,6 +465,8 @@ def apply_source(op: OperationPlan, policy: Policy) -> str:
         denials=_fill(_DENIALS, outcomes=outcomes, RATE=str(REASON_RATE)) if enforcing else "",
         commits="".join(commits) or "# no tiers",
         outcomes=outcomes,
+        ident=_IDENT if by_key else "",
+        remember=_REMEMBER if by_key else "",
         ALLOWANCE=str(policy.credits.allowance_micro),
         OP=repr(op.name),
         NONE=str(REASON_NONE),
@@ -501,10 +518,12 @@ class _Pair:
 class _Account:
     """One organization's credits in one calendar month."""
 
-    __slots__ = ("pairs", "period", "refunded", "requests", "topup", "used")
+    __slots__ = ("idents", "pairs", "period", "refunded", "requests", "topup", "used")
 
     def __init__(self, period: int) -> None:
         self.period = period
+        # key id -> "org\x1fkey", the key's identity in key-scoped tier state.
+        self.idents: dict[str, str] = {}
         self.used = 0
         self.requests = 0
         self.topup = 0

@@ -21,6 +21,12 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#ifdef Py_GIL_DISABLED
+/* The lanes read and write shared dicts and counters between the lock and the GIL;
+   a free-threaded build gets the pure Python (hatch_build.py falls back on error). */
+#error "meterkit._speedups needs a CPython with the GIL"
+#endif
 #include <structmember.h>
 #include <math.h>
 #include <stdint.h>
@@ -35,7 +41,7 @@ enum { FIXED = 0, SLIDING = 1, GCRA = 2, LOG = 3 };
 static PyTypeObject *plan_type, *account_type, *pair_type, *array_type;
 static Py_ssize_t o_plan_cost, o_plan_idem, o_plan_key, o_plan_mode, o_plan_op, o_plan_org,
     o_plan_policy;
-static Py_ssize_t o_acct_pairs, o_acct_period, o_acct_requests, o_acct_topup, o_acct_used;
+static Py_ssize_t o_acct_idents, o_acct_pairs, o_acct_period, o_acct_requests, o_acct_topup, o_acct_used;
 static Py_ssize_t o_pair_micro, o_pair_requests;
 static PyObject *test_ns, *separator, *typecode_q;
 static PyObject *s_operation, *s_org, *s_mode, *s_idempotency_key, *s_cost;
@@ -170,6 +176,7 @@ setup(PyObject *module, PyObject *args)
         (o_plan_op = member_offset(plan, "op")) < 0 ||
         (o_plan_org = member_offset(plan, "org")) < 0 ||
         (o_plan_policy = member_offset(plan, "policy")) < 0 ||
+        (o_acct_idents = member_offset(account, "idents")) < 0 ||
         (o_acct_pairs = member_offset(account, "pairs")) < 0 ||
         (o_acct_period = member_offset(account, "period")) < 0 ||
         (o_acct_requests = member_offset(account, "requests")) < 0 ||
@@ -486,11 +493,6 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     }
     else if ((orgk = PyUnicode_Concat(test_ns, org)) == NULL)
         return NULL;
-    if (self->any_key && (key = concat3(orgk, separator, keyid)) == NULL) {
-        Py_DECREF(orgk);
-        return NULL;
-    }
-
     PyObject *r = PyObject_CallNoArgs(self->acquire);
     if (r == NULL)
         goto done;
@@ -515,6 +517,38 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
              PyDict_SetItem(self->bdict, s__last, now_o) < 0)
         goto error;
 
+    /* -- this month's account, and the key's identity in it ------------------- */
+    PyObject *period = PyDict_GetItemWithError(self->bdict, s__period);
+    int64_t start, pend, allowance, topup, usedc, balance;
+    if (period == NULL || !PyTuple_CheckExact(period) || PyTuple_GET_SIZE(period) != 2 ||
+        as_i64(PyTuple_GET_ITEM(period, 0), &start) < 0 ||
+        as_i64(PyTuple_GET_ITEM(period, 1), &pend) < 0 || !(start <= now && now < pend))
+        goto bail; /* a new month: the Python code turns it */
+    PyObject *pend_o = PyTuple_GET_ITEM(period, 1);
+    PyObject *accounts = PyDict_GetItemWithError(self->bdict, s__accounts);
+    PyObject *acct = accounts == NULL || !PyDict_CheckExact(accounts)
+                         ? NULL
+                         : PyDict_GetItemWithError(accounts, orgk);
+    int64_t aperiod;
+    if (acct == NULL || Py_TYPE(acct) != account_type ||
+        as_i64(slot(acct, o_acct_period), &aperiod) < 0 || aperiod != start ||
+        as_i64(slot(acct, o_acct_topup), &topup) < 0 ||
+        as_i64(slot(acct, o_acct_used), &usedc) < 0)
+        goto bail; /* no account for this month yet: the Python code opens one */
+    PyObject *idents = slot(acct, o_acct_idents);
+    int fresh = 0;
+    if (idents == NULL || !PyDict_CheckExact(idents))
+        goto bail;
+    if (self->any_key) { /* one string per key and month, shared by its tiers */
+        key = PyDict_GetItemWithError(idents, keyid);
+        if (key != NULL)
+            Py_INCREF(key);
+        else if (PyErr_Occurred() || (key = concat3(orgk, separator, keyid)) == NULL)
+            goto error;
+        else
+            fresh = 1;
+    }
+
     for (Py_ssize_t i = 0; i < n; i++) {
         Tier *tr = &self->tiers[i];
         PyObject *s = tr->state, *who = tr->by_key ? key : orgk;
@@ -528,13 +562,13 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
             if (as_i64(slot(s, tr->o1), &end) < 0)
                 goto bail;
             if (now >= end) { /* a new window: the old counts are dropped whole */
-                PyObject *fresh = PyDict_New();
+                PyObject *empty = PyDict_New();
                 end = now - floor_mod(now, W) + W;
-                if (fresh == NULL || put_i64(s, tr->o1, end) < 0) {
-                    Py_XDECREF(fresh);
+                if (empty == NULL || put_i64(s, tr->o1, end) < 0) {
+                    Py_XDECREF(empty);
                     goto error;
                 }
-                slot_put(s, tr->o2, fresh);
+                slot_put(s, tr->o2, empty);
             }
             PyObject *counts = slot(s, tr->o2);
             if (counts == NULL || !PyDict_CheckExact(counts) || dict_i64(counts, who, &c) < 0)
@@ -684,23 +718,6 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     }
 
     /* -- credits, checked after the tiers ---------------------------------------- */
-    PyObject *period = PyDict_GetItemWithError(self->bdict, s__period);
-    int64_t start, pend, allowance, topup, usedc, balance;
-    if (period == NULL || !PyTuple_CheckExact(period) || PyTuple_GET_SIZE(period) != 2 ||
-        as_i64(PyTuple_GET_ITEM(period, 0), &start) < 0 ||
-        as_i64(PyTuple_GET_ITEM(period, 1), &pend) < 0 || !(start <= now && now < pend))
-        goto bail; /* a new month: the Python code turns it */
-    PyObject *pend_o = PyTuple_GET_ITEM(period, 1);
-    PyObject *accounts = PyDict_GetItemWithError(self->bdict, s__accounts);
-    PyObject *acct = accounts == NULL || !PyDict_CheckExact(accounts)
-                         ? NULL
-                         : PyDict_GetItemWithError(accounts, orgk);
-    int64_t aperiod;
-    if (acct == NULL || Py_TYPE(acct) != account_type ||
-        as_i64(slot(acct, o_acct_period), &aperiod) < 0 || aperiod != start ||
-        as_i64(slot(acct, o_acct_topup), &topup) < 0 ||
-        as_i64(slot(acct, o_acct_used), &usedc) < 0)
-        goto bail; /* no account for this month yet: the Python code opens one */
     PyObject *allowances = PyDict_GetItemWithError(self->bdict, s__allowances);
     if (allowances == NULL || !PyDict_CheckExact(allowances))
         goto bail;
@@ -765,6 +782,8 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         }
     }
 
+    if (fresh && PyDict_SetItem(idents, keyid, key) < 0)
+        goto error;
     for (Py_ssize_t i = 0; i < n; i++) {
         Tier *tr = &self->tiers[i];
         PyObject *who = tr->by_key ? key : orgk, *v;

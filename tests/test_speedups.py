@@ -55,12 +55,13 @@ if speedups is None:
 # "clé_d" is not ASCII: the compiled check leaves its validation to Python.
 KEYS = ["key_a", "key_b", "key_c", "key_a", "key_b", "key_c", "clé_d"]
 ORGS = ["org_1", "org_2"]
-OPS = ["items.list", "items.get", "reports.run"]
+OPS = ["items.list", "items.get", "reports.run", "org.stats"]
 
 
 def _policy(*, shadow: bool = False) -> Policy:
     tiers = [
-        Tier("key-window", "key", "5/minute", "fixed_window"),
+        Tier("key-window", "key", "5/minute", "fixed_window",
+             operations=("items.list", "items.get", "reports.run")),
         Tier("org-window", "org", "9/minute", "sliding_window"),
         Tier("key-bucket", "key", "4/10 seconds", "gcra", operations=("items.list", "items.get")),
         Tier(
@@ -74,6 +75,7 @@ def _policy(*, shadow: bool = False) -> Policy:
             Operation("items.list", "read", "0.01"),
             Operation("items.get", "read", "0.02"),
             Operation("reports.run", "report", "0.25"),
+            Operation("org.stats", "read", "0.01"),  # org-scoped tiers only
         ),
     )
     return Policy(tiers, costs, CreditPlan("1"), shadow=shadow)
