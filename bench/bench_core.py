@@ -528,6 +528,13 @@ def profile(checks: int = 200_000) -> None:
     plan_of = meter._plan
     apply = backend.apply
     check = meter.check
+    # The same on the generated Python alone (as without meterkit/_speedups.c).
+    py_backend = MemoryBackend(clock=sim_clock(KEYS), native=False)
+    py_meter = Meter(policy, py_backend)
+    for key, org in warm:
+        py_meter.check(key, org=org, operation=OPERATION)
+    py_apply = py_backend.apply
+    py_check = py_meter.check
 
     def traffic_only() -> None:
         nxt()
@@ -538,6 +545,13 @@ def profile(checks: int = 200_000) -> None:
 
     def backend_apply() -> None:
         apply(next_plan())
+
+    def backend_apply_python() -> None:
+        py_apply(next_plan())
+
+    def full_check_python() -> None:
+        key, org = nxt()
+        py_check(key, org=org, operation=OPERATION).allowed  # noqa: B018
 
     def decision_only() -> None:
         Decision(decision.plan, outcome)
@@ -553,9 +567,11 @@ def profile(checks: int = 200_000) -> None:
         "traffic loop only": traffic_only,
         "Meter._plan (validate, build Plan)": validate_and_plan,
         "MemoryBackend.apply": backend_apply,
+        "MemoryBackend.apply, pure Python": backend_apply_python,
         "Decision(plan, outcome)": decision_only,
         "Decision + .headers": headers_only,
         "Meter.check + .allowed": full_check,
+        "Meter.check + .allowed, pure Python": full_check_python,
     }
     result = interleave(stages, rounds=ROUNDS, round_seconds=ROUND_SECONDS)
     print(f"meterkit {meterkit.__version__}, Python {sys.version.split()[0]}: stages of one check")
