@@ -1151,23 +1151,35 @@ class AsyncRedisBackend:
         together, as one batch script call per :data:`_BATCH` of them (see
         :meth:`apply_many`); each is still atomic on its own, and each caller gets its
         own outcome or error. A check that starts alone goes alone.
+
+        A batch goes as soon as it is full, not at the end of the turn, and its
+        callers are answered when its reply comes: under load the client makes and
+        reads batches while Redis runs others (one batch of a whole turn made the
+        two take turns, and cost 45% of the throughput, see docs/redis.md).
         """
-        waiter: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Outcome] = loop.create_future()
         queue = self._queue
         queue.append((plan, waiter))
-        if len(queue) == 1:
-            # Runs in the next turn of the loop, once this turn's callers have queued.
-            task = asyncio.ensure_future(self._send())
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        if len(queue) >= _BATCH:
+            # A full batch goes now: Redis runs it while this turn's other callers
+            # (and the replies of batches before) keep the client busy.
+            self._dispatch()
+        elif len(queue) == 1:
+            # Once this turn's callers have queued.
+            loop.call_soon(self._dispatch)
         return await waiter
 
-    async def _send(self) -> None:
+    def _dispatch(self) -> None:
         # (a caller cancelled before its check was sent: the check never happens)
         batch = [item for item in self._queue if not item[1].done()]
         self._queue = []
-        if not batch:
-            return
+        if batch:
+            task = asyncio.ensure_future(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Plan, asyncio.Future[Outcome]]]) -> None:
         plans = [plan for plan, _ in batch]
         try:
             if len(plans) == 1:

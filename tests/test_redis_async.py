@@ -81,6 +81,27 @@ async def test_concurrent_checks_go_as_batches_and_decide_as_one_by_one(
     assert not all(d.allowed for d in got)  # the tiers said no to some
 
 
+async def test_a_full_batch_goes_at_once_without_waiting_for_the_end_of_the_turn(
+    meters: tuple[AsyncMeter, Meter, redis.Redis],
+) -> None:
+    """_BATCH + 1 tasks started together: once they have all run, the first _BATCH
+    checks are already on their way as one call and only the last one waits for the
+    end of the turn; all of them are answered, in two EVALSHA."""
+    meter, _, client = meters
+    backend: Any = meter.backend
+    await asyncio.gather(*(meter.check("warm", org="o", operation="items.list") for _ in "ab"))
+    client.config_resetstat()
+    tasks = [
+        asyncio.ensure_future(meter.check(f"k{i}", org=f"o{i}", operation="items.list"))
+        for i in range(_BATCH + 1)
+    ]
+    await asyncio.sleep(0)  # every task has queued its check; the turn is not over
+    assert len(backend._queue) == 1
+    assert len(backend._sending) == 1
+    assert all(d.allowed for d in await asyncio.gather(*tasks))
+    assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 2
+
+
 async def test_a_lone_check_is_sent_alone(meters: tuple[AsyncMeter, Meter, redis.Redis]) -> None:
     """A check with no company in its turn of the loop is one plain check: one EVALSHA."""
     meter, _, client = meters
