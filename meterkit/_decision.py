@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, NamedTuple
 
 from meterkit._credits import from_micro
+from meterkit._native import speedups
 from meterkit._plan import REASON_CREDITS, REASON_RATE, Outcome, Plan
 
 __all__ = ["Decision", "KeyUsage", "OperationUsage", "TierState", "Usage"]
@@ -18,6 +20,11 @@ RATE_LIMIT_MESSAGE = "API rate limit exceeded. Try again later."
 CREDITS_MESSAGE = (
     "Insufficient credits for this operation. Credits reset at the start of the next "
     "billing period."
+)
+
+
+_render: Callable[[Any, Outcome, bool], dict[str, str] | None] | None = (
+    speedups.headers if speedups is not None else None
 )
 
 
@@ -148,6 +155,13 @@ class Decision:
     def headers(self) -> dict[str, str]:
         """HTTP headers: IETF ``RateLimit``/``RateLimit-Policy``, legacy ``X-RateLimit-*``,
         ``Retry-After`` on denials, and the credits charged and left."""
+        if _render is not None:  # meterkit/_speedups.c: the same headers, in C
+            rendered = _render(self._plan.op, self._out, self.allowed)
+            if rendered is not None:
+                return rendered
+        return self._headers_python()
+
+    def _headers_python(self) -> dict[str, str]:
         out = self._out
         op = self._plan.op
         if op.tiers:

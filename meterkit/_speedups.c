@@ -1129,12 +1129,183 @@ static PyTypeObject CheckerType = {
     .tp_getset = checker_getset,
 };
 
+/* -- Decision.headers ----------------------------------------------------------------- */
+
+static PyObject *h_policy, *h_ratelimit, *h_limit, *h_remaining, *h_reset, *h_retry,
+    *h_charged, *h_credits, *a_header_names, *a_header_limits, *a_policy_header,
+    *a_price_text, *a_price;
+
+/* µ-credits as str(Decimal) writes them: "0.01", "10000", "-1.23". */
+static PyObject *
+credits_text(int64_t m)
+{
+    char buf[32], *end = buf + sizeof buf, *p = end;
+    uint64_t a = m < 0 ? (uint64_t)0 - (uint64_t)m : (uint64_t)m, q = a / 1000000,
+             r = a % 1000000;
+    if (r) {
+        int digits = 6;
+        while (r % 10 == 0)
+            r /= 10, digits--;
+        for (int i = 0; i < digits; i++, r /= 10)
+            *--p = (char)('0' + r % 10);
+        *--p = '.';
+    }
+    do
+        *--p = (char)('0' + q % 10);
+    while ((q /= 10) != 0);
+    if (m < 0)
+        *--p = '-';
+    return PyUnicode_FromStringAndSize(p, end - p);
+}
+
+/* ⌈µs / 10⁶⌉ as Python's (x + 999_999) // 1_000_000 (floor division). */
+static inline int64_t
+ceil_seconds(int64_t us)
+{
+    int64_t x = us + 999999, q = x / 1000000;
+    return (x % 1000000 != 0 && x < 0) ? q - 1 : q;
+}
+
+/* Write v in decimal at p; return the end. */
+static char *
+write_i64(char *p, int64_t v)
+{
+    char digits[21], *d = digits + sizeof digits;
+    uint64_t a = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do
+        *--d = (char)('0' + a % 10);
+    while ((a /= 10) != 0);
+    if (v < 0)
+        *p++ = '-';
+    memcpy(p, d, (size_t)(digits + sizeof digits - d));
+    return p + (digits + sizeof digits - d);
+}
+
+static PyObject *
+i64_text(int64_t v)
+{
+    char buf[24];
+    return PyUnicode_FromStringAndSize(buf, write_i64(buf, v) - buf);
+}
+
+static int
+put(PyObject *d, PyObject *name, PyObject *value) /* steals value */
+{
+    if (value == NULL)
+        return -1;
+    int r = PyDict_SetItem(d, name, value);
+    Py_DECREF(value);
+    return r;
+}
+
+/* headers(op, outcome, allowed): Decision.headers, or None when a number does not fit
+   int64 (then Python renders them). */
+static PyObject *
+headers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "headers(op, outcome, allowed)");
+        return NULL;
+    }
+    PyObject *op = args[0], *out = args[1];
+    int allowed = PyObject_IsTrue(args[2]);
+    int64_t retry, charged, balance, price;
+    if (allowed < 0)
+        return NULL;
+    if (!PyTuple_CheckExact(out) || PyTuple_GET_SIZE(out) < 7 ||
+        !PyTuple_CheckExact(PyTuple_GET_ITEM(out, 4)) ||
+        as_i64(PyTuple_GET_ITEM(out, 3), &retry) < 0 ||
+        as_i64(PyTuple_GET_ITEM(out, 5), &charged) < 0 ||
+        as_i64(PyTuple_GET_ITEM(out, 6), &balance) < 0)
+        Py_RETURN_NONE;
+    PyObject *tiers = PyTuple_GET_ITEM(out, 4), *result = NULL;
+    PyObject *names = PyObject_GetAttr(op, a_header_names);
+    PyObject *limits = PyObject_GetAttr(op, a_header_limits);
+    PyObject *price_o = PyObject_GetAttr(op, a_price);
+    PyObject *d = PyDict_New();
+    Py_ssize_t n;
+    if (names == NULL || limits == NULL || price_o == NULL || d == NULL)
+        goto done;
+    if (!PyTuple_CheckExact(names) || !PyTuple_CheckExact(limits) ||
+        as_i64(price_o, &price) < 0) {
+        Py_INCREF(Py_None);
+        result = Py_None;
+        goto done;
+    }
+    n = PyTuple_GET_SIZE(names);
+    if (n != PyTuple_GET_SIZE(tiers)) {
+        PyErr_SetString(PyExc_ValueError, "the outcome's tiers do not match the operation's");
+        goto done;
+    }
+    if (n) {
+        int64_t rem, reset, best_rem = 0, best_reset = 0;
+        Py_ssize_t best = 0, size = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *t = PyTuple_GET_ITEM(tiers, i), *name = PyTuple_GET_ITEM(names, i);
+            if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 3 ||
+                as_i64(PyTuple_GET_ITEM(t, 0), &rem) < 0 ||
+                as_i64(PyTuple_GET_ITEM(t, 1), &reset) < 0 || !PyUnicode_CheckExact(name) ||
+                !PyUnicode_IS_ASCII(name)) {
+                Py_INCREF(Py_None); /* Python renders it */
+                result = Py_None;
+                goto done;
+            }
+            size += PyUnicode_GET_LENGTH(name) + 2 * 21 + 5;
+            /* the tightest tier: the first with the fewest remaining, then the soonest reset */
+            if (i == 0 || rem < best_rem || (rem == best_rem && reset < best_reset))
+                best = i, best_rem = rem, best_reset = reset;
+        }
+        /* "<name>r=<remaining>;t=<seconds>, ..." written in one buffer (ASCII) */
+        char *buf = PyMem_Malloc((size_t)size), *p = buf;
+        if (buf == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *t = PyTuple_GET_ITEM(tiers, i), *name = PyTuple_GET_ITEM(names, i);
+            as_i64(PyTuple_GET_ITEM(t, 0), &rem);
+            as_i64(PyTuple_GET_ITEM(t, 1), &reset);
+            if (i)
+                *p++ = ',', *p++ = ' ';
+            memcpy(p, PyUnicode_1BYTE_DATA(name), (size_t)PyUnicode_GET_LENGTH(name));
+            p += PyUnicode_GET_LENGTH(name);
+            p = write_i64(p, rem);
+            memcpy(p, ";t=", 3);
+            p = write_i64(p + 3, ceil_seconds(reset));
+        }
+        PyObject *value = PyUnicode_FromStringAndSize(buf, p - buf);
+        PyMem_Free(buf);
+        if (put(d, h_policy, PyObject_GetAttr(op, a_policy_header)) < 0 ||
+            put(d, h_ratelimit, value) < 0 ||
+            PyDict_SetItem(d, h_limit, PyTuple_GET_ITEM(limits, best)) < 0 ||
+            put(d, h_remaining, i64_text(best_rem)) < 0 ||
+            put(d, h_reset, i64_text(ceil_seconds(best_reset))) < 0)
+            goto done;
+    }
+    if (!allowed &&
+        put(d, h_retry, i64_text(ceil_seconds(retry))) < 0)
+        goto done;
+    if (put(d, h_charged,
+            charged == price ? PyObject_GetAttr(op, a_price_text) : credits_text(charged)) < 0 ||
+        put(d, h_credits, credits_text(balance)) < 0)
+        goto done;
+    result = Py_NewRef(d);
+done:
+    Py_XDECREF(names);
+    Py_XDECREF(limits);
+    Py_XDECREF(price_o);
+    Py_XDECREF(d);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS,
      "setup(Plan, Account, Pair, array, test_ns): record the types whose slots lanes use"},
     {"new_charge_id", new_charge_id, METH_NOARGS,
      "A fresh id for one admitted charge: the process prefix and a counter."},
     {"reseed", reseed, METH_O, "reseed(prefix): a new prefix, the counter from 1 again"},
+    {"headers", (PyCFunction)(void (*)(void))headers, METH_FASTCALL,
+     "headers(op, outcome, allowed): Decision.headers (None: let Python render them)"},
     {NULL},
 };
 
@@ -1167,6 +1338,25 @@ PyInit__speedups(void)
     s__allowances = PyUnicode_InternFromString("_allowances");
     s_append = PyUnicode_InternFromString("append");
     s_empty = PyUnicode_New(0, 0);
+    h_policy = PyUnicode_InternFromString("RateLimit-Policy");
+    h_ratelimit = PyUnicode_InternFromString("RateLimit");
+    h_limit = PyUnicode_InternFromString("X-RateLimit-Limit");
+    h_remaining = PyUnicode_InternFromString("X-RateLimit-Remaining");
+    h_reset = PyUnicode_InternFromString("X-RateLimit-Reset");
+    h_retry = PyUnicode_InternFromString("Retry-After");
+    h_charged = PyUnicode_InternFromString("X-Credits-Charged");
+    h_credits = PyUnicode_InternFromString("X-Credits-Remaining");
+    a_header_names = PyUnicode_InternFromString("header_names");
+    a_header_limits = PyUnicode_InternFromString("header_limits");
+    a_policy_header = PyUnicode_InternFromString("policy_header");
+    a_price_text = PyUnicode_InternFromString("price_text");
+    a_price = PyUnicode_InternFromString("price");
+    if (!h_policy || !h_ratelimit || !h_limit || !h_remaining || !h_reset || !h_retry ||
+        !h_charged || !h_credits || !a_header_names || !a_header_limits || !a_policy_header ||
+        !a_price_text || !a_price) {
+        Py_DECREF(m);
+        return NULL;
+    }
     zero = PyLong_FromLong(0);
     separator = PyUnicode_FromString("\x1f");
     typecode_q = PyUnicode_FromString("q");

@@ -36,6 +36,7 @@ from meterkit import (
     Meter,
     MeterkitError,
     Operation,
+    Plan,
     Policy,
     Tier,
 )
@@ -133,6 +134,7 @@ def _same(a: Decision | MeterkitError, b: Decision | MeterkitError) -> None:
     assert out_a == out_b
     assert (a.allowed, a.reason, a.degraded) == (b.allowed, b.reason, b.degraded)
     assert a.headers == b.headers
+    assert a.headers == a._headers_python()  # rendered in C, and by the Python
     assert a.error == b.error
 
 
@@ -332,3 +334,30 @@ def test_compiled_charge_ids_are_the_python_format_and_fresh_after_fork() -> Non
     assert not child.startswith(prefix)
     assert child.endswith("1")
     assert len(child) == len(prefix) + 1
+
+
+int64 = st.integers(-(2**63) + 10**6, 2**63 - 10**6)
+
+
+@given(
+    tiers=st.lists(st.tuples(int64, int64, st.integers(0, 1)), min_size=3, max_size=3),
+    retry=int64,
+    charged=st.one_of(st.just(10_000), int64),
+    balance=st.one_of(int64, st.integers(-(10**30), 10**30)),
+    allowed=st.booleans(),
+)
+def test_compiled_headers_render_any_numbers_as_python_does(
+    tiers: list[tuple[int, int, int]], retry: int, charged: int, balance: int, allowed: bool
+) -> None:
+    """Decision.headers from C equals the Python rendering for any outcome numbers:
+    negative and huge ones, credits with and without decimals (past int64, Python
+    renders them)."""
+    policy = Policy.crane_ledger()
+    op = policy.plan_for("invoices.list")
+    plan = Plan(policy, op, "key_1", "org_1", "live", op.price, None)
+    outcome = (allowed, 0 if allowed else 1, 0, retry, tuple(tiers), charged, balance,
+               0, "", False)
+    decision = Decision(plan, outcome)  # type: ignore[arg-type]
+    assert decision.headers == decision._headers_python()
+    assert list(decision.headers) == list(decision._headers_python())  # the same order
+
