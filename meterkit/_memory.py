@@ -548,7 +548,8 @@ class MemoryBackend:
     def __init__(self, clock: Clock | None = None, *, native: bool = True) -> None:
         self._clock: Clock = clock if clock is not None else time.time
         self._native = native and speedups is not None
-        self._lock = threading.Lock()
+        # A compiled lane takes the compiled lock without a method call (~10% of it).
+        self._lock = speedups.Lock() if self._native and speedups is not None else threading.Lock()
         self._last = 0
         # Tier state by (name, scope, algorithm, limit, window, burst): tiers with the
         # same name and parameters share counters across operations and policies.

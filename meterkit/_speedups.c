@@ -198,6 +198,125 @@ setup(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+
+/* -- Lock: the memory backend's lock, which a lane takes without a method call ------ */
+
+#include <pythread.h>
+
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lock;
+    int held;
+} Lock;
+
+static PyTypeObject LockType;
+
+/* Take the lock: at once if free, else wait with the GIL released. */
+static int
+lock_take(Lock *self)
+{
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        int ok;
+        Py_BEGIN_ALLOW_THREADS
+        ok = PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+        if (!ok) {
+            PyErr_SetString(PyExc_RuntimeError, "could not take the backend's lock");
+            return -1;
+        }
+    }
+    self->held = 1;
+    return 0;
+}
+
+static void
+lock_give(Lock *self)
+{
+    self->held = 0;
+    PyThread_release_lock(self->lock);
+}
+
+static PyObject *
+lock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "Lock() takes no arguments");
+        return NULL;
+    }
+    Lock *self = (Lock *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if ((self->lock = PyThread_allocate_lock()) == NULL) {
+        Py_DECREF(self);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    self->held = 0;
+    return (PyObject *)self;
+}
+
+static void
+lock_dealloc(Lock *self)
+{
+    if (self->lock != NULL) {
+        if (self->held)
+            PyThread_release_lock(self->lock);
+        PyThread_free_lock(self->lock);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+lock_acquire(Lock *self, PyObject *unused)
+{
+    if (lock_take(self) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+lock_release(Lock *self, PyObject *unused)
+{
+    if (!self->held) {
+        PyErr_SetString(PyExc_RuntimeError, "release unlocked lock");
+        return NULL;
+    }
+    lock_give(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+lock_exit(Lock *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return lock_release(self, NULL);
+}
+
+static PyObject *
+lock_locked(Lock *self, PyObject *unused)
+{
+    return PyBool_FromLong(self->held);
+}
+
+static PyMethodDef lock_methods[] = {
+    {"acquire", (PyCFunction)lock_acquire, METH_NOARGS, "Take the lock (waiting if need be)."},
+    {"release", (PyCFunction)lock_release, METH_NOARGS, "Give the lock back."},
+    {"locked", (PyCFunction)lock_locked, METH_NOARGS, "Whether the lock is held."},
+    {"__enter__", (PyCFunction)lock_acquire, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))lock_exit, METH_FASTCALL, NULL},
+    {NULL},
+};
+
+static PyTypeObject LockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "meterkit._speedups.Lock",
+    .tp_doc = "A non-reentrant lock, like threading.Lock, that compiled lanes take directly.",
+    .tp_basicsize = sizeof(Lock),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = lock_new,
+    .tp_dealloc = (destructor)lock_dealloc,
+    .tp_methods = lock_methods,
+};
+
 /* -- Lane ----------------------------------------------------------------------- */
 
 typedef struct {
@@ -213,6 +332,7 @@ typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *backend, *bdict, *policy, *acquire, *release, *clock, *fallback, *op;
+    Lock *lock; /* the backend's lock when it is a Lock: taken without a method call */
     int64_t allowance;
     int credits, any_key;
     unsigned long long hits; /* checks decided here, not handed to the fallback */
@@ -296,6 +416,7 @@ lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(self);
         return NULL;
     }
+    self->lock = Py_IS_TYPE(lock, &LockType) ? (Lock *)Py_NewRef(lock) : NULL;
     self->acquire = PyObject_GetAttrString(lock, "acquire");
     self->release = PyObject_GetAttrString(lock, "release");
     if (self->acquire == NULL || self->release == NULL) {
@@ -318,6 +439,7 @@ lane_traverse(Lane *self, visitproc visit, void *arg)
     Py_VISIT(self->backend);
     Py_VISIT(self->bdict);
     Py_VISIT(self->policy);
+    Py_VISIT(self->lock);
     Py_VISIT(self->acquire);
     Py_VISIT(self->release);
     Py_VISIT(self->clock);
@@ -334,6 +456,7 @@ lane_clear(Lane *self)
     Py_CLEAR(self->backend);
     Py_CLEAR(self->bdict);
     Py_CLEAR(self->policy);
+    Py_CLEAR(self->lock);
     Py_CLEAR(self->acquire);
     Py_CLEAR(self->release);
     Py_CLEAR(self->clock);
@@ -442,6 +565,10 @@ outcome(int allowed, int reason, PyObject *now, int64_t retry, PyObject *tiers,
 static int
 unlock(Lane *self)
 {
+    if (self->lock != NULL) {
+        lock_give(self->lock);
+        return 0;
+    }
     PyObject *exc_type, *exc, *tb;
     PyErr_Fetch(&exc_type, &exc, &tb);
     PyObject *r = PyObject_CallNoArgs(self->release);
@@ -493,10 +620,15 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     }
     else if ((orgk = PyUnicode_Concat(test_ns, org)) == NULL)
         return NULL;
-    PyObject *r = PyObject_CallNoArgs(self->acquire);
-    if (r == NULL)
+    PyObject *r;
+    if (self->lock != NULL) {
+        if (lock_take(self->lock) < 0)
+            goto done;
+    }
+    else if ((r = PyObject_CallNoArgs(self->acquire)) == NULL)
         goto done;
-    Py_DECREF(r);
+    else
+        Py_DECREF(r);
 
     /* -- the lock is held from here to unlock() ------------------------------- */
     PyObject *t = PyObject_CallNoArgs(self->clock);
@@ -1320,7 +1452,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&CheckerType) < 0)
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&CheckerType) < 0 ||
+        PyType_Ready(&LockType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
@@ -1369,6 +1502,12 @@ PyInit__speedups(void)
     Py_INCREF(&LaneType);
     if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
         Py_DECREF(&LaneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&LockType);
+    if (PyModule_AddObject(m, "Lock", (PyObject *)&LockType) < 0) {
+        Py_DECREF(&LockType);
         Py_DECREF(m);
         return NULL;
     }

@@ -361,3 +361,32 @@ def test_compiled_headers_render_any_numbers_as_python_does(
     assert decision.headers == decision._headers_python()
     assert list(decision.headers) == list(decision._headers_python())  # the same order
 
+
+
+def test_the_compiled_lock_behaves_as_threading_lock() -> None:
+    """The backend's compiled lock: taken and given back, by `with` too; giving back a
+    free lock is an error; a second taker waits until it is given back."""
+    import threading
+
+    lock = speedups.Lock()
+    assert MemoryBackend()._lock.__class__ is speedups.Lock
+    assert MemoryBackend(native=False)._lock.__class__ is not speedups.Lock
+    assert not lock.locked()
+    assert lock.acquire() is True
+    assert lock.locked()
+    lock.release()
+    with pytest.raises(RuntimeError, match="release unlocked lock"):
+        lock.release()
+    with lock:
+        assert lock.locked()
+    assert not lock.locked()
+    order: list[str] = []
+    lock.acquire()
+    waiter = threading.Thread(target=lambda: (lock.acquire(), order.append("waiter")))
+    waiter.start()
+    waiter.join(0.05)  # it cannot get the lock yet
+    order.append("holder")
+    lock.release()
+    waiter.join()
+    assert order == ["holder", "waiter"]
+    assert lock.locked()
