@@ -74,8 +74,9 @@ Command = list[Any]
 #: ids, and whether it is the batch script (one reply per request) or a plain check.
 Sent = tuple[list[int], list[str], bool]
 _US = 1_000_000
-#: A check's reply unpacked, by its length in bytes.
-_UNPACK: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
+#: A check's reply: 7 integers of the head, then 3 per tier (see check.lua).
+_HEAD = struct.Struct("<7q")
+_TIER = struct.Struct("<3q")
 _KINDS = ("fw", "sw", "gc", "sl")  # by Tier.code
 
 
@@ -388,17 +389,12 @@ class _Codec:
         8-byte integers packed in one string (see check.lua), or a replay's table."""
         if not isinstance(reply, bytes):
             return self._replay(plan, reply[1])
-        unpack = _UNPACK.get(len(reply))
-        if unpack is None:
-            unpack = _UNPACK[len(reply)] = struct.Struct(f"<{len(reply) // 8}q").unpack
-        reply = unpack(reply)
-        head = reply[0]
-        t = reply[7:]
+        head, retry, now, reset, charged, balance, end = _HEAD.unpack_from(reply)
+        # (each tier's three integers as one tuple, straight from the bytes)
+        tiers = tuple(_TIER.iter_unpack(reply[56:]))
         if head == 1:
-            tiers = tuple(zip(t[0::3], t[1::3], t[2::3], strict=False))
-            return (True, 0, reply[2], 0, tiers, reply[4], reply[5], reply[6], charge, False)
-        tiers = _unspent(list(zip(t[0::3], t[1::3], t[2::3], strict=False)))
-        return (False, reply[1], reply[2], reply[3], tiers, 0, reply[5], reply[6], "", False)
+            return (True, 0, now, 0, tiers, charged, balance, end, charge, False)
+        return (False, retry, now, reset, _unspent(tiers), 0, balance, end, "", False)
 
     def _replay(self, plan: Plan, record: Any) -> Outcome:
         try:
