@@ -209,6 +209,29 @@ def _throughput(fn: Callable[[], int], seconds: float) -> float:
             return done / took
 
 
+def _busy(url: str, fn: Callable[[], int], checks: int) -> str:
+    """Per check: wall time, this process's CPU time and Redis's (its main thread,
+    from ``INFO cpu``). When the client and Redis take turns, the wall time is about
+    the sum of the two; when they overlap, about the larger."""
+    client = redis_client(url)
+
+    def server_cpu() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+
+    done = 0
+    redis_before, cpu_before, start = server_cpu(), time.process_time(), time.perf_counter()
+    while done < checks:
+        done += fn()
+    wall = time.perf_counter() - start
+    cpu, redis_cpu = time.process_time() - cpu_before, server_cpu() - redis_before
+    client.close()
+    return (
+        f"{wall / done * 1e6:.1f} µs a check; client CPU {cpu / done * 1e6:.1f} µs, "
+        f"Redis CPU {redis_cpu / done * 1e6:.1f} µs (Redis busy {redis_cpu / wall:.0%})"
+    )
+
+
 def test_check_many_in_batches_of_100_against_single_checks(
     benchmark: Any, url: str, figures: Figures
 ) -> None:
@@ -250,6 +273,7 @@ def test_check_many_in_batches_of_100_against_single_checks(
         f"{statistics.median(s for s, _ in rounds):,.0f} vs "
         f"{statistics.median(b for _, b in rounds):,.0f} checks/s)"
     )
+    figures(f"BUSY check_many(100): {_busy(url, batch, 10_000 if QUICK else 40_000)}")
     benchmark.extra_info["check_many_over_check"] = statistics.median(ratios)
     meter.close()
 
@@ -303,6 +327,8 @@ def test_async_backend_with_200_tasks_against_one_sync_client(
         f"{statistics.median(s for s, _ in rounds):,.0f} vs "
         f"{statistics.median(a for _, a in rounds):,.0f} checks/s)"
     )
+    figures(f"BUSY async, 200 tasks: {_busy(url, burst, 10_000 if QUICK else 40_000)}")
+    figures(f"BUSY one sync client: {_busy(url, single, 2_000 if QUICK else 10_000)}")
     benchmark.extra_info["async_over_sync"] = statistics.median(ratios)
     loop.run_until_complete(async_meter.close())
     loop.close()

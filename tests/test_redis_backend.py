@@ -7,6 +7,7 @@ that Redis computes exactly what memory computes is in ``test_conformance.py``.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
@@ -566,6 +567,23 @@ async def test_async_cluster_backend_checks_and_batches(redis_cluster_url: str) 
         batch = await meter.check_many([("k", "items.list", f"org_{i}") for i in range(9)] * 2)
         assert [b.allowed for b in batch] == [True] * 9 + [True, False] + [True] * 7
         assert (await meter.usage("org_1")).requests == 2
+
+
+async def test_async_cluster_backend_answers_more_concurrent_checks_than_a_batch(
+    redis_cluster_url: str,
+) -> None:
+    """2 * _BATCH + 1 checks of as many organizations started together on Cluster
+    (sent as three batches, each split by slot) are each answered and counted once."""
+    from meterkit._redis import _BATCH
+
+    backend = async_backend_from_url(redis_cluster_url, prefix=new_prefix(), clock=FakeClock())
+    async with AsyncMeter(_policy(), backend) as meter:
+        n = 2 * _BATCH + 1
+        got = await asyncio.gather(
+            *(meter.check("k", org=f"org_{i}", operation="items.list") for i in range(n))
+        )
+        assert all(d.allowed for d in got)
+        assert [(await meter.usage(f"org_{i}")).requests for i in range(n)] == [1] * n
 
 
 # -- URLs ----------------------------------------------------------------------------------------
