@@ -37,6 +37,8 @@ Mode = Literal["live", "test"]
 #: or a tuple ``(key, operation, org, idempotency_key, cost, mode)`` (the tail optional).
 CheckRequest = Mapping[str, Any] | Sequence[Any]
 _CHECK_ARGS = ("key", "operation", "org", "idempotency_key", "cost", "mode")
+_CHECK_ARG_SET = frozenset(_CHECK_ARGS)
+_TUPLE_DEFAULTS = ("", "", None, None, None, "live")  # a tuple request's missing tail
 
 
 def _bad_id(value: object, what: str) -> InvalidIdentifierError:
@@ -123,29 +125,49 @@ class _MeterCore:
     def _plans(self, requests: Iterable[CheckRequest]) -> list[Plan]:
         """Plan every request of a batch, so that bad input raises before any is applied."""
         plans = []
+        plan = self._plan
         for i, request in enumerate(requests):
-            if isinstance(request, Mapping):
-                args = dict(request)
-            elif isinstance(request, (tuple, list)) and len(request) <= len(_CHECK_ARGS):
-                args = dict(zip(_CHECK_ARGS, request, strict=False))
-            else:
-                raise InvalidRequestError(
-                    f"requests[{i}] is a dict of check() arguments or a tuple "
-                    "(key, operation, org, idempotency_key, cost, mode)"
+            # The usual shapes first (a dict of known arguments, a tuple of 2 to 6): the
+            # batch is planned before Redis sees any of it, so this is Redis idle time.
+            if isinstance(request, dict) and request.keys() <= _CHECK_ARG_SET and (
+                "key" in request and "operation" in request
+            ):
+                get = request.get
+                plans.append(
+                    plan(
+                        request["key"], get("org"), request["operation"],
+                        get("idempotency_key"), get("cost"), get("mode", "live"),
+                    )
                 )
-            unknown = sorted(set(args) - set(_CHECK_ARGS))
-            if unknown or "key" not in args or "operation" not in args:
-                raise InvalidRequestError(
-                    f"requests[{i}] needs key and operation"
-                    + (f", and takes no {', '.join(map(repr, unknown))}" if unknown else "")
-                )
-            plans.append(
-                self._plan(
-                    args["key"], args.get("org"), args["operation"],
-                    args.get("idempotency_key"), args.get("cost"), args.get("mode", "live"),
-                )
-            )
+                continue
+            if isinstance(request, tuple) and 2 <= len(request) <= 6:
+                key, operation, org, idem, cost, mode = request + _TUPLE_DEFAULTS[len(request) :]
+                plans.append(plan(key, org, operation, idem, cost, mode))
+                continue
+            plans.append(self._plan_request(i, request))
         return plans
+
+    def _plan_request(self, i: int, request: CheckRequest) -> Plan:
+        """One request of a batch in any accepted shape, or the error that says why not."""
+        if isinstance(request, Mapping):
+            args = dict(request)
+        elif isinstance(request, (tuple, list)) and len(request) <= len(_CHECK_ARGS):
+            args = dict(zip(_CHECK_ARGS, request, strict=False))
+        else:
+            raise InvalidRequestError(
+                f"requests[{i}] is a dict of check() arguments or a tuple "
+                "(key, operation, org, idempotency_key, cost, mode)"
+            )
+        unknown = sorted(set(args) - set(_CHECK_ARGS))
+        if unknown or "key" not in args or "operation" not in args:
+            raise InvalidRequestError(
+                f"requests[{i}] needs key and operation"
+                + (f", and takes no {', '.join(map(repr, unknown))}" if unknown else "")
+            )
+        return self._plan(
+            args["key"], args.get("org"), args["operation"],
+            args.get("idempotency_key"), args.get("cost"), args.get("mode", "live"),
+        )
 
     def _decide_many(
         self, plans: list[Plan], results: Sequence[Any], return_exceptions: bool
