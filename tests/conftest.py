@@ -81,6 +81,16 @@ def redis_cluster_url() -> Iterator[str]:
         yield f"redis+cluster://127.0.0.1:{nodes[0].port}"
 
 
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[_servers.RedisServer]:
+    """A standalone Redis of the test module's own, whose statistics (INFO commandstats)
+    no other module disturbs."""
+    if _servers.redis_binary() is None:
+        _no_redis("this module's own redis-server")
+    with _servers.standalone() as server:
+        yield server
+
+
 # -- the behaviour suite's meters ------------------------------------------------------
 #
 # ``make_meter(policy)`` gives a meter with the synchronous API (check, refund, usage,

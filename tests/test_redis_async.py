@@ -26,17 +26,6 @@ from tests.conftest import FakeClock, new_prefix
 from tests.test_redis_backend import _policy
 
 
-@pytest.fixture(scope="module")
-def own_server() -> Any:
-    """A server of this module's own, whose statistics no other test disturbs."""
-    if _servers.redis_binary() is None:
-        if _servers.require_redis():
-            pytest.fail("no redis-server binary on PATH and METERKIT_REQUIRE_REDIS=1")
-        pytest.skip("no redis-server binary on PATH")
-    with _servers.standalone() as server:
-        yield server
-
-
 @pytest.fixture
 async def meters(own_server: Any) -> AsyncIterator[tuple[AsyncMeter, Meter, redis.Redis]]:
     """An AsyncMeter on Redis, a Meter on memory on the same fake clock, and a client."""

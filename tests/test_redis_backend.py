@@ -78,15 +78,6 @@ def _keys(client: Any, prefix: str) -> list[str]:
     return sorted(k.decode() for k in client.scan_iter(match=prefix + ":*", count=1000))
 
 
-@pytest.fixture(scope="module")
-def own_server() -> Iterator[_servers.RedisServer]:
-    """A server of this module's own, whose statistics no other test disturbs."""
-    if _servers.redis_binary() is None:
-        if _servers.require_redis():
-            pytest.fail("no redis-server binary on PATH and METERKIT_REQUIRE_REDIS=1")
-        pytest.skip("no redis-server binary on PATH")
-    with _servers.standalone() as server:
-        yield server
 
 
 # -- key layout -------------------------------------------------------------------------
