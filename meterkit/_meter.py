@@ -209,7 +209,8 @@ class Meter(_MeterCore):
         self._apply = backend.apply
         routes = getattr(backend, "_compiled_routes", None)
         routes = routes(policy) if routes is not None else None
-        if speedups is not None and routes is not None:
+        # (Not for a subclass that overrides check: the compiled one would bypass it.)
+        if speedups is not None and routes is not None and type(self).check is Meter.check:
             # MemoryBackend with its compiled lanes: the common case of check() in C
             # (ASCII ids, the table price, no idempotency key); anything else it hands
             # to this class's check, which is also what its __wrapped__ is.

@@ -390,3 +390,18 @@ def test_the_compiled_lock_behaves_as_threading_lock() -> None:
     waiter.join()
     assert order == ["holder", "waiter"]
     assert lock.locked()
+
+
+def test_a_subclass_that_overrides_check_keeps_its_check(clock: FakeClock) -> None:
+    """The compiled check is installed only where Meter.check itself would run."""
+    calls: list[str] = []
+
+    class Audited(Meter):
+        def check(self, key: Any, **kwargs: Any) -> Decision:  # type: ignore[override]
+            calls.append(key)
+            return super().check(key, **kwargs)
+
+    meter = Audited(Policy.crane_ledger(), MemoryBackend(clock=clock))
+    assert "check" not in vars(meter)
+    assert meter.check("key_1", org="org_1", operation="invoices.list").allowed
+    assert calls == ["key_1"]
