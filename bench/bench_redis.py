@@ -209,6 +209,29 @@ def _throughput(fn: Callable[[], int], seconds: float) -> float:
             return done / took
 
 
+def _alternate(single: Callable[[], int], other: Callable[[], int]) -> list[tuple[float, float]]:
+    """Throughputs (checks/s) of ``single`` and ``other`` in alternating rounds."""
+    rounds = []
+    for i in range(ROUNDS):
+        order = [single, other] if i % 2 == 0 else [other, single]
+        got = {f: _throughput(f, ROUND_SECONDS) for f in order}
+        rounds.append((got[single], got[other]))
+    return rounds
+
+
+def _throughput_ratio(figures: Figures, label: str, rounds: list[tuple[float, float]]) -> float:
+    """Print ``other``'s throughput over ``single``'s (the median of the rounds); return it."""
+    ratios = sorted(o / s for s, o in rounds)
+    ratio = statistics.median(ratios)
+    figures(
+        f"RATIO {label} throughput: {ratio:.2f}x "
+        f"(median of {len(rounds)} rounds; range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
+        f"{statistics.median(s for s, _ in rounds):,.0f} vs "
+        f"{statistics.median(o for _, o in rounds):,.0f} checks/s)"
+    )
+    return ratio
+
+
 def _busy(url: str, fn: Callable[[], int], checks: int) -> str:
     """Per check: wall time, this process's CPU time and Redis's (its main thread,
     from ``INFO cpu``). When the client and Redis take turns, the wall time is about
@@ -257,24 +280,10 @@ def test_check_many_in_batches_of_100_against_single_checks(
     for _ in range(KEYS // 100):
         batch()
 
-    def run() -> list[tuple[float, float]]:
-        rounds = []
-        for i in range(ROUNDS):
-            order = [single, batch] if i % 2 == 0 else [batch, single]
-            got = {f: _throughput(f, ROUND_SECONDS) for f in order}
-            rounds.append((got[single], got[batch]))
-        return rounds
-
-    rounds = benchmark.pedantic(run, rounds=1, iterations=1)
-    ratios = sorted(b / s for s, b in rounds)
-    figures(
-        f"RATIO check_many(100)/check throughput: {statistics.median(ratios):.2f}x "
-        f"(median of {len(rounds)} rounds; range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
-        f"{statistics.median(s for s, _ in rounds):,.0f} vs "
-        f"{statistics.median(b for _, b in rounds):,.0f} checks/s)"
-    )
+    rounds = benchmark.pedantic(_alternate, args=(single, batch), rounds=1, iterations=1)
+    ratio = _throughput_ratio(figures, "check_many(100)/check", rounds)
     figures(f"BUSY check_many(100): {_busy(url, batch, 10_000 if QUICK else 40_000)}")
-    benchmark.extra_info["check_many_over_check"] = statistics.median(ratios)
+    benchmark.extra_info["check_many_over_check"] = ratio
     meter.close()
 
 
@@ -311,25 +320,11 @@ def test_async_backend_with_200_tasks_against_one_sync_client(
     for _ in range(KEYS // 1000):
         burst()
 
-    def run() -> list[tuple[float, float]]:
-        rounds = []
-        for i in range(ROUNDS):
-            order = [single, burst] if i % 2 == 0 else [burst, single]
-            got = {f: _throughput(f, ROUND_SECONDS) for f in order}
-            rounds.append((got[single], got[burst]))
-        return rounds
-
-    rounds = benchmark.pedantic(run, rounds=1, iterations=1)
-    ratios = sorted(a / s for s, a in rounds)
-    figures(
-        f"RATIO async 200 tasks/one sync client throughput: {statistics.median(ratios):.2f}x "
-        f"(median of {len(rounds)} rounds; range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
-        f"{statistics.median(s for s, _ in rounds):,.0f} vs "
-        f"{statistics.median(a for _, a in rounds):,.0f} checks/s)"
-    )
+    rounds = benchmark.pedantic(_alternate, args=(single, burst), rounds=1, iterations=1)
+    ratio = _throughput_ratio(figures, "async 200 tasks/one sync client", rounds)
     figures(f"BUSY async, 200 tasks: {_busy(url, burst, 10_000 if QUICK else 40_000)}")
     figures(f"BUSY one sync client: {_busy(url, single, 2_000 if QUICK else 10_000)}")
-    benchmark.extra_info["async_over_sync"] = statistics.median(ratios)
+    benchmark.extra_info["async_over_sync"] = ratio
     loop.run_until_complete(async_meter.close())
     loop.close()
     sync_meter.close()
