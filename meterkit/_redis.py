@@ -73,6 +73,8 @@ Command = list[Any]
 #: What one command of a batch brings: the indexes of its requests, their charge
 #: ids, and whether it is the batch script (one reply per request) or a plain check.
 Sent = tuple[list[int], list[str], bool]
+#: Called with each command's index and final reply as the reply is read.
+OnReply = Callable[[int, Any], None]
 _US = 1_000_000
 #: A check's reply: 7 integers of the head, then 3 per tier (see check.lua).
 _HEAD = struct.Struct("<7q")
@@ -377,7 +379,7 @@ class _Codec:
             *keys,
             now,
             plan.cost,
-            charge,
+            "" if plan.idem is None else charge,  # (only an idempotency record keeps it)
             key,
             plan.op.name,
             start,
@@ -471,16 +473,16 @@ class _Codec:
             keys += [base + s + key if scoped else base + s for s, scoped in op.suffixes]
             keys.append(base + "cr")
             keys.append(base + "al")
-            if plan.idem is None:
-                idem = "0"
-            else:
-                keys.append(base + "id:" + plan.idem)
-                idem = "1"
             charge = new_charge_id()
             charges.append(charge)
+            if plan.idem is None:
+                idem, sent_charge = "0", ""  # (only an idempotency record keeps it)
+            else:
+                keys.append(base + "id:" + plan.idem)
+                idem, sent_charge = "1", charge
             if i != run[0]:
                 now = self._now()
-            args += (op.tier_set, idem, now, plan.cost, charge, key, plan.op.name)
+            args += (op.tier_set, idem, now, plan.cost, sent_charge, key, plan.op.name)
         start, end = self._month(now)
         sent.append((run, charges, True))
         sha = compiled[plans[run[0]].op].batch
@@ -491,22 +493,33 @@ class _Codec:
     ) -> list[Outcome | MeterkitError]:
         """Each request's outcome, or the meterkit error of that request alone."""
         results: list[Outcome | MeterkitError] = [None] * len(plans)  # type: ignore[list-item]
-        for (indexes, charges, batch), reply in zip(sent, replies, strict=True):
-            if not batch:
-                items = [reply]
-            elif isinstance(reply, BaseException):
-                items = [reply] * len(indexes)  # the batch did not run at all
-            else:
-                items = reply
-            for i, charge, item in zip(indexes, charges, items, strict=True):
-                if isinstance(item, BaseException):
-                    results[i] = _translate(item)
-                    continue
-                try:
-                    results[i] = self.outcome(plans[i], item, charge)
-                except MeterkitError as exc:
-                    results[i] = exc
+        for entry, reply in zip(sent, replies, strict=True):
+            self.decode(plans, entry, reply, results)
         return results
+
+    def decode(
+        self,
+        plans: Sequence[Plan],
+        entry: Sent,
+        reply: Any,
+        results: list[Outcome | MeterkitError],
+    ) -> None:
+        """Put the outcomes (or errors) of one command's reply in ``results``."""
+        indexes, charges, batch = entry
+        if not batch:
+            items = [reply]
+        elif isinstance(reply, BaseException):
+            items = [reply] * len(indexes)  # the batch did not run at all
+        else:
+            items = reply
+        for i, charge, item in zip(indexes, charges, items, strict=True):
+            if isinstance(item, BaseException):
+                results[i] = _translate(item)
+                continue
+            try:
+                results[i] = self.outcome(plans[i], item, charge)
+            except MeterkitError as exc:
+                results[i] = exc
 
     # -- refunds, usage, allowances ------------------------------------------------------
 
@@ -669,29 +682,39 @@ class _Pool:
         finally:
             self._shared.idle.append(conn)
 
-    def many(self, cmds: Iterable[Command]) -> list[Any]:
+    def many(self, cmds: Iterable[Command], on_reply: OnReply | None = None) -> list[Any]:
+        """Every command's reply, in order; ``on_reply(i, reply)`` is called as each
+        final reply is read (while Redis still runs the commands after it)."""
         sent: list[Command] = []
-        replies = self._pipeline(cmds, sent)
+        replies = self._pipeline(cmds, sent, on_reply)
         missing = [i for i, r in enumerate(replies) if isinstance(r, self._noscript)]
         if missing:
-            again = self._pipeline(_reloading([sent[i] for i in missing]), [])
+            again = self._pipeline(_reloading([sent[i] for i in missing]), [], None)
             for i, reply in zip(missing, again[-len(missing) :], strict=False):
                 replies[i] = reply
+                if on_reply is not None:
+                    on_reply(i, reply)
         return replies
 
-    def _pipeline(self, cmds: Iterable[Command], sent: list[Command]) -> list[Any]:
+    def _pipeline(
+        self, cmds: Iterable[Command], sent: list[Command], on_reply: OnReply | None
+    ) -> list[Any]:
         """Send ``cmds`` a chunk at a time; while Redis runs one chunk, make and send
-        the next and read the replies of the one before: a batch then costs about
-        what Redis spends on it."""
+        the next and read (and hand to ``on_reply``) the replies of the one before: a
+        batch then costs about what Redis spends on it."""
         conn = self._acquire()
         replies: list[Any] = []
+        noscript = self._noscript
 
         def read_until(count: int) -> None:
             while len(replies) < count:
                 try:
-                    replies.append(conn.read_response(disable_decoding=True))
+                    reply = conn.read_response(disable_decoding=True)
                 except self._response_error as exc:
-                    replies.append(exc)
+                    reply = exc
+                replies.append(reply)
+                if on_reply is not None and not isinstance(reply, noscript):
+                    on_reply(len(replies) - 1, reply)
 
         try:
             chunk: list[bytes] = []
@@ -742,9 +765,17 @@ class _Cluster:
         except self._noscript:
             return self.client.execute_command(*_as_eval(cmd), **_RAW)
 
-    def many(self, commands: Iterable[Command]) -> list[Any]:
+    def many(self, commands: Iterable[Command], on_reply: OnReply | None = None) -> list[Any]:
+        """Every command's reply, in order (``on_reply`` as :meth:`_Pool.many`'s,
+        called once all are in)."""
+        replies = self._many(list(commands))
+        if on_reply is not None:
+            for i, reply in enumerate(replies):
+                on_reply(i, reply)
+        return replies
+
+    def _many(self, cmds: list[Command]) -> list[Any]:
         client = self.client
-        cmds = list(commands)
         groups: dict[str, tuple[Any, list[int]]] = {}
         for i, cmd in enumerate(cmds):
             node = client.get_node_from_key(_node_key(cmd))
@@ -1074,12 +1105,19 @@ class RedisBackend:
         """Apply each plan atomically on its own, all in one round trip (per node)."""
         if not plans:
             return []
-        cmds, sent = self._codec.check_many(plans, self._io.slot)
+        codec = self._codec
+        cmds, sent = codec.check_many(plans, self._io.slot)
+        results: list[Outcome | MeterkitError] = [None] * len(plans)  # type: ignore[list-item]
+
+        def on_reply(i: int, reply: Any) -> None:
+            # (a batch's outcomes are made while Redis runs the next batch)
+            codec.decode(plans, sent[i], reply, results)
+
         try:
-            replies = self._io.many(cmds)
+            self._io.many(cmds, on_reply)
         except Exception as exc:
             raise _translate(exc) from exc
-        return self._codec.outcomes(plans, sent, replies)
+        return results
 
     def _run(self, cmd: Command) -> Any:
         try:

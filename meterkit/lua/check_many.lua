@@ -6,7 +6,8 @@
 -- ARGV  1, 2 the month the caller expects (start, end µs; checked), then 7 per
 --       request: its tier set (an index into T), 1 if it has an idempotency key
 --       else 0, now µs ('' = server TIME, read once for the batch), cost
---       µ-credits, charge id, key id, operation
+--       µ-credits, charge id ('' without an idempotency key: only its record keeps
+--       it), key id, operation
 --
 -- Reply: one reply per request, check's (a packed string, or a replay's table); or an error of that request alone (a key
 -- holding something meterkit did not write), which changed nothing.

@@ -3,7 +3,8 @@
 -- script), which saves Redis making the function and calling it on every check.
 --
 -- KEYS  check.lua's, from KEYS[1]; then the idempotency record, if the request has one
--- ARGV  1 now µs ('' = server TIME)  2 cost µ-credits  3 charge id  4 key id
+-- ARGV  1 now µs ('' = server TIME)  2 cost µ-credits  3 charge id ('' without an
+--       idempotency key: only its record keeps it)  4 key id
 --       5 operation  6, 7 the month the caller expects (start, end µs; checked)
 
 local k = 0
