@@ -19,8 +19,27 @@ no policy: expiry, revocation, organization and permissions are decided in Pytho
 was read (``rotate``) are guarded in their script by the values read, and retried if
 another client changed them in between.
 
-Keys and organization indexes of one store are on different slots, so this store needs a
-standalone Redis (or one primary); Redis Cluster is not supported for keys.
+The same names serve a standalone Redis and a Redis Cluster (a ``RedisCluster`` client);
+they carry no hash tag, so a record and its organization's index are on different slots.
+On a standalone Redis ``create`` and ``rotate`` write the new record, the old one
+(``rotate``) and the index in one script, atomically. On a cluster every script touches
+one key, so those writes are separate steps, in this order:
+
+1. the new id goes into the organization's index (``SADD``);
+2. ``rotate`` only: the old record gets its new expiry, guarded as on standalone;
+3. the new record is written (refused if its name is taken), and only then is the key
+   returned.
+
+A key exists once its record does, so a failure between steps can leave an id in an
+index without a record, but never a record (a usable key) missing from its index. A
+step that knows it failed (a guard that saw a change, a name already taken) takes its
+own index entry back at once. ``list`` (on both) skips an id without a record and
+repairs the index: it writes a tombstone under the record's name (a hash with only
+``gone``, expiring after a day) so that a ``create`` stalled between its steps can no
+longer write that record, then removes the id. ``rotate`` interrupted after step 2 has
+shortened the old key without a new one, as a standalone ``rotate`` whose reply was lost
+has; rotating again gives the replacement and never extends the old key.
+
 The ``redis`` package is imported only when a Redis store is made.
 """
 
@@ -58,8 +77,9 @@ from meterkit._keys import (
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from redis import Redis
+    from redis import Redis, RedisCluster
     from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio import RedisCluster as AsyncRedisCluster
 
 __all__ = ["AsyncRedisKeyStore", "RedisKeyStore"]
 
@@ -70,6 +90,9 @@ FIELDS: Final = ("rec", "hash", "expires", "revoked", "used")
 _ATTEMPTS: Final = 16
 _NAMESPACE_RE: Final = re.compile(r"[!-~]{1,64}")
 _KEY_ID_RE: Final = re.compile(r"key_[0-9A-Za-z]{12}")
+# How long list's tombstone keeps the name of a record that was never written: far
+# longer than a create or rotate takes between two of its steps.
+TOMBSTONE_MS: Final = 86_400_000
 
 _AUTHENTICATE: Final = """
 -- KEYS[1] the key's record; ARGV[1] hash of the presented plaintext; ARGV[2] now.
@@ -125,11 +148,48 @@ redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 """
 
+# On a cluster, create and rotate run the single-key scripts below instead of _CREATE and
+# _ROTATE (see the module's docstring for their order).
+
+_RECORD: Final = """
+-- KEYS[1] the new record. ARGV: rec, hash, expires ('' for none).
+-- Returns 0 if the name is taken (by a record, or by a tombstone list left).
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'hash', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'expires', ARGV[3]) end
+return 1
+"""
+
+_SHORTEN: Final = """
+-- KEYS[1] the record being rotated. ARGV[1], ARGV[2] its expires and revoked as read
+-- ('' for none); ARGV[3] its new expires. Returns 0 if anything changed since the read.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local now = redis.call('HMGET', KEYS[1], 'expires', 'revoked')
+if (now[1] or '') ~= ARGV[1] or (now[2] or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'expires', ARGV[3])
+return 1
+"""
+
+_BURY: Final = """
+-- KEYS[1] the record of an id an index holds without one; ARGV[1] milliseconds.
+-- If it still does not exist, a tombstone takes its name for ARGV[1] ms, so that a
+-- create stalled between its steps cannot write it after list dropped the id.
+-- Returns the record as authenticate does (a record written meanwhile is kept).
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'gone', '1')
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return redis.call('HMGET', KEYS[1], 'rec', 'hash', 'expires', 'revoked', 'used')
+"""
+
 SCRIPTS: Final = {
     "authenticate": _AUTHENTICATE,
     "create": _CREATE,
     "revoke": _REVOKE,
     "rotate": _ROTATE,
+    "record": _RECORD,
+    "shorten": _SHORTEN,
+    "bury": _BURY,
 }
 
 
@@ -205,12 +265,13 @@ def _time(value: object, what: str) -> float | None:
 class _KeyCommands:
     """The Redis side of every key store operation, without the I/O."""
 
-    def __init__(self, rules: KeyRules, namespace: str) -> None:
+    def __init__(self, rules: KeyRules, namespace: str, *, cluster: bool = False) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
             raise ConfigurationError("must be 1 to 64 printable ASCII characters, no spaces",
                                      "namespace")
         self.rules = rules
         self.namespace = namespace
+        self.cluster = cluster
 
     def record_key(self, key_id: str) -> str:
         """The Redis key of one API key's record."""
@@ -266,14 +327,45 @@ class _KeyCommands:
     def create(self, *, org: object, mode: object, permissions: object, expires_at: object,
                name: object) -> Program[tuple[PlaintextKey, ApiKey]]:
         """See :meth:`~meterkit._keys.KeyStore.create`."""
-        for _ in range(_ATTEMPTS):
-            plaintext, record = self.rules.new_key(
+
+        def issue() -> tuple[PlaintextKey, ApiKey]:
+            return self.rules.new_key(
                 org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name,
                 now=self.rules.clock(),
             )
+
+        if self.cluster:
+            return (yield from self._file(issue))
+        for _ in range(_ATTEMPTS):
+            plaintext, record = issue()
             if (yield self._create_script(record)) == 1:
                 return plaintext, record
         raise StateError("no free key id after many random tries")
+
+    def _file(
+        self, issue: Callable[[], tuple[PlaintextKey, ApiKey]]
+    ) -> Program[tuple[PlaintextKey, ApiKey]]:
+        """Cluster: a new key's index entry, then its record (retried under a new id)."""
+        for _ in range(_ATTEMPTS):
+            plaintext, record = issue()
+            added = yield _Command(("SADD", self.org_key(record.org), record.id))
+            if (yield from self._write(record, added)):
+                return plaintext, record
+        raise StateError("no free key id after many random tries")
+
+    def _write(self, record: ApiKey, added: object) -> Program[bool]:
+        """Cluster: write a new record whose id is indexed; False if its name is taken.
+
+        ``added`` is the reply of the ``SADD`` that indexed it: 1 if this call put the id
+        there, and so takes it back when the record cannot be written.
+        """
+        key = self.record_key(record.id)
+        args = (self.encode(record), record.secret_hash, _number(record.expires_at))
+        if (yield _Script("record", (key,), args)) == 1:
+            return True
+        if added == 1:
+            yield _Command(("SREM", self.org_key(record.org), record.id))
+        return False
 
     def get(self, key_id: str) -> Program[ApiKey | None]:
         """See :meth:`~meterkit._keys.KeyStore.get`."""
@@ -282,8 +374,14 @@ class _KeyCommands:
         return self.decode(key_id, values)
 
     def list(self, org: str) -> Program[builtins.list[ApiKey]]:
-        """See :meth:`~meterkit._keys.KeyStore.list`."""
-        where = self.org_key(check_org(org))
+        """See :meth:`~meterkit._keys.KeyStore.list`.
+
+        An indexed id without a record (a create or rotate that failed between its steps
+        on a cluster, or a record deleted by hand) is skipped and taken out of the index,
+        behind a tombstone (:data:`_BURY`). A record of another organization is skipped.
+        """
+        org = check_org(org)
+        where = self.org_key(org)
         members = yield _Command(("SMEMBERS", where))
         ids = sorted(_text(member, where) or "" for member in members)
         if any(not _KEY_ID_RE.fullmatch(key_id) for key_id in ids):
@@ -293,8 +391,20 @@ class _KeyCommands:
         replies = yield _Pipeline(
             tuple(_Command(("HMGET", self.record_key(key_id), *FIELDS)) for key_id in ids)
         )
-        records = (self.decode(key_id, values) for key_id, values in zip(ids, replies, strict=True))
-        return sort_keys(record for record in records if record is not None)
+        found: builtins.list[ApiKey] = []
+        gone: builtins.list[str] = []
+        for key_id, values in zip(ids, replies, strict=True):
+            record = self.decode(key_id, values)
+            if record is None:
+                bury = _Script("bury", (self.record_key(key_id),), (str(TOMBSTONE_MS),))
+                record = self.decode(key_id, (yield bury))
+            if record is None:
+                gone.append(key_id)
+            elif record.org == org:
+                found.append(record)
+        if gone:
+            yield _Command(("SREM", where, *gone))
+        return sort_keys(found)
 
     def revoke(self, key_id: str) -> Program[ApiKey]:
         """See :meth:`~meterkit._keys.KeyStore.revoke`."""
@@ -312,19 +422,32 @@ class _KeyCommands:
         old_key = self.record_key(key_id)
         for _ in range(_ATTEMPTS):
             values = yield _Command(("HMGET", old_key, *FIELDS))
-            old, plaintext, new = self.rules.rotation(
-                self.decode(key_id, values), key_id, grace, self.rules.clock()
-            )
-            create = self._create_script(new)
+            read, now = self.decode(key_id, values), self.rules.clock()
+            old, plaintext, new = self.rules.rotation(read, key_id, grace, now)
             seen = (_text(values[2], old_key) or "", _text(values[3], old_key) or "")
-            done = yield _Script(
-                "rotate",
-                (old_key, *create.keys),
-                (*create.args, *seen, _number(old.expires_at)),
-            )
-            if done == 1:
+            if not self.cluster:
+                create = self._create_script(new)
+                done = yield _Script(
+                    "rotate",
+                    (old_key, *create.keys),
+                    (*create.args, *seen, _number(old.expires_at)),
+                )
+                if done == 1:
+                    return plaintext, new
+                continue
+            index = self.org_key(new.org)
+            added = yield _Command(("SADD", index, new.id))
+            done = yield _Script("shorten", (old_key,), (*seen, _number(old.expires_at)))
+            if done != 1:
+                if added == 1:
+                    yield _Command(("SREM", index, new.id))
+                continue
+            if (yield from self._write(new, added)):
                 return plaintext, new
-        raise StateError(f"{key_id} kept changing while being rotated")
+            break  # the old key is shortened, but the new id is taken (by chance or a tombstone)
+        else:
+            raise StateError(f"{key_id} kept changing while being rotated")
+        return (yield from self._file(lambda: self.rules.rotation(read, key_id, grace, now)[1:]))
 
     def authenticate(self, authorization: object, *, org: str | None,
                      permission: str | None) -> Program[ApiKey]:
@@ -358,8 +481,10 @@ def _redis_asyncio() -> ModuleType:
 def _translate(exc: Exception) -> BackendError:
     """meterkit's error for a redis-py error (the caller chains the original)."""
     errors = _redis().exceptions
+    # A cluster's own failures (no reachable node, a slot nobody serves, CLUSTERDOWN, too
+    # many redirections) are outages too, as for the meter's backend.
     unavailable = (errors.ConnectionError, errors.TimeoutError, errors.ReadOnlyError,
-                   errors.TryAgainError, errors.MasterDownError)
+                   errors.TryAgainError, errors.ClusterError, errors.RedisClusterException)
     if isinstance(exc, unavailable):
         return BackendUnavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
     if isinstance(exc, errors.ResponseError) and str(exc).startswith("WRONGTYPE"):
@@ -375,6 +500,7 @@ class _RedisStoreShell:
     """
 
     _client_module: Callable[[], ModuleType]
+    _asyncio: bool
 
     def __init__(
         self,
@@ -389,14 +515,16 @@ class _RedisStoreShell:
     ) -> None:
         rules = KeyRules(clock=clock, token_prefix=token_prefix, pepper=pepper,
                          status_codes=status_codes)
-        self._commands = _KeyCommands(rules, namespace)
+        cluster = isinstance(client, self._client_module().RedisCluster)
+        self._commands = _KeyCommands(rules, namespace, cluster=cluster)
         self._client = client
         self._owns_client = owns_client
         self._scripts = {
             name: client.register_script(source)
             for name, source in SCRIPTS.items()
         }
-        self._driver_error: type[Exception] = _redis().exceptions.RedisError
+        errors = _redis().exceptions
+        self._driver_error = (errors.RedisError, errors.RedisClusterException)
 
     @classmethod
     def from_url(
@@ -409,13 +537,25 @@ class _RedisStoreShell:
         pepper: bytes | str | None = None,
         status_codes: Mapping[str, int] | None = None,
     ) -> _Shell:
-        """A store on a client made from ``url``, closed with the store."""
-        client = cls._client_module().Redis.from_url(url)
+        """A store on a client made from ``url``, closed with the store.
+
+        ``redis+cluster://host:port[,host:port…]`` (``rediss+cluster://`` for TLS) makes
+        a cluster client as :func:`~meterkit.backend_from_url` does (its timeout, no
+        retries); any other URL goes to redis-py's ``Redis.from_url``.
+        """
+        module = cls._client_module()
+        if url.split("://", 1)[0].lower() in ("redis+cluster", "rediss+cluster"):
+            from meterkit._url import redis_client
+
+            client = redis_client(url, asyncio=cls._asyncio)
+        else:
+            client = module.Redis.from_url(url)
         return cls(client, namespace=namespace, clock=clock, token_prefix=token_prefix,
                    pepper=pepper, status_codes=status_codes, owns_client=True)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(namespace={self._commands.namespace!r})"
+        cluster = ", cluster=True" if self._commands.cluster else ""
+        return f"{type(self).__name__}(namespace={self._commands.namespace!r}{cluster})"
 
     @property
     def key_format(self) -> KeyFormat:
@@ -424,15 +564,16 @@ class _RedisStoreShell:
 
 
 class RedisKeyStore(_RedisStoreShell):
-    """API keys in Redis, through a blocking ``redis.Redis`` client.
+    """API keys in Redis, through a blocking ``redis.Redis`` or ``redis.RedisCluster`` client.
 
     Give a client (it stays yours to close) or use :meth:`from_url`. The store's
     ``clock`` (default :func:`time.time`) dates creations, revocations, rotations and
     uses, and decides expiry.
     """
 
-    _client: Redis
+    _client: Redis | RedisCluster
     _client_module = staticmethod(_redis)
+    _asyncio = False
 
     def _call(self, step: _Step) -> Any:
         if isinstance(step, _Script):
@@ -494,13 +635,14 @@ class RedisKeyStore(_RedisStoreShell):
 
 
 class AsyncRedisKeyStore(_RedisStoreShell):
-    """API keys in Redis, through a ``redis.asyncio.Redis`` client.
+    """API keys in Redis, through a ``redis.asyncio.Redis`` or ``RedisCluster`` client.
 
     The same operations, layout and decisions as :class:`RedisKeyStore`, awaited.
     """
 
-    _client: AsyncRedis
+    _client: AsyncRedis | AsyncRedisCluster
     _client_module = staticmethod(_redis_asyncio)
+    _asyncio = True
 
     async def _call(self, step: _Step) -> Any:
         if isinstance(step, _Script):

@@ -1,4 +1,5 @@
-"""One behaviour suite for every key store: memory, async memory, Redis, async Redis.
+"""One behaviour suite for every key store: memory, async memory, Redis, async Redis,
+each Redis store on a standalone server and on a 3-master Redis Cluster.
 
 Async stores are driven through :class:`Blocking`, which runs each call on one event
 loop, so the same assertions hold word for word everywhere.
@@ -33,7 +34,17 @@ from meterkit._keys import (
 )
 from meterkit._keystore_redis import AsyncRedisKeyStore, RedisKeyStore
 
-KINDS = ["memory", "async-memory", "redis", "async-redis"]
+KINDS = ["memory", "async-memory", "redis", "async-redis", "redis-cluster",
+         "async-redis-cluster"]
+
+
+def url_fixture(kind: str) -> str | None:
+    """The fixture giving the server a store of ``kind`` runs on (None for memory)."""
+    if "cluster" in kind:
+        return "redis_cluster_url"
+    return "redis_url" if "redis" in kind else None
+
+
 SEED_BODIES = {
     "invalid_api_key": {
         "error": {
@@ -129,16 +140,27 @@ class Handle:
     stored: Callable[[], int]
     namespace: str
     redis: Any = None
+    url: str | None = None
+
+
+def _commandstats(client: Any) -> list[dict[str, Any]]:
+    """INFO commandstats of the server, or of every primary of a cluster."""
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return list(client.info("commandstats", target_nodes=RedisCluster.PRIMARIES).values())
+    return [client.info("commandstats")]
 
 
 def _redis_calls(client: Any) -> int:
-    stats = client.info("commandstats")
-    return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info",))
+    return sum(v["calls"] for stats in _commandstats(client) for k, v in stats.items()
+               if k not in ("cmdstat_info",))
 
 
 def evalsha_calls(client: Any) -> int:
-    """How many EVALSHA calls the server has run so far."""
-    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    """How many EVALSHA calls the server (every primary of a cluster) has run so far."""
+    return sum(int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+               for stats in _commandstats(client))
 
 
 @dataclass
@@ -151,7 +173,11 @@ class Opened:
 
 def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | None = None,
                **options: Any) -> Opened:
-    """Open a fresh store of ``kind`` (Redis stores get a namespace of their own)."""
+    """Open a fresh store of ``kind`` (Redis stores get a namespace of their own).
+
+    ``redis_url`` is the server of :func:`url_fixture` for ``kind``: a ``redis+cluster://``
+    URL for the cluster kinds, whose stores and inspector are cluster clients.
+    """
     namespace = namespace or f"mktest-{uuid.uuid4().hex[:12]}"
     if kind in ("memory", "async-memory"):
         if kind == "memory":
@@ -176,8 +202,11 @@ def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | No
 
     import redis
 
+    from meterkit._url import redis_client
+
     assert redis_url is not None
-    inspector = redis.Redis.from_url(redis_url)
+    cluster = "cluster" in kind
+    inspector = redis_client(redis_url) if cluster else redis.Redis.from_url(redis_url)
 
     def forget() -> None:
         """Delete the namespace's keys, in case the server is shared (METERKIT_REDIS_URL)."""
@@ -185,7 +214,7 @@ def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | No
         if names:
             inspector.delete(*names)
         inspector.close()
-    if kind == "redis":
+    if kind in ("redis", "redis-cluster"):
         sync_store = RedisKeyStore.from_url(redis_url, namespace=namespace, clock=clock, **options)
         store = sync_store
 
@@ -206,14 +235,16 @@ def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | No
     def stored() -> int:
         return len(list(inspector.scan_iter(match=f"{namespace}:*")))
 
-    handle = Handle(kind, store, lambda: _redis_calls(inspector), stored, namespace, inspector)
+    handle = Handle(kind, store, lambda: _redis_calls(inspector), stored, namespace, inspector,
+                    redis_url)
     return Opened(handle, close)
 
 
 @pytest.fixture(params=KINDS)
 def handle(request: pytest.FixtureRequest, clock: Any) -> Iterator[Handle]:
     """A fresh store of each kind, on the fake clock."""
-    url = request.getfixturevalue("redis_url") if "redis" in request.param else None
+    fixture = url_fixture(request.param)
+    url = request.getfixturevalue(fixture) if fixture else None
     opened = open_store(request.param, clock, url)
     try:
         yield opened.handle
@@ -452,10 +483,9 @@ def test_other_organizations_get_one_answer_whether_they_exist_or_not(store: Any
     assert existing.body == missing.body == malformed.body == SEED_BODIES["organization_not_found"]
 
 
-def test_status_codes_are_configurable(handle: Handle, clock: Any, request: Any) -> None:
+def test_status_codes_are_configurable(handle: Handle, clock: Any) -> None:
     """status_codes changes the HTTP status of a refusal in .status and in the body."""
-    url = request.getfixturevalue("redis_url") if "redis" in handle.kind else None
-    opened = open_store(handle.kind, clock, url,
+    opened = open_store(handle.kind, clock, handle.url,
                         status_codes={"insufficient_permissions": 403,
                                       "organization_not_found": 404})
     try:
@@ -554,11 +584,10 @@ def test_a_live_key_relabelled_as_test_is_refused(store: Any) -> None:
         "invalid_api_key")
 
 
-def test_the_token_prefix_is_configurable(handle: Handle, clock: Any, request: Any) -> None:
+def test_the_token_prefix_is_configurable(handle: Handle, clock: Any) -> None:
     """A store with token_prefix='acme' issues acme_live_ keys and refuses cl_ keys."""
-    url = request.getfixturevalue("redis_url") if "redis" in handle.kind else None
     plaintext, _ = handle.store.create(org="org_1")
-    opened = open_store(handle.kind, clock, url, token_prefix="acme")
+    opened = open_store(handle.kind, clock, handle.url, token_prefix="acme")
     try:
         acme = opened.handle.store
         own, key = acme.create(org="org_1")

@@ -1,8 +1,14 @@
-"""What only the Redis key stores do: layout, round trips, secrets at rest, driver errors."""
+"""What only the Redis key stores do: layout, round trips, secrets at rest, driver errors.
+
+Every test that takes ``handle`` or ``server`` runs on a standalone Redis and on the
+session's 3-master Redis Cluster; tests/test_keystore_cluster.py covers what only the
+cluster does (the order of its separate writes).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,19 +26,52 @@ from meterkit._errors import (
     StateError,
 )
 from meterkit._keys import async_keystore_from_url, keystore_from_url
-from meterkit._keystore_redis import AsyncRedisKeyStore, RedisKeyStore
+from meterkit._keystore_redis import AsyncRedisKeyStore, RedisKeyStore, _Script
+from meterkit._url import redis_client
 from tests import _servers
-from tests.test_keys_behaviour import Handle, bearer, evalsha_calls, open_store, refusal
+from tests.test_keys_behaviour import (
+    Handle,
+    bearer,
+    evalsha_calls,
+    open_store,
+    refusal,
+    url_fixture,
+)
+
+KINDS = ["redis", "async-redis", "redis-cluster", "async-redis-cluster"]
 
 
-@pytest.fixture(params=["redis", "async-redis"])
-def handle(request: pytest.FixtureRequest, clock: Any, redis_url: str) -> Iterator[Handle]:
-    """A fresh Redis store, blocking and async, in a namespace of its own."""
-    opened = open_store(request.param, clock, redis_url)
+@pytest.fixture(params=KINDS)
+def handle(request: pytest.FixtureRequest, clock: Any) -> Iterator[Handle]:
+    """A fresh Redis store, blocking and async, standalone and on a cluster, in a
+    namespace of its own."""
+    fixture = url_fixture(request.param)
+    assert fixture is not None
+    opened = open_store(request.param, clock, request.getfixturevalue(fixture))
     try:
         yield opened.handle
     finally:
         opened.close()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The URL of the session's standalone Redis, then of its cluster."""
+    url: str = request.getfixturevalue(
+        "redis_cluster_url" if request.param == "cluster" else "redis_url"
+    )
+    return url
+
+
+def client_for(url: str) -> Any:
+    """A new synchronous client for ``url`` (a cluster client for a cluster URL)."""
+    return redis_client(url) if "+cluster://" in url else redis.Redis.from_url(url)
+
+
+def forget(client: Any, namespace: str) -> None:
+    """Delete every key under ``namespace`` (one by one: on a cluster they are on many slots)."""
+    for name in list(client.scan_iter(match=f"{namespace}:*")):
+        client.delete(name)
 
 
 def _dump(client: redis.Redis) -> list[bytes]:
@@ -184,10 +223,10 @@ def test_a_record_filed_under_another_id_is_a_state_error(handle: Handle) -> Non
         handle.store.get(second.id)
 
 
-def test_a_different_pepper_refuses_keys_hashed_with_another(handle: Handle, clock: Any,
-                                                             redis_url: str) -> None:
+def test_a_different_pepper_refuses_keys_hashed_with_another(handle: Handle,
+                                                             clock: Any) -> None:
     """Two stores on the same data but different peppers do not accept each other's keys."""
-    opened = open_store(handle.kind, clock, redis_url, namespace=handle.namespace,
+    opened = open_store(handle.kind, clock, handle.url, namespace=handle.namespace,
                         pepper=b"a-pepper-of-sixteen-bytes+")
     try:
         peppered = opened.handle.store
@@ -243,23 +282,36 @@ def test_malformed_headers_never_reach_an_unreachable_redis(clock: Any) -> None:
         store.close()
 
 
-def test_rotation_retries_when_the_old_key_changes_midway(redis_url: str, clock: Any) -> None:
-    """A revoke landing between rotate's read and its write is seen, and rotate refuses."""
-    store = RedisKeyStore.from_url(redis_url, namespace="mktest-race", clock=clock)
+def test_rotation_retries_when_the_old_key_changes_midway(server: str, clock: Any) -> None:
+    """A revoke landing between rotate's read and its write is seen, and rotate refuses.
+
+    On a cluster the new id is indexed before the guarded write; the refused rotation
+    takes it back, so nothing of it is left behind.
+    """
+    namespace = f"mktest-race-{uuid.uuid4().hex[:8]}"
+    store = RedisKeyStore.from_url(server, namespace=namespace, clock=clock)
     try:
         _, key = store.create(org="org_race")
+        old_key = f"{namespace}:key:{key.id}"
         program = store._commands.rotate(key.id, grace=60)
         read = next(program)
-        write = program.send(store._call(read))
+        step = program.send(store._call(read))
+        while not (isinstance(step, _Script) and old_key in step.keys):
+            step = program.send(store._call(step))  # a cluster indexes the new id first
         store.revoke(key.id)
-        assert store._call(write) == 0  # the script's guard saw the change and wrote nothing
-        read_again = program.send(0)
-        assert read_again == read
+        assert store._call(step) == 0  # the script's guard saw the change and wrote nothing
+        step = program.send(0)
+        while step != read:
+            step = program.send(store._call(step))  # a cluster takes the new id back
         with pytest.raises(InvalidRequestError, match="revoked"):
-            program.send(store._call(read_again))
+            program.send(store._call(step))
+        assert store._client.smembers(f"{namespace}:org:org_race:keys") == {key.id.encode()}
+        assert sorted(store._client.scan_iter(match=f"{namespace}:*")) == sorted(
+            [old_key.encode(), f"{namespace}:org:org_race:keys".encode()]
+        )
         assert [k.id for k in store.list("org_race")] == [key.id]
     finally:
-        store._client.delete(*store._client.scan_iter(match="mktest-race:*"))
+        forget(store._client, namespace)
         store.close()
 
 
@@ -274,10 +326,11 @@ def test_url_factories_choose_the_redis_stores(redis_url: str) -> None:
     asyncio.run(async_store.aclose())
 
 
-def test_a_client_passed_in_is_left_open(redis_url: str) -> None:
-    """A store built on the caller's client does not close it."""
-    client = redis.Redis.from_url(redis_url)
+def test_a_client_passed_in_is_left_open(server: str) -> None:
+    """A store built on the caller's client (a cluster client too) does not close it."""
+    client = client_for(server)
     store = RedisKeyStore(client, namespace="mk-borrowed")
+    assert store._commands.cluster == ("+cluster://" in server)
     store.close()
     assert client.ping()
     client.close()
