@@ -741,7 +741,9 @@ class AsyncMemoryKeyStore:
         """Nothing to release: present for the :class:`AsyncKeyStore` protocol."""
 
 
-_REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix", "redis+unix"})
+_REDIS_SCHEMES: Final = frozenset(
+    {"redis", "rediss", "unix", "redis+unix", "redis+cluster", "rediss+cluster"}
+)
 
 
 def _scheme(url: object) -> str:
@@ -756,8 +758,8 @@ def _scheme(url: object) -> str:
     if scheme in _REDIS_SCHEMES:
         return scheme
     raise ConfigurationError(
-        f"unsupported key store URL scheme {scheme!r}: use memory://, redis://, rediss://"
-        " or redis+unix:// (Redis Cluster is not supported for keys)",
+        f"unsupported key store URL scheme {scheme!r}: use memory://, redis://, rediss://,"
+        " redis+unix://, redis+cluster:// or rediss+cluster://",
         "url",
     )
 
@@ -778,8 +780,11 @@ def keystore_from_url(
     status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
 ) -> KeyStore:
-    """A key store for ``memory://`` or ``redis://…`` (``rediss://``, ``unix://``).
+    """A key store for ``memory://`` or ``redis://…`` (``rediss://``, ``unix://``,
+    ``redis+cluster://host:port[,host:port…]``, ``rediss+cluster://``).
 
+    A cluster URL makes the client :func:`~meterkit.backend_from_url` would make for it
+    (connected at once: an unreachable cluster raises ``BackendUnavailable`` here).
     ``pepper`` is the server-side secret keyed into every hash (keep it out of URLs and
     of the store); ``namespace`` prefixes Redis key names; ``status_codes`` overrides the
     HTTP status of refusals (401 each by default), e.g. ``{"insufficient_permissions": 403}``.

@@ -315,13 +315,18 @@ def test_rotation_retries_when_the_old_key_changes_midway(server: str, clock: An
         store.close()
 
 
-def test_url_factories_choose_the_redis_stores(redis_url: str) -> None:
-    """keystore_from_url and async_keystore_from_url pick the Redis stores for redis://."""
-    sync_store = keystore_from_url(redis_url, namespace="mk-factory")
-    async_store = async_keystore_from_url(redis_url, namespace="mk-factory")
+def test_url_factories_choose_the_redis_stores(server: str) -> None:
+    """keystore_from_url and async_keystore_from_url pick the Redis stores for redis://
+    and for redis+cluster://, on a cluster client for the latter."""
+    sync_store = keystore_from_url(server, namespace="mk-factory")
+    async_store = async_keystore_from_url(server, namespace="mk-factory")
     assert isinstance(sync_store, RedisKeyStore)
     assert isinstance(async_store, AsyncRedisKeyStore)
-    assert repr(sync_store) == "RedisKeyStore(namespace='mk-factory')"
+    on_cluster = ", cluster=True" if "+cluster://" in server else ""
+    assert repr(sync_store) == f"RedisKeyStore(namespace='mk-factory'{on_cluster})"
+    assert repr(async_store) == f"AsyncRedisKeyStore(namespace='mk-factory'{on_cluster})"
+    assert isinstance(sync_store._client, redis.RedisCluster) == bool(on_cluster)
+    assert isinstance(async_store._client, redis.asyncio.RedisCluster) == bool(on_cluster)
     sync_store.close()
     asyncio.run(async_store.aclose())
 
