@@ -70,7 +70,8 @@ def _cluster_nodes(url: str, node_class: Any) -> tuple[list[Any], dict[str, Any]
     kwargs: dict[str, Any] = parse_url(  # type: ignore[no-untyped-call]
         f"{scheme}://{auth}localhost/0{query}"
     )
-    for name in ("host", "port", "db"):
+    # (a cluster client picks its own connection class from ssl=; it refuses one given)
+    for name in ("host", "port", "db", "connection_class"):
         kwargs.pop(name, None)
     if scheme == "rediss":
         kwargs["ssl"] = True

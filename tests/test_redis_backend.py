@@ -624,6 +624,17 @@ def test_url_clients_time_out_fast_and_never_retry() -> None:
     client.close()
 
 
+async def test_a_rediss_cluster_url_gives_an_async_cluster_client_over_tls() -> None:
+    """rediss+cluster:// builds a cluster client whose connections use TLS (it used to
+    fail: redis-py's cluster client refuses the connection class a URL parse gives)."""
+    import redis.asyncio.connection
+
+    client = redis_client("rediss+cluster://user:secret@example.invalid:7000", asyncio=True)
+    assert client.connection_kwargs["connection_class"] is redis.asyncio.connection.SSLConnection
+    assert client.connection_kwargs["socket_timeout"] == 1.0
+    await client.aclose()
+
+
 def test_bad_urls_and_options_are_refused_without_echoing_secrets() -> None:
     """Unknown schemes, options and timeouts raise ConfigurationError; no password shown."""
     with pytest.raises(ConfigurationError) as info:
