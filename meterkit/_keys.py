@@ -334,9 +334,11 @@ class _Hasher:
     which re-derives them on every call; the result is the same HMAC.
     """
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_inner", "_outer", "key")
 
-    def __init__(self, pepper: bytes | str | None) -> None:
+    def __init__(self, pepper: bytes | str | None, what: str = "pepper") -> None:
+        #: The HMAC key (the pepper as HMAC uses it), or None: equal keys hash alike.
+        self.key: bytes | None = None
         if pepper is None:
             self._inner = None
             self._outer = None
@@ -344,9 +346,10 @@ class _Hasher:
         if isinstance(pepper, str):
             pepper = pepper.encode("utf-8")
         if not isinstance(pepper, bytes) or len(pepper) < 16:
-            raise ConfigurationError("must be at least 16 bytes (or None)", "pepper")
+            raise ConfigurationError("must be at least 16 bytes (or None)", what)
         if len(pepper) > 64:
             pepper = hashlib.sha256(pepper).digest()
+        self.key = pepper
         block = pepper.ljust(64, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
@@ -361,6 +364,25 @@ class _Hasher:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.hexdigest()
+
+
+def _previous_hashers(
+    current: _Hasher, peppers: Iterable[bytes | str | None]
+) -> tuple[_Hasher, ...]:
+    """The hashers of ``previous_peppers``: distinct, and none the current pepper."""
+    if isinstance(peppers, (str, bytes)) or not isinstance(peppers, Iterable):
+        raise ConfigurationError(
+            "is a list of peppers (None for plain SHA-256), not one pepper", "previous_peppers"
+        )
+    hashers: list[_Hasher] = []
+    for pepper in peppers:
+        hasher = _Hasher(pepper, "previous_peppers")
+        if hasher.key == current.key or any(hasher.key == h.key for h in hashers):
+            raise ConfigurationError(
+                "names the current pepper, or one pepper twice", "previous_peppers"
+            )
+        hashers.append(hasher)
+    return tuple(hashers)
 
 
 def _status_codes(overrides: Mapping[str, int] | None) -> dict[str, int]:
@@ -383,7 +405,7 @@ class KeyRules:
     rotation does is decided here, once, for the memory and Redis stores alike.
     """
 
-    __slots__ = ("clock", "format", "hash", "statuses")
+    __slots__ = ("clock", "format", "hash", "previous", "statuses")
 
     def __init__(
         self,
@@ -391,6 +413,7 @@ class KeyRules:
         clock: Clock | None = None,
         token_prefix: str = "cl",
         pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
     ) -> None:
         if clock is not None and not callable(clock):
@@ -398,14 +421,18 @@ class KeyRules:
         self.clock: Clock = clock if clock is not None else time.time
         self.format = KeyFormat(token_prefix)
         self.hash = _Hasher(pepper)
+        #: Hashers of peppers being retired: a key hashed under one still authenticates,
+        #: and its stored hash is replaced by the current pepper's on the way.
+        self.previous = _previous_hashers(self.hash, previous_peppers)
         self.statuses = _status_codes(status_codes)
 
     def error(self, code: str) -> AuthenticationError:
         """A fresh refusal with ``code`` and its configured status."""
         return AuthenticationError(code, status=self.statuses[code])
 
-    def read_header(self, header: object) -> tuple[str, str]:
-        """``(key id, hash)`` from an ``Authorization`` header, checked without any lookup."""
+    def read_header(self, header: object) -> tuple[str, tuple[str, ...]]:
+        """``(key id, hashes)`` from an ``Authorization`` header, checked without any
+        lookup: the token's hash under the pepper, then under each previous pepper."""
         if isinstance(header, bytes):
             if len(header) > MAX_HEADER_CHARS:
                 raise self.error(INVALID)
@@ -419,13 +446,23 @@ class KeyRules:
         # The checksum is public (anyone can compute it), so a plain comparison is fine.
         if checksum(token[:-CHECK_CHARS]) != token[-CHECK_CHARS:]:
             raise self.error(INVALID)
-        return KEY_ID_PREFIX + match.group(3), self.hash(token)
+        digests = (self.hash(token), *(hasher(token) for hasher in self.previous))
+        return KEY_ID_PREFIX + match.group(3), digests
 
-    def verified(self, record: ApiKey | None, digest: str) -> ApiKey:
-        """``record`` if it exists and its hash is ``digest`` (compared in constant time)."""
-        if record is None or not compare_digest(record.secret_hash, digest):
+    def verified(self, record: ApiKey | None, digests: tuple[str, ...]) -> ApiKey:
+        """``record`` if it exists and its hash is one of ``digests`` (the current
+        pepper's first, then the previous peppers'; compared in constant time). A record
+        hashed under a previous pepper comes back with the current pepper's hash, which
+        the store then keeps in place of the old one."""
+        if record is None:
             raise self.error(INVALID)
-        return record
+        stored = record.secret_hash
+        if compare_digest(stored, digests[0]):
+            return record
+        for digest in digests[1:]:
+            if compare_digest(stored, digest):
+                return msgspec.structs.replace(record, secret_hash=digests[0])
+        raise self.error(INVALID)
 
     def admit(self, record: ApiKey, now: float, org: str | None, permission: str | None,
               wildcard: str) -> ApiKey:
@@ -594,10 +631,11 @@ class MemoryKeyStore:
         clock: Clock | None = None,
         token_prefix: str = "cl",
         pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
     ) -> None:
         self._rules = KeyRules(clock=clock, token_prefix=token_prefix, pepper=pepper,
-                               status_codes=status_codes)
+                               previous_peppers=previous_peppers, status_codes=status_codes)
         self._records: dict[str, ApiKey] = {}
         self._by_org: dict[str, builtins.list[str]] = {}
         self._lock = threading.Lock()
@@ -667,17 +705,24 @@ class MemoryKeyStore:
         """See :meth:`KeyStore.authenticate`."""
         rules = self._rules
         wildcard = rules.requested(permission)
-        key_id, digest = rules.read_header(authorization)
-        record = rules.verified(self._records.get(key_id), digest)
+        key_id, digests = rules.read_header(authorization)
+        found = self._records.get(key_id)
+        record = rules.verified(found, digests)
         now = rules.clock()
         last = record.last_used_at
-        if last is None or now > last:
+        if last is None or now > last or record is not found:
             with self._lock:
                 record = self._records[key_id]
+                changes: dict[str, Any] = {}
+                if found is not None and record.secret_hash == found.secret_hash:
+                    # (a previous pepper's hash becomes the current pepper's; a record
+                    # changed meanwhile keeps its own)
+                    changes["secret_hash"] = digests[0]
                 last = record.last_used_at
                 if last is None or now > last:
-                    record = msgspec.structs.replace(record, last_used_at=now)
-                    self._records[key_id] = record
+                    changes["last_used_at"] = now
+                record = msgspec.structs.replace(record, **changes)
+                self._records[key_id] = record
         return rules.admit(record, now, org, permission, wildcard)
 
     def close(self) -> None:
@@ -696,10 +741,11 @@ class AsyncMemoryKeyStore:
         clock: Clock | None = None,
         token_prefix: str = "cl",
         pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
     ) -> None:
         self.sync = MemoryKeyStore(clock=clock, token_prefix=token_prefix, pepper=pepper,
-                                   status_codes=status_codes)
+                                   previous_peppers=previous_peppers, status_codes=status_codes)
 
     def __repr__(self) -> str:
         return f"AsyncMemoryKeyStore(token_prefix={self.sync.key_format.prefix!r})"
@@ -777,6 +823,7 @@ def keystore_from_url(
     clock: Clock | None = None,
     token_prefix: str = "cl",
     pepper: bytes | str | None = None,
+    previous_peppers: Iterable[bytes | str | None] = (),
     status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
 ) -> KeyStore:
@@ -786,10 +833,13 @@ def keystore_from_url(
     A cluster URL makes the client :func:`~meterkit.backend_from_url` would make for it
     (connected at once: an unreachable cluster raises ``BackendUnavailable`` here).
     ``pepper`` is the server-side secret keyed into every hash (keep it out of URLs and
-    of the store); ``namespace`` prefixes Redis key names; ``status_codes`` overrides the
-    HTTP status of refusals (401 each by default), e.g. ``{"insufficient_permissions": 403}``.
+    of the store), ``previous_peppers`` those being retired (their keys still work and
+    are rehashed under ``pepper`` when presented); ``namespace`` prefixes Redis key
+    names; ``status_codes`` overrides the HTTP status of refusals (401 each by default),
+    e.g. ``{"insufficient_permissions": 403}``.
     """
     options: dict[str, Any] = {"clock": clock, "token_prefix": token_prefix, "pepper": pepper,
+                               "previous_peppers": previous_peppers,
                                "status_codes": status_codes}
     if _scheme(url) == "memory":
         return MemoryKeyStore(**options)
@@ -805,11 +855,13 @@ def async_keystore_from_url(
     clock: Clock | None = None,
     token_prefix: str = "cl",
     pepper: bytes | str | None = None,
+    previous_peppers: Iterable[bytes | str | None] = (),
     status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
 ) -> AsyncKeyStore:
     """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
     options: dict[str, Any] = {"clock": clock, "token_prefix": token_prefix, "pepper": pepper,
+                               "previous_peppers": previous_peppers,
                                "status_codes": status_codes}
     if _scheme(url) == "memory":
         return AsyncMemoryKeyStore(**options)

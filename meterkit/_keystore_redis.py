@@ -95,8 +95,19 @@ _KEY_ID_RE: Final = re.compile(r"key_[0-9A-Za-z]{12}")
 TOMBSTONE_MS: Final = 86_400_000
 
 _AUTHENTICATE: Final = """
--- KEYS[1] the key's record; ARGV[1] hash of the presented plaintext; ARGV[2] now.
+-- KEYS[1] the key's record; ARGV[1] hash of the presented plaintext; ARGV[2] now;
+-- ARGV[3...] its hashes under previous peppers: a record holding one of those gets
+-- ARGV[1] in its place (the key moves to the current pepper as it is used).
 local v = redis.call('HMGET', KEYS[1], 'rec', 'hash', 'expires', 'revoked', 'used')
+if v[1] and v[2] ~= ARGV[1] then
+  for i = 3, #ARGV do
+    if v[2] == ARGV[i] then
+      redis.call('HSET', KEYS[1], 'hash', ARGV[1])
+      v[2] = ARGV[1]
+      break
+    end
+  end
+end
 if v[1] and v[2] == ARGV[1] then
   local used = tonumber(v[5])
   if not used or tonumber(ARGV[2]) > used then
@@ -454,10 +465,12 @@ class _KeyCommands:
         """See :meth:`~meterkit._keys.KeyStore.authenticate`."""
         rules = self.rules
         wildcard = rules.requested(permission)
-        key_id, digest = rules.read_header(authorization)
+        key_id, digests = rules.read_header(authorization)
         now = rules.clock()
-        values = yield _Script("authenticate", (self.record_key(key_id),), (digest, _number(now)))
-        record = rules.verified(self.decode(key_id, values), digest)
+        values = yield _Script(
+            "authenticate", (self.record_key(key_id),), (digests[0], _number(now), *digests[1:])
+        )
+        record = rules.verified(self.decode(key_id, values), digests[:1])
         return rules.admit(record, now, org, permission, wildcard)
 
 
@@ -510,11 +523,12 @@ class _RedisStoreShell:
         clock: Clock | None = None,
         token_prefix: str = "cl",
         pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
         owns_client: bool = False,
     ) -> None:
         rules = KeyRules(clock=clock, token_prefix=token_prefix, pepper=pepper,
-                         status_codes=status_codes)
+                         previous_peppers=previous_peppers, status_codes=status_codes)
         cluster = isinstance(client, self._client_module().RedisCluster)
         self._commands = _KeyCommands(rules, namespace, cluster=cluster)
         self._client = client
@@ -535,6 +549,7 @@ class _RedisStoreShell:
         clock: Clock | None = None,
         token_prefix: str = "cl",
         pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
     ) -> _Shell:
         """A store on a client made from ``url``, closed with the store.
@@ -551,7 +566,8 @@ class _RedisStoreShell:
         else:
             client = module.Redis.from_url(url)
         return cls(client, namespace=namespace, clock=clock, token_prefix=token_prefix,
-                   pepper=pepper, status_codes=status_codes, owns_client=True)
+                   pepper=pepper, previous_peppers=previous_peppers,
+                   status_codes=status_codes, owns_client=True)
 
     def __repr__(self) -> str:
         cluster = ", cluster=True" if self._commands.cluster else ""

@@ -169,6 +169,61 @@ def test_a_memory_store_with_a_pepper_stores_the_hmac(clock: Any) -> None:
     assert store.authenticate(f"Bearer {plaintext}", org="org_1").id == key.id
 
 
+@pytest.mark.parametrize(
+    ("pepper", "previous"),
+    [
+        (b"0123456789abcdef", b"fedcba9876543210"),  # one pepper, not a list of them
+        (b"0123456789abcdef", "fedcba9876543210"),
+        (b"0123456789abcdef", [b"short"]),
+        (b"0123456789abcdef", [b"0123456789abcdef"]),  # the current pepper
+        (None, [None]),
+        (b"0123456789abcdef", [b"fedcba9876543210", "fedcba9876543210"]),  # twice
+        (b"0123456789abcdef", 5),
+    ],
+)
+def test_odd_previous_peppers_are_configuration_errors(pepper: Any, previous: Any) -> None:
+    """previous_peppers is a list of distinct valid peppers (or None), none the current one."""
+    with pytest.raises(ConfigurationError) as caught:
+        MemoryKeyStore(pepper=pepper, previous_peppers=previous)
+    assert caught.value.location == "previous_peppers"
+    assert "fedcba" not in str(caught.value)
+    assert "0123456" not in str(caught.value)
+
+
+@pytest.mark.parametrize("old", [b"the-pepper-being-retired", None], ids=["pepper", "none"])
+def test_a_memory_store_moves_keys_of_a_previous_pepper_to_the_current_one(
+    clock: Any, old: bytes | None
+) -> None:
+    """A key hashed under a previous pepper is admitted and rehashed under the current
+    one; its revocation and other fields stay, and an unknown pepper's key is refused."""
+    new = b"the-pepper-taking-over!!"
+    before = MemoryKeyStore(clock=clock, pepper=old)
+    plaintext, key = before.create(org="org_1", permissions=["invoices:read"])
+    revoked_plain, revoked = before.create(org="org_1")
+    before.revoke(revoked.id)
+    rotating = MemoryKeyStore(clock=clock, pepper=new, previous_peppers=[old])
+    rotating._records, rotating._by_org = before._records, before._by_org  # the same data
+    clock.advance(5)
+    admitted = rotating.authenticate(f"Bearer {plaintext}", org="org_1",
+                                     permission="invoices:read")
+    expected = hmac.new(new, plaintext.encode(), hashlib.sha256).hexdigest()
+    assert admitted.secret_hash == expected == rotating.get(key.id).secret_hash  # type: ignore[union-attr]
+    assert admitted.last_used_at == clock()
+    assert msgspec.structs.replace(admitted, secret_hash=key.secret_hash,
+                                   last_used_at=None) == key
+    with pytest.raises(AuthenticationError):
+        before.authenticate(f"Bearer {plaintext}", org="org_1")
+    with pytest.raises(AuthenticationError):
+        rotating.authenticate(f"Bearer {revoked_plain}", org="org_1")
+    assert rotating.get(revoked.id).revoked_at is not None  # type: ignore[union-attr]
+    stranger_plain, stranger = MemoryKeyStore(pepper=b"a-third-pepper-nobody-has").create(
+        org="org_1")
+    rotating._records[stranger.id] = stranger
+    with pytest.raises(AuthenticationError):
+        rotating.authenticate(f"Bearer {stranger_plain}", org="org_1")
+    assert rotating.get(stranger.id) == stranger
+
+
 # --- the record --------------------------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ cluster does (the order of its separate writes).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +33,7 @@ from meterkit._url import redis_client
 from tests import _servers
 from tests.test_keys_behaviour import (
     Handle,
+    Opened,
     bearer,
     evalsha_calls,
     open_store,
@@ -237,6 +240,53 @@ def test_a_different_pepper_refuses_keys_hashed_with_another(handle: Handle,
         assert handle.store.get(key.id) == peppered.get(key.id)
     finally:
         opened.close()
+
+
+OLD_PEPPER = b"the-pepper-being-retired"
+NEW_PEPPER = b"the-pepper-taking-over!!"
+
+
+@pytest.mark.parametrize("old", [OLD_PEPPER, None], ids=["pepper", "no-pepper"])
+def test_a_previous_pepper_admits_its_keys_and_moves_them_to_the_current_one(
+    handle: Handle, clock: Any, old: bytes | None
+) -> None:
+    """A store with previous_peppers admits a key hashed under one of them, in one
+    EVALSHA, and stores its hash under the current pepper: from then on a store with only
+    the current pepper admits it and one with only the old pepper no longer does."""
+    def store(**peppers: Any) -> Opened:
+        return open_store(handle.kind, clock, handle.url, namespace=handle.namespace, **peppers)
+
+    before, rotating, after = store(pepper=old), store(
+        pepper=NEW_PEPPER, previous_peppers=[old]), store(pepper=NEW_PEPPER)
+    try:
+        plaintext, key = before.handle.store.create(org="org_1")
+        record = f"{handle.namespace}:key:{key.id}"
+        def code(opened: Opened, plain: str) -> str:
+            return refusal(lambda: opened.handle.store.authenticate(bearer(plain),
+                                                                    org="org_1")).code
+
+        assert code(after, plaintext) == "invalid_api_key"
+        calls = evalsha_calls(handle.redis)
+        assert rotating.handle.store.authenticate(bearer(plaintext), org="org_1").id == key.id
+        assert evalsha_calls(handle.redis) == calls + 1
+        expected = hmac.new(NEW_PEPPER, plaintext.encode(), hashlib.sha256).hexdigest()
+        assert handle.redis.hget(record, "hash") == expected.encode()
+        assert handle.store.get(key.id).secret_hash == expected
+        assert after.handle.store.authenticate(bearer(plaintext), org="org_1").id == key.id
+        assert code(before, plaintext) == "invalid_api_key"
+        # a key under neither pepper is refused, and its record is left as it was
+        stranger = open_store(handle.kind, clock, handle.url, namespace=handle.namespace,
+                              pepper=b"a-third-pepper-nobody-has")
+        try:
+            other, other_key = stranger.handle.store.create(org="org_1")
+        finally:
+            stranger.close()
+        kept = handle.redis.hget(f"{handle.namespace}:key:{other_key.id}", "hash")
+        assert code(rotating, other) == "invalid_api_key"
+        assert handle.redis.hget(f"{handle.namespace}:key:{other_key.id}", "hash") == kept
+    finally:
+        for opened in (before, rotating, after):
+            opened.close()
 
 
 def test_an_unreachable_redis_is_backend_unavailable(clock: Any) -> None:
