@@ -79,6 +79,10 @@ _US = 1_000_000
 #: A check's reply: 7 integers of the head, then 3 per tier (see check.lua).
 _HEAD = struct.Struct("<7q")
 _TIER = struct.Struct("<3q")
+#: An account's 'h' (month start, used, top-ups, override or -1) and 'q|<op>|<key>'
+#: (requests, µ-credits): see common.lua.
+_ACCOUNT_HEAD = struct.Struct("<4q")
+_ACCOUNT_PAIR = struct.Struct("<2q")
 _KINDS = ("fw", "sw", "gc", "sl")  # by Tier.code
 
 
@@ -533,7 +537,7 @@ class _Codec:
         if plan.idem is not None:
             keys.append(base + "id:" + plan.idem)
         start, _ = month_bounds(outcome[2])
-        field = f"c|{plan.op.name}|{plan.key}"
+        field = f"q|{plan.op.name}|{plan.key}"
         return [
             "EVALSHA",
             _REFUND.sha,
@@ -542,7 +546,7 @@ class _Codec:
             self._now(),
             start,
             charge,
-            -outcome[5],
+            outcome[5],
             field,
         ]
 
@@ -554,23 +558,22 @@ class _Codec:
         """The usage tuple of a usage script's reply (see :data:`RawUsage`)."""
         start, end, override, flat = reply
         try:
-            fields = {_text(k): _text(v) for k, v in zip(flat[0::2], flat[1::2], strict=False)}
+            fields = dict(zip(flat[0::2], flat[1::2], strict=False))
             allowance = policy.credits.allowance_micro if override is None else int(override)
-            period = fields.get("p")
-            if period is None or int(period) != start:
+            head = fields.get(b"h")
+            if head is None:
+                return start, end, allowance, 0, 0, {}
+            period, used, topup, _ = _ACCOUNT_HEAD.unpack(head)
+            if period != start:
                 return start, end, allowance, 0, 0, {}
             pairs: dict[tuple[str, str], list[int]] = {}
             for name, value in fields.items():
-                if name[1:2] == "|" and name[0] in "rc":
-                    operation, key = name[2:].split("|", 1)
-                    pair = pairs.get((key, operation))
-                    if pair is None:
-                        pair = pairs[(key, operation)] = [0, 0]
-                    pair[name[0] == "c"] = int(value)
+                if name[:2] == b"q|":
+                    operation, key = _text(name[2:]).split("|", 1)
+                    pairs[(key, operation)] = list(_ACCOUNT_PAIR.unpack(value))
             requests = sum(r for r, _ in pairs.values())
-            allowance += int(fields.get("t", 0))
-            return start, end, allowance, int(fields.get("u", 0)), requests, pairs
-        except ValueError:
+            return start, end, allowance + topup, used, requests, pairs
+        except (ValueError, struct.error):
             raise StateError("redis holds an account meterkit did not write") from None
 
     def set_allowance(self, org: str, mode: str, micro: int | None) -> Command:

@@ -235,7 +235,9 @@ def test_a_key_of_the_wrong_type_gives_a_state_error_and_changes_nothing(
     [("fw:fw.5.60:k", "seven"), ("fw:fw.5.60:k", struct.pack("<qq", 0, -1)),
      ("sw:sw.5.60", struct.pack("<qq", 0, 1)), ("sw:sw.5.60", struct.pack("<qqq", 0, 1, 2**60)),
      ("gc:gc.5.60.2:k", "soon"), ("al", "lots"), ("id:i", "not a record"),
-     ("cr", {"t": "plenty"}), ("cr", {"p": "then"})],
+     ("cr", {"h": "plenty"}), ("cr", {"h": struct.pack("<qqqq", 0, -5, 0, -1)}),
+     ("cr", {"h": struct.pack("<qqqq", 0, 0, 0, -2)}), ("cr", {"q|items.list|k": "x"}),
+     ("cr", {"q|items.list|k": struct.pack("<qq", -1, 0)})],
 )
 def test_a_malformed_value_gives_a_state_error_and_changes_nothing(
     client: redis.Redis, prefix: str, suffix: str, value: str | bytes | dict[str, str]
@@ -264,7 +266,7 @@ def test_malformed_accounts_and_logs_give_state_errors_everywhere(
     meter = Meter(_policy(), RedisBackend(client, prefix=prefix, clock=clock))
     d = meter.check("k", org="o", operation="items.list")
     account = f"{prefix}:{{o}}:cr"
-    client.hset(account, "u", "many")
+    client.hset(account, "h", "many")
     for call in (
         lambda: meter.check("k", org="o", operation="items.list"),
         lambda: meter.usage("o"),
@@ -272,9 +274,10 @@ def test_malformed_accounts_and_logs_give_state_errors_everywhere(
     ):
         with pytest.raises(StateError):
             call()
-    client.hset(account, "p", "then")
-    with pytest.raises(StateError):
-        meter.top_up("o", "1")
+    client.hset(account, "h", struct.pack("<qqqq", 0, 0, -1, -1))  # negative top-ups
+    for call in (lambda: meter.top_up("o", "1"), lambda: meter.set_allowance("o", "5")):
+        with pytest.raises(StateError):
+            call()
     client.delete(account)
     log = f"{prefix}:{{o}}:sl:sl.5.60:k"
     for garbled in ("yesterday", "yesterda", b"\x00" * 7 + b"\x80"):  # no 8-byte µs entries

@@ -4,13 +4,18 @@
 -- KEYS[2] the organization's account, whose copy of the override is kept in step
 -- ARGV    1 µ-credits, or '' to go back to the policy's allowance
 
+local head = redis.call('HGET', KEYS[2], 'h')
+local period, used, topup
+if head then
+  period, used, topup = head_of(head, KEYS[2])
+end
 if ARGV[1] == '' then
   redis.call('DEL', KEYS[1])
-  redis.call('HDEL', KEYS[2], 'a')
 else
   redis.call('SET', KEYS[1], ARGV[1])
-  if redis.call('EXISTS', KEYS[2]) == 1 then
-    redis.call('HSET', KEYS[2], 'a', ARGV[1])
-  end
+end
+if head then
+  local override = ARGV[1] == '' and -1 or tonumber(ARGV[1])
+  redis.call('HSET', KEYS[2], 'h', struct.pack(HEAD, period, used, topup, override))
 end
 return 1

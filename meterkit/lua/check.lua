@@ -20,21 +20,19 @@
 -- tau µs, 0; sliding log: limit, window µs, TTL ms of the log (as text).
 -- That saves Redis turning a dozen arguments into numbers on every check.
 --
--- check(n, P, R, k, now, now_text, cost, charge, who, operation, start, finish,
---       start_text, idem)
+-- check(n, P, R, k, now, now_text, cost, charge, who, operation, start, finish, idem)
 -- finds its keys at KEYS[k + 1...]:
 --
 -- KEYS[k+1..k+n]  one state key per tier, in policy order
--- KEYS[k+n+1]     the organization's account (HASH: p period start, u used, t top-ups,
---                 a the allowance override (a copy of KEYS[k+n+2], made when the
---                 account starts and kept by set_allowance), 'r|<op>|<key>' requests
---                 and 'c|<op>|<key>' credits of each pair, 'x|<charge>' refunds)
+-- KEYS[k+n+1]     the organization's account (HASH: 'h' the month's totals, 'q|<op>|<key>'
+--                 each pair's requests and credits, 'x|<charge>' refunds; see
+--                 common.lua's head_of and pair_of)
 -- KEYS[k+n+2]     the organization's allowance override (STRING, optional)
 -- idem            the idempotency record's key (STRING), or nil
 --
 -- and takes as text (as it came in ARGV): the cost in µ-credits, the charge id, the
--- key id (who) and the operation; the month the caller expects (start and finish µs,
--- checked) as numbers (a batch parses them once), and its start as text too.
+-- key id (who) and the operation; and the month the caller expects (start and finish
+-- µs, checked) as numbers (a batch parses them once).
 --
 -- Reply: allowed 0/1, reason, now, retry, charged, balance, period end, then per
 --        tier remaining, reset, denied — remaining as if admitted (the caller adds
@@ -54,7 +52,7 @@ local pack, unpack, sub = struct.pack, struct.unpack, string.sub
 local IDEM_US = 86400000000
 -- A sliding log entry, and each number of a window, is an 8-byte little-endian
 -- integer, exact below 2^53.
-local ENTRY_MAX = 9007199254740992
+local ENTRY_MAX = EXACT
 
 -- The time of a check from its text: the client's clock, or '' for the server's
 -- TIME (Redis 5+ replicates a script's effects, not the script, so TIME may precede
@@ -77,7 +75,7 @@ local function entry(log, i, key)
 end
 
 local function check(n, P, R, k, now, now_text, cost_text, charge, who, operation,
-                     start, finish, start_text, idem)
+                     start, finish, idem)
   if idem then
     local record = call('GET', idem)
     if record then
@@ -241,46 +239,33 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, who, operatio
   local account = KEYS[k + n + 1]
   if not (start <= now and now < finish) then
     start, finish = month(now)
-    start_text = int(start)
   end
   local cost = tonumber(cost_text)
-  local pair = operation .. '|' .. who
-  local rf, cf = 'r|' .. pair, 'c|' .. pair
-  local v = call('HMGET', account, 'p', 'u', 't', 'a', rf, cf)
+  local field = 'q|' .. operation .. '|' .. who
+  local v = call('HMGET', account, 'h', field)
   local used, topup, requests, spent = 0, 0, 0, 0
   local current, stale = false, false
   local override = false
-  local period = v[1]
-  if period then
-    if period ~= start_text then
-      period = tonumber(period)
-      if not period then
-        corrupt(account)
-      end
-    end
-    if period == start_text or period == start then
+  local head = v[1]
+  if head then
+    local period, u, t, a = head_of(head, account)
+    if period == start then
       current = true
-      used, topup = tonumber(v[2] or 0), tonumber(v[3] or 0)
-      requests, spent = tonumber(v[5] or 0), tonumber(v[6] or 0)
-      if not (used and topup and requests and spent)
-        or used % 1 ~= 0 or requests % 1 ~= 0 or spent % 1 ~= 0 then
-        corrupt(account)
+      used, topup = u, t
+      if a >= 0 then
+        override = a
       end
-      override = v[4]
+      if v[2] then
+        requests, spent = pair_of(v[2], account)
+      end
     else
       stale = true
     end
   end
   if not current then
-    override = call('GET', KEYS[k + n + 2])
+    override = allowance_of(KEYS[k + n + 2])
   end
-  local allowed_micro = allowance
-  if override then
-    allowed_micro = tonumber(override)
-    if not allowed_micro then
-      corrupt(current and account or KEYS[k + n + 2])
-    end
-  end
+  local allowed_micro = override or allowance
   local balance = allowed_micro + topup - used
 
   local broke = cost > balance and not shadow
@@ -333,17 +318,14 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, who, operatio
     end
   end
   -- One write for the account: the totals were read above, and nothing ran since.
+  local totals = pack(HEAD, start, used + cost, topup, override or -1)
   if current then
-    call('HSET', account, 'u', int(used + cost), rf, int(requests + 1), cf, int(spent + cost))
+    call('HSET', account, 'h', totals, field, pack(PAIR, requests + 1, spent + cost))
   else
     if stale then
       call('DEL', account)
     end
-    if override then
-      call('HSET', account, 'p', start_text, 'u', cost_text, rf, '1', cf, cost_text, 'a', override)
-    else
-      call('HSET', account, 'p', start_text, 'u', cost_text, rf, '1', cf, cost_text)
-    end
+    call('HSET', account, 'h', totals, field, pack(PAIR, 1, cost))
     call('PEXPIRE', account, ttl(finish - now, grace))
   end
   if idem then

@@ -34,7 +34,7 @@ for r = 1, (#ARGV - 2) / 7 do
     now, now_text = clock_text(ARGV[b + 2])
   end
   local ok, reply = pcall(check, n, set[2], set[3], k, now, now_text, ARGV[b + 3], ARGV[b + 4],
-                          ARGV[b + 5], ARGV[b + 6], start, finish, ARGV[1], idem)
+                          ARGV[b + 5], ARGV[b + 6], start, finish, idem)
   if not ok then
     -- (Redis hands a script's error to pcall as its text)
     reply = {err = type(reply) == 'table' and reply.err or tostring(reply)}

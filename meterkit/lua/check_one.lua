@@ -10,5 +10,5 @@
 local k = 0
 local now, now_text = clock_text(ARGV[1])
 local cost_text, charge, who, operation = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local start_text, idem = ARGV[6], KEYS[n + 3]
-local start, finish = tonumber(start_text), tonumber(ARGV[7])
+local idem = KEYS[n + 3]
+local start, finish = tonumber(ARGV[6]), tonumber(ARGV[7])

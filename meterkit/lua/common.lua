@@ -34,6 +34,53 @@ local function corrupt(key)
   error({err = 'METERKIT_STATE unexpected value at ' .. key})
 end
 
+-- The organization's account (a HASH per month): 'h' holds the month's totals as four
+-- 8-byte little-endian integers (HEAD): the month's start µs, µ-credits used, µ-credits
+-- topped up, and the allowance override (a copy of the override key made when the
+-- month's account starts, kept by set_allowance; -1 for none); 'q|<op>|<key>' holds
+-- each pair's requests and µ-credits (PAIR). Binary, so that a check parses and prints
+-- no number of the account's.
+local HEAD, PAIR = '<i8i8i8i8', '<i8i8'
+local EXACT = 9007199254740992  -- 2^53: every integer below it is exact as a double
+
+-- The totals of an account's 'h', checked.
+local function head_of(head, account)
+  if #head ~= 32 then
+    corrupt(account)
+  end
+  local period, used, topup, override = struct.unpack(HEAD, head)
+  if not (period > -EXACT and period < EXACT and used >= 0 and used < EXACT
+          and topup >= 0 and topup < EXACT and override >= -1 and override < EXACT) then
+    corrupt(account)
+  end
+  return period, used, topup, override
+end
+
+-- The requests and µ-credits of an account's 'q|<op>|<key>', checked.
+local function pair_of(pair, account)
+  if #pair ~= 16 then
+    corrupt(account)
+  end
+  local requests, spent = struct.unpack(PAIR, pair)
+  if not (requests >= 0 and requests < EXACT and spent >= 0 and spent < EXACT) then
+    corrupt(account)
+  end
+  return requests, spent
+end
+
+-- The organization's allowance override (a STRING of µ-credits), or false if none.
+local function allowance_of(key)
+  local text = redis.call('GET', key)
+  if not text then
+    return false
+  end
+  local micro = tonumber(text)
+  if not micro or micro % 1 ~= 0 or micro < 0 or micro >= EXACT then
+    corrupt(key)
+  end
+  return micro
+end
+
 -- Microseconds now: the client's clock when given, else the server's TIME (Redis 5+
 -- replicates a script's effects, not the script, so TIME may precede writes).
 local function clock(arg)

@@ -6,25 +6,19 @@
 local now = clock(ARGV[1])
 local start, finish = month(now)
 local account = KEYS[1]
-local a = redis.call('HMGET', account, 'p', 't')
-if a[1] and not tonumber(a[1]) then
-  corrupt(account)
+local amount = tonumber(ARGV[2])
+local head = redis.call('HGET', account, 'h')
+local period, used, topup, override
+if head then
+  period, used, topup, override = head_of(head, account)
 end
-if a[1] and tonumber(a[1]) == start then
-  local topup = tonumber(a[2] or 0)
-  if not topup then
-    corrupt(account)
-  end
-  redis.call('HSET', account, 't', int(topup + tonumber(ARGV[2])))
+if period == start then
+  redis.call('HSET', account, 'h', struct.pack(HEAD, period, used, topup + amount, override))
 else
   -- A new month's account starts with a copy of the allowance override (see check.lua).
-  local override = redis.call('GET', KEYS[2])
+  override = allowance_of(KEYS[2]) or -1
   redis.call('DEL', account)
-  if override then
-    redis.call('HSET', account, 'p', int(start), 't', ARGV[2], 'a', override)
-  else
-    redis.call('HSET', account, 'p', int(start), 't', ARGV[2])
-  end
+  redis.call('HSET', account, 'h', struct.pack(HEAD, start, 0, amount, override))
   redis.call('PEXPIRE', account, ttl(finish - now, tonumber(ARGV[3])))
 end
 return 1
