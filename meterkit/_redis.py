@@ -384,8 +384,7 @@ class _Codec:
             now,
             plan.cost,
             "" if plan.idem is None else charge,  # (only an idempotency record keeps it)
-            key,
-            plan.op.name,
+            f"q|{plan.op.name}|{key}",
             start,
             end,
         ], charge
@@ -404,7 +403,8 @@ class _Codec:
 
     def _replay(self, plan: Plan, record: Any) -> Outcome:
         try:
-            head, charge, operation, key = _text(record).split("\n", 3)
+            head, charge, pair = _text(record).split("\n", 2)
+            operation, key = pair.split("|", 1)
             nums = [int(x) for x in head.split()]
             expires, now, cost, balance, end = nums[:5]
             t = nums[5:]
@@ -480,13 +480,13 @@ class _Codec:
             charge = new_charge_id()
             charges.append(charge)
             if plan.idem is None:
-                idem, sent_charge = "0", ""  # (only an idempotency record keeps it)
+                tier_set, sent_charge = op.tier_set, ""  # (only an idempotency record keeps it)
             else:
                 keys.append(base + "id:" + plan.idem)
-                idem, sent_charge = "1", charge
+                tier_set, sent_charge = "-" + op.tier_set, charge
             if i != run[0]:
                 now = self._now()
-            args += (op.tier_set, idem, now, plan.cost, sent_charge, key, plan.op.name)
+            args += (tier_set, now, plan.cost, sent_charge, f"q|{plan.op.name}|{key}")
         start, end = self._month(now)
         sent.append((run, charges, True))
         sha = compiled[plans[run[0]].op].batch

@@ -20,7 +20,7 @@
 -- tau µs, 0; sliding log: limit, window µs, TTL ms of the log (as text).
 -- That saves Redis turning a dozen arguments into numbers on every check.
 --
--- check(n, P, R, k, now, now_text, cost, charge, who, operation, start, finish, idem)
+-- check(n, P, R, k, now, now_text, cost, charge, field, start, finish, idem)
 -- finds its keys at KEYS[k + 1...]:
 --
 -- KEYS[k+1..k+n]  one state key per tier, in policy order
@@ -30,9 +30,10 @@
 -- KEYS[k+n+2]     the organization's allowance override (STRING, optional)
 -- idem            the idempotency record's key (STRING), or nil
 --
--- and takes as text (as it came in ARGV): the cost in µ-credits, the charge id, the
--- key id (who) and the operation; and the month the caller expects (start and finish
--- µs, checked) as numbers (a batch parses them once).
+-- and takes as text (as it came in ARGV): the cost in µ-credits, the charge id ('' when
+-- there is no idempotency record to keep it), and the account's field of the request's
+-- key and operation ('q|<op>|<key>'); and the month the caller expects (start and
+-- finish µs, checked) as numbers (a batch parses them once).
 --
 -- Reply: allowed 0/1, reason, now, retry, charged, balance, period end, then per
 --        tier remaining, reset, denied — remaining as if admitted (the caller adds
@@ -74,8 +75,8 @@ local function entry(log, i, key)
   return t
 end
 
-local function check(n, P, R, k, now, now_text, cost_text, charge, who, operation,
-                     start, finish, idem)
+local function check(n, P, R, k, now, now_text, cost_text, charge, field, start, finish,
+                     idem)
   if idem then
     local record = call('GET', idem)
     if record then
@@ -241,7 +242,6 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, who, operatio
     start, finish = month(now)
   end
   local cost = tonumber(cost_text)
-  local field = 'q|' .. operation .. '|' .. who
   local v = call('HMGET', account, 'h', field)
   local used, topup, requests, spent = 0, 0, 0, 0
   local current, stale = false, false
@@ -333,7 +333,7 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, who, operatio
     for j = 1, n * 3 do
       parts[j + 5] = int(results[j + 7])
     end
-    local record = concat(parts, ' ') .. '\n' .. charge .. '\n' .. operation .. '\n' .. who
+    local record = concat(parts, ' ') .. '\n' .. charge .. '\n' .. sub(field, 3)
     call('SET', idem, record, 'PX', ttl(IDEM_US, grace))
   end
   results[1], results[3], results[5], results[6], results[7] = 1, now, cost, balance - cost, finish

@@ -3,11 +3,11 @@
 -- saves Redis a command and the client a reply per request.
 --
 -- KEYS  per request in turn: check.lua's keys, then its idempotency record if any
--- ARGV  1, 2 the month the caller expects (start, end µs; checked), then 7 per
---       request: its tier set (an index into T), 1 if it has an idempotency key
---       else 0, now µs ('' = server TIME, read once for the batch), cost
+-- ARGV  1, 2 the month the caller expects (start, end µs; checked), then 5 per
+--       request: its tier set (an index into T; negative if the request has an
+--       idempotency key), now µs ('' = server TIME, read once for the batch), cost
 --       µ-credits, charge id ('' without an idempotency key: only its record keeps
---       it), key id, operation
+--       it), the account's field of its key and operation ('q|<op>|<key>')
 --
 -- Reply: one reply per request, check's (a packed string, or a replay's table); or an error of that request alone (a key
 -- holding something meterkit did not write), which changed nothing.
@@ -17,30 +17,35 @@ local replies = {}
 local start, finish = tonumber(ARGV[1]), tonumber(ARGV[2])
 local server_now, server_text
 local k, b = 0, 3
-for r = 1, (#ARGV - 2) / 7 do
-  local set = T[tonumber(ARGV[b])]
-  local n = set[1]
+for r = 1, (#ARGV - 2) / 5 do
+  local index = tonumber(ARGV[b])
   local idem
-  if ARGV[b + 1] == '1' then
+  if index < 0 then
+    index = -index
+    idem = true
+  end
+  local set = T[index]
+  local n = set[1]
+  if idem then
     idem = KEYS[k + n + 3]
   end
   local now, now_text
-  if ARGV[b + 2] == '' then
+  if ARGV[b + 1] == '' then
     if not server_now then
       server_now, server_text = clock_text('')
     end
     now, now_text = server_now, server_text
   else
-    now, now_text = clock_text(ARGV[b + 2])
+    now, now_text = clock_text(ARGV[b + 1])
   end
-  local ok, reply = pcall(check, n, set[2], set[3], k, now, now_text, ARGV[b + 3], ARGV[b + 4],
-                          ARGV[b + 5], ARGV[b + 6], start, finish, idem)
+  local ok, reply = pcall(check, n, set[2], set[3], k, now, now_text, ARGV[b + 2], ARGV[b + 3],
+                          ARGV[b + 4], start, finish, idem)
   if not ok then
     -- (Redis hands a script's error to pcall as its text)
     reply = {err = type(reply) == 'table' and reply.err or tostring(reply)}
   end
   replies[r] = reply
   k = k + n + (idem and 3 or 2)
-  b = b + 7
+  b = b + 5
 end
 return replies

@@ -4,11 +4,12 @@
 --
 -- KEYS  check.lua's, from KEYS[1]; then the idempotency record, if the request has one
 -- ARGV  1 now µs ('' = server TIME)  2 cost µ-credits  3 charge id ('' without an
---       idempotency key: only its record keeps it)  4 key id
---       5 operation  6, 7 the month the caller expects (start, end µs; checked)
+--       idempotency key: only its record keeps it)  4 the account's field of the key
+--       and operation ('q|<op>|<key>')  5, 6 the month the caller expects (start, end
+--       µs; checked)
 
 local k = 0
 local now, now_text = clock_text(ARGV[1])
-local cost_text, charge, who, operation = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local cost_text, charge, field = ARGV[2], ARGV[3], ARGV[4]
 local idem = KEYS[n + 3]
-local start, finish = tonumber(ARGV[6]), tonumber(ARGV[7])
+local start, finish = tonumber(ARGV[5]), tonumber(ARGV[6])
