@@ -37,7 +37,9 @@ reaches _SWEEP_EVERY times what the last sweep kept (at least 4096). New identit
 thus trigger a sweep before the dict doubles, while a steady set of identities pays
 for one pass per _SWEEP_EVERY x len commits (a pass per len commits was ~7% of a
 check at 10k keys). Sweeps drop only state that can no longer matter, so they never
-change an outcome.
+change an outcome. Compiled, a sweep deletes in place in C (``speedups.sweep``): a
+pass is a pause for every thread, 16 ms instead of 282 ms at 625k logs
+(``python bench/bench_core.py --pauses``).
 """
 
 from __future__ import annotations
@@ -116,18 +118,22 @@ class _SlidingWindow:
 class _Gcra:
     """The theoretical arrival time (TAT, µs) of each identity's next request."""
 
-    __slots__ = ("debt", "due", "tats")
+    __slots__ = ("debt", "due", "native", "tats")
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = False) -> None:
         self.tats: dict[str, int] = {}
         self.debt = 0
         self.due = _SWEEP_EVERY * _SWEEP_MIN
+        self.native = native and speedups is not None
 
     def sweep(self, now: int) -> None:
         # A TAT in the past is the same as no state at all.
-        self.tats = {k: v for k, v in self.tats.items() if v > now}
+        kept = speedups.sweep(self.tats, now, False) if self.native else None  # type: ignore[union-attr]
+        if kept is None:
+            self.tats = {k: v for k, v in self.tats.items() if v > now}
+            kept = len(self.tats)
         self.debt = 0
-        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, len(self.tats))
+        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, kept)
 
     def size(self) -> int:
         return len(self.tats)
@@ -136,20 +142,25 @@ class _Gcra:
 class _SlidingLog:
     """The admission times (µs, ascending) of each identity, at most the tier's limit."""
 
-    __slots__ = ("debt", "due", "logs", "window")
+    __slots__ = ("debt", "due", "logs", "native", "window")
 
-    def __init__(self, window_us: int) -> None:
+    def __init__(self, window_us: int, native: bool = False) -> None:
         self.window = window_us
         self.logs: dict[str, array[int]] = {}
         self.debt = 0
         self.due = _SWEEP_EVERY * _SWEEP_MIN
+        self.native = native and speedups is not None
 
     def sweep(self, now: int) -> None:
         # A log whose newest entry is a window old holds nothing that counts.
         cutoff = now - self.window
-        self.logs = {k: v for k, v in self.logs.items() if v and v[-1] > cutoff}
+        # (compiled: in place, ~10x faster: the pass is a pause for every thread)
+        kept = speedups.sweep(self.logs, cutoff, True) if self.native else None  # type: ignore[union-attr]
+        if kept is None:
+            self.logs = {k: v for k, v in self.logs.items() if v and v[-1] > cutoff}
+            kept = len(self.logs)
         self.debt = 0
-        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, len(self.logs))
+        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, kept)
 
     def size(self) -> int:
         return len(self.logs)
@@ -160,14 +171,14 @@ _State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
 _KINDS = {"fixed_window": 0, "sliding_window": 1, "gcra": 2, "sliding_log": 3}
 
 
-def _new_state(tier: Tier) -> _State:
+def _new_state(tier: Tier, native: bool) -> _State:
     if tier.algorithm == "fixed_window":
         return _FixedWindow()
     if tier.algorithm == "sliding_window":
         return _SlidingWindow()
     if tier.algorithm == "gcra":
-        return _Gcra()
-    return _SlidingLog(tier.window_us)
+        return _Gcra(native)
+    return _SlidingLog(tier.window_us, native)
 
 
 # -- the algorithms, once each ------------------------------------------------------------
@@ -595,7 +606,7 @@ class MemoryBackend:
                 )
                 state = self._tiers.get(ident)
                 if state is None:
-                    state = self._tiers[ident] = _new_state(tier)
+                    state = self._tiers[ident] = _new_state(tier, self._native)
                 states.append(state)
         source = apply_source(op, policy)
         fn = _binder(source, op.name)(self, policy, self._lock, self._clock, *states)

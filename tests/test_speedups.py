@@ -104,7 +104,10 @@ def _state(backend: MemoryBackend) -> Any:
         if isinstance(value, set):
             return sorted(value)
         if hasattr(value, "__slots__"):
-            return {name: plain(getattr(value, name)) for name in value.__slots__}
+            # ("native" says how a tier sweeps, compiled or not: not state)
+            return {
+                name: plain(getattr(value, name)) for name in value.__slots__ if name != "native"
+            }
         return value
 
     accounts = plain(backend._accounts)
@@ -252,6 +255,53 @@ def test_compiled_and_python_agree_on_window_boundaries(shadow: bool) -> None:
             first, second = (m.check("key_a", org="org_1", operation=op) for m in meters)
             _same(first, second)
     assert _state(meters[0].backend) == _state(meters[1].backend)
+
+
+@given(
+    entries=st.dictionaries(
+        st.text(max_size=4),
+        st.one_of(
+            st.integers(-(2**63), 2**63 - 1),
+            st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4).map(lambda v: array("q", v)),
+        ),
+        max_size=30,
+    ),
+    cutoff=st.integers(-(2**63), 2**63 - 1),
+)
+def test_the_compiled_sweep_drops_what_the_python_sweep_drops(
+    entries: dict[str, Any], cutoff: int
+) -> None:
+    """speedups.sweep drops, in place, exactly the GCRA times or logs the Python
+    comprehension drops, and keeps the rest (same objects); anything unusual (a value
+    of another type, a number past int64) gives None and changes nothing."""
+    assert speedups is not None
+    for logs in (True, False):
+        kind = array if logs else int
+        expected = {
+            k: v
+            for k, v in entries.items()
+            if type(v) is kind and (v and v[-1] > cutoff if logs else v > cutoff)
+        }
+        states = dict(entries)
+        kept = speedups.sweep(states, cutoff, logs)
+        if all(type(v) is kind for v in entries.values()):
+            assert kept == len(expected)
+            assert states == expected
+            assert all(states[k] is entries[k] for k in states)
+        else:
+            assert kept is None
+            assert states == entries
+    # at the cutoff itself: dropped (a TAT or a newest entry at "now - window" is over)
+    states = {"a": 5, "b": 6}
+    assert speedups.sweep(states, 5, False) == 1
+    assert states == {"b": 6}
+    logs = {"a": array("q", [1, 5]), "b": array("q", [6]), "c": array("q")}
+    assert speedups.sweep(logs, 5, True) == 1
+    assert list(logs) == ["b"]
+    states = {"k": 2**63}  # past int64: the Python sweep decides
+    assert speedups.sweep(states, 0, False) is None
+    assert states == {"k": 2**63}
+    assert speedups.sweep({"k": 1}, 2**64, False) is None
 
 
 def test_the_lanes_decide_the_common_case_themselves(clock: FakeClock) -> None:
