@@ -4,6 +4,7 @@
     METERKIT_BENCH_QUICK=1 python -m pytest bench/bench_core.py --benchmark-only -q \
         -p no:cacheprovider
     python bench/bench_core.py --profile     # where the time of one check goes
+    python bench/bench_core.py --pauses      # the longest checks while 1M keys arrive
 
 What one check is, on every side (the seed's three tiers, per check):
 
@@ -584,8 +585,59 @@ def profile(checks: int = 200_000) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 
 
+# -- pauses (python bench/bench_core.py --pauses) ------------------------------------------
+
+
+def pauses(keys: int = 1_000_000) -> None:
+    """Time each of ``keys`` first checks (each a new key) and each sweep of the seed's
+    sliding log, compiled and in pure Python; then a full collection of Python's garbage
+    collector over the state, before and after ``gc.freeze()``."""
+    import time
+
+    from meterkit import _memory
+
+    for native in (True, False) if speedups is not None else (False,):
+        sweep = _memory._SlidingLog.sweep
+        sweeps: list[str] = []
+
+        def timed(self: Any, now: int, sweep: Any = sweep, sweeps: list[str] = sweeps) -> None:
+            start = time.perf_counter()
+            sweep(self, now)
+            sweeps.append(f"{(time.perf_counter() - start) * 1e3:.1f} ms ({len(self.logs):,} kept)")
+
+        _memory._SlidingLog.sweep = timed  # type: ignore[method-assign]
+        gc.disable()
+        try:
+            meter = Meter(Policy.crane_ledger(), MemoryBackend(native=native))
+            slow = []
+            for i in range(keys):
+                start = time.perf_counter()
+                meter.check(f"key_{i:07d}", org=f"org_{i % 10_000:05d}", operation="invoices.list")
+                took = time.perf_counter() - start
+                if took > 0.01:
+                    slow.append(f"{took * 1e3:.0f} ms at key {i:,}")
+        finally:
+            _memory._SlidingLog.sweep = sweep  # type: ignore[method-assign]
+            gc.enable()
+        print(f"PAUSES {'compiled' if native else 'pure Python'}, {keys:,} new keys (gc off):")
+        print(f"  sweeps of the sliding log: {', '.join(sweeps)}")
+        print(f"  checks over 10 ms: {', '.join(slow) or 'none'}")
+        start = time.perf_counter()
+        gc.collect()
+        full = (time.perf_counter() - start) * 1e3
+        gc.freeze()
+        start = time.perf_counter()
+        gc.collect()
+        frozen = (time.perf_counter() - start) * 1e3
+        gc.unfreeze()
+        print(f"  a full gc.collect(): {full:.1f} ms; after gc.freeze(): {frozen:.1f} ms")
+        del meter
+
+
 if __name__ == "__main__":
     if "--profile" in sys.argv:
         profile()
+    elif "--pauses" in sys.argv:
+        pauses()
     else:
         print(__doc__)
