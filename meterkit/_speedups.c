@@ -39,6 +39,10 @@ enum { FIXED = 0, SLIDING = 1, GCRA = 2, LOG = 3 };
 /* -- what setup() records once ------------------------------------------------ */
 
 static PyTypeObject *plan_type, *account_type, *pair_type, *array_type;
+/* A key's sliding log (an array of int64s) and its usage record (a Pair of two ints)
+ * are made here untracked by Python's garbage collector: they can hold no reference
+ * that could close a cycle, and a million tracked ones made a full collection a 0.4 s
+ * pause (python bench/bench_core.py --pauses). */
 static Py_ssize_t o_plan_cost, o_plan_idem, o_plan_key, o_plan_mode, o_plan_op, o_plan_org,
     o_plan_policy;
 static Py_ssize_t o_acct_idents, o_acct_pairs, o_acct_period, o_acct_requests, o_acct_topup, o_acct_used;
@@ -943,6 +947,8 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
                                   : PyObject_CallFunctionObjArgs((PyObject *)array_type,
                                                                  typecode_q, items, NULL);
                 Py_XDECREF(items);
+                if (r != NULL)
+                    PyObject_GC_UnTrack(r); /* see array_type */
                 if (r != NULL && PyDict_SetItem(logs, who, r) < 0)
                     Py_CLEAR(r);
             }
@@ -974,6 +980,8 @@ lane_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         PyObject *c = PyLong_FromLongLong(cost);
         pair = c == NULL ? NULL : PyObject_CallOneArg((PyObject *)pair_type, c);
         Py_XDECREF(c);
+        if (pair != NULL)
+            PyObject_GC_UnTrack(pair); /* see array_type */
         if (pair == NULL || PyDict_SetItem(by_key, keyid, pair) < 0) {
             Py_XDECREF(pair);
             goto error;

@@ -14,6 +14,7 @@ failure instead of a skip.
 
 from __future__ import annotations
 
+import gc
 import os
 from array import array
 from collections.abc import Iterator
@@ -302,6 +303,29 @@ def test_the_compiled_sweep_drops_what_the_python_sweep_drops(
     assert speedups.sweep(states, 0, False) is None
     assert states == {"k": 2**63}
     assert speedups.sweep({"k": 1}, 2**64, False) is None
+
+
+def test_logs_and_usage_records_made_by_lanes_are_not_tracked_by_the_gc(
+    clock: FakeClock,
+) -> None:
+    """A key's sliding log and usage record made by a lane are left out of Python's
+    garbage collector (they hold no references; tracked, a million of them made a full
+    collection a 0.4 s pause), and they work on as before."""
+    meter = Meter(Policy.crane_ledger(), MemoryBackend(clock=clock, native=True))
+    meter.check("key_first", org="org_1", operation="invoices.list")  # opens the account
+    for i in range(50):
+        meter.check(f"key_{i}", org="org_1", operation="invoices.list")
+    backend = meter.backend
+    logs = [log for state in backend._tiers.values() for log in getattr(state, "logs", {}).values()]
+    pairs = [pair for account in backend._accounts.values()
+             for by_key in account.pairs.values() for pair in by_key.values()]
+    assert len(logs) == len(pairs) == 51
+    assert sum(gc.is_tracked(x) for x in logs + pairs) <= 2  # the account opener's: Python's
+    for _ in range(2):
+        assert meter.check("key_7", org="org_1", operation="invoices.list").allowed
+    gc.collect()
+    assert meter.usage("org_1", key="key_7").requests == 3
+    assert meter.check("key_7", org="org_1", operation="invoices.list").tiers[2].remaining == 96
 
 
 def test_the_lanes_decide_the_common_case_themselves(clock: FakeClock) -> None:
