@@ -25,6 +25,7 @@ from meterkit._errors import (
     UnknownKeyError,
     UnknownOperationError,
 )
+from meterkit._keycache import AsyncCachedKeyStore, CachedKeyStore
 from meterkit._keys import (
     ApiKey,
     AsyncKeyStore,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ApiKey",
     "AsyncBackend",
+    "AsyncCachedKeyStore",
     "AsyncKeyStore",
     "AsyncMemoryKeyStore",
     "AsyncMeter",
@@ -59,6 +61,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendUnavailable",
+    "CachedKeyStore",
     "Category",
     "ConfigurationError",
     "CostTable",

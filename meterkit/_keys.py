@@ -644,6 +644,11 @@ class MemoryKeyStore:
         return f"MemoryKeyStore(token_prefix={self._rules.format.prefix!r})"
 
     @property
+    def rules(self) -> KeyRules:
+        """What this store decides keys by (format, hashing, clock, statuses)."""
+        return self._rules
+
+    @property
     def key_format(self) -> KeyFormat:
         """The format of this store's keys."""
         return self._rules.format
@@ -749,6 +754,11 @@ class AsyncMemoryKeyStore:
 
     def __repr__(self) -> str:
         return f"AsyncMemoryKeyStore(token_prefix={self.sync.key_format.prefix!r})"
+
+    @property
+    def rules(self) -> KeyRules:
+        """What this store decides keys by (format, hashing, clock, statuses)."""
+        return self.sync.rules
 
     @property
     def key_format(self) -> KeyFormat:

@@ -574,6 +574,11 @@ class _RedisStoreShell:
         return f"{type(self).__name__}(namespace={self._commands.namespace!r}{cluster})"
 
     @property
+    def rules(self) -> KeyRules:
+        """What this store decides keys by (format, hashing, clock, statuses)."""
+        return self._commands.rules
+
+    @property
     def key_format(self) -> KeyFormat:
         """The format of this store's keys."""
         return self._commands.rules.format

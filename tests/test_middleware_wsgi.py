@@ -13,7 +13,7 @@ import pytest
 import waitress  # type: ignore[import-untyped]
 
 import meterkit
-from examples.flask_app import ORG, create_app
+from examples.flask_app import ORG, RatesFeed, create_app
 from meterkit._errors import AuthenticationError
 from meterkit._keys import MemoryKeyStore
 from meterkit.wsgi import MeterMiddleware
@@ -79,8 +79,6 @@ class Demo:
 @pytest.fixture
 def start(clock: FakeClock) -> Iterator[Callable[..., Demo]]:
     """Start the Flask example (Meter and key store in memory, fake clock) under waitress."""
-    from examples.flask_app import RatesFeed
-
     with ExitStack() as stack:
 
         def start(policy: meterkit.Policy | None = None, adjustments: dict[str, Any] | None = None,
@@ -261,3 +259,27 @@ def test_lazy_app_failure_is_refunded_and_success_is_not(clock: FakeClock) -> No
         ok = httpx.get(f"{url}/organizations/{ORG}/invoices", headers=auth)
     assert (ok.status_code, ok.text, ok.headers["x-credits-charged"]) == (200, "fine", "0.01")
     assert meter.usage(ORG).credits_used == Decimal("0.01")
+
+
+def test_a_cached_key_store_serves_the_middleware(clock: FakeClock) -> None:
+    """With CachedKeyStore in front of the store, a key revoked elsewhere is still
+    served for the cache's ttl, then refused with the seed's body; refusals are never
+    remembered."""
+    meter = meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend(clock=clock))
+    store = MemoryKeyStore(clock=clock)
+    app = create_app(meter=meter, keystore=meterkit.CachedKeyStore(store, ttl=10),
+                     rates=RatesFeed())
+    plaintext, key = store.create(org=ORG, permissions=["*"])
+    with serve(app) as url, httpx.Client(base_url=url, headers=HTTPS, timeout=10) as http:
+        def get() -> httpx.Response:
+            return http.get(f"/organizations/{ORG}/invoices",
+                            headers={"Authorization": f"Bearer {plaintext}"})
+
+        assert get().status_code == 200
+        store.revoke(key.id)  # not through the cache
+        assert get().status_code == 200
+        clock.advance(10)
+        response = get()
+        assert response.status_code == 401
+        assert response.json() == AuthenticationError("invalid_api_key").body
+        assert get().status_code == 401
