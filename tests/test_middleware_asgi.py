@@ -886,3 +886,28 @@ def test_both_shells_export_the_same_names() -> None:
 
     assert meterkit.asgi.__all__ == meterkit.wsgi.__all__ == ["Admission", "MeterMiddleware"]
     assert meterkit.asgi.Admission is meterkit.wsgi.Admission
+
+
+def test_an_async_cached_key_store_serves_the_middleware(clock: FakeClock) -> None:
+    """With AsyncCachedKeyStore in front of the store, a key revoked elsewhere is served
+    for the cache's ttl, then refused with the seed's body."""
+    policy = meterkit.Policy.crane_ledger()
+    keystore = AsyncMemoryKeyStore(clock=clock)
+    app = create_app(
+        meter=meterkit.AsyncMeter(policy, meterkit.MemoryBackend(clock=clock)),
+        keystore=meterkit.AsyncCachedKeyStore(keystore, ttl=10),
+    )
+    plaintext, key = keystore.sync.create(org=ORG, permissions=["*"])
+    with serve(app) as url, httpx.Client(base_url=url, headers=HTTPS, timeout=10) as http:
+
+        def get() -> httpx.Response:
+            return http.get(f"/organizations/{ORG}/invoices",
+                            headers={"Authorization": f"Bearer {plaintext}"})
+
+        assert get().status_code == 200
+        keystore.sync.revoke(key.id)  # not through the cache
+        assert get().status_code == 200
+        clock.advance(10)
+        response = get()
+        assert response.status_code == 401
+        assert response.json() == auth_body("invalid_api_key")
