@@ -813,7 +813,13 @@ class _Cluster:
         return replies
 
     def close(self) -> None:
-        self.client.close()
+        client = self.client
+        client.close()
+        # A client from RedisCluster.from_url gives its nodes connection pools that its
+        # close() leaves open (their sockets linger until the garbage collector).
+        for node in client.get_nodes():
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
 
 
 def _redis_timeout() -> type[Exception]:

@@ -724,3 +724,31 @@ def test_clients_that_decode_responses_work_too(redis_url: str, redis_cluster_ur
             await meter.close()
 
     assert asyncio.run(crowd()) == [True, True, False]
+
+
+def test_closing_a_backend_closes_every_node_connection_of_its_cluster_client(
+    redis_cluster_url: str,
+) -> None:
+    """A backend that owns a client made by RedisCluster.from_url leaves no socket open
+    after close() (redis-py's own close() leaves such a client's node pools open)."""
+    import gc
+    import warnings
+
+    from redis.cluster import RedisCluster
+
+    client = RedisCluster.from_url(redis_cluster_url.replace("redis+cluster", "redis"))
+    backend = RedisBackend(client, prefix=new_prefix(), clock=FakeClock())
+    backend._owned = True  # (as backend_from_url hands its client over)
+    meter = Meter(_policy(), backend)
+    meter.check_many([("k", "items.list", f"o{i}") for i in range(20)])
+    nodes = [node for node in client.get_nodes() if node.redis_connection is not None]
+    assert nodes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meter.close()
+        del meter, backend, client
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    for node in nodes:
+        pool = node.redis_connection.connection_pool
+        assert all(conn._sock is None for conn in pool._available_connections)
