@@ -14,7 +14,11 @@ __all__ = ["AsyncBackend", "Backend"]
 
 @runtime_checkable
 class Backend(Protocol):
-    """A synchronous store of limits and credits. ``apply`` is the one atomic step."""
+    """A synchronous store of limits and credits. ``apply`` is the one atomic step.
+
+    A backend may also offer ``peek(plan) -> Outcome``: what ``apply`` would answer
+    now, consuming nothing (``Meter.peek`` uses it; meterkit's backends have it).
+    """
 
     def apply(self, plan: Plan) -> Outcome: ...
 

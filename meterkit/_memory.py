@@ -344,7 +344,7 @@ def bind(b, policy, lock, clock, $states):
                 start, end = b._period_of(now)
             acct = b._accounts.get(org)
             if acct is None or acct.period != start:
-                acct = b._account(org, start)
+                $open
             $ident
             $init
             $tiers
@@ -353,30 +353,39 @@ def bind(b, policy, lock, clock, $states):
             cost = plan.cost
             $credits
             $denials
-            # -- admitted: consume every tier and the credits
-            $remember
-            $commits
-            acct.used += cost
-            acct.requests += 1
-            by_key = acct.pairs.get($OP)
-            if by_key is None:
-                by_key = acct.pairs[$OP] = {}
-            pair = by_key.get(plan.key)
-            if pair is None:
-                by_key[plan.key] = _Pair(cost)
-            else:
-                pair.requests += 1
-                pair.micro += cost
-            outcome = (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
-                       new_charge_id(), False)
-            if idem is not None:
-                b._remember(org, idem, plan, now, outcome)
-            return outcome
+            $admit
         finally:
             release()
 
     return apply
 '''
+# What an admitted request does: consume every tier and the credits.
+_ADMIT = """\
+# -- admitted: consume every tier and the credits
+$remember
+$commits
+acct.used += cost
+acct.requests += 1
+by_key = acct.pairs.get($OP)
+if by_key is None:
+    by_key = acct.pairs[$OP] = {}
+pair = by_key.get(plan.key)
+if pair is None:
+    by_key[plan.key] = _Pair(cost)
+else:
+    pair.requests += 1
+    pair.micro += cost
+outcome = (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
+           new_charge_id(), False)
+if idem is not None:
+    b._remember(org, idem, plan, now, outcome)
+return outcome
+"""
+# What a peek does instead: say so, consume nothing (and keep no new account).
+_PEEK = """\
+# -- a peek: what check would answer now, and nothing consumed
+return (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end, "", False)
+"""
 # Only for operations with key-scoped tiers.
 _IDENT = """\
 # Key-scoped state is the key's within its organization (as on Redis, where it must
@@ -449,8 +458,9 @@ def _tier_source(i: int, tier: Tier, enforce: bool) -> tuple[str, str]:
     return check_src, f"# tier {i}: {tier.name!r}\n" + commit_src
 
 
-def apply_source(op: OperationPlan, policy: Policy) -> str:
-    """The Python source of the function that applies ``op`` of ``policy``."""
+def apply_source(op: OperationPlan, policy: Policy, *, peek: bool = False) -> str:
+    """The Python source of the function that applies ``op`` of ``policy`` (with
+    ``peek``, of the one that answers the same without consuming anything)."""
     checks, commits = [], []
     enforcing = False
     for i, tier in enumerate(op.tiers):
@@ -474,13 +484,18 @@ def apply_source(op: OperationPlan, policy: Policy) -> str:
         if policy.shadow
         else _fill(_CREDITS, outcomes=outcomes, CREDITS=str(REASON_CREDITS)),
         denials=_fill(_DENIALS, outcomes=outcomes, RATE=str(REASON_RATE)) if enforcing else "",
-        commits="".join(commits) or "# no tiers",
+        admit=_fill(
+            _PEEK if peek else _ADMIT,
+            commits="".join(commits) or "# no tiers",
+            outcomes=outcomes,
+            remember=_REMEMBER if by_key and not peek else "",
+            OP=repr(op.name),
+            NONE=str(REASON_NONE),
+        ),
+        open="acct = _Account(start)" if peek else "acct = b._account(org, start)",
         outcomes=outcomes,
         ident=_IDENT if by_key else "",
-        remember=_REMEMBER if by_key else "",
         ALLOWANCE=str(policy.credits.allowance_micro),
-        OP=repr(op.name),
-        NONE=str(REASON_NONE),
     )
 
 
@@ -506,6 +521,7 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
         "_unspent": _unspent,
         "new_charge_id": new_charge_id,
         "_Pair": _Pair,
+        "_Account": _Account,
         "array": array,
         "bisect_right": bisect_right,
     }
@@ -569,6 +585,7 @@ class MemoryBackend:
         # plan; a plan paired with another policy than its own, by (plan, policy).
         self._applies: dict[OperationPlan, Apply] = {}
         self._strays: dict[tuple[OperationPlan, Policy], Apply] = {}
+        self._peeks: dict[tuple[OperationPlan, Policy], Apply] = {}
         self._accounts: dict[str, _Account] = {}
         self._account_creations = 0
         self._allowances: dict[str, int] = {}
@@ -596,8 +613,9 @@ class MemoryBackend:
 
     # -- state ---------------------------------------------------------------------
 
-    def _bind(self, op: OperationPlan, policy: Policy) -> Apply:
-        """Write, compile (once per distinct source) and bind the function of ``op``."""
+    def _bind(self, op: OperationPlan, policy: Policy, *, peek: bool = False) -> Apply:
+        """Write, compile (once per distinct source) and bind the function of ``op``
+        (``peek``: the one that consumes nothing)."""
         states = []
         with self._lock:
             for tier in op.tiers:
@@ -608,11 +626,12 @@ class MemoryBackend:
                 if state is None:
                     state = self._tiers[ident] = _new_state(tier, self._native)
                 states.append(state)
-        source = apply_source(op, policy)
-        fn = _binder(source, op.name)(self, policy, self._lock, self._clock, *states)
-        fn.__qualname__ = f"MemoryBackend.apply[{op.name}]"
+        source = apply_source(op, policy, peek=peek)
+        name = f"{op.name} peek" if peek else op.name
+        fn = _binder(source, name)(self, policy, self._lock, self._clock, *states)
+        fn.__qualname__ = f"MemoryBackend.{'peek' if peek else 'apply'}[{op.name}]"
         fn.__source__ = source  # type: ignore[attr-defined]
-        if self._native and speedups is not None:
+        if self._native and speedups is not None and not peek:
             return self._lane(op, policy, states, fn)
         return fn
 
@@ -698,6 +717,15 @@ class MemoryBackend:
                 fn = self._applies[op] = self._bind(op, policy)
             routes[name] = (op, op.price, fn)
         return routes
+
+    def peek(self, plan: Plan) -> Outcome:
+        """What :meth:`apply` would answer for ``plan`` now, consuming nothing: no tier,
+        no credit, no usage, no idempotency record (``plan`` has no idempotency key)."""
+        pair = (plan.op, plan.policy)
+        fn = self._peeks.get(pair)
+        if fn is None:
+            fn = self._peeks[pair] = self._bind(plan.op, plan.policy, peek=True)
+        return fn(plan)
 
     def _apply_stray(self, plan: Plan) -> Outcome:
         pair = (plan.op, plan.policy)

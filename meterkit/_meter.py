@@ -246,6 +246,29 @@ class Meter(_MeterCore):
             raise
         return self._decide(plan, outcome)
 
+    def peek(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """The decision :meth:`check` would give this request now, consuming nothing.
+
+        Every tier and the credits are looked at as a check would, and the answer is
+        the same (allowed or not, why, ``retry_after``, each tier's remaining as if
+        admitted, the charge and the balance after it), but no tier, credit, usage or
+        idempotency record changes, and an admitted peek carries no charge id (there
+        is nothing to refund). Another request may change the answer before a check.
+        """
+        plan = self._plan(key, org, operation, None, cost, mode)
+        peek = getattr(self.backend, "peek", None)
+        if peek is None:
+            raise InvalidRequestError(f"{type(self.backend).__name__} cannot peek")
+        return Decision(plan, peek(plan))
+
     @overload
     def check_many(
         self, requests: Iterable[CheckRequest], *, return_exceptions: Literal[False] = False
@@ -361,6 +384,21 @@ class AsyncMeter(_MeterCore):
                 return self._degraded(plan)
             raise
         return self._decide(plan, outcome)
+
+    async def peek(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """See :meth:`Meter.peek`."""
+        plan = self._plan(key, org, operation, None, cost, mode)
+        if getattr(self.backend, "peek", None) is None:
+            raise InvalidRequestError(f"{type(self.backend).__name__} cannot peek")
+        return Decision(plan, await self._call("peek", plan))
 
     @overload
     async def check_many(

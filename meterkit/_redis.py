@@ -361,8 +361,9 @@ class _Codec:
 
     # -- check -------------------------------------------------------------------------
 
-    def check(self, plan: Plan) -> tuple[Command, str]:
-        """The ``EVALSHA`` of one check, and the charge id it will carry if admitted."""
+    def check(self, plan: Plan, *, dry: bool = False) -> tuple[Command, str]:
+        """The ``EVALSHA`` of one check, and the charge id it will carry if admitted
+        (``dry``: of a peek, which writes nothing and carries none)."""
         compiled = self._compiled.get(plan.op)
         if compiled is None:
             compiled = self._compile(plan)
@@ -373,10 +374,10 @@ class _Codec:
         keys.append(base + "al")
         if plan.idem is not None:
             keys.append(base + "id:" + plan.idem)
-        charge = new_charge_id()
+        charge = "" if dry else new_charge_id()
         now = self._now()
         start, end = self._month(now)
-        return [
+        cmd = [
             "EVALSHA",
             compiled.sha,
             len(keys),
@@ -387,7 +388,10 @@ class _Codec:
             f"q|{plan.op.name}|{key}",
             start,
             end,
-        ], charge
+        ]
+        if dry:
+            cmd.append("1")
+        return cmd, charge
 
     def outcome(self, plan: Plan, reply: Any, charge: str) -> Outcome:
         """The :data:`Outcome` of one check's reply (raises on an idempotency conflict):
@@ -1110,6 +1114,12 @@ class RedisBackend:
             raise _translate(exc) from exc
         return self._codec.outcome(plan, reply, charge)
 
+    def peek(self, plan: Plan) -> Outcome:
+        """What :meth:`apply` would answer for ``plan`` now: the same script, which
+        writes nothing (one ``EVALSHA``)."""
+        cmd, _ = self._codec.check(plan, dry=True)
+        return self._codec.outcome(plan, self._run(cmd), "")
+
     def apply_many(self, plans: Sequence[Plan]) -> list[Outcome | MeterkitError]:
         """Apply each plan atomically on its own, all in one round trip (per node)."""
         if not plans:
@@ -1248,6 +1258,11 @@ class AsyncRedisBackend:
                 waiter.set_exception(result)
             else:
                 waiter.set_result(result)
+
+    async def peek(self, plan: Plan) -> Outcome:
+        """See :meth:`RedisBackend.peek`."""
+        cmd, _ = self._codec.check(plan, dry=True)
+        return self._codec.outcome(plan, await self._run(cmd), "")
 
     async def apply_many(self, plans: Sequence[Plan]) -> list[Outcome | MeterkitError]:
         """See :meth:`RedisBackend.apply_many`."""

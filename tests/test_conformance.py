@@ -3,7 +3,7 @@
 Hypothesis draws a random policy (all four algorithms, key and org scopes, bursts,
 shadow tiers, operation-limited tiers, policy-level shadow, small allowances) and a
 random trace (checks with idempotency keys, cost overrides and test mode; time steps
-from one microsecond to a month; refunds; top-ups; allowance overrides; usage
+from one microsecond to a month; peeks; refunds; top-ups; allowance overrides; usage
 reports), and plays it against ``MemoryBackend`` and ``RedisBackend`` (standalone and
 Cluster) on the same fake clock. Every step must agree: the whole ``Outcome`` tuple
 (only the charge ids differ, by design), each refund's result, each usage report and
@@ -108,6 +108,13 @@ steps = st.one_of(
     st.tuples(st.just("allowance"), st.sampled_from(ORGS),
               st.none() | st.sampled_from(AMOUNTS), modes),
     st.tuples(st.just("usage"), st.sampled_from(ORGS), modes),
+    st.tuples(
+        st.just("peek"),
+        st.integers(0, len(KEYS) - 1),
+        st.sampled_from(OPERATIONS),
+        st.sampled_from(COSTS),
+        modes,
+    ),
 )
 
 
@@ -188,6 +195,16 @@ def play(
                 else:
                     assert _comparable(a.outcome) == _comparable(b.outcome), where
                     admitted.append((a, b))
+            elif kind == "peek":
+                _, k, operation, cost, mode = step
+                args = {"key": KEYS[k][0], "org": ORGS[KEYS[k][1]], "operation": operation,
+                        "cost": cost, "mode": mode}
+                a = _run(memory, "peek", **args)
+                b = _run(redis, "peek", **args)
+                if isinstance(a, BaseException) or isinstance(b, BaseException):
+                    _same(a, b, where)
+                else:
+                    assert _comparable(a.outcome) == _comparable(b.outcome), where
             elif kind == "advance":
                 clock.advance(step[1] / 1_000_000)
             elif kind == "refund":

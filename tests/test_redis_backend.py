@@ -752,3 +752,33 @@ def test_closing_a_backend_closes_every_node_connection_of_its_cluster_client(
     for node in nodes:
         pool = node.redis_connection.connection_pool
         assert all(conn._sock is None for conn in pool._available_connections)
+
+
+def test_a_peek_writes_nothing_to_redis(client: redis.Redis, prefix: str) -> None:
+    """A peek is one EVALSHA that leaves every key as it was (values and TTLs): for an
+    organization never seen, for one denied, and at a month's turn, where a check that
+    is denied would end last month's account."""
+    clock = FakeClock()
+    meter = Meter(_policy(), RedisBackend(client, prefix=prefix, clock=clock))
+
+    def snapshot() -> dict[str, Any]:
+        state = _state(client, prefix)
+        return {key: (value, client.pttl(key) > 0) for key, value in state.items()}
+
+    meter.peek("k", org="new", operation="items.list")
+    assert _keys(client, prefix) == []
+    for _ in range(3):  # the GCRA tier's burst of 2 is spent: denied
+        meter.check("k", org="o", operation="items.list")
+    before = snapshot()
+    client.config_resetstat()
+    denied = meter.peek("k", org="o", operation="items.list")
+    assert not denied.allowed
+    assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 1
+    assert snapshot() == before
+    clock.now = 1_769_903_999.5  # half a second before February: spend the burst again
+    for _ in range(3):
+        meter.check("k", org="o", operation="items.list")
+    clock.now += 1  # February, the tiers still denying, January's account still there
+    before = snapshot()
+    assert not meter.peek("k", org="o", operation="items.list").allowed
+    assert snapshot() == before

@@ -20,7 +20,7 @@
 -- tau µs, 0; sliding log: limit, window µs, TTL ms of the log (as text).
 -- That saves Redis turning a dozen arguments into numbers on every check.
 --
--- check(n, P, R, k, now, now_text, cost, charge, field, start, finish, idem)
+-- check(n, P, R, k, now, now_text, cost, charge, field, start, finish, idem, dry)
 -- finds its keys at KEYS[k + 1...]:
 --
 -- KEYS[k+1..k+n]  one state key per tier, in policy order
@@ -29,6 +29,7 @@
 --                 common.lua's head_of and pair_of)
 -- KEYS[k+n+2]     the organization's allowance override (STRING, optional)
 -- idem            the idempotency record's key (STRING), or nil
+-- dry             true for a peek: decide as a check would, write nothing
 --
 -- and takes as text (as it came in ARGV): the cost in µ-credits, the charge id ('' when
 -- there is no idempotency record to keep it), and the account's field of the request's
@@ -76,7 +77,7 @@ local function entry(log, i, key)
 end
 
 local function check(n, P, R, k, now, now_text, cost_text, charge, field, start, finish,
-                     idem)
+                     idem, dry)
   if idem then
     local record = call('GET', idem)
     if record then
@@ -270,7 +271,7 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, field, start,
 
   local broke = cost > balance and not shadow
   if broke or denied then
-    if stale then
+    if stale and not dry then
       -- A new month began: last month's account (and its refunds) ends here, as in memory.
       call('DEL', account)
     end
@@ -285,6 +286,13 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, field, start,
     end
     results[1], results[2], results[3], results[4] = 0, 1, now, retry
     results[6], results[7] = balance, finish
+    return pack(R, spread(results))
+  end
+
+  if dry then
+    -- A peek: the decision a check would get now, and nothing written.
+    results[1], results[3], results[5] = 1, now, cost
+    results[6], results[7] = balance - cost, finish
     return pack(R, spread(results))
   end
 
