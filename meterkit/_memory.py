@@ -718,6 +718,29 @@ class MemoryBackend:
             routes[name] = (op, op.price, fn)
         return routes
 
+    def reset_limits(
+        self, policy: Policy, org: str, mode: str = "live", key: str | None = None
+    ) -> None:
+        """Forget the rate-limit state of ``key`` in ``org`` (in every key-scoped tier of
+        ``policy``), or without a key, of ``org`` itself (every org-scoped tier).
+        Credits and usage stay."""
+        who = org if mode == "live" else _TEST_NS + org
+        if key is not None:
+            who += "\x1f" + key
+        scope = "org" if key is None else "key"
+        with self._lock:
+            for tier in policy.tiers:
+                ident = (
+                    tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst
+                )
+                state = self._tiers.get(ident)
+                if tier.scope != scope or state is None:
+                    continue
+                for name in ("counts", "cur", "prev", "tats", "logs"):
+                    held = getattr(state, name, None)
+                    if held is not None:
+                        held.pop(who, None)
+
     def peek(self, plan: Plan) -> Outcome:
         """What :meth:`apply` would answer for ``plan`` now, consuming nothing: no tier,
         no credit, no usage, no idempotency record (``plan`` has no idempotency key)."""

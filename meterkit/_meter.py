@@ -269,6 +269,16 @@ class Meter(_MeterCore):
             raise InvalidRequestError(f"{type(self.backend).__name__} cannot peek")
         return Decision(plan, peek(plan))
 
+    def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
+        """Forget the rate-limit state of ``key`` in ``org`` (its key-scoped tiers), or
+        without a key, of ``org`` itself (its organization-scoped tiers): for support,
+        after a runaway client is fixed. Credits and usage stay as they are."""
+        self._usage_args(org, key, mode)
+        reset = getattr(self.backend, "reset_limits", None)
+        if reset is None:
+            raise InvalidRequestError(f"{type(self.backend).__name__} cannot reset limits")
+        reset(self.policy, org, mode, key)
+
     @overload
     def check_many(
         self, requests: Iterable[CheckRequest], *, return_exceptions: Literal[False] = False
@@ -384,6 +394,13 @@ class AsyncMeter(_MeterCore):
                 return self._degraded(plan)
             raise
         return self._decide(plan, outcome)
+
+    async def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
+        """See :meth:`Meter.reset_limits`."""
+        self._usage_args(org, key, mode)
+        if getattr(self.backend, "reset_limits", None) is None:
+            raise InvalidRequestError(f"{type(self.backend).__name__} cannot reset limits")
+        await self._call("reset_limits", self.policy, org, mode, key)
 
     async def peek(
         self,

@@ -64,7 +64,7 @@ from meterkit._plan import Outcome, Plan, month_bounds, new_charge_id
 
 if TYPE_CHECKING:
     from meterkit._memory import RawUsage
-    from meterkit._policy import OperationPlan, Policy
+    from meterkit._policy import OperationPlan, Policy, Tier
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
@@ -294,16 +294,23 @@ class _Codec:
             self._bases[(org, mode)] = base
         return base
 
+    @staticmethod
+    def _suffix(tier: Tier) -> tuple[str, bool]:
+        """The end of a tier's state key (to which a key-scoped tier adds the key id),
+        and whether it is key-scoped."""
+        sig = f"{_KINDS[tier.code]}:{tier.name}.{tier.limit}.{tier.window}"
+        if tier.algorithm == "gcra":
+            sig += f".{tier.capacity}"
+        scoped = tier.scope == "key"
+        return (sig + ":" if scoped else sig), scoped
+
     def _tiers(self, policy: Policy, op: OperationPlan) -> tuple[str, tuple[tuple[str, bool], ...]]:
         """An operation's tiers as check.lua's ``n, P, R`` (Lua text) and its key suffixes."""
         params: list[str] = []
         suffixes = []
         for tier in op.tiers:
-            sig = f"{_KINDS[tier.code]}:{tier.name}.{tier.limit}.{tier.window}"
-            if tier.algorithm == "gcra":
-                sig += f".{tier.capacity}"
-            scoped = tier.scope == "key"
-            suffixes.append((sig + ":" if scoped else sig, scoped))
+            suffix = self._suffix(tier)
+            suffixes.append(suffix)
             params.append(str(int(tier.code) + (10 if tier.shadow or policy.shadow else 0)))
             if tier.algorithm == "gcra":
                 tau = int(tier.capacity * tier.interval_us)
@@ -553,6 +560,19 @@ class _Codec:
             outcome[5],
             field,
         ]
+
+    def reset_limits(
+        self, policy: Policy, org: str, mode: str, key: str | None
+    ) -> Command | None:
+        """The ``DEL`` of the state keys :meth:`RedisBackend.reset_limits` forgets (all
+        in the organization's slot), or None when no tier has that scope."""
+        base = self.base(org, mode)
+        keys = []
+        for tier in policy.tiers:
+            suffix, scoped = self._suffix(tier)
+            if scoped == (key is not None):
+                keys.append(base + suffix + key if key is not None else base + suffix)
+        return ["DEL", *keys] if keys else None
 
     def usage(self, org: str, mode: str) -> Command:
         base = self.base(org, mode)
@@ -1120,6 +1140,14 @@ class RedisBackend:
         cmd, _ = self._codec.check(plan, dry=True)
         return self._codec.outcome(plan, self._run(cmd), "")
 
+    def reset_limits(
+        self, policy: Policy, org: str, mode: str = "live", key: str | None = None
+    ) -> None:
+        """See :meth:`MemoryBackend.reset_limits` (one ``DEL``)."""
+        cmd = self._codec.reset_limits(policy, org, mode, key)
+        if cmd is not None:
+            self._run(cmd)
+
     def apply_many(self, plans: Sequence[Plan]) -> list[Outcome | MeterkitError]:
         """Apply each plan atomically on its own, all in one round trip (per node)."""
         if not plans:
@@ -1263,6 +1291,14 @@ class AsyncRedisBackend:
         """See :meth:`RedisBackend.peek`."""
         cmd, _ = self._codec.check(plan, dry=True)
         return self._codec.outcome(plan, await self._run(cmd), "")
+
+    async def reset_limits(
+        self, policy: Policy, org: str, mode: str = "live", key: str | None = None
+    ) -> None:
+        """See :meth:`MemoryBackend.reset_limits` (one ``DEL``)."""
+        cmd = self._codec.reset_limits(policy, org, mode, key)
+        if cmd is not None:
+            await self._run(cmd)
 
     async def apply_many(self, plans: Sequence[Plan]) -> list[Outcome | MeterkitError]:
         """See :meth:`RedisBackend.apply_many`."""
