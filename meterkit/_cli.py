@@ -421,7 +421,8 @@ def _print_report(report: SimulationReport, args: argparse.Namespace) -> None:
 # -- meterkit usage ----------------------------------------------------------------------
 
 
-def _cmd_usage(args: argparse.Namespace) -> int:
+def _meter_of(args: argparse.Namespace) -> Any:
+    """The Meter of ``usage`` and ``reset-limits``: the policy and the backend named."""
     from meterkit._meter import Meter
 
     policy = _load_policy(args.policy)
@@ -433,15 +434,47 @@ def _cmd_usage(args: argparse.Namespace) -> int:
     if memory:
         _err("note: a memory:// backend starts empty: it lives only as long as this command")
     options = {} if memory else {"prefix": args.prefix}
-    backend = _connect(lambda url: backend_from_url(url, **options), args.url)
+    return Meter(policy, _connect(lambda url: backend_from_url(url, **options), args.url))
+
+
+def _backend_arguments(parser: argparse.ArgumentParser, *, key: str, policy: str) -> None:
+    """The options of a command on a meter's backend (``usage``, ``reset-limits``)."""
+    parser.add_argument("--url", required=True, help="the backend, e.g. redis://host:6379/0")
+    parser.add_argument("--org", required=True, help="the organization id")
+    parser.add_argument("--key", help=key)
+    parser.add_argument("--mode", choices=("live", "test"), default="live",
+                        help="live or test keys' state (default live)")
+    parser.add_argument("--policy", metavar="FILE", help=policy)
+    parser.add_argument("--prefix", default="mk",
+                        help="the prefix of the backend's Redis key names (default mk)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    meter = _meter_of(args)
     try:
-        usage = Meter(policy, backend).usage(args.org, key=args.key, mode=args.mode)
+        usage = meter.usage(args.org, key=args.key, mode=args.mode)
     finally:
-        backend.close()
+        meter.close()
     if args.json:
         _json(usage.to_dict())
     else:
         _print_usage(usage)
+    return EXIT_OK
+
+
+def _cmd_reset_limits(args: argparse.Namespace) -> int:
+    meter = _meter_of(args)
+    try:
+        meter.reset_limits(args.org, args.key, mode=args.mode)
+    finally:
+        meter.close()
+    if args.json:
+        _json({"org": args.org, "key": args.key, "mode": args.mode, "reset": True})
+    else:
+        scope = "organization-scoped" if args.key is None else "key-scoped"
+        who = args.org if args.key is None else f"{args.key} of {args.org}"
+        _out(f"rate limits of {who} ({args.mode}) reset: its {scope} tiers start afresh")
     return EXIT_OK
 
 
@@ -835,17 +868,21 @@ def _parser() -> argparse.ArgumentParser:
         "(or one of its keys) from a backend.",
         **common,
     )
-    usage.add_argument("--url", required=True, help="the backend, e.g. redis://host:6379/0")
-    usage.add_argument("--org", required=True, help="the organization id")
-    usage.add_argument("--key", help="only this key id")
-    usage.add_argument("--mode", choices=("live", "test"), default="live",
-                       help="live or test keys' state (default live)")
-    usage.add_argument("--policy", metavar="FILE",
-                       help="the policy whose allowance applies (default: the seed's)")
-    usage.add_argument("--prefix", default="mk",
-                       help="the prefix of the backend's Redis key names (default mk)")
-    usage.add_argument("--json", action="store_true", help="print one JSON object")
+    _backend_arguments(usage, key="only this key id",
+                       policy="the policy whose allowance applies (default: the seed's)")
     usage.set_defaults(run=_cmd_usage)
+
+    reset = commands.add_parser(
+        "reset-limits",
+        help="clear a key's or an organization's rate limits",
+        description="Forget the rate-limit state of a key of an organization (its "
+        "key-scoped tiers) or, without --key, of the organization (its org-scoped "
+        "tiers). Credits and usage stay as they are.",
+        **common,
+    )
+    _backend_arguments(reset, key="the key id (without it: the organization's own tiers)",
+                       policy="the policy whose tiers to clear (default: the seed's)")
+    reset.set_defaults(run=_cmd_reset_limits)
 
     keys_epilog = (
         "The server's pepper, if it uses one, is read from the METERKIT_PEPPER environment "

@@ -209,3 +209,24 @@ def test_invalid_usage_requests_exit_1(capsys: pytest.CaptureFixture[str], argv:
     code, out, err = run(capsys, *argv)
     assert (code, out) == (EXIT_INVALID, "")
     assert "meterkit: error:" in err
+
+
+def test_reset_limits_frees_a_key_on_redis(
+    capsys: pytest.CaptureFixture[str], backend_url: str
+) -> None:
+    """`reset-limits --key` lets a key that spent the seed's burst (100 a minute)
+    through again at once; its usage stays. Without --key, the organization's."""
+    backend = backend_from_url(backend_url, prefix="mk-cli-reset")
+    meter = meterkit.Meter(meterkit.Policy.crane_ledger(), backend)
+    org = "org_cli_reset"
+    for _ in range(100):
+        assert meter.check("key_a", org=org, operation="invoices.list").allowed
+    assert meter.check("key_a", org=org, operation="invoices.list").reason == "rate_limited"
+    base = ("reset-limits", "--url", backend_url, "--prefix", "mk-cli-reset", "--org", org)
+    code, out, _ = run(capsys, *base, "--key", "key_a")
+    assert code == EXIT_OK
+    assert out == f"rate limits of key_a of {org} (live) reset: its key-scoped tiers start afresh\n"
+    assert meter.check("key_a", org=org, operation="invoices.list").allowed
+    assert meter.usage(org).requests == 101
+    assert run_json(capsys, *base) == {"org": org, "key": None, "mode": "live", "reset": True}
+    meter.close()
