@@ -67,6 +67,8 @@ def check_id(value: object, what: str) -> str:
 class _MeterCore:
     """What Meter and AsyncMeter share: planning, validation, deciding."""
 
+    backend: Any  # (set by each subclass: a Backend, or an AsyncBackend too)
+
     def __init__(self, policy: Policy, *, fail_open: bool = False) -> None:
         self.policy = policy
         self.fail_open = fail_open
@@ -186,6 +188,15 @@ class _MeterCore:
             raise first
         return decisions
 
+    def _able(self, method: str) -> Any:
+        """The backend's optional ``method`` (``peek``, ``reset_limits``), or a clear error
+        for a backend without it."""
+        found = getattr(self.backend, method, None)
+        if found is None:
+            what = method.replace("_", " ")
+            raise InvalidRequestError(f"{type(self.backend).__name__} cannot {what}")
+        return found
+
     def _usage_args(self, org: str, key: str | None, mode: str) -> None:
         check_id(org, "org")
         if key is not None:
@@ -264,20 +275,14 @@ class Meter(_MeterCore):
         is nothing to refund). Another request may change the answer before a check.
         """
         plan = self._plan(key, org, operation, None, cost, mode)
-        peek = getattr(self.backend, "peek", None)
-        if peek is None:
-            raise InvalidRequestError(f"{type(self.backend).__name__} cannot peek")
-        return Decision(plan, peek(plan))
+        return Decision(plan, self._able("peek")(plan))
 
     def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
         """Forget the rate-limit state of ``key`` in ``org`` (its key-scoped tiers), or
         without a key, of ``org`` itself (its organization-scoped tiers): for support,
         after a runaway client is fixed. Credits and usage stay as they are."""
         self._usage_args(org, key, mode)
-        reset = getattr(self.backend, "reset_limits", None)
-        if reset is None:
-            raise InvalidRequestError(f"{type(self.backend).__name__} cannot reset limits")
-        reset(self.policy, org, mode, key)
+        self._able("reset_limits")(self.policy, org, mode, key)
 
     @overload
     def check_many(
@@ -398,8 +403,7 @@ class AsyncMeter(_MeterCore):
     async def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
         """See :meth:`Meter.reset_limits`."""
         self._usage_args(org, key, mode)
-        if getattr(self.backend, "reset_limits", None) is None:
-            raise InvalidRequestError(f"{type(self.backend).__name__} cannot reset limits")
+        self._able("reset_limits")
         await self._call("reset_limits", self.policy, org, mode, key)
 
     async def peek(
@@ -413,8 +417,7 @@ class AsyncMeter(_MeterCore):
     ) -> Decision:
         """See :meth:`Meter.peek`."""
         plan = self._plan(key, org, operation, None, cost, mode)
-        if getattr(self.backend, "peek", None) is None:
-            raise InvalidRequestError(f"{type(self.backend).__name__} cannot peek")
+        self._able("peek")
         return Decision(plan, await self._call("peek", plan))
 
     @overload

@@ -137,6 +137,15 @@ def _same(a: Any, b: Any, where: str) -> None:
         assert a == b, where
 
 
+def _agree(a: Any, b: Any, where: str) -> bool:
+    """Both decisions agree (True), or both calls raised the same error (False)."""
+    if isinstance(a, BaseException) or isinstance(b, BaseException):
+        _same(a, b, where)
+        return False
+    assert _comparable(a.outcome) == _comparable(b.outcome), where
+    return True
+
+
 def _check_args(step: tuple[Any, ...]) -> dict[str, Any]:
     _, k, operation, idem, cost, mode = step
     key, org = KEYS[k][0], ORGS[KEYS[k][1]]
@@ -178,10 +187,7 @@ def play(
                 many_b = redis.check_many(requests, return_exceptions=True)
                 for j, (a, b) in enumerate(zip(many_a, many_b, strict=True)):
                     where = f"step {i + j}: {run[j]} (in a batch of {len(run)})"
-                    if isinstance(a, BaseException) or isinstance(b, BaseException):
-                        _same(a, b, where)
-                    else:
-                        assert _comparable(a.outcome) == _comparable(b.outcome), where
+                    if _agree(a, b, where):
                         admitted.append((a, b))
                 i += len(run)
                 continue
@@ -190,21 +196,13 @@ def play(
                 args = _check_args(step)
                 a = _run(memory, "check", **args)
                 b = _run(redis, "check", **args)
-                if isinstance(a, BaseException) or isinstance(b, BaseException):
-                    _same(a, b, where)
-                else:
-                    assert _comparable(a.outcome) == _comparable(b.outcome), where
+                if _agree(a, b, where):
                     admitted.append((a, b))
             elif kind == "peek":
                 _, k, operation, cost, mode = step
                 args = {"key": KEYS[k][0], "org": ORGS[KEYS[k][1]], "operation": operation,
                         "cost": cost, "mode": mode}
-                a = _run(memory, "peek", **args)
-                b = _run(redis, "peek", **args)
-                if isinstance(a, BaseException) or isinstance(b, BaseException):
-                    _same(a, b, where)
-                else:
-                    assert _comparable(a.outcome) == _comparable(b.outcome), where
+                _agree(_run(memory, "peek", **args), _run(redis, "peek", **args), where)
             elif kind == "advance":
                 clock.advance(step[1] / 1_000_000)
             elif kind == "refund":
