@@ -67,8 +67,6 @@ def check_id(value: object, what: str) -> str:
 class _MeterCore:
     """What Meter and AsyncMeter share: planning, validation, deciding."""
 
-    backend: Any  # (set by each subclass: a Backend, or an AsyncBackend too)
-
     def __init__(self, policy: Policy, *, fail_open: bool = False) -> None:
         self.policy = policy
         self.fail_open = fail_open
@@ -188,13 +186,14 @@ class _MeterCore:
             raise first
         return decisions
 
-    def _able(self, method: str) -> Any:
-        """The backend's optional ``method`` (``peek``, ``reset_limits``), or a clear error
-        for a backend without it."""
-        found = getattr(self.backend, method, None)
+    @staticmethod
+    def _able(backend: object, method: str) -> Any:
+        """``backend``'s optional ``method`` (``peek``, ``reset_limits``), or a clear
+        error for a backend without it."""
+        found = getattr(backend, method, None)
         if found is None:
             what = method.replace("_", " ")
-            raise InvalidRequestError(f"{type(self.backend).__name__} cannot {what}")
+            raise InvalidRequestError(f"{type(backend).__name__} cannot {what}")
         return found
 
     def _usage_args(self, org: str, key: str | None, mode: str) -> None:
@@ -275,14 +274,14 @@ class Meter(_MeterCore):
         is nothing to refund). Another request may change the answer before a check.
         """
         plan = self._plan(key, org, operation, None, cost, mode)
-        return Decision(plan, self._able("peek")(plan))
+        return Decision(plan, self._able(self.backend, "peek")(plan))
 
     def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
         """Forget the rate-limit state of ``key`` in ``org`` (its key-scoped tiers), or
         without a key, of ``org`` itself (its organization-scoped tiers): for support,
         after a runaway client is fixed. Credits and usage stay as they are."""
         self._usage_args(org, key, mode)
-        self._able("reset_limits")(self.policy, org, mode, key)
+        self._able(self.backend, "reset_limits")(self.policy, org, mode, key)
 
     @overload
     def check_many(
@@ -403,7 +402,7 @@ class AsyncMeter(_MeterCore):
     async def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
         """See :meth:`Meter.reset_limits`."""
         self._usage_args(org, key, mode)
-        self._able("reset_limits")
+        self._able(self.backend, "reset_limits")
         await self._call("reset_limits", self.policy, org, mode, key)
 
     async def peek(
@@ -417,7 +416,7 @@ class AsyncMeter(_MeterCore):
     ) -> Decision:
         """See :meth:`Meter.peek`."""
         plan = self._plan(key, org, operation, None, cost, mode)
-        self._able("peek")
+        self._able(self.backend, "peek")
         return Decision(plan, await self._call("peek", plan))
 
     @overload
