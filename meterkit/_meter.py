@@ -272,6 +272,8 @@ class Meter(_MeterCore):
         admitted, the charge and the balance after it), but no tier, credit, usage or
         idempotency record changes, and an admitted peek carries no charge id (there
         is nothing to refund). Another request may change the answer before a check.
+        An unavailable backend raises :class:`BackendUnavailable`, ``fail_open`` or
+        not: a peek has no answer to make up.
         """
         plan = self._plan(key, org, operation, None, cost, mode)
         return Decision(plan, self._able(self.backend, "peek")(plan))

@@ -299,6 +299,10 @@ def test_driver_errors_never_leak_from_any_call() -> None:
         lambda: meter.set_allowance("o", "1"),
         lambda: meter.top_up("o", "1"),
         lambda: backend.refund(decision.plan, decision.outcome),
+        lambda: meter.peek("k", org="o", operation="items.list"),
+        lambda: meter.reset_limits("o", "k"),
+        lambda: Meter(_policy(), backend, fail_open=True).peek(
+            "k", org="o", operation="items.list"),  # a peek has no answer to make up
     ]
     for call in calls:
         started = time.monotonic()
