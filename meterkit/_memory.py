@@ -171,6 +171,12 @@ _State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
 _KINDS = {"fixed_window": 0, "sliding_window": 1, "gcra": 2, "sliding_log": 3}
 
 
+def _state_id(tier: Tier) -> tuple[object, ...]:
+    """What a tier's state is kept under: tiers with the same name and parameters share
+    counters across operations and policies."""
+    return (tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst)
+
+
 def _new_state(tier: Tier, native: bool) -> _State:
     if tier.algorithm == "fixed_window":
         return _FixedWindow()
@@ -619,9 +625,7 @@ class MemoryBackend:
         states = []
         with self._lock:
             for tier in op.tiers:
-                ident = (
-                    tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst
-                )
+                ident = _state_id(tier)
                 state = self._tiers.get(ident)
                 if state is None:
                     state = self._tiers[ident] = _new_state(tier, self._native)
@@ -730,10 +734,7 @@ class MemoryBackend:
         scope = "org" if key is None else "key"
         with self._lock:
             for tier in policy.tiers:
-                ident = (
-                    tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst
-                )
-                state = self._tiers.get(ident)
+                state = self._tiers.get(_state_id(tier))
                 if tier.scope != scope or state is None:
                     continue
                 for name in ("counts", "cur", "prev", "tats", "logs"):
