@@ -35,12 +35,22 @@ def compile_speedups(root: Path) -> Path:
     target = root / "meterkit" / f"_speedups{suffix}"
     cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
     include = sysconfig.get_paths()["include"]
-    ldshared = ["-bundle", "-undefined", "dynamic_lookup"] if sys.platform == "darwin" else [
-        "-shared"
-    ]
+    ldshared = (
+        ["-bundle", "-undefined", "dynamic_lookup"] if sys.platform == "darwin" else ["-shared"]
+    )
     cmd = [
-        *cc, "-O2", "-fPIC", "-std=c11", "-Wall", "-Werror=implicit-function-declaration",
-        f"-I{include}", str(root / SOURCE), *ldshared, "-o", str(target), "-lm",
+        *cc,
+        "-O2",
+        "-fPIC",
+        "-std=c11",
+        "-Wall",
+        "-Werror=implicit-function-declaration",
+        f"-I{include}",
+        str(root / SOURCE),
+        *ldshared,
+        "-o",
+        str(target),
+        "-lm",
     ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return target
@@ -59,8 +69,7 @@ class SpeedupsHook(BuildHookInterface):
             detail = getattr(exc, "stderr", "") or str(exc)
             if _flag("METERKIT_REQUIRE_SPEEDUPS"):
                 raise RuntimeError(f"compiling {SOURCE} failed:\n{detail}") from exc
-            print(f"meterkit: {SOURCE} not compiled, pure Python only:\n{detail}",
-                  file=sys.stderr)
+            print(f"meterkit: {SOURCE} not compiled, pure Python only:\n{detail}", file=sys.stderr)
             return
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

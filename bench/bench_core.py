@@ -314,8 +314,12 @@ def test_ratio_interleaved(benchmark: Any, figures: Report) -> None:
         ("limits", "meterkit+headers", "meterkit+headers/limits memory", None),
         ("throttled-py", "meterkit+headers", "meterkit+headers/throttled-py memory", None),
         ("limits", "meterkit (pure Python)", "meterkit pure Python/limits memory", None),
-        ("throttled-py", "meterkit (pure Python)", "meterkit pure Python/throttled-py memory",
-         None),
+        (
+            "throttled-py",
+            "meterkit (pure Python)",
+            "meterkit pure Python/throttled-py memory",
+            None,
+        ),
     ]
     for slow, fast, label, target in lines:
         ratio = result.ratio(slow, fast)

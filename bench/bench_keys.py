@@ -46,8 +46,9 @@ def test_authenticate_admitted(benchmark: Any, keyed: tuple[MemoryKeyStore, str]
     assert result.org == org
 
 
-def test_authenticate_refused_by_checksum(benchmark: Any,
-                                          keyed: tuple[MemoryKeyStore, str]) -> None:
+def test_authenticate_refused_by_checksum(
+    benchmark: Any, keyed: tuple[MemoryKeyStore, str]
+) -> None:
     """A mistyped key: refused by its checksum, before any lookup."""
     store, header = keyed
     typo = header[:-1] + ("A" if header[-1] != "A" else "B")
@@ -77,12 +78,13 @@ def test_authenticate_refused_oversized(benchmark: Any, keyed: tuple[MemoryKeySt
     assert benchmark(refuse) == "invalid_api_key"
 
 
-def test_ratio_to_the_hmac_floor(benchmark: Any, figures: Callable[[str], None],
-                                 keyed: tuple[MemoryKeyStore, str]) -> None:
+def test_ratio_to_the_hmac_floor(
+    benchmark: Any, figures: Callable[[str], None], keyed: tuple[MemoryKeyStore, str]
+) -> None:
     """authenticate against one hmac.digest + dict lookup, interleaved; the floor is benched."""
     store, header = keyed
     org = store.authenticate(header, org=None).org
-    token = header[len("Bearer "):].encode()
+    token = header[len("Bearer ") :].encode()
     table = {hmac.digest(PEPPER, token, "sha256"): org}
 
     def ours() -> None:
@@ -102,8 +104,9 @@ def test_ratio_to_the_hmac_floor(benchmark: Any, figures: Callable[[str], None],
     benchmark(floor)
 
 
-def test_cached_authenticate_against_the_store(benchmark: Any, figures: Callable[[str], None],
-                                               keyed: tuple[MemoryKeyStore, str]) -> None:
+def test_cached_authenticate_against_the_store(
+    benchmark: Any, figures: Callable[[str], None], keyed: tuple[MemoryKeyStore, str]
+) -> None:
     """CachedKeyStore's hit (a digest, a dict lookup, the store's admission rules)
     against the memory store's authenticate, interleaved. On Redis a hit also saves
     the round trip, which no in-process figure shows."""

@@ -70,11 +70,13 @@ def make_keys(store: MemoryKeyStore) -> list[tuple[str, bytes]]:
 
 
 async def bare_asgi(scope: Any, receive: Any, send: Any) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": 200,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"21")],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"21")],
+        }
+    )
     await send({"type": "http.response.body", "body": BODY})
 
 
@@ -87,25 +89,27 @@ class AsgiDriver:
         self.headers: list[tuple[bytes, bytes]] = []
         scopes = []
         for org, header in keys:
-            scopes.append({
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "GET",
-                "scheme": "https",
-                "path": f"/organizations/{org}/invoices",
-                "raw_path": f"/organizations/{org}/invoices".encode(),
-                "root_path": "",
-                "query_string": b"",
-                "headers": [
-                    (b"host", b"api.example.test"),
-                    (b"user-agent", b"bench"),
-                    (b"accept", b"*/*"),
-                    (b"authorization", header),
-                ],
-                "client": ("203.0.113.7", 50000),
-                "server": ("10.0.0.1", 443),
-            })
+            scopes.append(
+                {
+                    "type": "http",
+                    "asgi": {"version": "3.0"},
+                    "http_version": "1.1",
+                    "method": "GET",
+                    "scheme": "https",
+                    "path": f"/organizations/{org}/invoices",
+                    "raw_path": f"/organizations/{org}/invoices".encode(),
+                    "root_path": "",
+                    "query_string": b"",
+                    "headers": [
+                        (b"host", b"api.example.test"),
+                        (b"user-agent", b"bench"),
+                        (b"accept", b"*/*"),
+                        (b"authorization", header),
+                    ],
+                    "client": ("203.0.113.7", 50000),
+                    "server": ("10.0.0.1", 443),
+                }
+            )
         self._scopes = itertools.cycle(scopes)
 
     async def receive(self) -> dict[str, Any]:
@@ -157,25 +161,31 @@ class WsgiDriver:
         self.statuses: dict[str, int] = {}
         environs = []
         for org, header in keys:
-            environs.append({
-                "REQUEST_METHOD": "GET",
-                "SCRIPT_NAME": "",
-                "PATH_INFO": f"/organizations/{org}/invoices",
-                "QUERY_STRING": "",
-                "SERVER_NAME": "api.example.test",
-                "SERVER_PORT": "443",
-                "SERVER_PROTOCOL": "HTTP/1.1",
-                "REMOTE_ADDR": "203.0.113.7",
-                "HTTP_HOST": "api.example.test",
-                "HTTP_USER_AGENT": "bench",
-                "HTTP_ACCEPT": "*/*",
-                "HTTP_AUTHORIZATION": header.decode("latin-1"),
-                "wsgi.url_scheme": "https",
-            })
+            environs.append(
+                {
+                    "REQUEST_METHOD": "GET",
+                    "SCRIPT_NAME": "",
+                    "PATH_INFO": f"/organizations/{org}/invoices",
+                    "QUERY_STRING": "",
+                    "SERVER_NAME": "api.example.test",
+                    "SERVER_PORT": "443",
+                    "SERVER_PROTOCOL": "HTTP/1.1",
+                    "REMOTE_ADDR": "203.0.113.7",
+                    "HTTP_HOST": "api.example.test",
+                    "HTTP_USER_AGENT": "bench",
+                    "HTTP_ACCEPT": "*/*",
+                    "HTTP_AUTHORIZATION": header.decode("latin-1"),
+                    "wsgi.url_scheme": "https",
+                }
+            )
         self._environs = itertools.cycle(environs)
 
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None,
-                       ) -> Callable[[bytes], None]:
+    def start_response(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: Any = None,
+    ) -> Callable[[bytes], None]:
         self.statuses[status] = self.statuses.get(status, 0) + 1
         return self.write
 
@@ -218,9 +228,7 @@ def overhead(bare: Callable[[], None], metered: Callable[[], None]) -> tuple[flo
     return median, report
 
 
-@pytest.mark.parametrize(
-    "shape", ["asgi-sync-stores", "asgi-async-stores", "wsgi"]
-)
+@pytest.mark.parametrize("shape", ["asgi-sync-stores", "asgi-async-stores", "wsgi"])
 def test_middleware_overhead(benchmark: Any, figures: Callable[[str], None], shape: str) -> None:
     """Bench the metered request and report its overhead over the bare app."""
     if shape == "wsgi":

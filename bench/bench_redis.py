@@ -262,8 +262,10 @@ def test_check_many_in_batches_of_100_against_single_checks(
     meter = Meter(Policy.crane_ledger(), backend_from_url(url, prefix="bench-many"))
     traffic = _traffic(11)
     requests = itertools.cycle(
-        [[(key, "invoices.list", org) for key, org in itertools.islice(traffic, 100)]
-         for _ in range(KEYS // 100)]
+        [
+            [(key, "invoices.list", org) for key, org in itertools.islice(traffic, 100)]
+            for _ in range(KEYS // 100)
+        ]
     )
     singles = _traffic(11)
 
@@ -344,8 +346,11 @@ def test_redis_memory_per_active_key_and_organization(
         before = client.info("memory")["used_memory"]
         for _ in range(checks_per_key):
             meter.check_many(
-                [(f"key_{o}_{k}", "invoices.list", f"org_{o}") for o in range(orgs)
-                 for k in range(per_org)]
+                [
+                    (f"key_{o}_{k}", "invoices.list", f"org_{o}")
+                    for o in range(orgs)
+                    for k in range(per_org)
+                ]
             )
         used = client.info("memory")["used_memory"] - before
         sizes: dict[str, list[int]] = {}

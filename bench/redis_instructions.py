@@ -60,9 +60,20 @@ def measure(single: int, batches: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="meterkit-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         server = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-             "redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                "redis-server",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             client = redis.Redis(port=port)
@@ -80,13 +91,16 @@ def measure(single: int, batches: int) -> dict[str, float]:
             meter.check(*requests[0][:1], org=requests[0][2], operation=requests[0][1])
 
             def counted(label: str, checks: int, run: object) -> None:
-                subprocess.run(["callgrind_control", "-z", str(server.pid)], check=True,
-                               capture_output=True)
+                subprocess.run(
+                    ["callgrind_control", "-z", str(server.pid)], check=True, capture_output=True
+                )
                 run()  # type: ignore[operator]
-                subprocess.run(["callgrind_control", "-d", str(server.pid)], check=True,
-                               capture_output=True)
-                dumps = sorted(Path(tmp).glob("callgrind.out.*"),
-                               key=lambda p: int(p.name.rsplit(".", 1)[1]))
+                subprocess.run(
+                    ["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True
+                )
+                dumps = sorted(
+                    Path(tmp).glob("callgrind.out.*"), key=lambda p: int(p.name.rsplit(".", 1)[1])
+                )
                 figures[label] = _total(dumps[-1]) / checks
 
             def batched() -> None:

@@ -64,8 +64,12 @@ class RatesFeed:
 
     def __init__(self) -> None:
         self.available = True
-        self.per_usd = {"USD": Decimal("1"), "EUR": Decimal("0.92"), "GBP": Decimal("0.79"),
-                        "JPY": Decimal("151.20")}
+        self.per_usd = {
+            "USD": Decimal("1"),
+            "EUR": Decimal("0.92"),
+            "GBP": Decimal("0.79"),
+            "JPY": Decimal("151.20"),
+        }
 
     def convert(self, amount: Decimal, source: str, target: str) -> Decimal:
         if not self.available:
@@ -137,7 +141,9 @@ def pdf_of(invoice: dict[str, Any]) -> bytes:
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
+        len(objects) + 1,
+        xref,
+    )
     return bytes(out)
 
 
@@ -248,20 +254,33 @@ def create_app(
         try:
             result = feed.convert(conversion.amount, conversion.source, conversion.target)
         except RatesUnavailable:
-            return error(503, "rates_unavailable", "Exchange rates are unavailable right now.",
-                         type_="api_error")
-        return {"from": conversion.source, "to": conversion.target,
-                "amount": str(conversion.amount), "result": str(result)}
+            return error(
+                503,
+                "rates_unavailable",
+                "Exchange rates are unavailable right now.",
+                type_="api_error",
+            )
+        return {
+            "from": conversion.source,
+            "to": conversion.target,
+            "amount": str(conversion.amount),
+            "result": str(result),
+        }
 
     @app.get("/organizations/{organization_id}/reports/{name}")
     async def report(organization_id: str, name: str, request: Request) -> Any:
         if name not in REPORTS:
             return error(404, "report_not_found", f"No report {name!r}; try {', '.join(REPORTS)}.")
         invoices = ledger.book(organization_id, mode(request)).values()
-        receivable = sum((Decimal(i["amount"]) for i in invoices if i["currency"] == "USD"),
-                         Decimal(0))
-        return {"report": name, "currency": "USD", "invoices": len(invoices),
-                "accounts_receivable": str(receivable)}
+        receivable = sum(
+            (Decimal(i["amount"]) for i in invoices if i["currency"] == "USD"), Decimal(0)
+        )
+        return {
+            "report": name,
+            "currency": "USD",
+            "invoices": len(invoices),
+            "accounts_receivable": str(receivable),
+        }
 
     @app.get("/organizations/{organization_id}/usage")
     async def usage(organization_id: str, request: Request) -> dict[str, Any]:

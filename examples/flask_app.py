@@ -60,8 +60,11 @@ def create_app(
 
     app = Flask(__name__)
     app.wsgi_app = MeterMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, meter=meter, keystore=keystore,
-        exclude=middleware_options.pop("exclude", ["/health"]), **middleware_options,
+        app.wsgi_app,
+        meter=meter,
+        keystore=keystore,
+        exclude=middleware_options.pop("exclude", ["/health"]),
+        **middleware_options,
     )
     keys = {
         "live": keystore.create(org=ORG, mode="live", permissions=["*"]),
@@ -114,8 +117,12 @@ def create_app(
         if source not in feed.per_usd or target not in feed.per_usd:
             return error(400, "unsupported_currency", "Unknown currency.")
         if not feed.available:
-            return error(503, "rates_unavailable", "Exchange rates are unavailable right now.",
-                         type_="api_error")
+            return error(
+                503,
+                "rates_unavailable",
+                "Exchange rates are unavailable right now.",
+                type_="api_error",
+            )
         amount = Decimal(str(body.get("amount", "0")))
         result = (amount / feed.per_usd[source] * feed.per_usd[target]).quantize(Decimal("0.01"))
         return {"from": source, "to": target, "result": str(result)}

@@ -156,15 +156,15 @@ def locate(text: str, location: str) -> int | None:
     best: tuple[str, int, int] | None = None
     for table in tables:
         prefix = table[0]
-        inside = prefix == "" or location == prefix or location.startswith(
-            (prefix + ".", prefix + "[")
+        inside = (
+            prefix == "" or location == prefix or location.startswith((prefix + ".", prefix + "["))
         )
         if inside and (best is None or len(prefix) > len(best[0])):
             best = table
     if best is None:
         return None
     prefix, first, end = best
-    rest = location[len(prefix):].lstrip(".")
+    rest = location[len(prefix) :].lstrip(".")
     if not rest:
         return first + 1
     key = re.split(r"[.\[]", rest, maxsplit=1)[0] if rest[:1] not in "'\"" else rest
@@ -397,8 +397,16 @@ def _print_report(report: SimulationReport, args: argparse.Namespace) -> None:
             ["org", "requests", "admitted", "denied", "charged", "left"]
         ]
         for org, o in orgs[: args.top]:
-            org_rows.append([org, f"{o.requests:,}", f"{o.admitted:,}", f"{o.denied:,}",
-                             _credits(o.charged), _credits(o.credits_left)])
+            org_rows.append(
+                [
+                    org,
+                    f"{o.requests:,}",
+                    f"{o.admitted:,}",
+                    f"{o.denied:,}",
+                    _credits(o.charged),
+                    _credits(o.credits_left),
+                ]
+            )
         for line in _table(org_rows, right=(1, 2, 3, 4, 5)):
             _out(line)
         if len(orgs) > args.top:
@@ -442,11 +450,16 @@ def _backend_arguments(parser: argparse.ArgumentParser, *, key: str, policy: str
     parser.add_argument("--url", required=True, help="the backend, e.g. redis://host:6379/0")
     parser.add_argument("--org", required=True, help="the organization id")
     parser.add_argument("--key", help=key)
-    parser.add_argument("--mode", choices=("live", "test"), default="live",
-                        help="live or test keys' state (default live)")
+    parser.add_argument(
+        "--mode",
+        choices=("live", "test"),
+        default="live",
+        help="live or test keys' state (default live)",
+    )
     parser.add_argument("--policy", metavar="FILE", help=policy)
-    parser.add_argument("--prefix", default="mk",
-                        help="the prefix of the backend's Redis key names (default mk)")
+    parser.add_argument(
+        "--prefix", default="mk", help="the prefix of the backend's Redis key names (default mk)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -630,13 +643,34 @@ def _keys_list(store: Any, args: argparse.Namespace) -> int:
     if not records:
         _out(f"no keys for {args.org}")
         return EXIT_OK
-    rows: list[list[object]] = [["id", "last four", "mode", "status", "name", "permissions",
-                                 "created", "expires", "last used"]]
+    rows: list[list[object]] = [
+        [
+            "id",
+            "last four",
+            "mode",
+            "status",
+            "name",
+            "permissions",
+            "created",
+            "expires",
+            "last used",
+        ]
+    ]
     for r in records:
         d = _key_dict(r, now)
-        rows.append([d["id"], d["last_four"], d["mode"], d["status"], d["name"] or "-",
-                     ",".join(d["permissions"]) or "-", d["created_at"], d["expires_at"] or "-",
-                     d["last_used_at"] or "-"])
+        rows.append(
+            [
+                d["id"],
+                d["last_four"],
+                d["mode"],
+                d["status"],
+                d["name"] or "-",
+                ",".join(d["permissions"]) or "-",
+                d["created_at"],
+                d["expires_at"] or "-",
+                d["last_used_at"] or "-",
+            ]
+        )
     for line in _table(rows):
         _out(line)
     return EXIT_OK
@@ -647,11 +681,13 @@ def _keys_rotate(store: Any, args: argparse.Namespace) -> int:
     old = store.get(args.key_id)
     now = time.time()
     if args.json:
-        _json({
-            "plaintext": str(plaintext),
-            "key": _key_dict(record, now),
-            "replaced": _key_dict(old, now) if old is not None else None,
-        })
+        _json(
+            {
+                "plaintext": str(plaintext),
+                "key": _key_dict(record, now),
+                "replaced": _key_dict(old, now) if old is not None else None,
+            }
+        )
         return EXIT_OK
     _out(f"rotated {args.key_id} -> {record.id}")
     if old is not None and old.expires_at is not None:
@@ -690,19 +726,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     def line(d: Decision) -> None:
         tiers = " ".join(f"{t.remaining:>{len(t.name)}}" for t in d.tiers)
-        _out(f"  {at():>8}  {d.operation:<17} {d.status:<6} {_credits(d.charged):>7}"
-             f"  {_credits(d.balance):>8}  {tiers}")
+        _out(
+            f"  {at():>8}  {d.operation:<17} {d.status:<6} {_credits(d.charged):>7}"
+            f"  {_credits(d.balance):>8}  {tiers}"
+        )
 
     def columns() -> None:
         names = " ".join(t.name for t in policy.tiers)
-        _out(f"  {'clock':>8}  {'operation':<17} {'status':<6} {'charged':>7}  {'left':>8}  "
-             f"{names} (remaining)")
+        _out(
+            f"  {'clock':>8}  {'operation':<17} {'status':<6} {'charged':>7}  {'left':>8}  "
+            f"{names} (remaining)"
+        )
 
     _out("meterkit demo: the seed's policy on the in-memory backend, with a virtual clock")
     for i, tier in enumerate(policy.tiers):
         _out(f"  {'tiers' if i == 0 else '':<8} {tier.describe()}")
-    _out(f"  {'credits':<8} {_credits(_dec(policy.credits.allowance_micro))} per organization "
-         "per calendar month (UTC), no rollover")
+    _out(
+        f"  {'credits':<8} {_credits(_dec(policy.credits.allowance_micro))} per organization "
+        "per calendar month (UTC), no rollover"
+    )
     _out(f"  {'clock':<8} starts at {_utc(start)}; waiting moves it, nothing sleeps")
     _out()
     _out(f"1. {app} of {org} lists invoices: meter.check(key, org=org, operation=op)")
@@ -737,8 +779,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for text in json.dumps(denied.error, indent=2).splitlines():
         _out("    " + text)
     rest = [meter.check(app, org=org, operation="invoices.get") for _ in range(20)]
-    _out(f"  20 more calls at once: {sum(not r.allowed for r in rest)} denied, nothing charged "
-         f"(balance still {_credits(rest[-1].balance)})")
+    _out(
+        f"  20 more calls at once: {sum(not r.allowed for r in rest)} denied, nothing charged "
+        f"(balance still {_credits(rest[-1].balance)})"
+    )
     _out()
 
     wait = denied.retry_after
@@ -750,16 +794,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     _out(f"4. priced operations, with {reports} (its own key tiers, the same org's credits)")
     columns()
-    for op in ("invoices.list", "invoices.create", "invoices.pdf", "currency.convert",
-               "reports.generate"):
+    for op in (
+        "invoices.list",
+        "invoices.create",
+        "invoices.pdf",
+        "currency.convert",
+        "reports.generate",
+    ):
         clock.advance(0.5)
         line(meter.check(reports, org=org, operation=op))
     _out()
 
     small = "org_tiny"
     meter.set_allowance(small, "0.30")
-    _out(f"5. {small} may spend 0.30 credits this month: "
-         f"meter.set_allowance({small!r}, '0.30')")
+    _out(f"5. {small} may spend 0.30 credits this month: meter.set_allowance({small!r}, '0.30')")
     columns()
     last = None
     for op in ("reports.generate", "reports.generate", "invoices.list"):
@@ -768,8 +816,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         line(last)
     assert last is not None
     assert last.error is not None
-    _out(f"  HTTP {last.status} Payment Required: credits reset at "
-         f"{last.resets_at.isoformat().replace('+00:00', 'Z')}")
+    _out(
+        f"  HTTP {last.status} Payment Required: credits reset at "
+        f"{last.resets_at.isoformat().replace('+00:00', 'Z')}"
+    )
     for text in json.dumps(last.error, indent=2).splitlines():
         _out("    " + text)
     _out()
@@ -826,8 +876,7 @@ def _parser() -> argparse.ArgumentParser:
     policy = commands.add_parser(
         "policy", help="work with policy files", description="Work with policy files.", **common
     )
-    policy_commands = policy.add_subparsers(dest="policy_command", metavar="COMMAND",
-                                            required=True)
+    policy_commands = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
     check = policy_commands.add_parser(
         "check",
         help="validate a policy file and print what it compiles to",
@@ -852,12 +901,21 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("trace", metavar="TRACE", help="the trace file (.csv or .jsonl), or -")
     sim.add_argument("--policy", metavar="FILE", help="a policy file (default: the seed's)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
-    sim.add_argument("--plot", metavar="OUT.png",
-                     help="draw admitted and denied requests over time (needs matplotlib)")
-    sim.add_argument("--skip-bad", action="store_true",
-                     help="skip rows that cannot be replayed, and count them")
-    sim.add_argument("--top", type=_positive, default=10, metavar="N",
-                     help="how many keys and organizations to list (default 10)")
+    sim.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="draw admitted and denied requests over time (needs matplotlib)",
+    )
+    sim.add_argument(
+        "--skip-bad", action="store_true", help="skip rows that cannot be replayed, and count them"
+    )
+    sim.add_argument(
+        "--top",
+        type=_positive,
+        default=10,
+        metavar="N",
+        help="how many keys and organizations to list (default 10)",
+    )
     sim.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     sim.set_defaults(run=_cmd_simulate)
 
@@ -868,8 +926,11 @@ def _parser() -> argparse.ArgumentParser:
         "(or one of its keys) from a backend.",
         **common,
     )
-    _backend_arguments(usage, key="only this key id",
-                       policy="the policy whose allowance applies (default: the seed's)")
+    _backend_arguments(
+        usage,
+        key="only this key id",
+        policy="the policy whose allowance applies (default: the seed's)",
+    )
     usage.set_defaults(run=_cmd_usage)
 
     reset = commands.add_parser(
@@ -880,8 +941,11 @@ def _parser() -> argparse.ArgumentParser:
         "tiers). Credits and usage stay as they are.",
         **common,
     )
-    _backend_arguments(reset, key="the key id (without it: the organization's own tiers)",
-                       policy="the policy whose tiers to clear (default: the seed's)")
+    _backend_arguments(
+        reset,
+        key="the key id (without it: the organization's own tiers)",
+        policy="the policy whose tiers to clear (default: the seed's)",
+    )
     reset.set_defaults(run=_cmd_reset_limits)
 
     keys_epilog = (
@@ -890,58 +954,88 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys_common: dict[str, Any] = {"formatter_class": _Formatter, "epilog": keys_epilog}
     keys = commands.add_parser(
-        "keys", help="create, list, rotate and revoke API keys",
-        description="Manage API keys in a key store.", **keys_common,
+        "keys",
+        help="create, list, rotate and revoke API keys",
+        description="Manage API keys in a key store.",
+        **keys_common,
     )
     key_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
 
     def store_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", required=True, help="the key store, e.g. redis://host:6379/0")
-        p.add_argument("--namespace", default="mk",
-                       help="the prefix of the store's Redis key names (default mk)")
+        p.add_argument(
+            "--namespace",
+            default="mk",
+            help="the prefix of the store's Redis key names (default mk)",
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
 
     create = key_commands.add_parser(
-        "create", help="create a key and print its plaintext once",
+        "create",
+        help="create a key and print its plaintext once",
         description="Create an API key. Its plaintext is printed once and never again.",
         **keys_common,
     )
     store_arg(create)
     create.add_argument("--org", required=True, help="the organization id (org_…)")
-    create.add_argument("--mode", choices=("live", "test"), default="live",
-                        help="a cl_live_ or cl_test_ key (default live)")
-    create.add_argument("--permission", action="append", default=[], metavar="PERM",
-                        help="a permission such as invoices:read (repeat, or comma-separate)")
+    create.add_argument(
+        "--mode",
+        choices=("live", "test"),
+        default="live",
+        help="a cl_live_ or cl_test_ key (default live)",
+    )
+    create.add_argument(
+        "--permission",
+        action="append",
+        default=[],
+        metavar="PERM",
+        help="a permission such as invoices:read (repeat, or comma-separate)",
+    )
     create.add_argument("--name", help="a label for people")
     expiry = create.add_mutually_exclusive_group()
-    expiry.add_argument("--expires-at", type=_when, metavar="WHEN",
-                        help="expiry as ISO 8601 (naive means UTC)")
-    expiry.add_argument("--expires-in", type=_duration, metavar="DURATION",
-                        help="expiry from now: 3600, 30m, 24h, 90d")
+    expiry.add_argument(
+        "--expires-at", type=_when, metavar="WHEN", help="expiry as ISO 8601 (naive means UTC)"
+    )
+    expiry.add_argument(
+        "--expires-in",
+        type=_duration,
+        metavar="DURATION",
+        help="expiry from now: 3600, 30m, 24h, 90d",
+    )
     create.set_defaults(run=_with_store(_keys_create))
 
     listing = key_commands.add_parser(
-        "list", help="list an organization's keys", description="List an organization's keys "
-        "(revoked and expired ones too), oldest first.", **keys_common,
+        "list",
+        help="list an organization's keys",
+        description="List an organization's keys (revoked and expired ones too), oldest first.",
+        **keys_common,
     )
     store_arg(listing)
     listing.add_argument("--org", required=True, help="the organization id")
     listing.set_defaults(run=_with_store(_keys_list))
 
     rotate = key_commands.add_parser(
-        "rotate", help="replace a key, keeping the old one for a grace period",
+        "rotate",
+        help="replace a key, keeping the old one for a grace period",
         description="Create a key like KEY_ID (same org, mode, permissions) and let KEY_ID "
         "keep working for the grace period. The new plaintext is printed once.",
         **keys_common,
     )
     store_arg(rotate)
     rotate.add_argument("key_id", metavar="KEY_ID", help="the key's public id (key_…)")
-    rotate.add_argument("--grace", type=_duration, default=86400.0, metavar="DURATION",
-                        help="how long the old key keeps working (default 24h)")
+    rotate.add_argument(
+        "--grace",
+        type=_duration,
+        default=86400.0,
+        metavar="DURATION",
+        help="how long the old key keeps working (default 24h)",
+    )
     rotate.set_defaults(run=_with_store(_keys_rotate))
 
     revoke = key_commands.add_parser(
-        "revoke", help="revoke a key at once", description="Revoke a key at once.",
+        "revoke",
+        help="revoke a key at once",
+        description="Revoke a key at once.",
         **keys_common,
     )
     store_arg(revoke)

@@ -19,7 +19,6 @@ _MICRO_DEC = Decimal(MICRO)
 _EXACT = Context(prec=60, traps=[InvalidOperation, Inexact, Overflow])
 
 
-
 def to_micro(value: object, what: str = "amount") -> int:
     """Convert an amount of credits to micro-credits, refusing anything inexact.
 

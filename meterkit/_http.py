@@ -60,9 +60,7 @@ JSON: Final = ("Content-Type", "application/json")
 
 def error_body(type_: str, code: str, message: str, status: int) -> bytes:
     """A JSON error body in the seed's shape."""
-    return _encode(
-        {"error": {"type": type_, "code": code, "message": message, "status": status}}
-    )
+    return _encode({"error": {"type": type_, "code": code, "message": message, "status": status}})
 
 
 HTTPS_REQUIRED_BODY: Final = error_body(
@@ -229,8 +227,7 @@ class Router:
                     node = node.literal.setdefault(seg, _Node())
             if method in node.routes:
                 raise ConfigurationError(
-                    f"{method} {template} is routed twice "
-                    f"(also as {node.routes[method].template})",
+                    f"{method} {template} is routed twice (also as {node.routes[method].template})",
                     f"routes.{spec!r}",
                 )
             route = Route(method, template, operation, op.permission, org_index)
@@ -386,8 +383,15 @@ def _exclusions(exclude: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]
 class Pending:
     """A request to authenticate and check: what the shell passes to the key store and meter."""
 
-    __slots__ = ("authorization", "idempotency_key", "method", "operation", "org", "permission",
-                 "segments")
+    __slots__ = (
+        "authorization",
+        "idempotency_key",
+        "method",
+        "operation",
+        "org",
+        "permission",
+        "segments",
+    )
 
     def __init__(
         self,
@@ -442,8 +446,14 @@ class Gate:
     ``()`` never refunds). ``require_https=False`` is for local development only.
     """
 
-    __slots__ = ("_excluded", "_excluded_prefixes", "_proxies", "refund_statuses",
-                 "require_https", "router")
+    __slots__ = (
+        "_excluded",
+        "_excluded_prefixes",
+        "_proxies",
+        "refund_statuses",
+        "require_https",
+        "router",
+    )
 
     def __init__(
         self,
@@ -522,9 +532,7 @@ class Gate:
                 return _fixed(405, METHOD_NOT_ALLOWED_BODY, ("Allow", ", ".join(allowed)))
             return _fixed(404, NOT_FOUND_BODY)
         idem = pending.idempotency_key
-        if idem is not None and not (
-            0 < len(idem) <= _MAX_IDEMPOTENCY_KEY and idem.isprintable()
-        ):
+        if idem is not None and not (0 < len(idem) <= _MAX_IDEMPOTENCY_KEY and idem.isprintable()):
             return _fixed(400, INVALID_IDEMPOTENCY_KEY_BODY)
         return None
 
@@ -581,9 +589,4 @@ class Gate:
         A replayed decision is not refunded: its charge belongs to the first attempt,
         which may have succeeded.
         """
-        return (
-            status in self.refund_statuses
-            and not decision.replayed
-            and not decision.degraded
-        )
-
+        return status in self.refund_statuses and not decision.replayed and not decision.degraded

@@ -160,8 +160,9 @@ class CachedKeyStore:
         """The format of the wrapped store's keys."""
         return self._cache.rules.format
 
-    def authenticate(self, authorization: str | bytes | None, *, org: str | None,
-                     permission: str | None = None) -> ApiKey:
+    def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         """See :meth:`~meterkit.KeyStore.authenticate`; from memory while fresh."""
         digest = self._cache.digest(authorization)
         record = self._cache.lookup(digest, org, permission)
@@ -171,12 +172,19 @@ class CachedKeyStore:
             self._cache.keep(digest, record, generation)
         return record
 
-    def create(self, *, org: str, mode: Mode = "live", permissions: Iterable[str] = (),
-               expires_at: TimeLike | None = None, name: str | None = None,
-               ) -> tuple[PlaintextKey, ApiKey]:
+    def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`~meterkit.KeyStore.create`."""
-        return self.store.create(org=org, mode=mode, permissions=permissions,
-                                 expires_at=expires_at, name=name)
+        return self.store.create(
+            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
+        )
 
     def get(self, key_id: str) -> ApiKey | None:
         """See :meth:`~meterkit.KeyStore.get` (always the store's record)."""
@@ -227,8 +235,9 @@ class AsyncCachedKeyStore:
         """The format of the wrapped store's keys."""
         return self._cache.rules.format
 
-    async def authenticate(self, authorization: str | bytes | None, *, org: str | None,
-                           permission: str | None = None) -> ApiKey:
+    async def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         """See :meth:`CachedKeyStore.authenticate`."""
         digest = self._cache.digest(authorization)
         record = self._cache.lookup(digest, org, permission)
@@ -238,12 +247,19 @@ class AsyncCachedKeyStore:
             self._cache.keep(digest, record, generation)
         return record
 
-    async def create(self, *, org: str, mode: Mode = "live", permissions: Iterable[str] = (),
-                     expires_at: TimeLike | None = None, name: str | None = None,
-                     ) -> tuple[PlaintextKey, ApiKey]:
+    async def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`~meterkit.KeyStore.create`."""
-        return await self.store.create(org=org, mode=mode, permissions=permissions,
-                                       expires_at=expires_at, name=name)
+        return await self.store.create(
+            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
+        )
 
     async def get(self, key_id: str) -> ApiKey | None:
         """See :meth:`~meterkit.KeyStore.get`."""
@@ -270,4 +286,3 @@ class AsyncCachedKeyStore:
     async def aclose(self) -> None:
         """Close the wrapped store."""
         await self.store.aclose()
-

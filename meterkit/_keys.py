@@ -232,8 +232,9 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
 
     def __rich_repr__(self) -> builtins.list[tuple[str, Any]]:
         """The fields ``repr`` shows: all but the secret's hash."""
-        return [(name, getattr(self, name)) for name in self.__struct_fields__
-                if name != "secret_hash"]
+        return [
+            (name, getattr(self, name)) for name in self.__struct_fields__ if name != "secret_hash"
+        ]
 
     def grants(self, permission: str) -> bool:
         """Whether this key holds ``permission``, itself or through a wildcard."""
@@ -389,11 +390,13 @@ def _status_codes(overrides: Mapping[str, int] | None) -> dict[str, int]:
     statuses = dict.fromkeys(CODES, 401)
     for code, status in (overrides or {}).items():
         if code not in statuses:
-            raise ConfigurationError(f"unknown code {code!r}; known: {', '.join(CODES)}",
-                                     "status_codes")
+            raise ConfigurationError(
+                f"unknown code {code!r}; known: {', '.join(CODES)}", "status_codes"
+            )
         if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
-            raise ConfigurationError(f"must be an HTTP error status (400-599), not {status!r}",
-                                     f"status_codes.{code}")
+            raise ConfigurationError(
+                f"must be an HTTP error status (400-599), not {status!r}", f"status_codes.{code}"
+            )
         statuses[code] = status
     return statuses
 
@@ -464,8 +467,9 @@ class KeyRules:
                 return msgspec.structs.replace(record, secret_hash=digests[0])
         raise self.error(INVALID)
 
-    def admit(self, record: ApiKey, now: float, org: str | None, permission: str | None,
-              wildcard: str) -> ApiKey:
+    def admit(
+        self, record: ApiKey, now: float, org: str | None, permission: str | None, wildcard: str
+    ) -> ApiKey:
         """``record`` if a verified key may act for ``org`` with ``permission`` at ``now``."""
         if record.revoked_at is not None:
             raise self.error(INVALID)
@@ -503,9 +507,15 @@ class KeyRules:
             raise InvalidRequestError("expires_at must be in the future")
         return self._issue(org, checked_mode, granted, expiry, _check_name(name), now)
 
-    def _issue(self, org: str, mode: Mode, permissions: tuple[str, ...],
-               expires_at: float | None, name: str | None, now: float,
-               ) -> tuple[PlaintextKey, ApiKey]:
+    def _issue(
+        self,
+        org: str,
+        mode: Mode,
+        permissions: tuple[str, ...],
+        expires_at: float | None,
+        name: str | None,
+        now: float,
+    ) -> tuple[PlaintextKey, ApiKey]:
         token = self.format.generate(mode)
         record = ApiKey(
             id=self.format.key_id(token),
@@ -520,8 +530,13 @@ class KeyRules:
         )
         return PlaintextKey(token), record
 
-    def rotation(self, old: ApiKey | None, key_id: str, grace: object, now: float,
-                 ) -> tuple[ApiKey, PlaintextKey, ApiKey]:
+    def rotation(
+        self,
+        old: ApiKey | None,
+        key_id: str,
+        grace: object,
+        now: float,
+    ) -> tuple[ApiKey, PlaintextKey, ApiKey]:
         """``(old key as rotated, new plaintext, new key)`` for ``rotate``.
 
         The new key copies the old one's organization, mode, permissions, name and
@@ -534,8 +549,9 @@ class KeyRules:
         state = old.status(now)
         if state != "active":
             raise InvalidRequestError(f"{key_id} is {state}; create a new key instead")
-        plaintext, new = self._issue(old.org, old.mode, old.permissions, old.expires_at,
-                                     old.name, now)
+        plaintext, new = self._issue(
+            old.org, old.mode, old.permissions, old.expires_at, old.name, now
+        )
         deadline = now + seconds
         if old.expires_at is None or deadline < old.expires_at:
             old = msgspec.structs.replace(old, expires_at=deadline)
@@ -550,9 +566,15 @@ def sort_keys(records: Iterable[ApiKey]) -> builtins.list[ApiKey]:
 class KeyStore(Protocol):
     """What a synchronous key store offers (memory, Redis)."""
 
-    def create(self, *, org: str, mode: Mode = "live", permissions: Iterable[str] = (),
-               expires_at: TimeLike | None = None, name: str | None = None,
-               ) -> tuple[PlaintextKey, ApiKey]:
+    def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
         """Make and keep a new key; its plaintext is returned this once and never again."""
         ...
 
@@ -572,8 +594,9 @@ class KeyStore(Protocol):
         """A new key like this one; the old one keeps working for ``grace``."""
         ...
 
-    def authenticate(self, authorization: str | bytes | None, *, org: str | None,
-                     permission: str | None = None) -> ApiKey:
+    def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         """The key presented in an ``Authorization: Bearer …`` header, if admitted."""
         ...
 
@@ -585,9 +608,15 @@ class KeyStore(Protocol):
 class AsyncKeyStore(Protocol):
     """What an asynchronous key store offers: :class:`KeyStore`'s methods, awaited."""
 
-    async def create(self, *, org: str, mode: Mode = "live", permissions: Iterable[str] = (),
-                     expires_at: TimeLike | None = None, name: str | None = None,
-                     ) -> tuple[PlaintextKey, ApiKey]:
+    async def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`KeyStore.create`."""
         ...
 
@@ -607,8 +636,9 @@ class AsyncKeyStore(Protocol):
         """See :meth:`KeyStore.rotate`."""
         ...
 
-    async def authenticate(self, authorization: str | bytes | None, *, org: str | None,
-                           permission: str | None = None) -> ApiKey:
+    async def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         """See :meth:`KeyStore.authenticate`."""
         ...
 
@@ -634,8 +664,13 @@ class MemoryKeyStore:
         previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
     ) -> None:
-        self._rules = KeyRules(clock=clock, token_prefix=token_prefix, pepper=pepper,
-                               previous_peppers=previous_peppers, status_codes=status_codes)
+        self._rules = KeyRules(
+            clock=clock,
+            token_prefix=token_prefix,
+            pepper=pepper,
+            previous_peppers=previous_peppers,
+            status_codes=status_codes,
+        )
         self._records: dict[str, ApiKey] = {}
         self._by_org: dict[str, builtins.list[str]] = {}
         self._lock = threading.Lock()
@@ -657,13 +692,23 @@ class MemoryKeyStore:
         self._records[record.id] = record
         self._by_org.setdefault(record.org, []).append(record.id)
 
-    def create(self, *, org: str, mode: Mode = "live", permissions: Iterable[str] = (),
-               expires_at: TimeLike | None = None, name: str | None = None,
-               ) -> tuple[PlaintextKey, ApiKey]:
+    def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`KeyStore.create`."""
         while True:
             plaintext, record = self._rules.new_key(
-                org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name,
+                org=org,
+                mode=mode,
+                permissions=permissions,
+                expires_at=expires_at,
+                name=name,
                 now=self._rules.clock(),
             )
             with self._lock:
@@ -705,8 +750,9 @@ class MemoryKeyStore:
                     self._keep(new)
                     return plaintext, new
 
-    def authenticate(self, authorization: str | bytes | None, *, org: str | None,
-                     permission: str | None = None) -> ApiKey:
+    def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         """See :meth:`KeyStore.authenticate`."""
         rules = self._rules
         wildcard = rules.requested(permission)
@@ -749,8 +795,13 @@ class AsyncMemoryKeyStore:
         previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
     ) -> None:
-        self.sync = MemoryKeyStore(clock=clock, token_prefix=token_prefix, pepper=pepper,
-                                   previous_peppers=previous_peppers, status_codes=status_codes)
+        self.sync = MemoryKeyStore(
+            clock=clock,
+            token_prefix=token_prefix,
+            pepper=pepper,
+            previous_peppers=previous_peppers,
+            status_codes=status_codes,
+        )
 
     def __repr__(self) -> str:
         return f"AsyncMemoryKeyStore(token_prefix={self.sync.key_format.prefix!r})"
@@ -765,12 +816,19 @@ class AsyncMemoryKeyStore:
         """The format of this store's keys."""
         return self.sync.key_format
 
-    async def create(self, *, org: str, mode: Mode = "live", permissions: Iterable[str] = (),
-                     expires_at: TimeLike | None = None, name: str | None = None,
-                     ) -> tuple[PlaintextKey, ApiKey]:
+    async def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`KeyStore.create`."""
-        return self.sync.create(org=org, mode=mode, permissions=permissions,
-                                expires_at=expires_at, name=name)
+        return self.sync.create(
+            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
+        )
 
     async def get(self, key_id: str) -> ApiKey | None:
         """See :meth:`KeyStore.get`."""
@@ -788,8 +846,9 @@ class AsyncMemoryKeyStore:
         """See :meth:`KeyStore.rotate`."""
         return self.sync.rotate(key_id, grace=grace)
 
-    async def authenticate(self, authorization: str | bytes | None, *, org: str | None,
-                           permission: str | None = None) -> ApiKey:
+    async def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         """See :meth:`KeyStore.authenticate`."""
         return self.sync.authenticate(authorization, org=org, permission=permission)
 
@@ -808,8 +867,9 @@ def _scheme(url: object) -> str:
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         if url.lower().rstrip("/") not in ("memory:", "memory:/"):
-            raise ConfigurationError("the memory store takes no host or options: 'memory://'",
-                                     "url")
+            raise ConfigurationError(
+                "the memory store takes no host or options: 'memory://'", "url"
+            )
         return scheme
     if scheme in _REDIS_SCHEMES:
         return scheme
@@ -848,9 +908,13 @@ def keystore_from_url(
     names; ``status_codes`` overrides the HTTP status of refusals (401 each by default),
     e.g. ``{"insufficient_permissions": 403}``.
     """
-    options: dict[str, Any] = {"clock": clock, "token_prefix": token_prefix, "pepper": pepper,
-                               "previous_peppers": previous_peppers,
-                               "status_codes": status_codes}
+    options: dict[str, Any] = {
+        "clock": clock,
+        "token_prefix": token_prefix,
+        "pepper": pepper,
+        "previous_peppers": previous_peppers,
+        "status_codes": status_codes,
+    }
     if _scheme(url) == "memory":
         return MemoryKeyStore(**options)
     from meterkit._keystore_redis import RedisKeyStore
@@ -870,9 +934,13 @@ def async_keystore_from_url(
     namespace: str = "mk",
 ) -> AsyncKeyStore:
     """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
-    options: dict[str, Any] = {"clock": clock, "token_prefix": token_prefix, "pepper": pepper,
-                               "previous_peppers": previous_peppers,
-                               "status_codes": status_codes}
+    options: dict[str, Any] = {
+        "clock": clock,
+        "token_prefix": token_prefix,
+        "pepper": pepper,
+        "previous_peppers": previous_peppers,
+        "status_codes": status_codes,
+    }
     if _scheme(url) == "memory":
         return AsyncMemoryKeyStore(**options)
     from meterkit._keystore_redis import AsyncRedisKeyStore

@@ -278,8 +278,9 @@ class _KeyCommands:
 
     def __init__(self, rules: KeyRules, namespace: str, *, cluster: bool = False) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
-            raise ConfigurationError("must be 1 to 64 printable ASCII characters, no spaces",
-                                     "namespace")
+            raise ConfigurationError(
+                "must be 1 to 64 printable ASCII characters, no spaces", "namespace"
+            )
         self.rules = rules
         self.namespace = namespace
         self.cluster = cluster
@@ -295,8 +296,15 @@ class _KeyCommands:
     @staticmethod
     def encode(record: ApiKey) -> str:
         """The ``rec`` field of a new record."""
-        stored = _Stored(record.id, record.org, record.mode, record.permissions, record.name,
-                         record.created_at, record.last_four)
+        stored = _Stored(
+            record.id,
+            record.org,
+            record.mode,
+            record.permissions,
+            record.name,
+            record.created_at,
+            record.last_four,
+        )
         return _ENCODER.encode(stored).decode("utf-8")
 
     def decode(self, key_id: str, values: object) -> ApiKey | None:
@@ -335,13 +343,18 @@ class _KeyCommands:
             (record.id, self.encode(record), record.secret_hash, _number(record.expires_at)),
         )
 
-    def create(self, *, org: object, mode: object, permissions: object, expires_at: object,
-               name: object) -> Program[tuple[PlaintextKey, ApiKey]]:
+    def create(
+        self, *, org: object, mode: object, permissions: object, expires_at: object, name: object
+    ) -> Program[tuple[PlaintextKey, ApiKey]]:
         """See :meth:`~meterkit._keys.KeyStore.create`."""
 
         def issue() -> tuple[PlaintextKey, ApiKey]:
             return self.rules.new_key(
-                org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name,
+                org=org,
+                mode=mode,
+                permissions=permissions,
+                expires_at=expires_at,
+                name=name,
                 now=self.rules.clock(),
             )
 
@@ -460,8 +473,9 @@ class _KeyCommands:
             raise StateError(f"{key_id} kept changing while being rotated")
         return (yield from self._file(lambda: self.rules.rotation(read, key_id, grace, now)[1:]))
 
-    def authenticate(self, authorization: object, *, org: str | None,
-                     permission: str | None) -> Program[ApiKey]:
+    def authenticate(
+        self, authorization: object, *, org: str | None, permission: str | None
+    ) -> Program[ApiKey]:
         """See :meth:`~meterkit._keys.KeyStore.authenticate`."""
         rules = self.rules
         wildcard = rules.requested(permission)
@@ -496,8 +510,14 @@ def _translate(exc: Exception) -> BackendError:
     errors = _redis().exceptions
     # A cluster's own failures (no reachable node, a slot nobody serves, CLUSTERDOWN, too
     # many redirections) are outages too, as for the meter's backend.
-    unavailable = (errors.ConnectionError, errors.TimeoutError, errors.ReadOnlyError,
-                   errors.TryAgainError, errors.ClusterError, errors.RedisClusterException)
+    unavailable = (
+        errors.ConnectionError,
+        errors.TimeoutError,
+        errors.ReadOnlyError,
+        errors.TryAgainError,
+        errors.ClusterError,
+        errors.RedisClusterException,
+    )
     if isinstance(exc, unavailable):
         return BackendUnavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
     if isinstance(exc, errors.ResponseError) and str(exc).startswith("WRONGTYPE"):
@@ -527,16 +547,18 @@ class _RedisStoreShell:
         status_codes: Mapping[str, int] | None = None,
         owns_client: bool = False,
     ) -> None:
-        rules = KeyRules(clock=clock, token_prefix=token_prefix, pepper=pepper,
-                         previous_peppers=previous_peppers, status_codes=status_codes)
+        rules = KeyRules(
+            clock=clock,
+            token_prefix=token_prefix,
+            pepper=pepper,
+            previous_peppers=previous_peppers,
+            status_codes=status_codes,
+        )
         cluster = isinstance(client, self._client_module().RedisCluster)
         self._commands = _KeyCommands(rules, namespace, cluster=cluster)
         self._client = client
         self._owns_client = owns_client
-        self._scripts = {
-            name: client.register_script(source)
-            for name, source in SCRIPTS.items()
-        }
+        self._scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
         errors = _redis().exceptions
         self._driver_error = (errors.RedisError, errors.RedisClusterException)
 
@@ -565,9 +587,16 @@ class _RedisStoreShell:
             client = redis_client(url, asyncio=cls._asyncio)
         else:
             client = module.Redis.from_url(url)
-        return cls(client, namespace=namespace, clock=clock, token_prefix=token_prefix,
-                   pepper=pepper, previous_peppers=previous_peppers,
-                   status_codes=status_codes, owns_client=True)
+        return cls(
+            client,
+            namespace=namespace,
+            clock=clock,
+            token_prefix=token_prefix,
+            pepper=pepper,
+            previous_peppers=previous_peppers,
+            status_codes=status_codes,
+            owns_client=True,
+        )
 
     def __repr__(self) -> str:
         cluster = ", cluster=True" if self._commands.cluster else ""
@@ -620,12 +649,21 @@ class RedisKeyStore(_RedisStoreShell):
         finally:
             program.close()
 
-    def create(self, *, org: str, mode: Mode = "live", permissions: Iterable[str] = (),
-               expires_at: TimeLike | None = None, name: str | None = None,
-               ) -> tuple[PlaintextKey, ApiKey]:
+    def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`~meterkit._keys.KeyStore.create`."""
-        return self._run(self._commands.create(org=org, mode=mode, permissions=permissions,
-                                               expires_at=expires_at, name=name))
+        return self._run(
+            self._commands.create(
+                org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
+            )
+        )
 
     def get(self, key_id: str) -> ApiKey | None:
         """See :meth:`~meterkit._keys.KeyStore.get`."""
@@ -643,11 +681,11 @@ class RedisKeyStore(_RedisStoreShell):
         """See :meth:`~meterkit._keys.KeyStore.rotate`."""
         return self._run(self._commands.rotate(key_id, grace=grace))
 
-    def authenticate(self, authorization: str | bytes | None, *, org: str | None,
-                     permission: str | None = None) -> ApiKey:
+    def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         """See :meth:`~meterkit._keys.KeyStore.authenticate` (one round trip)."""
-        return self._run(self._commands.authenticate(authorization, org=org,
-                                                     permission=permission))
+        return self._run(self._commands.authenticate(authorization, org=org, permission=permission))
 
     def close(self) -> None:
         """Close the client if this store made it (:meth:`from_url`)."""
@@ -689,12 +727,21 @@ class AsyncRedisKeyStore(_RedisStoreShell):
         finally:
             program.close()
 
-    async def create(self, *, org: str, mode: Mode = "live", permissions: Iterable[str] = (),
-                     expires_at: TimeLike | None = None, name: str | None = None,
-                     ) -> tuple[PlaintextKey, ApiKey]:
+    async def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`~meterkit._keys.KeyStore.create`."""
-        return await self._run(self._commands.create(
-            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name))
+        return await self._run(
+            self._commands.create(
+                org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
+            )
+        )
 
     async def get(self, key_id: str) -> ApiKey | None:
         """See :meth:`~meterkit._keys.KeyStore.get`."""
@@ -712,11 +759,13 @@ class AsyncRedisKeyStore(_RedisStoreShell):
         """See :meth:`~meterkit._keys.KeyStore.rotate`."""
         return await self._run(self._commands.rotate(key_id, grace=grace))
 
-    async def authenticate(self, authorization: str | bytes | None, *, org: str | None,
-                           permission: str | None = None) -> ApiKey:
+    async def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         """See :meth:`~meterkit._keys.KeyStore.authenticate` (one round trip)."""
-        return await self._run(self._commands.authenticate(authorization, org=org,
-                                                           permission=permission))
+        return await self._run(
+            self._commands.authenticate(authorization, org=org, permission=permission)
+        )
 
     async def aclose(self) -> None:
         """Close the client if this store made it (:meth:`from_url`)."""

@@ -639,9 +639,7 @@ class MemoryBackend:
             return self._lane(op, policy, states, fn)
         return fn
 
-    def _lane(
-        self, op: OperationPlan, policy: Policy, states: list[_State], fn: Apply
-    ) -> Apply:
+    def _lane(self, op: OperationPlan, policy: Policy, states: list[_State], fn: Apply) -> Apply:
         """The compiled twin of ``fn`` (meterkit/_speedups.c): the same state, the
         common case in C, everything else handed to ``fn`` before anything is consumed."""
         assert speedups is not None
@@ -661,8 +659,15 @@ class MemoryBackend:
         )
         try:
             lane = speedups.Lane(
-                self, policy, self._lock, self._clock, fn, op.name,
-                policy.credits.allowance_micro, not policy.shadow, tiers,
+                self,
+                policy,
+                self._lock,
+                self._clock,
+                fn,
+                op.name,
+                policy.credits.allowance_micro,
+                not policy.shadow,
+                tiers,
             )
         except (ValueError, OverflowError):  # parameters past int64, or too many tiers
             return fn
@@ -691,9 +696,7 @@ class MemoryBackend:
         """How many identity-tier states, accounts and idempotency records are held."""
         with self._lock:
             return (
-                sum(s.size() for s in self._tiers.values())
-                + len(self._accounts)
-                + len(self._idem)
+                sum(s.size() for s in self._tiers.values()) + len(self._accounts) + len(self._idem)
             )
 
     # -- the one atomic step ---------------------------------------------------------
@@ -759,9 +762,7 @@ class MemoryBackend:
         return fn(plan)
 
     def _remember(self, org: str, idem: str, plan: Plan, now: int, outcome: Outcome) -> None:
-        self._idem[(org, idem)] = (
-            now + _IDEM_TTL_US, plan.key, plan.op.name, plan.cost, outcome
-        )
+        self._idem[(org, idem)] = (now + _IDEM_TTL_US, plan.key, plan.op.name, plan.cost, outcome)
         self._idem_commits += 1
         if self._idem_commits >= _SWEEP_MIN and self._idem_commits >= len(self._idem):
             self._idem_commits = 0

@@ -129,14 +129,20 @@ class _MeterCore:
         for i, request in enumerate(requests):
             # The usual shapes first (a dict of known arguments, a tuple of 2 to 6): the
             # batch is planned before Redis sees any of it, so this is Redis idle time.
-            if isinstance(request, dict) and request.keys() <= _CHECK_ARG_SET and (
-                "key" in request and "operation" in request
+            if (
+                isinstance(request, dict)
+                and request.keys() <= _CHECK_ARG_SET
+                and ("key" in request and "operation" in request)
             ):
                 get = request.get
                 plans.append(
                     plan(
-                        request["key"], get("org"), request["operation"],
-                        get("idempotency_key"), get("cost"), get("mode", "live"),
+                        request["key"],
+                        get("org"),
+                        request["operation"],
+                        get("idempotency_key"),
+                        get("cost"),
+                        get("mode", "live"),
                     )
                 )
                 continue
@@ -165,8 +171,12 @@ class _MeterCore:
                 + (f", and takes no {', '.join(map(repr, unknown))}" if unknown else "")
             )
         return self._plan(
-            args["key"], args.get("org"), args["operation"],
-            args.get("idempotency_key"), args.get("cost"), args.get("mode", "live"),
+            args["key"],
+            args.get("org"),
+            args["operation"],
+            args.get("idempotency_key"),
+            args.get("cost"),
+            args.get("mode", "live"),
         )
 
     def _decide_many(

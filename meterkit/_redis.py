@@ -561,9 +561,7 @@ class _Codec:
             field,
         ]
 
-    def reset_limits(
-        self, policy: Policy, org: str, mode: str, key: str | None
-    ) -> Command | None:
+    def reset_limits(self, policy: Policy, org: str, mode: str, key: str | None) -> Command | None:
         """The ``DEL`` of the state keys :meth:`RedisBackend.reset_limits` forgets (all
         in the organization's slot), or None when no tier has that scope."""
         base = self.base(org, mode)

@@ -96,9 +96,7 @@ def _timestamp(text: str) -> float:
         try:
             moment = _from_iso(iso)
         except ValueError:
-            raise ValueError(
-                f"timestamp {text!r} is neither UNIX seconds nor ISO 8601"
-            ) from None
+            raise ValueError(f"timestamp {text!r} is neither UNIX seconds nor ISO 8601") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
         return moment.timestamp()
@@ -634,17 +632,15 @@ def plot_timeline(report: SimulationReport, path: str | os.PathLike[str]) -> Non
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError(
-            "plotting needs matplotlib: pip install 'meterkit[plot]'"
-        ) from None
+        raise ImportError("plotting needs matplotlib: pip install 'meterkit[plot]'") from None
 
     tl = report.timeline
     start = int(report.start)
     span = int(report.end) - start + 1
     width = bucket_width(span)
     count = -(-span // width)
-    scale, unit_name = (1, "seconds") if span <= 600 else (
-        (60, "minutes") if span <= 36_000 else (3600, "hours")
+    scale, unit_name = (
+        (1, "seconds") if span <= 600 else ((60, "minutes") if span <= 36_000 else (3600, "hours"))
     )
     # One more x than buckets, so that the last bucket is drawn with its width.
     xs = [i * width / scale for i in range(count + 1)]
@@ -665,7 +661,5 @@ def plot_timeline(report: SimulationReport, path: str | os.PathLike[str]) -> Non
         ax.grid(alpha=0.3)
     axes[0].legend(loc="upper right", fontsize=8, ncols=2)
     axes[-1].set_xlabel(f"{unit_name} since {_iso(start)}")
-    fig.suptitle(
-        f"policy {report.policy}: {report.admitted:,} admitted, {report.denied:,} denied"
-    )
+    fig.suptitle(f"policy {report.policy}: {report.admitted:,} admitted, {report.denied:,} denied")
     fig.savefig(os.fspath(path), dpi=90)

@@ -211,6 +211,9 @@ class MeterMiddleware:
             # The app's answer matters more than the refund: log it and carry on.
             logger.warning(
                 "meterkit: could not refund charge %s of %s (%s): %s",
-                decision.charge_id, decision.key, decision.operation, exc,
+                decision.charge_id,
+                decision.key,
+                decision.operation,
+                exc,
             )
             return False

@@ -85,12 +85,18 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [
             binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.folder),
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.folder / "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.folder / "redis.log"),
             *self.extra,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -144,18 +150,31 @@ def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
             for i in range(masters):
                 port = free_cluster_port()
                 node = RedisServer(
-                    Path(tmp) / str(i), port,
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", "2000",
+                    Path(tmp) / str(i),
+                    port,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
                 )
                 node.start()
                 nodes.append(node)
             subprocess.run(
-                [cli, "--cluster", "create",
-                 *[f"127.0.0.1:{n.port}" for n in nodes],
-                 "--cluster-replicas", "0", "--cluster-yes"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *[f"127.0.0.1:{n.port}" for n in nodes],
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=30,
             )
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
@@ -163,7 +182,9 @@ def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
                 states = [
                     subprocess.run(
                         [cli, "-p", str(n.port), "cluster", "info"],
-                        capture_output=True, text=True, timeout=5,
+                        capture_output=True,
+                        text=True,
+                        timeout=5,
                     ).stdout
                     for n in nodes
                 ]

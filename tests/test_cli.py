@@ -50,11 +50,17 @@ def test_demo_shows_admissions_a_429_a_retry_a_402_and_usage(
     }
     assert "    Retry-After: 53" in lines
     assert any(line.startswith('    RateLimit: "key-hour";r=900;') for line in lines)
-    assert '    RateLimit-Policy: "key-hour";q=1000;w=3600, "org-hour";q=10000;w=3600, ' \
+    assert (
+        '    RateLimit-Policy: "key-hour";q=1000;w=3600, "org-hour";q=10000;w=3600, '
         '"key-burst";q=100;w=60' in lines
+    )
     assert "  20 more calls at once: 20 denied, nothing charged (balance still 9999.00)" in lines
-    retry = lines[lines.index("3. wait retry_after = 52.15 s (Retry-After rounds up) on the "
-                              "virtual clock; retry") + 2]
+    retry = lines[
+        lines.index(
+            "3. wait retry_after = 52.15 s (Retry-After rounds up) on the virtual clock; retry"
+        )
+        + 2
+    ]
     assert retry.split()[:3] == ["t+60.00s", "invoices.get", "200"]
     priced = {line.split()[1]: line.split()[3] for line in lines if line.startswith("  t+6")}
     assert priced["invoices.pdf"] == "0.25"
@@ -121,9 +127,16 @@ def test_every_command_has_help_listing_the_exit_codes(
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["policy"], ["keys"], ["frobnicate"], ["simulate"], ["policy", "check", "a", "b"],
-     ["simulate", "t.csv", "--top", "0"], ["keys", "create", "--url", "memory://", "--org",
-     "org_a", "--expires-in", "soon"]],
+    [
+        [],
+        ["policy"],
+        ["keys"],
+        ["frobnicate"],
+        ["simulate"],
+        ["policy", "check", "a", "b"],
+        ["simulate", "t.csv", "--top", "0"],
+        ["keys", "create", "--url", "memory://", "--org", "org_a", "--expires-in", "soon"],
+    ],
 )
 def test_a_bad_command_line_exits_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     """A missing command, an unknown command or a bad option value exits 2 with usage."""
@@ -167,20 +180,34 @@ def test_policy_check_json_is_the_policy_description(capsys: pytest.CaptureFixtu
 BROKEN = [
     # (replace this, with this, the message after "FILE:LINE: ")
     ('rate = "100/minute"', 'rate = "often"', "invalid policy: tiers[2].rate: malformed rate"),
-    ('price = "0.25"', 'price = "0.5"',
-     "invalid policy: operations.invoices.pdf.price: price 0.5 of 'invoices.pdf' is "
-     "outside its category 'complex'"),
-    ('algorithm = "sliding_log"', 'algorithm = "leaky"',
-     "invalid policy: tiers[2].algorithm: Invalid enum value 'leaky'"),
-    ('category = "report"\nprice = "0.10"', 'category = 7\nprice = "0.10"',
-     "invalid policy: operations.reports.summary.category: Expected `str`, got `int`"),
-    ('description = "Convert an amount between currencies"', 'colour = "red"',
-     "invalid policy: operations.currency.convert: Object contains unknown field `colour`"),
-    ('[categories.write]', '[categories.write', "invalid policy: malformed TOML"),
-    ('"GET /organizations/{organization_id}/usage" = "usage.get"',
-     '"GET /organizations/{organization_id}/usage" = "usage.put"',
-     "invalid policy: routes.'GET /organizations/{organization_id}/usage': unknown "
-     "operation 'usage.put'"),
+    (
+        'price = "0.25"',
+        'price = "0.5"',
+        "invalid policy: operations.invoices.pdf.price: price 0.5 of 'invoices.pdf' is "
+        "outside its category 'complex'",
+    ),
+    (
+        'algorithm = "sliding_log"',
+        'algorithm = "leaky"',
+        "invalid policy: tiers[2].algorithm: Invalid enum value 'leaky'",
+    ),
+    (
+        'category = "report"\nprice = "0.10"',
+        'category = 7\nprice = "0.10"',
+        "invalid policy: operations.reports.summary.category: Expected `str`, got `int`",
+    ),
+    (
+        'description = "Convert an amount between currencies"',
+        'colour = "red"',
+        "invalid policy: operations.currency.convert: Object contains unknown field `colour`",
+    ),
+    ("[categories.write]", "[categories.write", "invalid policy: malformed TOML"),
+    (
+        '"GET /organizations/{organization_id}/usage" = "usage.get"',
+        '"GET /organizations/{organization_id}/usage" = "usage.put"',
+        "invalid policy: routes.'GET /organizations/{organization_id}/usage': unknown "
+        "operation 'usage.put'",
+    ),
 ]
 
 
@@ -210,8 +237,13 @@ def test_policy_check_json_reports_an_invalid_file(
     assert code == EXIT_INVALID
     data = json.loads(out)
     assert data["valid"] is False
-    line = SEED_TEXT.splitlines().index('allowance = "10000"   # per organization per calendar '
-                                        "month (UTC); the seed names no figure") + 1
+    line = (
+        SEED_TEXT.splitlines().index(
+            'allowance = "10000"   # per organization per calendar '
+            "month (UTC); the seed names no figure"
+        )
+        + 1
+    )
     assert data["error"].startswith(f"{path}:{line}: invalid policy: credits.allowance:")
     assert "credits.allowance" in err
 
@@ -228,16 +260,16 @@ def test_policy_check_of_a_missing_file_exits_2(
 def test_locate_finds_tables_array_tables_and_keys() -> None:
     """locate maps a policy error's location to the line of the field in the file."""
     text = (
-        'name = "x"\n'               # 1
-        "[credits]\n"                # 2
-        "allowance = 1\n"            # 3
-        "[[tiers]]\n"                # 4
-        'rate = "1/second"\n'        # 5
-        "[[tiers]]  # second\n"      # 6
-        'name = "b"\n'               # 7
-        'rate = "bad"\n'             # 8
-        '[operations."a.b"]\n'       # 9
-        "price = 1\n"                # 10
+        'name = "x"\n'  # 1
+        "[credits]\n"  # 2
+        "allowance = 1\n"  # 3
+        "[[tiers]]\n"  # 4
+        'rate = "1/second"\n'  # 5
+        "[[tiers]]  # second\n"  # 6
+        'name = "b"\n'  # 7
+        'rate = "bad"\n'  # 8
+        '[operations."a.b"]\n'  # 9
+        "price = 1\n"  # 10
     )
     assert locate(text, "name") == 1
     assert locate(text, "credits.allowance") == 3

@@ -33,9 +33,23 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
 def test_keys_create_prints_the_plaintext_once(capsys: pytest.CaptureFixture[str]) -> None:
     """`keys create` prints the new key's facts and its plaintext on a line of its own."""
     code, out, err = run(
-        capsys, "keys", "create", "--url", "memory://", "--org", "org_acme",
-        "--permission", "invoices:read,reports:read", "--permission", "usage:read",
-        "--name", "billing job", "--mode", "test", "--expires-at", "2030-01-01",
+        capsys,
+        "keys",
+        "create",
+        "--url",
+        "memory://",
+        "--org",
+        "org_acme",
+        "--permission",
+        "invoices:read,reports:read",
+        "--permission",
+        "usage:read",
+        "--name",
+        "billing job",
+        "--mode",
+        "test",
+        "--expires-at",
+        "2030-01-01",
     )
     assert code == EXIT_OK
     lines = out.splitlines()
@@ -79,8 +93,18 @@ def test_the_key_lifecycle_on_redis(capsys: pytest.CaptureFixture[str], redis_ur
     base = ("--url", redis_url, "--namespace", "mk-cli")
     store = keystore_from_url(redis_url, namespace="mk-cli")
     org = "org_cli_lifecycle"
-    created = run_json(capsys, "keys", "create", *base, "--org", org,
-                       "--permission", "invoices:read", "--expires-in", "7d")
+    created = run_json(
+        capsys,
+        "keys",
+        "create",
+        *base,
+        "--org",
+        org,
+        "--permission",
+        "invoices:read",
+        "--expires-in",
+        "7d",
+    )
     first_id = created["key"]["id"]
     assert PLAINTEXT.match(created["plaintext"])
     assert store.authenticate(f"Bearer {created['plaintext']}", org=org).id == first_id
@@ -116,8 +140,17 @@ def test_keys_use_the_pepper_from_the_environment(
 ) -> None:
     """A key created under METERKIT_PEPPER authenticates only with that pepper."""
     monkeypatch.setenv("METERKIT_PEPPER", PEPPER)
-    created = run_json(capsys, "keys", "create", "--url", redis_url, "--namespace", "mk-cli",
-                       "--org", "org_cli_pepper")
+    created = run_json(
+        capsys,
+        "keys",
+        "create",
+        "--url",
+        redis_url,
+        "--namespace",
+        "mk-cli",
+        "--org",
+        "org_cli_pepper",
+    )
     token = f"Bearer {created['plaintext']}"
     peppered = keystore_from_url(redis_url, namespace="mk-cli", pepper=PEPPER)
     plain = keystore_from_url(redis_url, namespace="mk-cli")
@@ -167,7 +200,9 @@ def test_usage_reads_an_organizations_month_from_redis(
 
     one_key = run_json(capsys, *base, "--key", "key_b")
     assert (one_key["requests"], one_key["credits_used"], one_key["credits_left"]) == (
-        1, "0.25", "49.72"
+        1,
+        "0.25",
+        "49.72",
     )
 
     code, out, _ = run(capsys, *base)

@@ -40,8 +40,19 @@ ORGS = ("org_a", "o{x}", "o%7Bx%7D", "o:b")
 KEYS = (("key_1", 0), ("key:2", 0), ("k{3}", 1), ("key_4", 2), ("k 5", 3))
 OPERATIONS = ("items.list", "items.create", "reports.run")
 WINDOWS = ("second", "2 seconds", "5 seconds", "minute", "hour")
-STEPS_US = (0, 1, 999, 250_000, 1_000_000, 1_000_001, 4_999_999, 61_000_000,
-            3_600_000_000, 86_400_000_000, 31 * 86_400_000_000)
+STEPS_US = (
+    0,
+    1,
+    999,
+    250_000,
+    1_000_000,
+    1_000_001,
+    4_999_999,
+    61_000_000,
+    3_600_000_000,
+    86_400_000_000,
+    31 * 86_400_000_000,
+)
 STARTS = (
     1_767_225_600.0,  # 2026-01-01T00:00:00Z, a month's first µs
     1_769_903_995.5,  # 2026-01-31T23:59:55.5Z, just before a month ends
@@ -100,13 +111,20 @@ steps = st.one_of(
         st.sampled_from(COSTS),
         modes,
     ),
-    st.tuples(st.just("check"), st.integers(0, len(KEYS) - 1), st.just("items.list"),
-              st.none(), st.none(), st.just("live")),
+    st.tuples(
+        st.just("check"),
+        st.integers(0, len(KEYS) - 1),
+        st.just("items.list"),
+        st.none(),
+        st.none(),
+        st.just("live"),
+    ),
     st.tuples(st.just("advance"), st.sampled_from(STEPS_US)),
     st.tuples(st.just("refund"), st.integers(0, 60)),
     st.tuples(st.just("top_up"), st.sampled_from(ORGS), st.sampled_from(AMOUNTS), modes),
-    st.tuples(st.just("allowance"), st.sampled_from(ORGS),
-              st.none() | st.sampled_from(AMOUNTS), modes),
+    st.tuples(
+        st.just("allowance"), st.sampled_from(ORGS), st.none() | st.sampled_from(AMOUNTS), modes
+    ),
     st.tuples(st.just("usage"), st.sampled_from(ORGS), modes),
     st.tuples(
         st.just("peek"),
@@ -200,8 +218,13 @@ def play(
                     admitted.append((a, b))
             elif kind == "peek":
                 _, k, operation, cost, mode = step
-                args = {"key": KEYS[k][0], "org": ORGS[KEYS[k][1]], "operation": operation,
-                        "cost": cost, "mode": mode}
+                args = {
+                    "key": KEYS[k][0],
+                    "org": ORGS[KEYS[k][1]],
+                    "operation": operation,
+                    "cost": cost,
+                    "mode": mode,
+                }
                 _agree(_run(memory, "peek", **args), _run(redis, "peek", **args), where)
             elif kind == "advance":
                 clock.advance(step[1] / 1_000_000)
@@ -268,19 +291,34 @@ def test_a_hand_written_trace_covers_every_feature(client: Any) -> None:
     )
     check = ("check", 0, "items.list", None, None, "live")
     trace: list[tuple[Any, ...]] = [
-        check, check, check,  # the fixed window's third is denied
-        ("advance", 1_000_000), ("check", 0, "items.create", "i1", None, "live"),
+        check,
+        check,
+        check,  # the fixed window's third is denied
+        ("advance", 1_000_000),
+        ("check", 0, "items.create", "i1", None, "live"),
         ("check", 0, "items.create", "i1", None, "live"),  # replayed
         ("check", 0, "items.list", "i1", None, "live"),  # conflict: another operation
         ("check", 0, "items.create", "i1", "0.07", "live"),  # conflict: another cost
-        ("refund", 3), ("refund", 3),  # once only
+        ("refund", 3),
+        ("refund", 3),  # once only
         ("check", 0, "items.create", "i1", None, "live"),  # a new request after the refund
         ("check", 2, "items.list", None, None, "test"),
-        ("usage", ORGS[0], "live"), ("usage", ORGS[1], "test"),
-        ("advance", 1_000_000), check, ("advance", 1_000_000), check, check,
-        ("top_up", ORGS[0], "0.2", "live"), ("allowance", ORGS[0], "0.01", "live"),
-        ("advance", 61_000_000), check, ("allowance", ORGS[0], None, "live"),
-        ("advance", 31 * 86_400_000_000), ("refund", 0), check, ("usage", ORGS[0], "live"),
+        ("usage", ORGS[0], "live"),
+        ("usage", ORGS[1], "test"),
+        ("advance", 1_000_000),
+        check,
+        ("advance", 1_000_000),
+        check,
+        check,
+        ("top_up", ORGS[0], "0.2", "live"),
+        ("allowance", ORGS[0], "0.01", "live"),
+        ("advance", 61_000_000),
+        check,
+        ("allowance", ORGS[0], None, "live"),
+        ("advance", 31 * 86_400_000_000),
+        ("refund", 0),
+        check,
+        ("usage", ORGS[0], "live"),
     ]
     play(policy, STARTS[1], trace, client)
     play(policy, STARTS[1], trace, client, batched=True)

@@ -243,8 +243,11 @@ requests = st.tuples(
 )
 multi_steps = st.lists(
     st.one_of(
-        st.tuples(st.just("gap"), st.one_of(st.just(0), st.integers(0, 3 * US),
-                                            st.integers(0, 12 * US)), requests),
+        st.tuples(
+            st.just("gap"),
+            st.one_of(st.just(0), st.integers(0, 3 * US), st.integers(0, 12 * US)),
+            requests,
+        ),
         st.tuples(st.sampled_from(["exact", "early"]), st.just(0), requests),
     ),
     min_size=20,
@@ -303,8 +306,12 @@ def test_a_denied_check_changes_no_tier_and_no_balance(steps: list[MultiStep]) -
     assert _usage(full) == _usage(twin)
     for clock in (clock_a, clock_b):
         _at(clock, t + US)
-    for probe in [(k, op, None, m) for k in sorted(KEYS) for op in ("items.create", "items.list")
-                  for m in ("live", "test")]:
+    for probe in [
+        (k, op, None, m)
+        for k in sorted(KEYS)
+        for op in ("items.create", "items.list")
+        for m in ("live", "test")
+    ]:
         assert _same(_check(full, probe).outcome) == _same(_check(twin, probe).outcome)
 
 
@@ -379,8 +386,12 @@ def test_crane_ledger_keeps_the_seeds_literal_promise(steps: list[Burst]) -> Non
     target(max(per_org_hour.values(), default=0), label="busiest org-hour")
 
 
-def _drive(meter: Meter, clock: FakeClock, plan: Callable[[int], list[str]], minutes: int,
-           ) -> list[tuple[int, str, str]]:
+def _drive(
+    meter: Meter,
+    clock: FakeClock,
+    plan: Callable[[int], list[str]],
+    minutes: int,
+) -> list[tuple[int, str, str]]:
     """Each minute, send 100 requests spread over it from each key ``plan(minute)`` names."""
     admitted = []
     for minute in range(minutes):

@@ -104,70 +104,121 @@ BAD_IDS: list[object] = [
 Call = Callable[[Any], object]
 
 BAD_CALLS: list[tuple[str, Call, type[MeterkitError]]] = [
-    ("unknown operation", lambda m: m.check(KEY, org=ORG, operation="items.nope"),
-     UnknownOperationError),
+    (
+        "unknown operation",
+        lambda m: m.check(KEY, org=ORG, operation="items.nope"),
+        UnknownOperationError,
+    ),
     ("empty operation", lambda m: m.check(KEY, org=ORG, operation=""), UnknownOperationError),
-    ("operation not a str", lambda m: m.check(KEY, org=ORG, operation=["items.list"]),
-     UnknownOperationError),
+    (
+        "operation not a str",
+        lambda m: m.check(KEY, org=ORG, operation=["items.list"]),
+        UnknownOperationError,
+    ),
     ("operation None", lambda m: m.check(KEY, org=ORG, operation=None), UnknownOperationError),
     ("no org", lambda m: m.check(KEY, operation="items.list"), InvalidIdentifierError),
-    ("mode", lambda m: m.check(KEY, org=ORG, operation="items.list", mode="prod"),
-     InvalidRequestError),
-    ("idempotency other operation",
-     lambda m: m.check(KEY, org=ORG, operation="items.list", idempotency_key="idem-1"),
-     InvalidRequestError),
-    ("idempotency other key",
-     lambda m: m.check(OTHER, org=ORG, operation="items.create", idempotency_key="idem-1"),
-     InvalidRequestError),
-    ("idempotency other cost",
-     lambda m: m.check(KEY, org=ORG, operation="items.create", idempotency_key="idem-1",
-                       cost="0.06"),
-     InvalidRequestError),
-    ("api key of another org",
-     lambda m: m.check(ApiKey(KEY, "org_b"), org=ORG, operation="items.list"),
-     AuthenticationError),
-    ("api key with a bad mode",
-     lambda m: m.check(ApiKey(KEY, ORG, "prod"), operation="items.list"), InvalidRequestError),
-    ("api key with an empty id",
-     lambda m: m.check(ApiKey("", ORG), operation="items.list"), InvalidIdentifierError),
+    (
+        "mode",
+        lambda m: m.check(KEY, org=ORG, operation="items.list", mode="prod"),
+        InvalidRequestError,
+    ),
+    (
+        "idempotency other operation",
+        lambda m: m.check(KEY, org=ORG, operation="items.list", idempotency_key="idem-1"),
+        InvalidRequestError,
+    ),
+    (
+        "idempotency other key",
+        lambda m: m.check(OTHER, org=ORG, operation="items.create", idempotency_key="idem-1"),
+        InvalidRequestError,
+    ),
+    (
+        "idempotency other cost",
+        lambda m: m.check(
+            KEY, org=ORG, operation="items.create", idempotency_key="idem-1", cost="0.06"
+        ),
+        InvalidRequestError,
+    ),
+    (
+        "api key of another org",
+        lambda m: m.check(ApiKey(KEY, "org_b"), org=ORG, operation="items.list"),
+        AuthenticationError,
+    ),
+    (
+        "api key with a bad mode",
+        lambda m: m.check(ApiKey(KEY, ORG, "prod"), operation="items.list"),
+        InvalidRequestError,
+    ),
+    (
+        "api key with an empty id",
+        lambda m: m.check(ApiKey("", ORG), operation="items.list"),
+        InvalidIdentifierError,
+    ),
     ("usage of a bad org", lambda m: m.usage(""), InvalidIdentifierError),
     ("usage of a bad key", lambda m: m.usage(ORG, key="k\n"), InvalidIdentifierError),
     ("usage in a bad mode", lambda m: m.usage(ORG, mode="prod"), InvalidRequestError),
     ("allowance of a bad org", lambda m: m.set_allowance("", "5"), InvalidIdentifierError),
-    ("allowance in a bad mode", lambda m: m.set_allowance(ORG, "5", mode="prod"),
-     InvalidRequestError),
+    (
+        "allowance in a bad mode",
+        lambda m: m.set_allowance(ORG, "5", mode="prod"),
+        InvalidRequestError,
+    ),
     ("top-up of a bad org", lambda m: m.top_up("o\x00", "5"), InvalidIdentifierError),
     ("top-up in a bad mode", lambda m: m.top_up(ORG, "5", mode="Live"), InvalidRequestError),
 ]
 for _i, _bad in enumerate(BAD_IDS):
     BAD_CALLS += [
-        (f"key {_i}", lambda m, b=_bad: m.check(b, org=ORG, operation="items.list"),
-         InvalidIdentifierError),
-        (f"org {_i}", lambda m, b=_bad: m.check(KEY, org=b, operation="items.list"),
-         InvalidIdentifierError),
+        (
+            f"key {_i}",
+            lambda m, b=_bad: m.check(b, org=ORG, operation="items.list"),
+            InvalidIdentifierError,
+        ),
+        (
+            f"org {_i}",
+            lambda m, b=_bad: m.check(KEY, org=b, operation="items.list"),
+            InvalidIdentifierError,
+        ),
     ]
     if _bad is not None:  # None means "no idempotency key"
         BAD_CALLS.append(
-            (f"idempotency key {_i}",
-             lambda m, b=_bad: m.check(KEY, org=ORG, operation="items.list", idempotency_key=b),
-             InvalidIdentifierError)
+            (
+                f"idempotency key {_i}",
+                lambda m, b=_bad: m.check(KEY, org=ORG, operation="items.list", idempotency_key=b),
+                InvalidIdentifierError,
+            )
         )
 
 BAD_AMOUNTS: list[object] = [
-    math.nan, math.inf, -0.01, "-1", "0.0000001", 0.1234567, True, False, "abc",
-    Decimal("Infinity"), Decimal("NaN"), [], "1e999999", "1.0000000000000000000000000001",
+    math.nan,
+    math.inf,
+    -0.01,
+    "-1",
+    "0.0000001",
+    0.1234567,
+    True,
+    False,
+    "abc",
+    Decimal("Infinity"),
+    Decimal("NaN"),
+    [],
+    "1e999999",
+    "1.0000000000000000000000000001",
 ]
 for _i, _bad in enumerate(BAD_AMOUNTS):
     BAD_CALLS += [
-        (f"cost {_i}", lambda m, b=_bad: m.check(KEY, org=ORG, operation="items.list", cost=b),
-         InvalidAmountError),
+        (
+            f"cost {_i}",
+            lambda m, b=_bad: m.check(KEY, org=ORG, operation="items.list", cost=b),
+            InvalidAmountError,
+        ),
         (f"allowance {_i}", lambda m, b=_bad: m.set_allowance(ORG, b), InvalidAmountError),
         (f"top-up {_i}", lambda m, b=_bad: m.top_up(ORG, b), InvalidAmountError),
     ]
 
 
-@pytest.mark.parametrize(("call", "error"), [(c, e) for _, c, e in BAD_CALLS],
-                         ids=[n for n, _, _ in BAD_CALLS])
+@pytest.mark.parametrize(
+    ("call", "error"), [(c, e) for _, c, e in BAD_CALLS], ids=[n for n, _, _ in BAD_CALLS]
+)
 def test_bad_call_raises_typed_error_and_changes_nothing(
     meter: Any, call: Call, error: type[MeterkitError]
 ) -> None:
@@ -189,8 +240,9 @@ def test_refund_of_a_denied_decision_changes_nothing(meter: Any) -> None:
 
 
 @pytest.mark.parametrize("value", ["0.1", 0.1, Decimal("0.1"), "0.100000"])
-def test_float_cost_with_a_short_repr_is_exact(make_meter: Callable[[Policy], Any],
-                                               value: object) -> None:
+def test_float_cost_with_a_short_repr_is_exact(
+    make_meter: Callable[[Policy], Any], value: object
+) -> None:
     """A cost of 0.1 (float or text) is charged as exactly 0.1 credits."""
     m = make_meter(_policy())
     decision = m.check(KEY, org=ORG, operation="items.list", cost=value)
@@ -264,7 +316,9 @@ def _edit(old: str, new: str) -> str:
 def test_base_toml_is_valid() -> None:
     """The policy the TOML cases below break is itself valid."""
     assert [t.name for t in Policy.from_toml(BASE_TOML).tiers] == [
-        "key-hour", "org-hour", "key-burst"
+        "key-hour",
+        "org-hour",
+        "key-burst",
     ]
 
 
@@ -273,58 +327,128 @@ BAD_TOML: list[tuple[str, str, str, str]] = [
     ("malformed rate", _edit('"100/minute"', '"often"'), "tiers[2].rate", "malformed rate 'often'"),
     ("zero rate", _edit('"100/minute"', '"0/minute"'), "tiers[2].rate", "admits nothing"),
     ("unknown unit", _edit('"100/minute"', '"100/fortnight"'), "tiers[2].rate", "malformed rate"),
-    ("two rates in one", _edit('"100/minute"', '"100/minute;5/second"'), "tiers[2].rate",
-     "one rate"),
-    ("zero-length window", _edit('"100/minute"', '"100 per 0 seconds"'), "tiers[2].rate",
-     "window"),
+    (
+        "two rates in one",
+        _edit('"100/minute"', '"100/minute;5/second"'),
+        "tiers[2].rate",
+        "one rate",
+    ),
+    ("zero-length window", _edit('"100/minute"', '"100 per 0 seconds"'), "tiers[2].rate", "window"),
     ("rate not a string", _edit('"100/minute"', "100"), "tiers[2].rate", "Expected `str`"),
     ("unknown algorithm", _edit('"sliding_log"', '"leaky"'), "tiers[2].algorithm", "leaky"),
     ("unknown scope", _edit('scope = "org"', 'scope = "team"'), "tiers[1].scope", "team"),
-    ("burst without gcra",
-     _edit('algorithm = "sliding_log"', 'algorithm = "sliding_log"\nburst = 5'),
-     "tiers[2].burst", "gcra"),
-    ("zero burst", _edit('algorithm = "sliding_log"', 'algorithm = "gcra"\nburst = 0'),
-     "tiers[2].burst", "positive"),
-    ("bad tier name", _edit('name = "org-hour"', 'name = "org hour"'), "tiers[1].name",
-     "tier name"),
-    ("duplicate tier names", _edit('name = "org-hour"', 'name = "key-hour"'), "tiers[1].name",
-     "two tiers are named 'key-hour'"),
-    ("unknown tier field", _edit('name = "org-hour"', 'name = "org-hour"\ncolour = "red"'),
-     "tiers[1]", "unknown field `colour`"),
+    (
+        "burst without gcra",
+        _edit('algorithm = "sliding_log"', 'algorithm = "sliding_log"\nburst = 5'),
+        "tiers[2].burst",
+        "gcra",
+    ),
+    (
+        "zero burst",
+        _edit('algorithm = "sliding_log"', 'algorithm = "gcra"\nburst = 0'),
+        "tiers[2].burst",
+        "positive",
+    ),
+    (
+        "bad tier name",
+        _edit('name = "org-hour"', 'name = "org hour"'),
+        "tiers[1].name",
+        "tier name",
+    ),
+    (
+        "duplicate tier names",
+        _edit('name = "org-hour"', 'name = "key-hour"'),
+        "tiers[1].name",
+        "two tiers are named 'key-hour'",
+    ),
+    (
+        "unknown tier field",
+        _edit('name = "org-hour"', 'name = "org-hour"\ncolour = "red"'),
+        "tiers[1]",
+        "unknown field `colour`",
+    ),
     ("unknown top-level field", "colour = 'red'\n" + BASE_TOML, "", "unknown field `colour`"),
-    ("unknown credits field", _edit('allowance = "100"', 'allowance = "100"\nrollover = true'),
-     "credits", "unknown field `rollover`"),
-    ("unknown tier operation",
-     _edit('name = "org-hour"', 'name = "org-hour"\noperations = ["items.nope"]'),
-     "tiers[1].operations", "items.nope"),
-    ("price above its category", _edit('price = "0.05"', 'price = "0.5"'),
-     "operations.items.create.price", "outside its category 'write'"),
-    ("price below its category", _edit('price = "0.05"', 'price = "0.02"'),
-     "operations.items.create.price", "outside"),
-    ("over-precise price", _edit('price = "0.05"', 'price = "0.0500001"'),
-     "operations.items.create.price", "6 decimal places"),
-    ("negative price", _edit('price = "0.05"', 'price = "-0.05"'),
-     "operations.items.create.price", "negative"),
-    ("price not a number", _edit('price = "0.05"', 'price = "cheap"'),
-     "operations.items.create.price", "not a number"),
-    ("unknown category", _edit('category = "write"', 'category = "bulk"'),
-     "operations.items.create.category", "unknown category 'bulk'"),
-    ("category min above max", _edit('min = "0.03"', 'min = "0.2"'), "categories.write.max",
-     "above max"),
-    ("allowance not finite", _edit('allowance = "100"', 'allowance = "nan"'),
-     "credits.allowance", "allowance must be finite"),
-    ("period not a month", _edit('allowance = "100"', 'allowance = "100"\nperiod = "year"'),
-     "credits.period", "year"),
-    ("route to an unknown operation", _edit('"GET /items" = "items.list"', '"GET /items" = "x"'),
-     "routes.'GET /items'", "unknown operation 'x'"),
+    (
+        "unknown credits field",
+        _edit('allowance = "100"', 'allowance = "100"\nrollover = true'),
+        "credits",
+        "unknown field `rollover`",
+    ),
+    (
+        "unknown tier operation",
+        _edit('name = "org-hour"', 'name = "org-hour"\noperations = ["items.nope"]'),
+        "tiers[1].operations",
+        "items.nope",
+    ),
+    (
+        "price above its category",
+        _edit('price = "0.05"', 'price = "0.5"'),
+        "operations.items.create.price",
+        "outside its category 'write'",
+    ),
+    (
+        "price below its category",
+        _edit('price = "0.05"', 'price = "0.02"'),
+        "operations.items.create.price",
+        "outside",
+    ),
+    (
+        "over-precise price",
+        _edit('price = "0.05"', 'price = "0.0500001"'),
+        "operations.items.create.price",
+        "6 decimal places",
+    ),
+    (
+        "negative price",
+        _edit('price = "0.05"', 'price = "-0.05"'),
+        "operations.items.create.price",
+        "negative",
+    ),
+    (
+        "price not a number",
+        _edit('price = "0.05"', 'price = "cheap"'),
+        "operations.items.create.price",
+        "not a number",
+    ),
+    (
+        "unknown category",
+        _edit('category = "write"', 'category = "bulk"'),
+        "operations.items.create.category",
+        "unknown category 'bulk'",
+    ),
+    (
+        "category min above max",
+        _edit('min = "0.03"', 'min = "0.2"'),
+        "categories.write.max",
+        "above max",
+    ),
+    (
+        "allowance not finite",
+        _edit('allowance = "100"', 'allowance = "nan"'),
+        "credits.allowance",
+        "allowance must be finite",
+    ),
+    (
+        "period not a month",
+        _edit('allowance = "100"', 'allowance = "100"\nperiod = "year"'),
+        "credits.period",
+        "year",
+    ),
+    (
+        "route to an unknown operation",
+        _edit('"GET /items" = "items.list"', '"GET /items" = "x"'),
+        "routes.'GET /items'",
+        "unknown operation 'x'",
+    ),
     ("missing credits", _edit('[credits]\nallowance = "100"\n', ""), "", "`credits`"),
     ("malformed TOML", BASE_TOML + "\n[[[", "", "malformed TOML"),
     ("not TOML at all", "this is = = not toml", "", "malformed TOML"),
 ]
 
 
-@pytest.mark.parametrize(("text", "location", "words"), [c[1:] for c in BAD_TOML],
-                         ids=[c[0] for c in BAD_TOML])
+@pytest.mark.parametrize(
+    ("text", "location", "words"), [c[1:] for c in BAD_TOML], ids=[c[0] for c in BAD_TOML]
+)
 def test_bad_toml_names_the_place(text: str, location: str, words: str) -> None:
     """A policy file's mistake raises ConfigurationError whose text starts at its place."""
     with pytest.raises(ConfigurationError) as info:
@@ -372,12 +496,17 @@ BAD_OBJECTS: list[tuple[str, Callable[[], object], str]] = [
     ("bool burst", lambda: Tier("t", "key", "1/hour", "gcra", burst=True), "burst"),
     ("negative burst", lambda: Tier("t", "key", "1/hour", "gcra", burst=-1), "burst"),
     ("shadow not a bool", lambda: Tier("t", "key", "1/hour", shadow=1), "shadow"),  # type: ignore[arg-type]
-    ("operations a string", lambda: Tier("t", "key", "1/hour", operations="items.list"),  # type: ignore[arg-type]
-     "operations"),
-    ("operations not a list", lambda: Tier("t", "key", "1/hour", operations=5),  # type: ignore[arg-type]
-     "operations"),
-    ("huge sliding window",
-     lambda: Tier("t", "key", "100000000/day", "sliding_window"), "rate"),
+    (
+        "operations a string",
+        lambda: Tier("t", "key", "1/hour", operations="items.list"),  # type: ignore[arg-type]
+        "operations",
+    ),
+    (
+        "operations not a list",
+        lambda: Tier("t", "key", "1/hour", operations=5),  # type: ignore[arg-type]
+        "operations",
+    ),
+    ("huge sliding window", lambda: Tier("t", "key", "100000000/day", "sliding_window"), "rate"),
     ("huge sliding log", lambda: Tier("t", "key", "100001/day", "sliding_log"), "rate"),
     ("huge gcra", lambda: Tier("t", "key", "1/day", "gcra", burst=10**9), "burst"),
     ("category min above max", lambda: Category("c", "2", "1"), "max"),
@@ -386,34 +515,54 @@ BAD_OBJECTS: list[tuple[str, Callable[[], object], str]] = [
     ("bool price", lambda: Operation("o", "read", True), "price"),
     ("allowance NaN", lambda: CreditPlan(math.nan), "allowance"),
     ("period", lambda: CreditPlan("1", period="week"), "period"),  # type: ignore[arg-type]
-    ("price outside category",
-     lambda: CostTable((Category("read", "0.01", "0.01"),), (Operation("o", "read", "0.02"),)),
-     "operations[0].price"),
-    ("operation priced twice",
-     lambda: CostTable((Category("read", "0.01", "0.01"),),
-                       (Operation("o", "read", "0.01"), Operation("o", "read", "0.01"))),
-     "operations[1]"),
-    ("two categories of one name",
-     lambda: CostTable((Category("read", "0.01", "0.01"), Category("read", "0.02", "0.02")), ()),
-     "categories"),
-    ("duplicate tier names",
-     lambda: Policy([Tier("t", "key", "1/hour"), Tier("t", "org", "2/hour")], _costs(),
-                    CreditPlan("1")),
-     "tiers[1].name"),
-    ("a tier that is not a Tier",
-     lambda: Policy([Tier("t", "key", "1/hour"), "1/hour"], _costs(), CreditPlan("1")),  # type: ignore[list-item]
-     "tiers[1]"),
-    ("unknown operation in a tier",
-     lambda: Policy([Tier("t", "key", "1/hour", operations=("nope",))], _costs(),
-                    CreditPlan("1")),
-     "tiers[0].operations"),
-    ("shadow policy not a bool",
-     lambda: Policy([], _costs(), CreditPlan("1"), shadow="yes"), "shadow"),  # type: ignore[arg-type]
+    (
+        "price outside category",
+        lambda: CostTable((Category("read", "0.01", "0.01"),), (Operation("o", "read", "0.02"),)),
+        "operations[0].price",
+    ),
+    (
+        "operation priced twice",
+        lambda: CostTable(
+            (Category("read", "0.01", "0.01"),),
+            (Operation("o", "read", "0.01"), Operation("o", "read", "0.01")),
+        ),
+        "operations[1]",
+    ),
+    (
+        "two categories of one name",
+        lambda: CostTable((Category("read", "0.01", "0.01"), Category("read", "0.02", "0.02")), ()),
+        "categories",
+    ),
+    (
+        "duplicate tier names",
+        lambda: Policy(
+            [Tier("t", "key", "1/hour"), Tier("t", "org", "2/hour")], _costs(), CreditPlan("1")
+        ),
+        "tiers[1].name",
+    ),
+    (
+        "a tier that is not a Tier",
+        lambda: Policy([Tier("t", "key", "1/hour"), "1/hour"], _costs(), CreditPlan("1")),  # type: ignore[list-item]
+        "tiers[1]",
+    ),
+    (
+        "unknown operation in a tier",
+        lambda: Policy(
+            [Tier("t", "key", "1/hour", operations=("nope",))], _costs(), CreditPlan("1")
+        ),
+        "tiers[0].operations",
+    ),
+    (
+        "shadow policy not a bool",
+        lambda: Policy([], _costs(), CreditPlan("1"), shadow="yes"),
+        "shadow",
+    ),  # type: ignore[arg-type]
 ]
 
 
-@pytest.mark.parametrize(("build", "location"), [c[1:] for c in BAD_OBJECTS],
-                         ids=[c[0] for c in BAD_OBJECTS])
+@pytest.mark.parametrize(
+    ("build", "location"), [c[1:] for c in BAD_OBJECTS], ids=[c[0] for c in BAD_OBJECTS]
+)
 def test_bad_policy_objects_raise_configuration_errors(
     build: Callable[[], object], location: str
 ) -> None:

@@ -41,9 +41,11 @@ def test_generated_source_is_readable_and_kept_on_the_function(clock: FakeClock)
     backend = MemoryBackend(clock=clock)
     Meter(policy, backend).check("key_1", org="org_1", operation="invoices.list")
     source = MemoryBackend.source(policy, "invoices.list")
-    for text in ("'key-hour', fixed_window, 1000 per 3600 s per key",
-                 "'org-hour', fixed_window, 10000 per 3600 s per org",
-                 "'key-burst', sliding_log, 100 per 60 s per key"):
+    for text in (
+        "'key-hour', fixed_window, 1000 per 3600 s per key",
+        "'org-hour', fixed_window, 10000 per 3600 s per org",
+        "'key-burst', sliding_log, 100 per 60 s per key",
+    ):
         assert text in source
     fn = backend._applies[policy.plan_for("invoices.list")]
     fn = getattr(fn, "fallback", fn)  # the compiled lane hands its hard cases to it

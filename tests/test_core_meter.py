@@ -244,9 +244,7 @@ def test_policy_shadow_computes_but_never_denies(make_meter: MakeMeter) -> None:
     meter = make_meter(_policy(Tier("t", "key", "2/minute"), allowance="0.03", shadow=True))
     decisions = [meter.check("key_a", org="org_a", operation="items.list") for _ in range(5)]
     assert all(d.allowed and d.status == 200 and d.error is None for d in decisions)
-    assert [d.would_deny for d in decisions] == [
-        (), (), ("t",), ("t", "credits"), ("t", "credits")
-    ]
+    assert [d.would_deny for d in decisions] == [(), (), ("t",), ("t", "credits"), ("t", "credits")]
     assert decisions[2].tiers[0].denied
     assert decisions[2].tiers[0].shadow
     assert [d.balance for d in decisions] == [
@@ -287,8 +285,9 @@ def test_shadow_tier_reports_without_denying_or_consuming(
 def test_test_mode_never_draws_on_live_counters_or_credits(make_meter: MakeMeter) -> None:
     """Test-mode checks have their own counters and credits, apart from live ones."""
     meter = make_meter(
-        _policy(Tier("key-min", "key", "2/minute"), Tier("org-min", "org", "3/minute"),
-                allowance="0.02")
+        _policy(
+            Tier("key-min", "key", "2/minute"), Tier("org-min", "org", "3/minute"), allowance="0.02"
+        )
     )
     for _ in range(2):
         assert meter.check("key_a", org="org_a", operation="items.list")
@@ -362,8 +361,12 @@ def test_tier_limited_to_operations_counts_only_them(make_meter: MakeMeter) -> N
 def test_usage_per_key_and_per_operation(make_meter: MakeMeter) -> None:
     """Usage reports an org's requests and credits per key and per operation, or one key's."""
     meter = make_meter(_policy())
-    for key, op in [("k1", "items.list"), ("k1", "items.list"), ("k1", "items.create"),
-                    ("k2", "items.create")]:
+    for key, op in [
+        ("k1", "items.list"),
+        ("k1", "items.list"),
+        ("k1", "items.create"),
+        ("k2", "items.create"),
+    ]:
         assert meter.check(key, org="org_a", operation=op)
     assert meter.check("k3", org="org_b", operation="items.list")
     usage = meter.usage("org_a")
@@ -583,7 +586,9 @@ def test_allowance_per_org_and_top_up_for_this_month_only(
     at(clock, FEB)
     usage = meter.usage("org_a")
     assert (usage.allowance, usage.credits_used, usage.credits_left) == (
-        Decimal("0.02"), 0, Decimal("0.02")
+        Decimal("0.02"),
+        0,
+        Decimal("0.02"),
     )
     assert meter.check("k1", org="org_a", operation="items.list").balance == Decimal("0.01")
     assert meter.usage("org_a").allowance == Decimal("0.02")
@@ -723,8 +728,9 @@ async def test_async_meter_over_memory_behaves_like_meter(clock: FakeClock) -> N
     async with AsyncMeter(_policy(Tier("t", "key", "2/minute")), MemoryBackend(clock=clock)) as m:
         first = await m.check("k1", org="org_a", operation="items.create", idempotency_key="i")
         assert first.allowed
-        assert (await m.check("k1", org="org_a", operation="items.create",
-                              idempotency_key="i")).replayed
+        assert (
+            await m.check("k1", org="org_a", operation="items.create", idempotency_key="i")
+        ).replayed
         assert await m.check("k1", org="org_a", operation="items.list")
         assert (await m.check("k1", org="org_a", operation="items.list")).reason == "rate_limited"
         assert await m.refund(first) is True

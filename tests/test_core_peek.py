@@ -112,8 +112,9 @@ def test_a_peek_keeps_nothing_in_memory(clock: FakeClock, native: bool) -> None:
     adds no account, identity or tier state (it may tidy: drop what a window turn or
     a trimmed log no longer needs, as a check's look does)."""
     backend = MemoryBackend(clock=clock, native=native)
-    meter = Meter(_policy(Tier("key-min", "key", "3/minute"), Tier("org-day", "org", "5/day")),
-                  backend)
+    meter = Meter(
+        _policy(Tier("key-min", "key", "3/minute"), Tier("org-day", "org", "5/day")), backend
+    )
     at(clock, 0)
     meter.check("k", org="o", operation="items.list")
     size, accounts = backend.size(), dict(backend._accounts)

@@ -29,11 +29,17 @@ def test_crane_ledger_tiers_are_the_seeds_rate_limits() -> None:
     assert list(tiers) == ["key-hour", "org-hour", "key-burst"]
     hour, org, burst = tiers["key-hour"], tiers["org-hour"], tiers["key-burst"]
     assert (hour.scope, hour.limit, hour.window, hour.algorithm) == (
-        "key", 1000, 3600, "fixed_window"
+        "key",
+        1000,
+        3600,
+        "fixed_window",
     )
     assert (org.scope, org.limit, org.window, org.algorithm) == ("org", 10000, 3600, "fixed_window")
     assert (burst.scope, burst.limit, burst.window, burst.algorithm) == (
-        "key", 100, 60, "sliding_log"
+        "key",
+        100,
+        60,
+        "sliding_log",
     )
     assert not any(t.shadow for t in policy.tiers)
     assert not policy.shadow
@@ -153,8 +159,14 @@ def test_crane_ledger_policy_header_follows_the_ietf_draft() -> None:
 def test_to_dict_describes_the_compiled_policy() -> None:
     """to_dict reports tiers, prices as exact strings, credits and routes."""
     tiers = [Tier("g", "org", "2/minute", "gcra", burst=3, shadow=True)]
-    policy = Policy(tiers, _costs(), CreditPlan(0.5), shadow=True, name="small",
-                    routes={"GET /items": "items.list"})
+    policy = Policy(
+        tiers,
+        _costs(),
+        CreditPlan(0.5),
+        shadow=True,
+        name="small",
+        routes={"GET /items": "items.list"},
+    )
     assert policy.to_dict() == {
         "name": "small",
         "shadow": True,

@@ -50,8 +50,9 @@ POLICY = Policy(
         Tier("key-fixed", "key", "4 per 10 seconds", "fixed_window"),
         Tier("org-log", "org", "6 per 10 seconds", "sliding_log"),
         Tier("key-gcra", "key", "3 per 6 seconds", "gcra", burst=2),
-        Tier("org-window", "org", "5 per 10 seconds", "sliding_window",
-             operations=("items.create",)),
+        Tier(
+            "org-window", "org", "5 per 10 seconds", "sliding_window", operations=("items.create",)
+        ),
     ],
     CostTable(
         (Category("read", "0.01", "0.01"), Category("write", "0.03", "0.15")),
@@ -163,8 +164,13 @@ class MeterMachine(RuleBasedStateMachine):
         org = KEYS[key]
         now = self.t
         price = PRICES[op] if cost is None else _micro(cost)
-        args: dict[str, Any] = {"org": org, "operation": op, "cost": cost, "mode": mode,
-                                "idempotency_key": idem}
+        args: dict[str, Any] = {
+            "org": org,
+            "operation": op,
+            "cost": cost,
+            "mode": mode,
+            "idempotency_key": idem,
+        }
         if idem is not None:
             self.sent.append((key, op, cost, mode, idem))
         record = self.records.get((mode, org, idem)) if idem else None
@@ -220,9 +226,7 @@ class MeterMachine(RuleBasedStateMachine):
     def refund(self, data: st.DataObject) -> None:
         d = data.draw(st.sampled_from(self.decisions))
         charge = self.ledger.get(d.charge_id) if d.allowed else None
-        expected = (
-            charge is not None and not charge.refunded and charge.month == _month(self.t)[0]
-        )
+        expected = charge is not None and not charge.refunded and charge.month == _month(self.t)[0]
         assert self.meter.refund(d) is expected
         if charge is not None and expected:
             charge.refunded = True
@@ -231,8 +235,11 @@ class MeterMachine(RuleBasedStateMachine):
             if record is not None and record.decision.charge_id == d.charge_id:
                 del self.records[where]  # type: ignore[arg-type]
 
-    @rule(dt=st.one_of(st.integers(0, 3 * US), st.integers(0, 30 * US),
-                       st.sampled_from([HOUR, 25 * HOUR])))
+    @rule(
+        dt=st.one_of(
+            st.integers(0, 3 * US), st.integers(0, 30 * US), st.sampled_from([HOUR, 25 * HOUR])
+        )
+    )
     def advance(self, dt: int) -> None:
         self._go(self.t + dt)
 
@@ -245,8 +252,11 @@ class MeterMachine(RuleBasedStateMachine):
         self.t = t
         self.clock.now = t / US
 
-    @rule(org=st.sampled_from(ORGS), mode=st.sampled_from(MODES),
-          amount=st.sampled_from([None, "0", "0.5", "3"]))
+    @rule(
+        org=st.sampled_from(ORGS),
+        mode=st.sampled_from(MODES),
+        amount=st.sampled_from([None, "0", "0.5", "3"]),
+    )
     def set_allowance(self, org: str, mode: str, amount: str | None) -> None:
         self.meter.set_allowance(org, amount, mode=mode)  # type: ignore[arg-type]
         if amount is None:
@@ -254,8 +264,11 @@ class MeterMachine(RuleBasedStateMachine):
         else:
             self.allowances[(mode, org)] = _micro(amount)
 
-    @rule(org=st.sampled_from(ORGS), mode=st.sampled_from(MODES),
-          amount=st.sampled_from(["0.01", "1", "0.000001"]))
+    @rule(
+        org=st.sampled_from(ORGS),
+        mode=st.sampled_from(MODES),
+        amount=st.sampled_from(["0.01", "1", "0.000001"]),
+    )
     def top_up(self, org: str, mode: str, amount: str) -> None:
         self.meter.top_up(org, amount, mode=mode)  # type: ignore[arg-type]
         where = (mode, org, _month(self.t)[0])
@@ -270,8 +283,11 @@ class MeterMachine(RuleBasedStateMachine):
         for mode in MODES:
             for org in ORGS:
                 allowance, used = self._balance(mode, org)
-                charges = [c for c in self.ledger.values()
-                           if (c.mode, c.org, c.month) == (mode, org, month)]
+                charges = [
+                    c
+                    for c in self.ledger.values()
+                    if (c.mode, c.org, c.month) == (mode, org, month)
+                ]
                 usage = self.meter.usage(org, mode=mode)  # type: ignore[arg-type]
                 assert usage.allowance == _credits(allowance)
                 assert usage.credits_used == _credits(used)

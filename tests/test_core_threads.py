@@ -89,8 +89,9 @@ def test_eight_threads_on_one_key_get_exactly_the_burst(
     for r in range(ROUNDS):
         key = f"key_{r}"
         decisions = _race(
-            lambda i, key=key: [meter.check(key, org="org_a", operation="items.list")
-                                for _ in range(ATTEMPTS)]
+            lambda i, key=key: [
+                meter.check(key, org="org_a", operation="items.list") for _ in range(ATTEMPTS)
+            ]
         )
         admitted = [d for d in decisions if d.allowed]
         assert len(admitted) == 100
@@ -110,8 +111,9 @@ def test_eight_keys_of_one_org_share_its_tier_exactly(
     for r in range(ROUNDS):
         org = f"org_{r}"
         decisions = _race(
-            lambda i, org=org: [meter.check(f"key_{i}", org=org, operation="items.list")
-                                for _ in range(ATTEMPTS)]
+            lambda i, org=org: [
+                meter.check(f"key_{i}", org=org, operation="items.list") for _ in range(ATTEMPTS)
+            ]
         )
         assert sum(d.allowed for d in decisions) == 100
         assert sum(k.requests for k in meter.usage(org).keys.values()) == 100
@@ -123,8 +125,9 @@ def test_threads_never_overdraw_the_credits(threaded_meter: Callable[[Policy], M
     for r in range(ROUNDS):
         org = f"org_{r}"
         decisions = _race(
-            lambda i, org=org: [meter.check(f"key_{i}", org=org, operation="items.list")
-                                for _ in range(ATTEMPTS)]
+            lambda i, org=org: [
+                meter.check(f"key_{i}", org=org, operation="items.list") for _ in range(ATTEMPTS)
+            ]
         )
         assert sum(d.allowed for d in decisions) == 100
         assert {d.reason for d in decisions if not d.allowed} == {"insufficient_credits"}

@@ -38,8 +38,9 @@ class Counting(MemoryKeyStore):
 
     calls = 0
 
-    def authenticate(self, authorization: Any, *, org: str | None,
-                     permission: str | None = None) -> ApiKey:
+    def authenticate(
+        self, authorization: Any, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         self.calls += 1
         return super().authenticate(authorization, org=org, permission=permission)
 
@@ -57,7 +58,8 @@ def test_an_admitted_key_is_answered_from_memory_until_the_ttl_passes(
     plain, key = store.create(org="org_1", permissions=["invoices:read"])
     for _ in range(10):
         assert cached.authenticate(bearer(plain), org="org_1", permission="invoices:read").id == (
-            key.id)
+            key.id
+        )
         clock.now += 0.4
     assert store.calls == 1
     clock.now += 1.1  # 5.1 s after the first call
@@ -72,14 +74,14 @@ def test_a_cached_key_is_still_held_to_org_permission_and_expiry(
     """A remembered record is admitted by the store's rules: another organization or a
     permission it lacks gets the store's own refusal, and so does a key past its expiry."""
     cached = CachedKeyStore(store, ttl=60)
-    plain, key = store.create(org="org_1", permissions=["invoices:read"],
-                              expires_at=clock.now + 10)
+    plain, key = store.create(org="org_1", permissions=["invoices:read"], expires_at=clock.now + 10)
     assert cached.authenticate(bearer(plain), org="org_1").id == key.id
     assert code(lambda: cached.authenticate(bearer(plain), org="org_2")) == (
-        "organization_not_found")
-    assert code(lambda: cached.authenticate(bearer(plain), org="org_1",
-                                            permission="invoices:write")) == (
-        "insufficient_permissions")
+        "organization_not_found"
+    )
+    assert code(
+        lambda: cached.authenticate(bearer(plain), org="org_1", permission="invoices:write")
+    ) == ("insufficient_permissions")
     clock.now += 10
     assert code(lambda: cached.authenticate(bearer(plain), org="org_1")) == "expired_api_key"
 
@@ -173,10 +175,17 @@ def test_the_cache_holds_no_plaintext(store: Counting) -> None:
 
 @pytest.mark.parametrize(
     ("options", "field"),
-    [({"ttl": 0}, "ttl"), ({"ttl": -1}, "ttl"), ({"ttl": math.nan}, "ttl"),
-     ({"ttl": True}, "ttl"), ({"ttl": "5"}, "ttl"), ({"ttl": 3601}, "ttl"),
-     ({"max_entries": 0}, "max_entries"), ({"max_entries": True}, "max_entries"),
-     ({"max_entries": 1.5}, "max_entries")],
+    [
+        ({"ttl": 0}, "ttl"),
+        ({"ttl": -1}, "ttl"),
+        ({"ttl": math.nan}, "ttl"),
+        ({"ttl": True}, "ttl"),
+        ({"ttl": "5"}, "ttl"),
+        ({"ttl": 3601}, "ttl"),
+        ({"max_entries": 0}, "max_entries"),
+        ({"max_entries": True}, "max_entries"),
+        ({"max_entries": 1.5}, "max_entries"),
+    ],
 )
 def test_bad_options_are_configuration_errors(
     store: Counting, options: dict[str, Any], field: str
@@ -200,8 +209,9 @@ def test_the_async_cache_answers_from_memory_too(clock: FakeClock) -> None:
     calls = 0
     original = inner.authenticate
 
-    async def counted(authorization: Any, *, org: str | None,
-                      permission: str | None = None) -> ApiKey:
+    async def counted(
+        authorization: Any, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
         nonlocal calls
         calls += 1
         return await original(authorization, org=org, permission=permission)

@@ -52,9 +52,13 @@ secret_parts = st.text(ALPHABET, min_size=SECRET_CHARS, max_size=SECRET_CHARS)
 
 def _record(**changes: Any) -> ApiKey:
     fields: dict[str, Any] = {
-        "id": "key_AAAAAAAAAAAA", "org": "org_1", "mode": "live",
-        "permissions": ("invoices:read",), "created_at": 1.0,
-        "secret_hash": "ab" * 32, "last_four": "wxyz",
+        "id": "key_AAAAAAAAAAAA",
+        "org": "org_1",
+        "mode": "live",
+        "permissions": ("invoices:read",),
+        "created_at": 1.0,
+        "secret_hash": "ab" * 32,
+        "last_four": "wxyz",
     }
     fields.update(changes)
     return ApiKey(**fields)
@@ -64,8 +68,9 @@ def _record(**changes: Any) -> ApiKey:
 
 
 @given(prefix=prefixes, mode=modes, id_part=id_parts, secret=secret_parts)
-def test_every_composed_key_is_well_formed(prefix: str, mode: Any, id_part: str,
-                                           secret: str) -> None:
+def test_every_composed_key_is_well_formed(
+    prefix: str, mode: Any, id_part: str, secret: str
+) -> None:
     """Any prefix, mode, id and secret compose into a key its format accepts."""
     fmt = KeyFormat(prefix)
     token = fmt.compose(mode, id_part, secret)
@@ -78,8 +83,7 @@ def test_every_composed_key_is_well_formed(prefix: str, mode: Any, id_part: str,
 def test_generated_keys_are_well_formed_distinct_and_carry_160_bits() -> None:
     """Generated keys validate, never repeat, and their secret holds at least 160 bits."""
     fmt = KeyFormat()
-    tokens = {fmt.generate("live") for _ in range(500)} | {fmt.generate("test")
-                                                          for _ in range(500)}
+    tokens = {fmt.generate("live") for _ in range(500)} | {fmt.generate("test") for _ in range(500)}
     assert len(tokens) == 1000
     assert all(fmt.is_well_formed(token) for token in tokens)
     assert SECRET_CHARS * math.log2(62) >= 160
@@ -95,7 +99,7 @@ def test_one_changed_character_or_a_truncation_breaks_the_key(
     token = fmt.compose(mode, id_part, secret)
     position = data.draw(st.integers(0, len(token) - 1))
     other = data.draw(st.characters(codec="utf-8").filter(lambda c: c != token[position]))
-    assert not fmt.is_well_formed(token[:position] + other + token[position + 1:])
+    assert not fmt.is_well_formed(token[:position] + other + token[position + 1 :])
     assert not fmt.is_well_formed(token[:position])
     assert not fmt.is_well_formed(token + other)
 
@@ -204,20 +208,19 @@ def test_a_memory_store_moves_keys_of_a_previous_pepper_to_the_current_one(
     rotating = MemoryKeyStore(clock=clock, pepper=new, previous_peppers=[old])
     rotating._records, rotating._by_org = before._records, before._by_org  # the same data
     clock.advance(5)
-    admitted = rotating.authenticate(f"Bearer {plaintext}", org="org_1",
-                                     permission="invoices:read")
+    admitted = rotating.authenticate(f"Bearer {plaintext}", org="org_1", permission="invoices:read")
     expected = hmac.new(new, plaintext.encode(), hashlib.sha256).hexdigest()
     assert admitted.secret_hash == expected == rotating.get(key.id).secret_hash  # type: ignore[union-attr]
     assert admitted.last_used_at == clock()
-    assert msgspec.structs.replace(admitted, secret_hash=key.secret_hash,
-                                   last_used_at=None) == key
+    assert msgspec.structs.replace(admitted, secret_hash=key.secret_hash, last_used_at=None) == key
     with pytest.raises(AuthenticationError):
         before.authenticate(f"Bearer {plaintext}", org="org_1")
     with pytest.raises(AuthenticationError):
         rotating.authenticate(f"Bearer {revoked_plain}", org="org_1")
     assert rotating.get(revoked.id).revoked_at is not None  # type: ignore[union-attr]
     stranger_plain, stranger = MemoryKeyStore(pepper=b"a-third-pepper-nobody-has").create(
-        org="org_1")
+        org="org_1"
+    )
     rotating._records[stranger.id] = stranger
     with pytest.raises(AuthenticationError):
         rotating.authenticate(f"Bearer {stranger_plain}", org="org_1")
@@ -322,14 +325,20 @@ def test_authentication_errors_have_the_seed_shape(code: str, message: str) -> N
     """Each code's body is the seed's shape with type authentication_error and status 401."""
     error = AuthenticationError(code)
     assert isinstance(error, MeterkitError)
-    assert error.body == {"error": {"type": "authentication_error", "code": code,
-                                    "message": message, "status": 401}}
+    assert error.body == {
+        "error": {"type": "authentication_error", "code": code, "message": message, "status": 401}
+    }
 
 
 @pytest.mark.parametrize(
     "codes",
-    [{"nope": 403}, {"invalid_api_key": 200}, {"invalid_api_key": True},
-     {"invalid_api_key": "401"}, {"expired_api_key": 600}],
+    [
+        {"nope": 403},
+        {"invalid_api_key": 200},
+        {"invalid_api_key": True},
+        {"invalid_api_key": "401"},
+        {"expired_api_key": 600},
+    ],
     ids=repr,
 )
 def test_bad_status_codes_are_configuration_errors(codes: Any) -> None:
@@ -353,7 +362,8 @@ def test_keystore_from_url_makes_memory_stores(clock: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["memory://somewhere", "postgres://db/keys", "", "nothing", 5],
+    "url",
+    ["memory://somewhere", "postgres://db/keys", "", "nothing", 5],
 )
 def test_unsupported_urls_are_configuration_errors(url: Any) -> None:
     """Unknown schemes and memory URLs with a host are refused."""
@@ -383,8 +393,15 @@ def test_meterkit_keys_work_without_redis_installed() -> None:
         "assert 'redis' not in sys.modules\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ConfigurationError")
     assert "pip install" in done.stdout

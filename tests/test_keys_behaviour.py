@@ -34,8 +34,7 @@ from meterkit._keys import (
 )
 from meterkit._keystore_redis import AsyncRedisKeyStore, RedisKeyStore
 
-KINDS = ["memory", "async-memory", "redis", "async-redis", "redis-cluster",
-         "async-redis-cluster"]
+KINDS = ["memory", "async-memory", "redis", "async-redis", "redis-cluster", "async-redis-cluster"]
 
 
 def url_fixture(kind: str) -> str | None:
@@ -153,14 +152,19 @@ def _commandstats(client: Any) -> list[dict[str, Any]]:
 
 
 def _redis_calls(client: Any) -> int:
-    return sum(v["calls"] for stats in _commandstats(client) for k, v in stats.items()
-               if k not in ("cmdstat_info",))
+    return sum(
+        v["calls"]
+        for stats in _commandstats(client)
+        for k, v in stats.items()
+        if k not in ("cmdstat_info",)
+    )
 
 
 def evalsha_calls(client: Any) -> int:
     """How many EVALSHA calls the server (every primary of a cluster) has run so far."""
-    return sum(int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-               for stats in _commandstats(client))
+    return sum(
+        int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) for stats in _commandstats(client)
+    )
 
 
 @dataclass
@@ -171,8 +175,9 @@ class Opened:
     close: Callable[[], None]
 
 
-def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | None = None,
-               **options: Any) -> Opened:
+def open_store(
+    kind: str, clock: Any, redis_url: str | None, namespace: str | None = None, **options: Any
+) -> Opened:
     """Open a fresh store of ``kind`` (Redis stores get a namespace of their own).
 
     ``redis_url`` is the server of :func:`url_fixture` for ``kind``: a ``redis+cluster://``
@@ -196,8 +201,13 @@ def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | No
 
         records = CountingDict(memory._records)
         memory._records = records
-        handle = Handle(kind, store, lambda: records.reads,
-                        lambda: len(records) + len(memory._by_org), namespace)
+        handle = Handle(
+            kind,
+            store,
+            lambda: records.reads,
+            lambda: len(records) + len(memory._by_org),
+            namespace,
+        )
         return Opened(handle, close)
 
     import redis
@@ -214,6 +224,7 @@ def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | No
         if names:
             inspector.delete(*names)
         inspector.close()
+
     if kind in ("redis", "redis-cluster"):
         sync_store = RedisKeyStore.from_url(redis_url, namespace=namespace, clock=clock, **options)
         store = sync_store
@@ -223,8 +234,9 @@ def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | No
             forget()
     else:
         runner = Loop()
-        async_store = AsyncRedisKeyStore.from_url(redis_url, namespace=namespace, clock=clock,
-                                                  **options)
+        async_store = AsyncRedisKeyStore.from_url(
+            redis_url, namespace=namespace, clock=clock, **options
+        )
         store = Blocking(async_store, runner)
 
         def close() -> None:
@@ -235,8 +247,9 @@ def open_store(kind: str, clock: Any, redis_url: str | None, namespace: str | No
     def stored() -> int:
         return len(list(inspector.scan_iter(match=f"{namespace}:*")))
 
-    handle = Handle(kind, store, lambda: _redis_calls(inspector), stored, namespace, inspector,
-                    redis_url)
+    handle = Handle(
+        kind, store, lambda: _redis_calls(inspector), stored, namespace, inspector, redis_url
+    )
     return Opened(handle, close)
 
 
@@ -282,8 +295,12 @@ def test_create_returns_the_plaintext_once_and_a_record_without_it(store: Any, c
     assert isinstance(key, ApiKey)
     assert key.id.startswith("key_")
     assert key.id[4:] in plaintext
-    assert (key.org, key.mode, key.permissions, key.name) == ("org_1", "live", ("invoices:read",),
-                                                              "ci")
+    assert (key.org, key.mode, key.permissions, key.name) == (
+        "org_1",
+        "live",
+        ("invoices:read",),
+        "ci",
+    )
     assert key.created_at == clock()
     assert key.expires_at is None
     assert key.revoked_at is None
@@ -452,14 +469,14 @@ def test_a_malformed_requested_permission_is_a_programming_error(store: Any) -> 
 
 def test_the_four_refusals_have_exactly_the_seed_bodies(store: Any, clock: Any) -> None:
     """Each refusal carries the seed-shaped body, status 401, and never the plaintext."""
-    plaintext, _ = store.create(org="org_1", permissions=["invoices:read"],
-                                expires_at=clock() + 60)
+    plaintext, _ = store.create(org="org_1", permissions=["invoices:read"], expires_at=clock() + 60)
     header = bearer(plaintext)
     cases = {
         "invalid_api_key": lambda: store.authenticate(header[:-1], org="org_1"),
         "organization_not_found": lambda: store.authenticate(header, org="org_2"),
         "insufficient_permissions": lambda: store.authenticate(
-            header, org="org_1", permission="invoices:write"),
+            header, org="org_1", permission="invoices:write"
+        ),
     }
     errors = {code: refusal(call) for code, call in cases.items()}
     clock.advance(60)
@@ -485,14 +502,18 @@ def test_other_organizations_get_one_answer_whether_they_exist_or_not(store: Any
 
 def test_status_codes_are_configurable(handle: Handle, clock: Any) -> None:
     """status_codes changes the HTTP status of a refusal in .status and in the body."""
-    opened = open_store(handle.kind, clock, handle.url,
-                        status_codes={"insufficient_permissions": 403,
-                                      "organization_not_found": 404})
+    opened = open_store(
+        handle.kind,
+        clock,
+        handle.url,
+        status_codes={"insufficient_permissions": 403, "organization_not_found": 404},
+    )
     try:
         store = opened.handle.store
         plaintext, _ = store.create(org="org_1")
-        denied = refusal(lambda: store.authenticate(bearer(plaintext), org="org_1",
-                                                    permission="invoices:read"))
+        denied = refusal(
+            lambda: store.authenticate(bearer(plaintext), org="org_1", permission="invoices:read")
+        )
         assert denied.status == 403
         assert denied.body["error"]["status"] == 403
         assert refusal(lambda: store.authenticate(bearer(plaintext), org="org_9")).status == 404
@@ -503,8 +524,18 @@ def test_status_codes_are_configurable(handle: Handle, clock: Any) -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "cl_live_", 12, b"Bearer \xff",
-     "Bearer cl_live_" + "A" * 50, "Bearer cl_prod_" + "A" * 50],
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Basic dXNlcjpwYXNz",
+        "cl_live_",
+        12,
+        b"Bearer \xff",
+        "Bearer cl_live_" + "A" * 50,
+        "Bearer cl_prod_" + "A" * 50,
+    ],
     ids=repr,
 )
 def test_missing_or_malformed_headers_are_invalid_api_key(store: Any, header: object) -> None:
@@ -531,8 +562,11 @@ def test_a_10_kb_header_is_refused_without_a_lookup(handle: Handle) -> None:
     """A 10 KB header is refused as invalid_api_key before anything is looked up."""
     plaintext, _ = handle.store.create(org="org_1")
     before = handle.lookups()
-    for header in (bearer(plaintext) + " " * 10_240, "Bearer " + "A" * 10_240,
-                   ("Bearer " + "A" * 10_240).encode()):
+    for header in (
+        bearer(plaintext) + " " * 10_240,
+        "Bearer " + "A" * 10_240,
+        ("Bearer " + "A" * 10_240).encode(),
+    ):
         error = refusal(lambda h=header: handle.store.authenticate(h, org="org_1"))
         assert error.code == "invalid_api_key"
     assert handle.lookups() == before
@@ -548,7 +582,7 @@ def test_any_one_character_change_or_truncation_is_refused_without_a_lookup(
     if data.draw(st.booleans()):
         position = data.draw(st.integers(0, len(plaintext) - 1))
         other = data.draw(st.characters(codec="utf-8").filter(lambda c: c != plaintext[position]))
-        token = plaintext[:position] + other + plaintext[position + 1:]
+        token = plaintext[:position] + other + plaintext[position + 1 :]
     else:
         token = plaintext[: data.draw(st.integers(0, len(plaintext) - 1))]
     before = handle.lookups()
@@ -562,7 +596,8 @@ def test_an_invented_key_with_a_valid_checksum_is_invalid(store: Any) -> None:
     store.create(org="org_1")
     invented = KeyFormat("cl").generate("live")
     assert refusal(lambda: store.authenticate(bearer(invented), org="org_1")).code == (
-        "invalid_api_key")
+        "invalid_api_key"
+    )
 
 
 def test_a_known_id_with_a_wrong_secret_is_invalid_and_records_no_use(store: Any) -> None:
@@ -570,7 +605,8 @@ def test_a_known_id_with_a_wrong_secret_is_invalid_and_records_no_use(store: Any
     _plaintext, key = store.create(org="org_1")
     forged = KeyFormat("cl").compose("live", key.id[4:], "B" * 32)
     assert refusal(lambda: store.authenticate(bearer(forged), org="org_1")).code == (
-        "invalid_api_key")
+        "invalid_api_key"
+    )
     assert store.get(key.id).last_used_at is None
 
 
@@ -578,10 +614,11 @@ def test_a_live_key_relabelled_as_test_is_refused(store: Any) -> None:
     """Turning cl_live_ into cl_test_ (checksum fixed up) does not make a valid test key."""
     plaintext, key = store.create(org="org_1")
     fmt = KeyFormat("cl")
-    relabelled = fmt.compose("test", key.id[4:], plaintext[len("cl_live_") + 12:-6])
+    relabelled = fmt.compose("test", key.id[4:], plaintext[len("cl_live_") + 12 : -6])
     assert fmt.is_well_formed(relabelled)
     assert refusal(lambda: store.authenticate(bearer(relabelled), org="org_1")).code == (
-        "invalid_api_key")
+        "invalid_api_key"
+    )
 
 
 def test_the_token_prefix_is_configurable(handle: Handle, clock: Any) -> None:
@@ -594,7 +631,8 @@ def test_the_token_prefix_is_configurable(handle: Handle, clock: Any) -> None:
         assert own.startswith("acme_live_")
         assert acme.authenticate(bearer(own), org="org_1").id == key.id
         assert refusal(lambda: acme.authenticate(bearer(plaintext), org="org_1")).code == (
-            "invalid_api_key")
+            "invalid_api_key"
+        )
     finally:
         opened.close()
 
@@ -628,7 +666,8 @@ def test_revocation_takes_effect_at_once_and_is_idempotent(store: Any, clock: An
     revoked = store.revoke(key.id)
     assert revoked.revoked_at == clock()
     assert refusal(lambda: store.authenticate(bearer(plaintext), org="org_1")).code == (
-        "invalid_api_key")
+        "invalid_api_key"
+    )
     clock.advance(10)
     assert store.revoke(key.id).revoked_at == revoked.revoked_at
     assert store.get(key.id).status(clock()) == "revoked"
@@ -643,8 +682,11 @@ def test_revoking_an_unknown_or_malformed_id_raises(store: Any) -> None:
 
 
 @given(
-    grace=st.one_of(st.integers(0, 10**6), st.floats(0, 10**6),
-                    st.integers(0, 10**6).map(lambda s: timedelta(seconds=s))),
+    grace=st.one_of(
+        st.integers(0, 10**6),
+        st.floats(0, 10**6),
+        st.integers(0, 10**6).map(lambda s: timedelta(seconds=s)),
+    ),
     offsets=st.lists(st.floats(0, 2 * 10**6), min_size=1, max_size=5),
 )
 def test_rotation_keeps_the_old_key_for_the_grace_period_only(
@@ -655,8 +697,12 @@ def test_rotation_keeps_the_old_key_for_the_grace_period_only(
     old_plain, old = store.create(org="org_1", permissions=["invoices:*"], name="prod")
     new_plain, new = store.rotate(old.id, grace=grace)
     seconds = grace.total_seconds() if isinstance(grace, timedelta) else float(grace)
-    assert (new.org, new.mode, new.permissions, new.name) == (old.org, old.mode,
-                                                              old.permissions, old.name)
+    assert (new.org, new.mode, new.permissions, new.name) == (
+        old.org,
+        old.mode,
+        old.permissions,
+        old.name,
+    )
     assert new.id != old.id
     assert new_plain != old_plain
     assert store.get(old.id).expires_at == start + seconds
@@ -688,7 +734,8 @@ def test_rotation_with_zero_grace_expires_the_old_key_at_once(store: Any) -> Non
     plaintext, old = store.create(org="org_1")
     store.rotate(old.id, grace=0)
     assert refusal(lambda: store.authenticate(bearer(plaintext), org="org_1")).code == (
-        "expired_api_key")
+        "expired_api_key"
+    )
 
 
 def test_revoked_expired_unknown_keys_and_negative_grace_are_not_rotated(
@@ -719,7 +766,8 @@ def test_a_rotated_key_can_still_be_revoked_during_its_grace(store: Any) -> None
     store.rotate(old.id, grace=3600)
     store.revoke(old.id)
     assert refusal(lambda: store.authenticate(bearer(plaintext), org="org_1")).code == (
-        "invalid_api_key")
+        "invalid_api_key"
+    )
 
 
 def test_a_revoked_key_presented_again_still_records_the_attempt(store: Any, clock: Any) -> None:

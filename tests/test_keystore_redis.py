@@ -151,8 +151,9 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
         return await async_send(self, command, *args, **kwargs)
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
-    monkeypatch.setattr(redis.asyncio.connection.AbstractConnection, "send_packed_command",
-                        async_counted)
+    monkeypatch.setattr(
+        redis.asyncio.connection.AbstractConnection, "send_packed_command", async_counted
+    )
     return sent
 
 
@@ -204,8 +205,13 @@ def test_a_wrong_type_organization_index_is_a_state_error_and_nothing_is_written
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("rec", b"{not json"), ("rec", msgspec.json.encode({"id": "key_x"})), ("expires", b"soon"),
-     ("used", b"nan"), ("hash", b"\xff\xfe")],
+    [
+        ("rec", b"{not json"),
+        ("rec", msgspec.json.encode({"id": "key_x"})),
+        ("expires", b"soon"),
+        ("used", b"nan"),
+        ("hash", b"\xff\xfe"),
+    ],
 )
 def test_a_corrupt_record_is_a_state_error(handle: Handle, field: str, value: bytes) -> None:
     """A record field meterkit could not have written raises StateError."""
@@ -220,23 +226,29 @@ def test_a_record_filed_under_another_id_is_a_state_error(handle: Handle) -> Non
     _, first = handle.store.create(org="org_1")
     _, second = handle.store.create(org="org_1")
     ns = handle.namespace
-    handle.redis.hset(f"{ns}:key:{second.id}", "rec",
-                      handle.redis.hget(f"{ns}:key:{first.id}", "rec"))
+    handle.redis.hset(
+        f"{ns}:key:{second.id}", "rec", handle.redis.hget(f"{ns}:key:{first.id}", "rec")
+    )
     with pytest.raises(StateError):
         handle.store.get(second.id)
 
 
-def test_a_different_pepper_refuses_keys_hashed_with_another(handle: Handle,
-                                                             clock: Any) -> None:
+def test_a_different_pepper_refuses_keys_hashed_with_another(handle: Handle, clock: Any) -> None:
     """Two stores on the same data but different peppers do not accept each other's keys."""
-    opened = open_store(handle.kind, clock, handle.url, namespace=handle.namespace,
-                        pepper=b"a-pepper-of-sixteen-bytes+")
+    opened = open_store(
+        handle.kind,
+        clock,
+        handle.url,
+        namespace=handle.namespace,
+        pepper=b"a-pepper-of-sixteen-bytes+",
+    )
     try:
         peppered = opened.handle.store
         plaintext, key = peppered.create(org="org_1")
         assert peppered.authenticate(bearer(plaintext), org="org_1").id == key.id
         assert refusal(lambda: handle.store.authenticate(bearer(plaintext), org="org_1")).code == (
-            "invalid_api_key")
+            "invalid_api_key"
+        )
         assert handle.store.get(key.id) == peppered.get(key.id)
     finally:
         opened.close()
@@ -253,17 +265,23 @@ def test_a_previous_pepper_admits_its_keys_and_moves_them_to_the_current_one(
     """A store with previous_peppers admits a key hashed under one of them, in one
     EVALSHA, and stores its hash under the current pepper: from then on a store with only
     the current pepper admits it and one with only the old pepper no longer does."""
+
     def store(**peppers: Any) -> Opened:
         return open_store(handle.kind, clock, handle.url, namespace=handle.namespace, **peppers)
 
-    before, rotating, after = store(pepper=old), store(
-        pepper=NEW_PEPPER, previous_peppers=[old]), store(pepper=NEW_PEPPER)
+    before, rotating, after = (
+        store(pepper=old),
+        store(pepper=NEW_PEPPER, previous_peppers=[old]),
+        store(pepper=NEW_PEPPER),
+    )
     try:
         plaintext, key = before.handle.store.create(org="org_1")
         record = f"{handle.namespace}:key:{key.id}"
+
         def code(opened: Opened, plain: str) -> str:
-            return refusal(lambda: opened.handle.store.authenticate(bearer(plain),
-                                                                    org="org_1")).code
+            return refusal(
+                lambda: opened.handle.store.authenticate(bearer(plain), org="org_1")
+            ).code
 
         assert code(after, plaintext) == "invalid_api_key"
         calls = evalsha_calls(handle.redis)
@@ -275,8 +293,13 @@ def test_a_previous_pepper_admits_its_keys_and_moves_them_to_the_current_one(
         assert after.handle.store.authenticate(bearer(plaintext), org="org_1").id == key.id
         assert code(before, plaintext) == "invalid_api_key"
         # a key under neither pepper is refused, and its record is left as it was
-        stranger = open_store(handle.kind, clock, handle.url, namespace=handle.namespace,
-                              pepper=b"a-third-pepper-nobody-has")
+        stranger = open_store(
+            handle.kind,
+            clock,
+            handle.url,
+            namespace=handle.namespace,
+            pepper=b"a-third-pepper-nobody-has",
+        )
         try:
             other, other_key = stranger.handle.store.create(org="org_1")
         finally:

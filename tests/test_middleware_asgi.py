@@ -95,8 +95,13 @@ class Demo:
     """The running example: an HTTP client, its demo keys, and a view of its state."""
 
     def __init__(
-        self, url: str, app: Any, backend: meterkit.MemoryBackend, store: MemoryKeyStore,
-        policy: meterkit.Policy, clock: FakeClock,
+        self,
+        url: str,
+        app: Any,
+        backend: meterkit.MemoryBackend,
+        store: MemoryKeyStore,
+        policy: meterkit.Policy,
+        clock: FakeClock,
     ) -> None:
         self.url = url
         self.app = app
@@ -213,9 +218,7 @@ def test_excluded_health_check_is_not_metered(demo: Demo) -> None:
     "authorization",
     [None, "Bearer", "Basic dXNlcjpwYXNz", "Bearer cl_live_notakey", "Bearer " + "x" * 300],
 )
-def test_missing_or_malformed_key_is_invalid_api_key(
-    demo: Demo, authorization: str | None
-) -> None:
+def test_missing_or_malformed_key_is_invalid_api_key(demo: Demo, authorization: str | None) -> None:
     """No key, another scheme, or a malformed key: 401 invalid_api_key and WWW-Authenticate."""
     headers = {} if authorization is None else {"Authorization": authorization}
     response = demo.call("GET", "/invoices", key=None, headers=headers)
@@ -295,8 +298,12 @@ def test_each_operation_draws_its_price(demo: Demo) -> None:
         ("GET", "/invoices", None, "invoices.list"),
         ("GET", f"/invoices/{invoice}", None, "invoices.get"),
         ("POST", f"/invoices/{invoice}/pdf", None, "invoices.pdf"),
-        ("POST", "/currency/convert", {"amount": "10", "from": "USD", "to": "EUR"},
-         "currency.convert"),
+        (
+            "POST",
+            "/currency/convert",
+            {"amount": "10", "from": "USD", "to": "EUR"},
+            "currency.convert",
+        ),
         ("GET", "/reports/balance_sheet", None, "reports.generate"),
     ]
     price = demo.price
@@ -510,23 +517,27 @@ def test_demo_keys_are_written_to_the_keys_file(
     assert demo.call("GET", "/invoices", key=keys["read_only"]).status_code == 200
 
 
-def test_example_runs_on_redis_when_asked(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_example_runs_on_redis_when_asked(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With METERKIT_BACKEND_URL set, the example keeps limits, credits and keys in a real
     Redis: requests are admitted, charged and reported per key."""
     monkeypatch.setenv("METERKIT_BACKEND_URL", redis_url)
     app = create_app()
     with serve(app) as url, httpx.Client(base_url=url, headers=HTTPS) as http:
         live = {"Authorization": f"Bearer {app.state.demo_keys['live']}"}
-        created = http.post(f"/organizations/{ORG}/invoices", headers=live,
-                            json={"customer": "Acme", "amount": "12.00"})
+        created = http.post(
+            f"/organizations/{ORG}/invoices",
+            headers=live,
+            json={"customer": "Acme", "amount": "12.00"},
+        )
         assert created.status_code == 201
         assert created.headers["x-credits-charged"] == "0.05"
         usage = http.get(f"/organizations/{ORG}/usage", headers=live).json()
         read_only = {"Authorization": f"Bearer {app.state.demo_keys['read_only']}"}
-        refused = http.post(f"/organizations/{ORG}/invoices", headers=read_only,
-                            json={"customer": "Acme", "amount": "12.00"})
+        refused = http.post(
+            f"/organizations/{ORG}/invoices",
+            headers=read_only,
+            json={"customer": "Acme", "amount": "12.00"},
+        )
     key_id = meterkit.MemoryKeyStore().key_format.key_id(app.state.demo_keys["live"])
     assert usage["keys"][key_id] == {"requests": 2, "credits": "0.06"}
     assert refused.json() == auth_body("insufficient_permissions")
@@ -551,11 +562,15 @@ def small_app(meter: Any, keystore: Any, **options: Any) -> Any:
         if hasattr(keystore, "aclose"):
             await keystore.aclose()  # in the server's event loop, where it connected
 
-    app = Starlette(lifespan=lifespan, routes=[
-        StarletteRoute("/organizations/{organization_id}/invoices", invoices),
-        StarletteRoute("/organizations/{organization_id}/invoices/{invoice_id}/pdf", fail,
-                       methods=["POST"]),
-    ])
+    app = Starlette(
+        lifespan=lifespan,
+        routes=[
+            StarletteRoute("/organizations/{organization_id}/invoices", invoices),
+            StarletteRoute(
+                "/organizations/{organization_id}/invoices/{invoice_id}/pdf", fail, methods=["POST"]
+            ),
+        ],
+    )
     return MeterMiddleware(app, meter=meter, keystore=keystore, **options)
 
 
@@ -718,8 +733,13 @@ def test_paths_outside_the_route_table() -> None:
         ({"GET /organizations/{organization_id}/{a}/{a}": "invoices.list"}, "twice"),
         ({"GET /organizations/{organization_id}/x{y}": "invoices.list"}, "whole segment"),
         ({"GET /organizations/{organization_id}//x": "invoices.list"}, "empty segment"),
-        ({"GET /organizations/{organization_id}/x": "invoices.list",
-          "GET /organizations/{org}/x": "invoices.get"}, "organization_id"),
+        (
+            {
+                "GET /organizations/{organization_id}/x": "invoices.list",
+                "GET /organizations/{org}/x": "invoices.get",
+            },
+            "organization_id",
+        ),
     ],
 )
 def test_bad_route_tables_are_configuration_errors(routes: dict[str, str], where: str) -> None:
@@ -733,8 +753,10 @@ def test_bad_route_tables_are_configuration_errors(routes: dict[str, str], where
 def test_duplicate_route_and_empty_table_are_configuration_errors() -> None:
     """One method and template routed twice, or no routes at all, cannot be built."""
     seed = meterkit.Policy.crane_ledger()
-    twice = {"GET /organizations/{organization_id}/x": "invoices.list",
-             "GET  /organizations/{organization_id}/x": "invoices.get"}
+    twice = {
+        "GET /organizations/{organization_id}/x": "invoices.list",
+        "GET  /organizations/{organization_id}/x": "invoices.get",
+    }
     with pytest.raises(ConfigurationError, match="routed twice"):
         Gate(meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=twice))
     with pytest.raises(ConfigurationError, match="no routes"):
@@ -808,11 +830,17 @@ def test_wsgi_and_asgi_shells_refuse_the_wrong_kind_of_store() -> None:
 
     policy = meterkit.Policy.crane_ledger()
     with pytest.raises(ConfigurationError, match="synchronous"):
-        WSGIMiddleware(lambda e, s: [], meter=meterkit.AsyncMeter(policy, meterkit.MemoryBackend()),
-                       keystore=MemoryKeyStore())
+        WSGIMiddleware(
+            lambda e, s: [],
+            meter=meterkit.AsyncMeter(policy, meterkit.MemoryBackend()),
+            keystore=MemoryKeyStore(),
+        )
     with pytest.raises(ConfigurationError, match="synchronous"):
-        WSGIMiddleware(lambda e, s: [], meter=meterkit.Meter(policy, meterkit.MemoryBackend()),
-                       keystore=AsyncMemoryKeyStore())
+        WSGIMiddleware(
+            lambda e, s: [],
+            meter=meterkit.Meter(policy, meterkit.MemoryBackend()),
+            keystore=AsyncMemoryKeyStore(),
+        )
 
 
 async def test_lifespan_and_websocket_scopes_pass_through() -> None:
@@ -823,7 +851,8 @@ async def test_lifespan_and_websocket_scopes_pass_through() -> None:
         seen.append(scope["type"])
 
     middleware = MeterMiddleware(
-        app, meter=meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend()),
+        app,
+        meter=meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend()),
         keystore=MemoryKeyStore(),
     )
 
@@ -831,8 +860,9 @@ async def test_lifespan_and_websocket_scopes_pass_through() -> None:
         await asyncio.sleep(0)
 
     await middleware({"type": "lifespan"}, nothing, nothing)  # type: ignore[arg-type]
-    await middleware({"type": "websocket", "path": "/organizations/org_a/invoices"}, nothing,
-                     nothing)  # type: ignore[arg-type]
+    await middleware(
+        {"type": "websocket", "path": "/organizations/org_a/invoices"}, nothing, nothing
+    )  # type: ignore[arg-type]
     assert seen == ["lifespan", "websocket"]
 
 
@@ -901,8 +931,9 @@ def test_an_async_cached_key_store_serves_the_middleware(clock: FakeClock) -> No
     with serve(app) as url, httpx.Client(base_url=url, headers=HTTPS, timeout=10) as http:
 
         def get() -> httpx.Response:
-            return http.get(f"/organizations/{ORG}/invoices",
-                            headers={"Authorization": f"Bearer {plaintext}"})
+            return http.get(
+                f"/organizations/{ORG}/invoices", headers={"Authorization": f"Bearer {plaintext}"}
+            )
 
         assert get().status_code == 200
         keystore.sync.revoke(key.id)  # not through the cache

@@ -53,8 +53,15 @@ def serve(app: Any, **adjustments: Any) -> Iterator[str]:
 class Demo:
     """The running Flask example: an HTTP client, its demo keys, its meter and key store."""
 
-    def __init__(self, url: str, app: Any, meter: meterkit.Meter, store: MemoryKeyStore,
-                 clock: FakeClock, rates: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        app: Any,
+        meter: meterkit.Meter,
+        store: MemoryKeyStore,
+        clock: FakeClock,
+        rates: Any,
+    ) -> None:
         self.url = url
         self.http = httpx.Client(base_url=url, headers=HTTPS, timeout=10)
         self.keys: dict[str, str] = app.config["DEMO_KEYS"]
@@ -63,8 +70,13 @@ class Demo:
         self.clock = clock
         self.rates = rates
 
-    def call(self, method: str, path: str, key: str | None = "live", **kwargs: Any,
-             ) -> httpx.Response:
+    def call(
+        self,
+        method: str,
+        path: str,
+        key: str | None = "live",
+        **kwargs: Any,
+    ) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}))
         if key is not None:
             headers["Authorization"] = f"Bearer {self.keys.get(key, key)}"
@@ -81,10 +93,14 @@ def start(clock: FakeClock) -> Iterator[Callable[..., Demo]]:
     """Start the Flask example (Meter and key store in memory, fake clock) under waitress."""
     with ExitStack() as stack:
 
-        def start(policy: meterkit.Policy | None = None, adjustments: dict[str, Any] | None = None,
-                  **options: Any) -> Demo:
-            meter = meterkit.Meter(policy or meterkit.Policy.crane_ledger(),
-                                   meterkit.MemoryBackend(clock=clock))
+        def start(
+            policy: meterkit.Policy | None = None,
+            adjustments: dict[str, Any] | None = None,
+            **options: Any,
+        ) -> Demo:
+            meter = meterkit.Meter(
+                policy or meterkit.Policy.crane_ledger(), meterkit.MemoryBackend(clock=clock)
+            )
             store = MemoryKeyStore(clock=clock)
             rates = RatesFeed()
             app = create_app(meter=meter, keystore=store, rates=rates, **options)
@@ -103,8 +119,10 @@ def demo(start: Callable[..., Demo]) -> Demo:
 
 def test_plain_http_is_refused_with_403(demo: Demo) -> None:
     """A request without HTTPS gets the seed-shaped 403 https_required body, uncharged."""
-    response = httpx.get(f"{demo.url}/organizations/{ORG}/invoices",
-                         headers={"Authorization": f"Bearer {demo.keys['live']}"})
+    response = httpx.get(
+        f"{demo.url}/organizations/{ORG}/invoices",
+        headers={"Authorization": f"Bearer {demo.keys['live']}"},
+    )
     assert response.status_code == 403
     assert response.json() == {
         "error": {
@@ -120,8 +138,11 @@ def test_plain_http_is_refused_with_403(demo: Demo) -> None:
 def test_trusted_proxies_option_reads_remote_addr(start: Callable[..., Demo]) -> None:
     """With the server passing proxy headers through, trusted_proxies decides by REMOTE_ADDR
     whether X-Forwarded-Proto is believed."""
-    passthrough = {"trusted_proxy": None, "trusted_proxy_headers": None,
-                   "clear_untrusted_proxy_headers": False}
+    passthrough = {
+        "trusted_proxy": None,
+        "trusted_proxy_headers": None,
+        "clear_untrusted_proxy_headers": False,
+    }
     trusting = start(adjustments=passthrough, trusted_proxies=["127.0.0.1"])
     assert trusting.call("GET", "/invoices").status_code == 200
     distrusting = start(adjustments=passthrough)
@@ -219,8 +240,10 @@ def test_idempotent_retry_is_charged_once(demo: Demo) -> None:
 # -- raw WSGI apps: failures before the response starts -----------------------------------------
 
 
-def raw_app(body: Callable[[dict[str, Any], Any], Iterable[bytes]], clock: FakeClock,
-            ) -> tuple[Any, meterkit.Meter, str]:
+def raw_app(
+    body: Callable[[dict[str, Any], Any], Iterable[bytes]],
+    clock: FakeClock,
+) -> tuple[Any, meterkit.Meter, str]:
     meter = meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend(clock=clock))
     store = MemoryKeyStore(clock=clock)
     plaintext, _ = store.create(org=ORG, permissions=["*"])
@@ -235,8 +258,10 @@ def test_app_exception_is_refunded(clock: FakeClock) -> None:
 
     app, meter, plaintext = raw_app(crashing, clock)
     with serve(app) as url:
-        response = httpx.post(f"{url}/organizations/{ORG}/invoices/inv_1/pdf",
-                              headers={**HTTPS, "Authorization": f"Bearer {plaintext}"})
+        response = httpx.post(
+            f"{url}/organizations/{ORG}/invoices/inv_1/pdf",
+            headers={**HTTPS, "Authorization": f"Bearer {plaintext}"},
+        )
     assert response.status_code == 500
     assert (meter.usage(ORG).requests, meter.usage(ORG).credits_used) == (1, Decimal(0))
 
@@ -254,8 +279,10 @@ def test_lazy_app_failure_is_refunded_and_success_is_not(clock: FakeClock) -> No
     app, meter, plaintext = raw_app(lazy, clock)
     auth = {**HTTPS, "Authorization": f"Bearer {plaintext}"}
     with serve(app) as url:
-        assert httpx.post(f"{url}/organizations/{ORG}/invoices/inv_1/pdf", headers=auth
-                          ).status_code == 500
+        assert (
+            httpx.post(f"{url}/organizations/{ORG}/invoices/inv_1/pdf", headers=auth).status_code
+            == 500
+        )
         ok = httpx.get(f"{url}/organizations/{ORG}/invoices", headers=auth)
     assert (ok.status_code, ok.text, ok.headers["x-credits-charged"]) == (200, "fine", "0.01")
     assert meter.usage(ORG).credits_used == Decimal("0.01")
@@ -267,13 +294,16 @@ def test_a_cached_key_store_serves_the_middleware(clock: FakeClock) -> None:
     remembered."""
     meter = meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend(clock=clock))
     store = MemoryKeyStore(clock=clock)
-    app = create_app(meter=meter, keystore=meterkit.CachedKeyStore(store, ttl=10),
-                     rates=RatesFeed())
+    app = create_app(
+        meter=meter, keystore=meterkit.CachedKeyStore(store, ttl=10), rates=RatesFeed()
+    )
     plaintext, key = store.create(org=ORG, permissions=["*"])
     with serve(app) as url, httpx.Client(base_url=url, headers=HTTPS, timeout=10) as http:
+
         def get() -> httpx.Response:
-            return http.get(f"/organizations/{ORG}/invoices",
-                            headers={"Authorization": f"Bearer {plaintext}"})
+            return http.get(
+                f"/organizations/{ORG}/invoices", headers={"Authorization": f"Bearer {plaintext}"}
+            )
 
         assert get().status_code == 200
         store.revoke(key.id)  # not through the cache

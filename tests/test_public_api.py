@@ -48,9 +48,11 @@ def test_star_import_gives_exactly_all() -> None:
 
 def test_exported_errors_share_one_root() -> None:
     """Every exported exception derives from MeterkitError."""
-    errors = [getattr(meterkit, n) for n in meterkit.__all__
-              if inspect.isclass(getattr(meterkit, n))
-              and issubclass(getattr(meterkit, n), BaseException)]
+    errors = [
+        getattr(meterkit, n)
+        for n in meterkit.__all__
+        if inspect.isclass(getattr(meterkit, n)) and issubclass(getattr(meterkit, n), BaseException)
+    ]
     assert meterkit.InvalidRequestError in errors
     assert all(issubclass(e, meterkit.MeterkitError) for e in errors)
 

@@ -78,8 +78,6 @@ def _keys(client: Any, prefix: str) -> list[str]:
     return sorted(k.decode() for k in client.scan_iter(match=prefix + ":*", count=1000))
 
 
-
-
 # -- key layout -------------------------------------------------------------------------
 
 
@@ -93,10 +91,18 @@ def test_every_key_of_a_check_carries_the_prefix_and_the_orgs_hash_tag(
         meter.check("key:1", org="org_1", operation="items.list", idempotency_key="i:1", mode=mode)
     keys = _keys(client, prefix)
     assert keys == sorted(
-        [f"{prefix}:{{org_1}}:{ns}{rest}"
-         for ns in ("", "test:")
-         for rest in ("fw:fw.5.60:key:1", "sw:sw.5.60", "gc:gc.5.60.2:key:1",
-                      "sl:sl.5.60:key:1", "cr", "id:i:1")]
+        [
+            f"{prefix}:{{org_1}}:{ns}{rest}"
+            for ns in ("", "test:")
+            for rest in (
+                "fw:fw.5.60:key:1",
+                "sw:sw.5.60",
+                "gc:gc.5.60.2:key:1",
+                "sl:sl.5.60:key:1",
+                "cr",
+                "id:i:1",
+            )
+        ]
         + [f"{prefix}:{{org_1}}:al"]
     )
     assert {key_slot(k.encode()) for k in keys} == {key_slot(b"org_1")}
@@ -198,15 +204,24 @@ def _state(client: Any, prefix: str) -> dict[str, Any]:
     for key in _keys(client, prefix):
         kind = client.type(key).decode()
         out[key] = {
-            "string": client.get, "hash": client.hgetall, "list": lambda k: client.lrange(k, 0, -1)
+            "string": client.get,
+            "hash": client.hgetall,
+            "list": lambda k: client.lrange(k, 0, -1),
         }[kind](key)
     return out
 
 
 @pytest.mark.parametrize(
     ("suffix", "kind"),
-    [("fw:fw.5.60:k", "hash"), ("sw:sw.5.60", "list"), ("gc:gc.5.60.2:k", "hash"),
-     ("sl:sl.5.60:k", "list"), ("cr", "string"), ("al", "list"), ("id:i", "hash")],
+    [
+        ("fw:fw.5.60:k", "hash"),
+        ("sw:sw.5.60", "list"),
+        ("gc:gc.5.60.2:k", "hash"),
+        ("sl:sl.5.60:k", "list"),
+        ("cr", "string"),
+        ("al", "list"),
+        ("id:i", "hash"),
+    ],
 )
 def test_a_key_of_the_wrong_type_gives_a_state_error_and_changes_nothing(
     client: redis.Redis, prefix: str, suffix: str, kind: str
@@ -219,8 +234,11 @@ def test_a_key_of_the_wrong_type_gives_a_state_error_and_changes_nothing(
     org = "o2" if suffix == "al" else "o"
     key = f"{prefix}:{{{org}}}:{suffix}"
     client.delete(key)
-    {"hash": lambda: client.hset(key, "x", "1"), "list": lambda: client.rpush(key, "1"),
-     "string": lambda: client.set(key, "1")}[kind]()
+    {
+        "hash": lambda: client.hset(key, "x", "1"),
+        "list": lambda: client.rpush(key, "1"),
+        "string": lambda: client.set(key, "1"),
+    }[kind]()
     before = _state(client, prefix)
     with pytest.raises(StateError, match="did not write"):
         meter.check("k", org=org, operation="items.list", idempotency_key="i")
@@ -232,12 +250,20 @@ def test_a_key_of_the_wrong_type_gives_a_state_error_and_changes_nothing(
 
 @pytest.mark.parametrize(
     ("suffix", "value"),
-    [("fw:fw.5.60:k", "seven"), ("fw:fw.5.60:k", struct.pack("<qq", 0, -1)),
-     ("sw:sw.5.60", struct.pack("<qq", 0, 1)), ("sw:sw.5.60", struct.pack("<qqq", 0, 1, 2**60)),
-     ("gc:gc.5.60.2:k", "soon"), ("al", "lots"), ("id:i", "not a record"),
-     ("cr", {"h": "plenty"}), ("cr", {"h": struct.pack("<qqqq", 0, -5, 0, -1)}),
-     ("cr", {"h": struct.pack("<qqqq", 0, 0, 0, -2)}), ("cr", {"q|items.list|k": "x"}),
-     ("cr", {"q|items.list|k": struct.pack("<qq", -1, 0)})],
+    [
+        ("fw:fw.5.60:k", "seven"),
+        ("fw:fw.5.60:k", struct.pack("<qq", 0, -1)),
+        ("sw:sw.5.60", struct.pack("<qq", 0, 1)),
+        ("sw:sw.5.60", struct.pack("<qqq", 0, 1, 2**60)),
+        ("gc:gc.5.60.2:k", "soon"),
+        ("al", "lots"),
+        ("id:i", "not a record"),
+        ("cr", {"h": "plenty"}),
+        ("cr", {"h": struct.pack("<qqqq", 0, -5, 0, -1)}),
+        ("cr", {"h": struct.pack("<qqqq", 0, 0, 0, -2)}),
+        ("cr", {"q|items.list|k": "x"}),
+        ("cr", {"q|items.list|k": struct.pack("<qq", -1, 0)}),
+    ],
 )
 def test_a_malformed_value_gives_a_state_error_and_changes_nothing(
     client: redis.Redis, prefix: str, suffix: str, value: str | bytes | dict[str, str]
@@ -302,7 +328,8 @@ def test_driver_errors_never_leak_from_any_call() -> None:
         lambda: meter.peek("k", org="o", operation="items.list"),
         lambda: meter.reset_limits("o", "k"),
         lambda: Meter(_policy(), backend, fail_open=True).peek(
-            "k", org="o", operation="items.list"),  # a peek has no answer to make up
+            "k", org="o", operation="items.list"
+        ),  # a peek has no answer to make up
     ]
     for call in calls:
         started = time.monotonic()
@@ -318,10 +345,18 @@ def test_a_refused_permission_is_a_backend_error_not_an_outage(
 ) -> None:
     """A user without EVALSHA permission gets BackendError (fail-open does not hide it)."""
     admin = redis.Redis(port=own_server.port)
-    admin.acl_setuser("limited", enabled=True, passwords=["+pw"], keys=["*"],
-                      commands=["+@all", "-evalsha", "-eval"])
-    meter = Meter(_policy(), backend_from_url(
-        f"redis://limited:pw@127.0.0.1:{own_server.port}/0"), fail_open=True)
+    admin.acl_setuser(
+        "limited",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        commands=["+@all", "-evalsha", "-eval"],
+    )
+    meter = Meter(
+        _policy(),
+        backend_from_url(f"redis://limited:pw@127.0.0.1:{own_server.port}/0"),
+        fail_open=True,
+    )
     with pytest.raises(BackendError) as info:
         meter.check("k", org="o", operation="items.list")
     assert not isinstance(info.value, BackendUnavailable)
@@ -354,8 +389,12 @@ def test_a_check_is_one_evalsha_and_nothing_else(own_server: _servers.RedisServe
     monitor.sendall(b"MONITOR\r\n")
     assert monitor.recv(5) == b"+OK\r\n"
     for i in range(n):  # admitted, denied and replayed checks alike
-        meter.check(f"key_{i % 7 % 3}", org="org_1", operation="invoices.create",
-                    idempotency_key=f"i{i % 7}" if i % 2 else None)
+        meter.check(
+            f"key_{i % 7 % 3}",
+            org="org_1",
+            operation="invoices.create",
+            idempotency_key=f"i{i % 7}" if i % 2 else None,
+        )
     client.echo("meterkit-end")
     lines = [x for x in _monitor_until(monitor, b"meterkit-end") if x.startswith(b"+")]
     monitor.close()
@@ -374,8 +413,9 @@ def test_a_check_is_one_evalsha_and_nothing_else(own_server: _servers.RedisServe
 
 def test_check_many_decides_like_checks_one_by_one(client: redis.Redis) -> None:
     """A batch gives the decisions that the same checks made one at a time would give."""
-    requests = [(f"k{i % 4}", ("items.list", "items.create")[i % 2], f"o{i % 3}")
-                for i in range(40)]
+    requests = [
+        (f"k{i % 4}", ("items.list", "items.create")[i % 2], f"o{i % 3}") for i in range(40)
+    ]
     outcomes = []
     for batched in (False, True):
         prefix = new_prefix()
@@ -400,8 +440,12 @@ def test_check_many_on_cluster_groups_by_node_and_agrees_with_memory(
     orgs = [f"org_{i}" for i in range(12)]
     assert len({cluster.get_node_from_key(f"x:{{{o}}}").name for o in orgs}) == 3
     requests = [  # some idempotency keys are reused for other requests: conflicts
-        {"key": f"k{i % 5}:{orgs[i % 12]}", "org": orgs[i % 12], "operation": "items.create",
-         "idempotency_key": f"i{i % 9}"}
+        {
+            "key": f"k{i % 5}:{orgs[i % 12]}",
+            "org": orgs[i % 12],
+            "operation": "items.create",
+            "idempotency_key": f"i{i % 9}",
+        }
         for i in range(120)
     ]
     memory = Meter(_policy("0.3"), MemoryBackend(clock=clock))

@@ -197,8 +197,7 @@ def test_credit_usage_survives_a_hard_restart_with_appendonly(appendonly: bool) 
         meter = Meter(_policy(), backend_from_url(server.url))
         meter.set_allowance("o", "20")
         meter.top_up("o", "1.5")
-        decisions = [meter.check(f"k{i % 3}", org="o", operation="items.create")
-                     for i in range(10)]
+        decisions = [meter.check(f"k{i % 3}", org="o", operation="items.create") for i in range(10)]
         assert meter.refund(decisions[4]) is True
         before = meter.usage("o")
         assert before.credits_used == Decimal("0.63")
@@ -258,8 +257,9 @@ def test_the_async_backend_fails_typed_while_down_and_recovers(
 
             async def check(i: int) -> Any:
                 # a distinct cost per request: a reply handed to the wrong caller would show
-                return await meter.check(f"k{i}", org="o", operation="items.create",
-                                         cost=f"0.{i + 3:02d}")
+                return await meter.check(
+                    f"k{i}", org="o", operation="items.create", cost=f"0.{i + 3:02d}"
+                )
 
             first = await asyncio.gather(*(check(i) for i in range(40)))
             assert [d.charged for d in first] == [Decimal(f"0.{i + 3:02d}") for i in range(40)]

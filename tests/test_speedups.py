@@ -62,8 +62,13 @@ OPS = ["items.list", "items.get", "reports.run", "org.stats"]
 
 def _policy(*, shadow: bool = False) -> Policy:
     tiers = [
-        Tier("key-window", "key", "5/minute", "fixed_window",
-             operations=("items.list", "items.get", "reports.run")),
+        Tier(
+            "key-window",
+            "key",
+            "5/minute",
+            "fixed_window",
+            operations=("items.list", "items.get", "reports.run"),
+        ),
         Tier("org-window", "org", "9/minute", "sliding_window"),
         Tier("key-bucket", "key", "4/10 seconds", "gcra", operations=("items.list", "items.get")),
         Tier(
@@ -317,8 +322,12 @@ def test_logs_and_usage_records_made_by_lanes_are_not_tracked_by_the_gc(
         meter.check(f"key_{i}", org="org_1", operation="invoices.list")
     backend = meter.backend
     logs = [log for state in backend._tiers.values() for log in getattr(state, "logs", {}).values()]
-    pairs = [pair for account in backend._accounts.values()
-             for by_key in account.pairs.values() for pair in by_key.values()]
+    pairs = [
+        pair
+        for account in backend._accounts.values()
+        for by_key in account.pairs.values()
+        for pair in by_key.values()
+    ]
     assert len(logs) == len(pairs) == 51
     assert sum(gc.is_tracked(x) for x in logs + pairs) <= 2  # the account opener's: Python's
     for _ in range(2):
@@ -393,8 +402,8 @@ def test_compiled_charge_ids_are_the_python_format_and_fresh_after_fork() -> Non
     prefix = plan_module._CHARGE_PREFIX
     assert first.startswith(prefix)
     assert second.startswith(prefix)
-    assert int(second[len(prefix):]) == int(first[len(prefix):]) + 1
-    assert str(int(first[len(prefix):])) == first[len(prefix):]
+    assert int(second[len(prefix) :]) == int(first[len(prefix) :]) + 1
+    assert str(int(first[len(prefix) :])) == first[len(prefix) :]
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report its first id and leave at once
@@ -429,12 +438,10 @@ def test_compiled_headers_render_any_numbers_as_python_does(
     policy = Policy.crane_ledger()
     op = policy.plan_for("invoices.list")
     plan = Plan(policy, op, "key_1", "org_1", "live", op.price, None)
-    outcome = (allowed, 0 if allowed else 1, 0, retry, tuple(tiers), charged, balance,
-               0, "", False)
+    outcome = (allowed, 0 if allowed else 1, 0, retry, tuple(tiers), charged, balance, 0, "", False)
     decision = Decision(plan, outcome)  # type: ignore[arg-type]
     assert decision.headers == decision._headers_python()
     assert list(decision.headers) == list(decision._headers_python())  # the same order
-
 
 
 def test_the_compiled_lock_behaves_as_threading_lock() -> None:
