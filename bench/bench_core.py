@@ -53,7 +53,6 @@ import pytest
 
 import meterkit
 from meterkit import MemoryBackend, Meter, Policy, Tier
-from meterkit._native import speedups
 
 if __package__ in (None, ""):  # run as a script: python bench/bench_core.py --profile
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,11 +111,10 @@ class Side:
     keep: Any = None  # what must stay alive with it (its meter or storage)
 
 
-def meterkit_side(n_keys: int = KEYS, *, headers: bool = False, native: bool = True) -> Side:
-    """The seed policy on MemoryBackend; reads ``.allowed`` (and ``.headers`` if asked).
-    ``native=False``: the generated Python alone, as without meterkit/_speedups.c."""
+def meterkit_side(n_keys: int = KEYS, *, headers: bool = False) -> Side:
+    """The seed policy on MemoryBackend; reads ``.allowed`` (and ``.headers`` if asked)."""
     warm, timed = traffic(n_keys)
-    backend = MemoryBackend(clock=sim_clock(n_keys), native=native)
+    backend = MemoryBackend(clock=sim_clock(n_keys))
     meter = Meter(Policy.crane_ledger(), backend)
     check = meter.check
     for key, org in warm:
@@ -141,8 +139,6 @@ def meterkit_side(n_keys: int = KEYS, *, headers: bool = False, native: bool = T
                 denied[0] += 1
 
     name = "meterkit+headers" if headers else "meterkit"
-    if not native:
-        name += " (pure Python)"
     return Side(name, run, denied, meter)
 
 
@@ -292,7 +288,6 @@ def run_ratios(
     sides = [
         meterkit_side(),
         meterkit_side(headers=True),
-        meterkit_side(native=False),
         limits_side(),
         throttled_side(),
         floor_side(),
@@ -305,21 +300,12 @@ def test_ratio_interleaved(benchmark: Any, figures: Report) -> None:
     """Print meterkit's speed-up over limits and throttled-py, from interleaved rounds."""
     result, sides = benchmark.pedantic(run_ratios, rounds=1, iterations=1)
     figures(f"interleaved rounds (µs per check), {'quick' if QUICK else 'full'} mode:")
-    if speedups is None:
-        figures("NOTE meterkit._speedups is not built: 'meterkit' runs the pure Python too")
     figures(result.table())
     lines = [
-        ("limits", "meterkit", "meterkit/limits memory", 8.0),
-        ("throttled-py", "meterkit", "meterkit/throttled-py memory", 6.0),
+        ("limits", "meterkit", "meterkit/limits memory", 4.0),
+        ("throttled-py", "meterkit", "meterkit/throttled-py memory", 3.5),
         ("limits", "meterkit+headers", "meterkit+headers/limits memory", None),
         ("throttled-py", "meterkit+headers", "meterkit+headers/throttled-py memory", None),
-        ("limits", "meterkit (pure Python)", "meterkit pure Python/limits memory", None),
-        (
-            "throttled-py",
-            "meterkit (pure Python)",
-            "meterkit pure Python/throttled-py memory",
-            None,
-        ),
     ]
     for slow, fast, label, target in lines:
         ratio = result.ratio(slow, fast)
@@ -535,13 +521,6 @@ def profile(checks: int = 200_000) -> None:
     plan_of = meter._plan
     apply = backend.apply
     check = meter.check
-    # The same on the generated Python alone (as without meterkit/_speedups.c).
-    py_backend = MemoryBackend(clock=sim_clock(KEYS), native=False)
-    py_meter = Meter(policy, py_backend)
-    for key, org in warm:
-        py_meter.check(key, org=org, operation=OPERATION)
-    py_apply = py_backend.apply
-    py_check = py_meter.check
 
     def traffic_only() -> None:
         nxt()
@@ -552,13 +531,6 @@ def profile(checks: int = 200_000) -> None:
 
     def backend_apply() -> None:
         apply(next_plan())
-
-    def backend_apply_python() -> None:
-        py_apply(next_plan())
-
-    def full_check_python() -> None:
-        key, org = nxt()
-        py_check(key, org=org, operation=OPERATION).allowed  # noqa: B018
 
     def decision_only() -> None:
         Decision(decision.plan, outcome)
@@ -574,11 +546,9 @@ def profile(checks: int = 200_000) -> None:
         "traffic loop only": traffic_only,
         "Meter._plan (validate, build Plan)": validate_and_plan,
         "MemoryBackend.apply": backend_apply,
-        "MemoryBackend.apply, pure Python": backend_apply_python,
         "Decision(plan, outcome)": decision_only,
         "Decision + .headers": headers_only,
         "Meter.check + .allowed": full_check,
-        "Meter.check + .allowed, pure Python": full_check_python,
     }
     result = interleave(stages, rounds=ROUNDS, round_seconds=ROUND_SECONDS)
     print(f"meterkit {meterkit.__version__}, Python {sys.version.split()[0]}: stages of one check")
@@ -600,7 +570,7 @@ def pauses(keys: int = 1_000_000) -> None:
 
     from meterkit import _memory
 
-    for native in (True, False) if speedups is not None else (False,):
+    for _ in (1,):
         sweep = _memory._SlidingLog.sweep
         sweeps: list[str] = []
 
@@ -612,7 +582,7 @@ def pauses(keys: int = 1_000_000) -> None:
         _memory._SlidingLog.sweep = timed  # type: ignore[method-assign]
         gc.disable()
         try:
-            meter = Meter(Policy.crane_ledger(), MemoryBackend(native=native))
+            meter = Meter(Policy.crane_ledger(), MemoryBackend())
             slow = []
             for i in range(keys):
                 start = time.perf_counter()
@@ -623,7 +593,7 @@ def pauses(keys: int = 1_000_000) -> None:
         finally:
             _memory._SlidingLog.sweep = sweep  # type: ignore[method-assign]
             gc.enable()
-        print(f"PAUSES {'compiled' if native else 'pure Python'}, {keys:,} new keys (gc off):")
+        print(f"PAUSES pure Python, {keys:,} new keys (gc off):")
         print(f"  sweeps of the sliding log: {', '.join(sweeps)}")
         print(f"  checks over 10 ms: {', '.join(slow) or 'none'}")
         start = time.perf_counter()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, NamedTuple
 
 from meterkit._credits import from_micro
-from meterkit._native import speedups
 from meterkit._plan import REASON_CREDITS, REASON_RATE, Outcome, Plan
 
 __all__ = ["Decision", "KeyUsage", "OperationUsage", "TierState", "Usage"]
@@ -20,11 +18,6 @@ RATE_LIMIT_MESSAGE = "API rate limit exceeded. Try again later."
 CREDITS_MESSAGE = (
     "Insufficient credits for this operation. Credits reset at the start of the next "
     "billing period."
-)
-
-
-_render: Callable[[Any, Outcome, bool], dict[str, str] | None] | None = (
-    speedups.headers if speedups is not None else None
 )
 
 
@@ -58,7 +51,6 @@ class Decision:
     __slots__ = ("_out", "_plan", "allowed", "degraded", "reason")
 
     def __init__(self, plan: Plan, outcome: Outcome, degraded: bool = False) -> None:
-        # meterkit/_speedups.c (Checker) fills these five slots itself, as here.
         self._plan = plan
         self._out = outcome
         self.allowed: bool = outcome[0]
@@ -155,13 +147,6 @@ class Decision:
     def headers(self) -> dict[str, str]:
         """HTTP headers: IETF ``RateLimit``/``RateLimit-Policy``, legacy ``X-RateLimit-*``,
         ``Retry-After`` on denials, and the credits charged and left."""
-        if _render is not None:  # meterkit/_speedups.c: the same headers, in C
-            rendered = _render(self._plan.op, self._out, self.allowed)
-            if rendered is not None:
-                return rendered
-        return self._headers_python()
-
-    def _headers_python(self) -> dict[str, str]:
         out = self._out
         op = self._plan.op
         if op.tiers:

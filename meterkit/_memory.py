@@ -16,12 +16,6 @@ faster. The source is kept on the function (``fn.__source__``) and in
 :mod:`linecache` under a filename such as ``<meterkit apply invoices.list>``, so
 tracebacks show the line that failed; :meth:`MemoryBackend.source` returns it.
 
-When meterkit/_speedups.c is built, each generated function gets a compiled twin
-(``Lane``) that decides the common case in C over the very same state and hands
-anything else -- idempotency keys, a month or account to open, a sweep that falls
-due -- to the Python before consuming anything; ``Meter.check`` is compiled alike
-(``Checker``). tests/test_speedups.py holds the two to the same outcomes.
-
 State per tier lives in plain dicts keyed by identity (a key id or an org id), in
 slotted containers shared by every operation (and every policy) that uses a tier of
 the same name and parameters. Fixed and sliding windows keep only the current (and
@@ -37,9 +31,7 @@ reaches _SWEEP_EVERY times what the last sweep kept (at least 4096). New identit
 thus trigger a sweep before the dict doubles, while a steady set of identities pays
 for one pass per _SWEEP_EVERY x len commits (a pass per len commits was ~7% of a
 check at 10k keys). Sweeps drop only state that can no longer matter, so they never
-change an outcome. Compiled, a sweep deletes in place in C (``speedups.sweep``): a
-pass is a pause for every thread, 16 ms instead of 282 ms at 625k logs
-(``python bench/bench_core.py --pauses``).
+change an outcome.
 """
 
 from __future__ import annotations
@@ -54,7 +46,6 @@ from collections.abc import Callable, Sequence
 from string import Template
 from typing import TYPE_CHECKING, cast
 
-from meterkit._native import speedups
 from meterkit._plan import (
     REASON_CREDITS,
     REASON_NONE,
@@ -118,20 +109,17 @@ class _SlidingWindow:
 class _Gcra:
     """The theoretical arrival time (TAT, µs) of each identity's next request."""
 
-    __slots__ = ("debt", "due", "native", "tats")
+    __slots__ = ("debt", "due", "tats")
 
-    def __init__(self, native: bool = False) -> None:
+    def __init__(self) -> None:
         self.tats: dict[str, int] = {}
         self.debt = 0
         self.due = _SWEEP_EVERY * _SWEEP_MIN
-        self.native = native and speedups is not None
 
     def sweep(self, now: int) -> None:
         # A TAT in the past is the same as no state at all.
-        kept = speedups.sweep(self.tats, now, False) if self.native else None  # type: ignore[union-attr]
-        if kept is None:
-            self.tats = {k: v for k, v in self.tats.items() if v > now}
-            kept = len(self.tats)
+        self.tats = {k: v for k, v in self.tats.items() if v > now}
+        kept = len(self.tats)
         self.debt = 0
         self.due = _SWEEP_EVERY * max(_SWEEP_MIN, kept)
 
@@ -142,23 +130,19 @@ class _Gcra:
 class _SlidingLog:
     """The admission times (µs, ascending) of each identity, at most the tier's limit."""
 
-    __slots__ = ("debt", "due", "logs", "native", "window")
+    __slots__ = ("debt", "due", "logs", "window")
 
-    def __init__(self, window_us: int, native: bool = False) -> None:
+    def __init__(self, window_us: int) -> None:
         self.window = window_us
         self.logs: dict[str, array[int]] = {}
         self.debt = 0
         self.due = _SWEEP_EVERY * _SWEEP_MIN
-        self.native = native and speedups is not None
 
     def sweep(self, now: int) -> None:
         # A log whose newest entry is a window old holds nothing that counts.
         cutoff = now - self.window
-        # (compiled: in place, ~10x faster: the pass is a pause for every thread)
-        kept = speedups.sweep(self.logs, cutoff, True) if self.native else None  # type: ignore[union-attr]
-        if kept is None:
-            self.logs = {k: v for k, v in self.logs.items() if v and v[-1] > cutoff}
-            kept = len(self.logs)
+        self.logs = {k: v for k, v in self.logs.items() if v and v[-1] > cutoff}
+        kept = len(self.logs)
         self.debt = 0
         self.due = _SWEEP_EVERY * max(_SWEEP_MIN, kept)
 
@@ -167,8 +151,6 @@ class _SlidingLog:
 
 
 _State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
-# The algorithms' numbers in meterkit/_speedups.c.
-_KINDS = {"fixed_window": 0, "sliding_window": 1, "gcra": 2, "sliding_log": 3}
 
 
 def _state_id(tier: Tier) -> tuple[object, ...]:
@@ -177,14 +159,14 @@ def _state_id(tier: Tier) -> tuple[object, ...]:
     return (tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst)
 
 
-def _new_state(tier: Tier, native: bool) -> _State:
+def _new_state(tier: Tier) -> _State:
     if tier.algorithm == "fixed_window":
         return _FixedWindow()
     if tier.algorithm == "sliding_window":
         return _SlidingWindow()
     if tier.algorithm == "gcra":
-        return _Gcra(native)
-    return _SlidingLog(tier.window_us, native)
+        return _Gcra()
+    return _SlidingLog(tier.window_us)
 
 
 # -- the algorithms, once each ------------------------------------------------------------
@@ -571,18 +553,11 @@ class MemoryBackend:
     ``clock`` is a zero-argument callable returning UNIX seconds (default
     ``time.time``). Time never runs backwards here: a clock that steps back is
     held at the latest time seen.
-
-    ``native`` (default True) runs each operation's common case in compiled code
-    (``meterkit/_speedups.c``, built at install when a C compiler is at hand) over the
-    same state, with the same outcomes; ``native=False``, or an install without the
-    extension, runs the generated Python alone (what :meth:`source` shows).
     """
 
-    def __init__(self, clock: Clock | None = None, *, native: bool = True) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
         self._clock: Clock = clock if clock is not None else time.time
-        self._native = native and speedups is not None
-        # A compiled lane takes the compiled lock without a method call (~10% of it).
-        self._lock = speedups.Lock() if self._native and speedups is not None else threading.Lock()
+        self._lock = threading.Lock()
         self._last = 0
         # Tier state by (name, scope, algorithm, limit, window, burst): tiers with the
         # same name and parameters share counters across operations and policies.
@@ -628,50 +603,14 @@ class MemoryBackend:
                 ident = _state_id(tier)
                 state = self._tiers.get(ident)
                 if state is None:
-                    state = self._tiers[ident] = _new_state(tier, self._native)
+                    state = self._tiers[ident] = _new_state(tier)
                 states.append(state)
         source = apply_source(op, policy, peek=peek)
         name = f"{op.name} peek" if peek else op.name
         fn = _binder(source, name)(self, policy, self._lock, self._clock, *states)
         fn.__qualname__ = f"MemoryBackend.{'peek' if peek else 'apply'}[{op.name}]"
         fn.__source__ = source  # type: ignore[attr-defined]
-        if self._native and speedups is not None and not peek:
-            return self._lane(op, policy, states, fn)
         return fn
-
-    def _lane(self, op: OperationPlan, policy: Policy, states: list[_State], fn: Apply) -> Apply:
-        """The compiled twin of ``fn`` (meterkit/_speedups.c): the same state, the
-        common case in C, everything else handed to ``fn`` before anything is consumed."""
-        assert speedups is not None
-        tiers = tuple(
-            (
-                _KINDS[tier.algorithm],
-                tier.scope == "key",
-                not (tier.shadow or policy.shadow),
-                tier.window_us,
-                tier.limit,
-                tier.interval_us,
-                tier.capacity * tier.interval_us,
-                1 + _SWEEP_EVERY,
-                state,
-            )
-            for tier, state in zip(op.tiers, states, strict=True)
-        )
-        try:
-            lane = speedups.Lane(
-                self,
-                policy,
-                self._lock,
-                self._clock,
-                fn,
-                op.name,
-                policy.credits.allowance_micro,
-                not policy.shadow,
-                tiers,
-            )
-        except (ValueError, OverflowError):  # parameters past int64, or too many tiers
-            return fn
-        return cast("Apply", lane)
 
     @staticmethod
     def source(policy: Policy, operation: str) -> str:
@@ -707,23 +646,6 @@ class MemoryBackend:
         if fn is None:
             fn = self._applies[plan.op] = self._bind(plan.op, plan.policy)
         return fn(plan)
-
-    def _compiled_routes(
-        self, policy: Policy
-    ) -> dict[str, tuple[OperationPlan, int, Apply]] | None:
-        """Each operation of ``policy`` with its table price and compiled function, for
-        meterkit._speedups.Checker; None when this backend runs in pure Python (or
-        ``apply`` was replaced on the instance or by a subclass)."""
-        if not self._native or type(self).apply is not MemoryBackend.apply or "apply" in vars(self):
-            return None
-        routes = {}
-        for name in policy.operations:
-            op = policy.plan_for(name)
-            fn = self._applies.get(op)
-            if fn is None:
-                fn = self._applies[op] = self._bind(op, policy)
-            routes[name] = (op, op.price, fn)
-        return routes
 
     def reset_limits(
         self, policy: Policy, org: str, mode: str = "live", key: str | None = None
@@ -840,10 +762,6 @@ def _unspent(results: Sequence[TierOutcome]) -> tuple[TierOutcome, ...]:
     has one more left than it would have had after this request (exact for all four
     algorithms)."""
     return tuple((r + 1, reset, 0) if not den else (r, reset, den) for r, reset, den in results)
-
-
-if speedups is not None:
-    speedups.setup(Plan, _Account, _Pair, array, _TEST_NS)
 
 
 def _replay(plan: Plan, record: tuple[int, str, str, int, Outcome]) -> Outcome:

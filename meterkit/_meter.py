@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from meterkit._credits import to_micro
-from meterkit._decision import _REASONS, Decision, Usage, build_usage
+from meterkit._decision import Decision, Usage, build_usage
 from meterkit._errors import (
     AuthenticationError,
     BackendUnavailable,
@@ -21,7 +21,6 @@ from meterkit._errors import (
     InvalidRequestError,
     MeterkitError,
 )
-from meterkit._native import speedups
 from meterkit._plan import Outcome, Plan
 
 if TYPE_CHECKING:
@@ -227,17 +226,6 @@ class Meter(_MeterCore):
         super().__init__(policy, fail_open=fail_open)
         self.backend = backend
         self._apply = backend.apply
-        routes = getattr(backend, "_compiled_routes", None)
-        routes = routes(policy) if routes is not None else None
-        # (Not for a subclass that overrides check: the compiled one would bypass it.)
-        if speedups is not None and routes is not None and type(self).check is Meter.check:
-            # MemoryBackend with its compiled lanes: the common case of check() in C
-            # (ASCII ids, the table price, no idempotency key); anything else it hands
-            # to this class's check, which is also what its __wrapped__ is.
-            watch = self._count_shadow if self._watch_shadow else None
-            self.__dict__["check"] = speedups.Checker(
-                self.check, policy, routes, Decision, _REASONS, watch
-            )
 
     def __repr__(self) -> str:
         return f"Meter(policy={self.policy.name!r}, backend={self.backend!r})"

@@ -11,11 +11,8 @@ from __future__ import annotations
 import calendar
 import itertools
 import os
-from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
-
-from meterkit._native import speedups
 
 if TYPE_CHECKING:
     from meterkit._policy import OperationPlan, Policy
@@ -96,20 +93,11 @@ def _reseed() -> None:
     global _CHARGE_PREFIX, _charge_counter
     _CHARGE_PREFIX = os.urandom(8).hex()
     _charge_counter = itertools.count(1)
-    if speedups is not None:
-        speedups.reseed(_CHARGE_PREFIX)
 
 
 os.register_at_fork(after_in_child=_reseed)
 
 
-def _new_charge_id() -> str:
+def new_charge_id() -> str:
+    """A fresh id for one admitted charge, used to refund it exactly once."""
     return _CHARGE_PREFIX + str(next(_charge_counter))
-
-
-#: A fresh id for one admitted charge, used to refund it exactly once (the compiled
-#: counter when meterkit/_speedups.c is built: the same ids, from C).
-new_charge_id: Callable[[], str] = _new_charge_id
-if speedups is not None:
-    speedups.reseed(_CHARGE_PREFIX)
-    new_charge_id = speedups.new_charge_id

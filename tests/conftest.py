@@ -108,18 +108,7 @@ def _memory_factory(request: pytest.FixtureRequest) -> MeterFactory:
     return lambda policy, clock: meterkit.Meter(policy, meterkit.MemoryBackend(clock=clock))
 
 
-def _memory_python_factory(request: pytest.FixtureRequest) -> MeterFactory:
-    import meterkit
-
-    return lambda policy, clock: meterkit.Meter(
-        policy, meterkit.MemoryBackend(clock=clock, native=False)
-    )
-
-
-# "memory" runs the compiled lanes when meterkit/_speedups.c is built; "memory-python"
-# the generated Python alone.
 METER_FACTORIES["memory"] = _memory_factory
-METER_FACTORIES["memory-python"] = _memory_python_factory
 
 
 # -- the Redis backends in the behaviour suite ------------------------------------------

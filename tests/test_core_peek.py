@@ -106,12 +106,11 @@ def test_a_backend_without_peek_is_refused_clearly(clock: FakeClock) -> None:
         meter.peek("k", org="o", operation="items.list")
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_a_peek_keeps_nothing_in_memory(clock: FakeClock, native: bool) -> None:
-    """On MemoryBackend (compiled or not) a peek of a new organization, key and month
+def test_a_peek_keeps_nothing_in_memory(clock: FakeClock) -> None:
+    """On MemoryBackend a peek of a new organization, key and month
     adds no account, identity or tier state (it may tidy: drop what a window turn or
     a trimmed log no longer needs, as a check's look does)."""
-    backend = MemoryBackend(clock=clock, native=native)
+    backend = MemoryBackend(clock=clock)
     meter = Meter(
         _policy(Tier("key-min", "key", "3/minute"), Tier("org-day", "org", "5/day")), backend
     )
