@@ -568,7 +568,7 @@ def pauses(keys: int = 1_000_000) -> None:
     collector over the state, before and after ``gc.freeze()``."""
     import time
 
-    from meterkit import _memory
+    from meterkit.backends.memory import backend as _memory
 
     for _ in (1,):
         sweep = _memory._SlidingLog.sweep

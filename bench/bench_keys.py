@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from bench._interleave import interleave
-from meterkit._errors import AuthenticationError
-from meterkit._keys import MemoryKeyStore
+from meterkit.errors import AuthenticationError
+from meterkit.keys.model import MemoryKeyStore
 
 PEPPER = b"bench-pepper-0123456789abcdef"
 QUICK = os.environ.get("METERKIT_BENCH_QUICK") == "1"

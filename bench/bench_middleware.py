@@ -39,8 +39,8 @@ import pytest
 
 import meterkit
 from bench._interleave import interleave
-from meterkit._keys import AsyncMemoryKeyStore, MemoryKeyStore
 from meterkit.asgi import MeterMiddleware as AsgiMiddleware
+from meterkit.keys.model import AsyncMemoryKeyStore, MemoryKeyStore
 from meterkit.wsgi import MeterMiddleware as WsgiMiddleware
 
 QUICK = os.environ.get("METERKIT_BENCH_QUICK", "") not in ("", "0")

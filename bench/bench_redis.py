@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._interleave import interleave
 from meterkit import AsyncMeter, Meter, Policy
-from meterkit._url import async_backend_from_url, backend_from_url, redis_client
+from meterkit.connect import async_backend_from_url, backend_from_url, redis_client
 from tests import _servers
 
 QUICK = os.environ.get("METERKIT_BENCH_QUICK") == "1"

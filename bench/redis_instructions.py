@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redis
 
 from meterkit import Meter, Policy
-from meterkit._url import backend_from_url
+from meterkit.connect import backend_from_url
 from tests._servers import free_port
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from meterkit import Category, CostTable, CreditPlan, Operation, Policy, Tier
-from meterkit._simulate import simulate
+from meterkit.simulate import simulate
 
 LIMIT = 20
 WINDOW = 60

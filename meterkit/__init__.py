@@ -9,10 +9,15 @@ in one atomic step.
 
 from __future__ import annotations
 
-from meterkit._backend import AsyncBackend, Backend
-from meterkit._credits import from_micro, to_micro
-from meterkit._decision import Decision, KeyUsage, OperationUsage, TierState, Usage
-from meterkit._errors import (
+from meterkit.backends.memory.backend import MemoryBackend
+from meterkit.backends.redis.backend import AsyncRedisBackend, RedisBackend
+from meterkit.connect import async_backend_from_url, backend_from_url
+from meterkit.core.backend import AsyncBackend, Backend
+from meterkit.core.credits import from_micro, to_micro
+from meterkit.core.decision import Decision, KeyUsage, OperationUsage, TierState, Usage
+from meterkit.core.plan import Plan
+from meterkit.core.policy import Category, CostTable, CreditPlan, Operation, Policy, Tier
+from meterkit.errors import (
     AuthenticationError,
     BackendError,
     BackendUnavailable,
@@ -25,8 +30,8 @@ from meterkit._errors import (
     UnknownKeyError,
     UnknownOperationError,
 )
-from meterkit._keycache import AsyncCachedKeyStore, CachedKeyStore
-from meterkit._keys import (
+from meterkit.keys.cache import AsyncCachedKeyStore, CachedKeyStore
+from meterkit.keys.model import (
     ApiKey,
     AsyncKeyStore,
     AsyncMemoryKeyStore,
@@ -37,14 +42,9 @@ from meterkit._keys import (
     async_keystore_from_url,
     keystore_from_url,
 )
-from meterkit._keystore_redis import AsyncRedisKeyStore, RedisKeyStore
-from meterkit._memory import MemoryBackend
-from meterkit._meter import AsyncMeter, Meter
-from meterkit._plan import Plan
-from meterkit._policy import Category, CostTable, CreditPlan, Operation, Policy, Tier
-from meterkit._redis import AsyncRedisBackend, RedisBackend
-from meterkit._simulate import SimulationReport, TraceError, read_trace, simulate
-from meterkit._url import async_backend_from_url, backend_from_url
+from meterkit.keys.redis import AsyncRedisKeyStore, RedisKeyStore
+from meterkit.meter import AsyncMeter, Meter
+from meterkit.simulate import SimulationReport, TraceError, read_trace, simulate
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m meterkit``: the same as the ``meterkit`` command."""
 
-from meterkit._cli import main
+from meterkit.cli.commands import main
 
 raise SystemExit(main())

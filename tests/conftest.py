@@ -147,7 +147,7 @@ def shared_client(request: pytest.FixtureRequest, url: str) -> Any:
     clients = request.getfixturevalue("redis_clients")
     client = clients.get(url)
     if client is None:
-        from meterkit._url import redis_client
+        from meterkit.connect import redis_client
 
         client = clients[url] = redis_client(url)
     return client
@@ -156,7 +156,7 @@ def shared_client(request: pytest.FixtureRequest, url: str) -> Any:
 def _redis_factory(url_fixture: str) -> Callable[[pytest.FixtureRequest], MeterFactory]:
     def factory(request: pytest.FixtureRequest) -> MeterFactory:
         import meterkit
-        from meterkit._redis import RedisBackend
+        from meterkit.backends.redis.backend import RedisBackend
 
         client = shared_client(request, request.getfixturevalue(url_fixture))
 
@@ -194,7 +194,7 @@ def _async_redis_factory(request: pytest.FixtureRequest) -> MeterFactory:
     import asyncio
 
     import meterkit
-    from meterkit._url import async_backend_from_url
+    from meterkit.connect import async_backend_from_url
 
     url = request.getfixturevalue("redis_url")
     client = shared_client(request, url)

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import meterkit
-from meterkit._simulate import (
+from meterkit.simulate import (
     TraceError,
     bucket_width,
     plot_timeline,

@@ -1,0 +1,1 @@
+"""The in-memory backend: the algorithms in Python, one lock."""

@@ -1,0 +1,776 @@
+"""The in-memory backend: every algorithm in Python, one lock, bounded state.
+
+This is the reference implementation of the four algorithms, the credits and
+idempotency; the Lua script of the Redis backend is the only other place they are
+written, and ``tests/test_conformance.py`` pins the two together.
+
+Each algorithm is written once, as a snippet of Python source (``_ALGORITHMS``
+below, each next to its promise). The first time the backend sees an operation it
+writes one function for it (``_APPLY``): the lock, the monotonic clock, the
+idempotency replay, that operation's tiers inlined from the snippets (their
+parameters as constants: no loop, no method calls, no verdict lists), the credits,
+the all-or-nothing commit, the usage record, the charge id and the idempotency
+record. It compiles each distinct source once and binds it to this backend's state
+(attrs' approach to ``__init__``); that made ``apply`` of the seed policy 1.4x
+faster. The source is kept on the function (``fn.__source__``) and in
+:mod:`linecache` under a filename such as ``<meterkit apply invoices.list>``, so
+tracebacks show the line that failed; :meth:`MemoryBackend.source` returns it.
+
+State per tier lives in plain dicts keyed by identity (a key id or an org id), in
+slotted containers shared by every operation (and every policy) that uses a tier of
+the same name and parameters. Fixed and sliding windows keep only the current (and
+previous) window's dict and drop the older ones whole when the window turns, so
+eviction costs nothing per request. A sliding log is an ``array('q')`` of admission
+times per identity, 8 bytes each (times only grow, the clock being held monotonic,
+so the log is sorted and trimmed by bisection; a time past 2**63 µs cannot reach it:
+``month_bounds`` refuses years past 9999 before anything is consumed).
+
+GCRA buckets and sliding logs are swept in amortized O(1), paid as debt: a commit
+adds 1, one that adds an identity 1 + _SWEEP_EVERY, and a sweep runs once the debt
+reaches _SWEEP_EVERY times what the last sweep kept (at least 4096). New identities
+thus trigger a sweep before the dict doubles, while a steady set of identities pays
+for one pass per _SWEEP_EVERY x len commits (a pass per len commits was ~7% of a
+check at 10k keys). Sweeps drop only state that can no longer matter, so they never
+change an outcome.
+"""
+
+from __future__ import annotations
+
+import linecache
+import textwrap
+import threading
+import time
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from string import Template
+from typing import TYPE_CHECKING, cast
+
+from meterkit.core.plan import (
+    REASON_CREDITS,
+    REASON_NONE,
+    REASON_RATE,
+    Outcome,
+    Plan,
+    TierOutcome,
+    month_bounds,
+    new_charge_id,
+)
+
+if TYPE_CHECKING:
+    from meterkit.core.policy import OperationPlan, Policy, Tier
+
+__all__ = ["MemoryBackend", "RawUsage"]
+
+Clock = Callable[[], float]
+Apply = Callable[[Plan], Outcome]
+_US = 1_000_000
+_SWEEP_MIN = 4096
+_SWEEP_EVERY = 8
+_IDEM_TTL_US = 24 * 3600 * _US
+# Ids cannot hold control characters, so this separator cannot be forged by a caller.
+_TEST_NS = "\x1ftest\x1f"
+
+#: usage as a backend reports it: (period start µs, period end µs, allowance µ-credits
+#: (plan or override, plus top-ups), used µ-credits, requests, {(key, op): [requests, µ]}).
+RawUsage = tuple[int, int, int, int, int, dict[tuple[str, str], list[int]]]
+
+
+# -- tier state: plain containers -------------------------------------------------------
+
+
+class _FixedWindow:
+    """Counts per identity in the current UTC-aligned window, which ends at ``end`` µs."""
+
+    __slots__ = ("counts", "end")
+
+    def __init__(self) -> None:
+        self.end = 0
+        self.counts: dict[str, int] = {}
+
+    def size(self) -> int:
+        return len(self.counts)
+
+
+class _SlidingWindow:
+    """Counts per identity in the current window (ending at ``end`` µs) and the one before."""
+
+    __slots__ = ("cur", "end", "prev")
+
+    def __init__(self) -> None:
+        self.end = 0
+        self.cur: dict[str, int] = {}
+        self.prev: dict[str, int] = {}
+
+    def size(self) -> int:
+        return len(self.cur) + len(self.prev)
+
+
+class _Gcra:
+    """The theoretical arrival time (TAT, µs) of each identity's next request."""
+
+    __slots__ = ("debt", "due", "tats")
+
+    def __init__(self) -> None:
+        self.tats: dict[str, int] = {}
+        self.debt = 0
+        self.due = _SWEEP_EVERY * _SWEEP_MIN
+
+    def sweep(self, now: int) -> None:
+        # A TAT in the past is the same as no state at all.
+        self.tats = {k: v for k, v in self.tats.items() if v > now}
+        kept = len(self.tats)
+        self.debt = 0
+        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, kept)
+
+    def size(self) -> int:
+        return len(self.tats)
+
+
+class _SlidingLog:
+    """The admission times (µs, ascending) of each identity, at most the tier's limit."""
+
+    __slots__ = ("debt", "due", "logs", "window")
+
+    def __init__(self, window_us: int) -> None:
+        self.window = window_us
+        self.logs: dict[str, array[int]] = {}
+        self.debt = 0
+        self.due = _SWEEP_EVERY * _SWEEP_MIN
+
+    def sweep(self, now: int) -> None:
+        # A log whose newest entry is a window old holds nothing that counts.
+        cutoff = now - self.window
+        self.logs = {k: v for k, v in self.logs.items() if v and v[-1] > cutoff}
+        kept = len(self.logs)
+        self.debt = 0
+        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, kept)
+
+    def size(self) -> int:
+        return len(self.logs)
+
+
+_State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
+
+
+def _state_id(tier: Tier) -> tuple[object, ...]:
+    """What a tier's state is kept under: tiers with the same name and parameters share
+    counters across operations and policies."""
+    return (tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst)
+
+
+def _new_state(tier: Tier) -> _State:
+    if tier.algorithm == "fixed_window":
+        return _FixedWindow()
+    if tier.algorithm == "sliding_window":
+        return _SlidingWindow()
+    if tier.algorithm == "gcra":
+        return _Gcra()
+    return _SlidingLog(tier.window_us)
+
+
+# -- the algorithms, once each ------------------------------------------------------------
+#
+# A snippet has two parts. ``check`` runs first for every tier, under the lock; it
+# reads the tier's state (``s$i``) for the identity ``$who`` at time ``now`` (µs,
+# never going back) and sets ``t$i`` to the tier's TierOutcome: (remaining after
+# this request, µs until it resets, 0) if the tier admits it, else (0, µs until it
+# resets, 1) -- and then runs ``$deny`` with ``wait$i``, the µs until a retry would be
+# admitted (≥ 1). ``commit`` runs once every tier and the credits agreed, and
+# consumes. A check may tidy its state (turn a window, trim a log) but consumes
+# nothing: a denied request leaves every tier as it found it.
+#
+# $W is the window in µs, $L the limit; other constants are named where used.
+# Locals carry the tier's index, so the snippets of several tiers never collide.
+
+_ALGORITHMS: dict[str, tuple[str, str]] = {
+    # Promise: at most $L admitted per UTC-aligned window of $W µs.
+    "fixed_window": (
+        """\
+end$i = s$i.end
+if now >= end$i:  # a new window: the old counts are dropped whole
+    end$i = s$i.end = now - now % $W + $W
+    s$i.counts = {}
+counts$i = s$i.counts
+n$i = counts$i.get($who, 0)
+reset$i = end$i - now
+if n$i < $L:
+    t$i = ($L_1 - n$i, reset$i, 0)
+else:
+    wait$i = reset$i
+    t$i = (0, reset$i, 1)
+    $deny
+""",
+        """\
+counts$i[$who] = n$i + 1
+""",
+    ),
+    # Promise: at most $L admitted per aligned window, and the weighted estimate
+    # prev·(W−e)/W + cur stays ≤ $L (e: the µs elapsed in the window; W−e is the
+    # reset); in integers, admitted iff prev·(W−e) + (cur+1)·W ≤ L·W ($LW).
+    "sliding_window": (
+        """\
+end$i = s$i.end
+if now >= end$i:  # a new window: the current one becomes the previous one
+    s$i.prev = s$i.cur if now < end$i + $W else {}
+    s$i.cur = {}
+    end$i = s$i.end = now - now % $W + $W
+cur$i = s$i.cur
+c$i = cur$i.get($who, 0)
+p$i = s$i.prev.get($who, 0)
+reset$i = end$i - now
+used$i = p$i * reset$i + (c$i + 1) * $W
+if used$i <= $LW:
+    t$i = (($LW - used$i) // $W, reset$i, 0)
+else:
+    if c$i < $L:  # p$i > 0: wait until enough of it has slid out
+        wait$i = reset$i - (($L_1 - c$i) * $W) // p$i
+    else:  # this window is full: in the next one, cur becomes prev
+        wait$i = reset$i + $W - $L_1W // c$i
+    t$i = (0, reset$i, 1)
+    $deny
+""",
+        """\
+cur$i[$who] = c$i + 1
+""",
+    ),
+    # Promise: over any interval of d µs, at most burst + d / $I admitted ($I the
+    # emission interval, ⌈W / L⌉ µs; $TAU = burst · $I). One TAT per identity.
+    "gcra": (
+        """\
+tats$i = s$i.tats
+last$i = tats$i.get($who)
+tat$i = now if last$i is None or last$i < now else last$i
+new$i = tat$i + $I
+ahead$i = new$i - now
+if ahead$i <= $TAU:
+    t$i = (($TAU - ahead$i) // $I, ahead$i, 0)
+else:
+    wait$i = ahead$i - $TAU
+    t$i = (0, tat$i - now, 1)
+    $deny
+""",
+        """\
+tats$i[$who] = new$i
+s$i.debt += 1 if last$i is not None else $FRESH
+if s$i.debt >= s$i.due:
+    s$i.sweep(now)
+""",
+    ),
+    # Promise: at most $L admitted in every rolling window of $W µs (exact: one
+    # timestamp per admitted request, in an array('q') per identity, ascending).
+    "sliding_log": (
+        """\
+log$i = s$i.logs.get($who)
+if not log$i:
+    t$i = ($L_1, $W, 0)
+else:
+    cutoff$i = now - $W
+    if log$i[0] <= cutoff$i:  # entries a window old no longer count
+        if len(log$i) == 1 or log$i[1] > cutoff$i:
+            del log$i[0]  # the usual case: only the oldest
+        else:
+            del log$i[:bisect_right(log$i, cutoff$i)]
+    n$i = len(log$i)
+    if n$i < $L:
+        t$i = ($L_1 - n$i, log$i[0] + $W - now if n$i else $W, 0)
+    else:
+        wait$i = log$i[n$i - $L] + $W - now
+        t$i = (0, wait$i, 1)
+        $deny
+""",
+        """\
+if log$i is None:
+    s$i.logs[$who] = array("q", (now,))
+    s$i.debt += $FRESH
+else:
+    log$i.append(now)
+    s$i.debt += 1
+if s$i.debt >= s$i.due:
+    s$i.sweep(now)
+""",
+    ),
+}
+
+# What a tier that says no does: an enforcing tier denies the request (the longest
+# wait wins); a shadow tier (or any tier of a shadow policy) only reports it.
+_DENY = """\
+denied = True
+if wait$i > retry:
+    retry = wait$i
+"""
+_SHADOW = "pass  # shadow: reported, never denies\n"
+
+# The function written for one operation. $name is the operation's name, $tiers the
+# tiers' check snippets, $commits their commit snippets; a shadow policy never
+# denies for credits ($credits empty), a policy without enforcing tiers never for rate.
+_APPLY = '''\
+def bind(b, policy, lock, clock, $states):
+    acquire = lock.acquire
+    release = lock.release
+
+    def apply(plan):
+        """Check every tier and the credits of one $name request; consume all or none."""
+        if plan.policy is not policy:  # an operation is planned by one policy: a stray
+            return b._apply_stray(plan)  # pairing gets its own function
+        org = plan.org if plan.mode == "live" else _TEST_NS + plan.org
+        idem = plan.idem
+        acquire()
+        try:
+            now = round(clock() * 1000000)
+            if now < b._last:  # the clock stepped back: hold time at the latest seen
+                now = b._last
+            else:
+                b._last = now
+            if idem is not None:
+                record = b._idem.get((org, idem))
+                if record is not None and record[0] > now:
+                    return _replay(plan, record)
+            # -- this month's account, and the key's identity in it
+            start, end = b._period
+            if not start <= now < end:
+                start, end = b._period_of(now)
+            acct = b._accounts.get(org)
+            if acct is None or acct.period != start:
+                $open
+            $ident
+            $init
+            $tiers
+            # -- credits, checked after the tiers
+            balance = b._allowances.get(org, $ALLOWANCE) + acct.topup - acct.used
+            cost = plan.cost
+            $credits
+            $denials
+            $admit
+        finally:
+            release()
+
+    return apply
+'''
+# What an admitted request does: consume every tier and the credits.
+_ADMIT = """\
+# -- admitted: consume every tier and the credits
+$remember
+$commits
+acct.used += cost
+acct.requests += 1
+by_key = acct.pairs.get($OP)
+if by_key is None:
+    by_key = acct.pairs[$OP] = {}
+pair = by_key.get(plan.key)
+if pair is None:
+    by_key[plan.key] = _Pair(cost)
+else:
+    pair.requests += 1
+    pair.micro += cost
+outcome = (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
+           new_charge_id(), False)
+if idem is not None:
+    b._remember(org, idem, plan, now, outcome)
+return outcome
+"""
+# What a peek does instead: say so, consume nothing (and keep no new account).
+_PEEK = """\
+# -- a peek: what check would answer now, and nothing consumed
+return (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end, "", False)
+"""
+# Only for operations with key-scoped tiers.
+_IDENT = """\
+# Key-scoped state is the key's within its organization (as on Redis, where it must
+# sit in the org's Cluster slot; ids hold no control characters, so the separator
+# cannot be forged): one string per key and month, kept by the account once admitted,
+# shared by every tier that holds the key.
+key = acct.idents.get(plan.key)
+fresh = key is None
+if fresh:
+    key = org + "\x1f" + plan.key
+"""
+_REMEMBER = """\
+if fresh:
+    acct.idents[plan.key] = key
+"""
+_CREDITS = """\
+if cost > balance:
+    return (False, $CREDITS, now, max(end - now, retry), _unspent(($outcomes)),
+            0, balance, end, "", False)
+"""
+_DENIALS = """\
+if denied:
+    return (False, $RATE, now, retry, _unspent(($outcomes)), 0, balance, end, "", False)
+"""
+
+
+def _fill(template: str, **values: object) -> str:
+    """Substitute ``values``; a value holding several lines keeps its placeholder's
+    indentation (a placeholder standing alone on its line is a block)."""
+    lines = []
+    for line in template.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("$") and stripped[1:] in values:
+            block = str(values[stripped[1:]])
+            if block and not block.endswith("\n"):
+                block += "\n"
+            indent = line[: len(line) - len(line.lstrip())]
+            lines.append(textwrap.indent(block, indent) if block.strip() else "")
+        else:
+            lines.append(line)
+    return Template("".join(lines)).substitute(values)
+
+
+def _tier_source(i: int, tier: Tier, enforce: bool) -> tuple[str, str]:
+    """The check and commit source of tier ``i`` of an operation."""
+    check, commit = _ALGORITHMS[tier.algorithm]
+    who = "key" if tier.scope == "key" else "org"
+    constants = {
+        "i": str(i),
+        "who": who,
+        "W": str(tier.window_us),
+        "L": str(tier.limit),
+        "L_1": str(tier.limit - 1),
+        "LW": str(tier.limit * tier.window_us),
+        "L_1W": str((tier.limit - 1) * tier.window_us),
+        "I": str(tier.interval_us),
+        "TAU": str(tier.capacity * tier.interval_us),
+        "FRESH": str(1 + _SWEEP_EVERY),
+    }
+    deny = _fill(_DENY if enforce else _SHADOW, i=str(i))
+    shadow = ", shadow" if tier.shadow else ""
+    head = (
+        f"# -- tier {i}: {tier.name!r}, {tier.algorithm}, {tier.limit} per {tier.window} s "
+        f"per {tier.scope}{shadow}\n"
+    )
+    check_src = head + _fill(check, deny=deny, **constants)
+    commit_src = _fill(commit, **constants)
+    if not enforce:  # a tier that said no without denying consumes nothing
+        commit_src = f"if not t{i}[2]:\n" + textwrap.indent(commit_src, "    ")
+    return check_src, f"# tier {i}: {tier.name!r}\n" + commit_src
+
+
+def apply_source(op: OperationPlan, policy: Policy, *, peek: bool = False) -> str:
+    """The Python source of the function that applies ``op`` of ``policy`` (with
+    ``peek``, of the one that answers the same without consuming anything)."""
+    checks, commits = [], []
+    enforcing = False
+    for i, tier in enumerate(op.tiers):
+        enforce = not (tier.shadow or policy.shadow)
+        enforcing = enforcing or enforce
+        check, commit = _tier_source(i, tier, enforce)
+        checks.append(check)
+        commits.append(commit)
+    n = len(op.tiers)
+    by_key = any(tier.scope == "key" for tier in op.tiers)
+    outcomes = ", ".join(f"t{i}" for i in range(n)) + ("," if n == 1 else "")
+    states = ", ".join(f"s{i}" for i in range(n)) or "*_"
+    init = "denied = False\nretry = 0" if enforcing else "retry = 0"
+    return _fill(
+        _APPLY,
+        name=op.name,
+        states=states,
+        init=init,
+        tiers="".join(checks) or "# no tiers",
+        credits=""
+        if policy.shadow
+        else _fill(_CREDITS, outcomes=outcomes, CREDITS=str(REASON_CREDITS)),
+        denials=_fill(_DENIALS, outcomes=outcomes, RATE=str(REASON_RATE)) if enforcing else "",
+        admit=_fill(
+            _PEEK if peek else _ADMIT,
+            commits="".join(commits) or "# no tiers",
+            outcomes=outcomes,
+            remember=_REMEMBER if by_key and not peek else "",
+            OP=repr(op.name),
+            NONE=str(REASON_NONE),
+        ),
+        open="acct = _Account(start)" if peek else "acct = b._account(org, start)",
+        outcomes=outcomes,
+        ident=_IDENT if by_key else "",
+        ALLOWANCE=str(policy.credits.allowance_micro),
+    )
+
+
+# Compiled binders, by source: backends (and policies) with the same operations
+# share the code, and only bind their own state to it. Each has its own filename.
+_BINDERS: dict[str, Callable[..., Apply]] = {}
+_FILENAMES: set[str] = set()
+
+
+def _binder(source: str, name: str) -> Callable[..., Apply]:
+    bind = _BINDERS.get(source)
+    if bind is not None:
+        return bind
+    filename = f"<meterkit apply {name}>"
+    n = 1
+    while filename in _FILENAMES:  # another policy's operation of the same name
+        n += 1
+        filename = f"<meterkit apply {name} #{n}>"
+    _FILENAMES.add(filename)
+    namespace: dict[str, object] = {
+        "_TEST_NS": _TEST_NS,
+        "_replay": _replay,
+        "_unspent": _unspent,
+        "new_charge_id": new_charge_id,
+        "_Pair": _Pair,
+        "_Account": _Account,
+        "array": array,
+        "bisect_right": bisect_right,
+    }
+    exec(compile(source, filename, "exec"), namespace)
+    # Tracebacks and inspect read generated code from linecache, as with attrs.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    bind = _BINDERS[source] = cast("Callable[..., Apply]", namespace["bind"])
+    return bind
+
+
+class _Pair:
+    """Requests and µ-credits of one key and operation in one account."""
+
+    __slots__ = ("micro", "requests")
+
+    def __init__(self, micro: int) -> None:
+        self.requests = 1
+        self.micro = micro
+
+
+class _Account:
+    """One organization's credits in one calendar month."""
+
+    __slots__ = ("idents", "pairs", "period", "refunded", "requests", "topup", "used")
+
+    def __init__(self, period: int) -> None:
+        self.period = period
+        # key id -> "org\x1fkey", the key's identity in key-scoped tier state.
+        self.idents: dict[str, str] = {}
+        self.used = 0
+        self.requests = 0
+        self.topup = 0
+        # By operation, then key: the hot path finds a pair without building a tuple.
+        self.pairs: dict[str, dict[str, _Pair]] = {}
+        self.refunded: set[str] = set()
+
+
+class MemoryBackend:
+    """All state in this process's memory, guarded by one lock. Thread-safe.
+
+    ``clock`` is a zero-argument callable returning UNIX seconds (default
+    ``time.time``). Time never runs backwards here: a clock that steps back is
+    held at the latest time seen.
+    """
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock if clock is not None else time.time
+        self._lock = threading.Lock()
+        self._last = 0
+        # Tier state by (name, scope, algorithm, limit, window, burst): tiers with the
+        # same name and parameters share counters across operations and policies.
+        self._tiers: dict[tuple[object, ...], _State] = {}
+        # The function that applies each operation (see apply_source), by operation
+        # plan; a plan paired with another policy than its own, by (plan, policy).
+        self._applies: dict[OperationPlan, Apply] = {}
+        self._strays: dict[tuple[OperationPlan, Policy], Apply] = {}
+        self._peeks: dict[tuple[OperationPlan, Policy], Apply] = {}
+        self._accounts: dict[str, _Account] = {}
+        self._account_creations = 0
+        self._allowances: dict[str, int] = {}
+        self._idem: dict[tuple[str, str], tuple[int, str, str, int, Outcome]] = {}
+        self._idem_commits = 0
+        self._period = (0, 0)
+
+    def __repr__(self) -> str:
+        return f"MemoryBackend(identities={self.size()})"
+
+    # -- time ---------------------------------------------------------------------
+
+    def _now(self) -> int:
+        now = round(self._clock() * _US)
+        if now < self._last:
+            return self._last
+        self._last = now
+        return now
+
+    def _period_of(self, now: int) -> tuple[int, int]:
+        period = self._period
+        if not period[0] <= now < period[1]:
+            period = self._period = month_bounds(now)
+        return period
+
+    # -- state ---------------------------------------------------------------------
+
+    def _bind(self, op: OperationPlan, policy: Policy, *, peek: bool = False) -> Apply:
+        """Write, compile (once per distinct source) and bind the function of ``op``
+        (``peek``: the one that consumes nothing)."""
+        states = []
+        with self._lock:
+            for tier in op.tiers:
+                ident = _state_id(tier)
+                state = self._tiers.get(ident)
+                if state is None:
+                    state = self._tiers[ident] = _new_state(tier)
+                states.append(state)
+        source = apply_source(op, policy, peek=peek)
+        name = f"{op.name} peek" if peek else op.name
+        fn = _binder(source, name)(self, policy, self._lock, self._clock, *states)
+        fn.__qualname__ = f"MemoryBackend.{'peek' if peek else 'apply'}[{op.name}]"
+        fn.__source__ = source  # type: ignore[attr-defined]
+        return fn
+
+    @staticmethod
+    def source(policy: Policy, operation: str) -> str:
+        """The Python source this backend writes and runs for ``operation`` of ``policy``:
+        the four algorithms, the credits and idempotency, as one check executes them."""
+        return apply_source(policy.plan_for(operation), policy)
+
+    def _account(self, org: str, period: int) -> _Account:
+        acct = self._accounts.get(org)
+        if acct is None or acct.period != period:
+            self._account_creations += 1
+            if self._account_creations >= _SWEEP_MIN and self._account_creations >= len(
+                self._accounts
+            ):
+                # Accounts of ended months can no longer matter (amortized O(1)).
+                self._account_creations = 0
+                self._accounts = {k: a for k, a in self._accounts.items() if a.period == period}
+            acct = self._accounts[org] = _Account(period)
+        return acct
+
+    def size(self) -> int:
+        """How many identity-tier states, accounts and idempotency records are held."""
+        with self._lock:
+            return (
+                sum(s.size() for s in self._tiers.values()) + len(self._accounts) + len(self._idem)
+            )
+
+    # -- the one atomic step ---------------------------------------------------------
+
+    def apply(self, plan: Plan) -> Outcome:
+        """Check every tier and the credits of ``plan``; consume all of them or none."""
+        fn = self._applies.get(plan.op)
+        if fn is None:
+            fn = self._applies[plan.op] = self._bind(plan.op, plan.policy)
+        return fn(plan)
+
+    def reset_limits(
+        self, policy: Policy, org: str, mode: str = "live", key: str | None = None
+    ) -> None:
+        """Forget the rate-limit state of ``key`` in ``org`` (in every key-scoped tier of
+        ``policy``), or without a key, of ``org`` itself (every org-scoped tier).
+        Credits and usage stay."""
+        who = org if mode == "live" else _TEST_NS + org
+        if key is not None:
+            who += "\x1f" + key
+        scope = "org" if key is None else "key"
+        with self._lock:
+            for tier in policy.tiers:
+                state = self._tiers.get(_state_id(tier))
+                if tier.scope != scope or state is None:
+                    continue
+                for name in ("counts", "cur", "prev", "tats", "logs"):
+                    held = getattr(state, name, None)
+                    if held is not None:
+                        held.pop(who, None)
+
+    def peek(self, plan: Plan) -> Outcome:
+        """What :meth:`apply` would answer for ``plan`` now, consuming nothing: no tier,
+        no credit, no usage, no idempotency record (``plan`` has no idempotency key)."""
+        pair = (plan.op, plan.policy)
+        fn = self._peeks.get(pair)
+        if fn is None:
+            fn = self._peeks[pair] = self._bind(plan.op, plan.policy, peek=True)
+        return fn(plan)
+
+    def _apply_stray(self, plan: Plan) -> Outcome:
+        pair = (plan.op, plan.policy)
+        fn = self._strays.get(pair)
+        if fn is None:
+            fn = self._strays[pair] = self._bind(plan.op, plan.policy)
+        return fn(plan)
+
+    def _remember(self, org: str, idem: str, plan: Plan, now: int, outcome: Outcome) -> None:
+        self._idem[(org, idem)] = (now + _IDEM_TTL_US, plan.key, plan.op.name, plan.cost, outcome)
+        self._idem_commits += 1
+        if self._idem_commits >= _SWEEP_MIN and self._idem_commits >= len(self._idem):
+            self._idem_commits = 0
+            self._idem = {k: v for k, v in self._idem.items() if v[0] > now}
+
+    # -- refunds, usage, allowances ------------------------------------------------
+
+    def refund(self, plan: Plan, outcome: Outcome) -> bool:
+        """Return an admitted outcome's credits once; False if already refunded or gone."""
+        charge = outcome[8]
+        if not outcome[0] or not charge:
+            return False
+        org = plan.org if plan.mode == "live" else _TEST_NS + plan.org
+        start, _ = month_bounds(outcome[2])
+        with self._lock:
+            if start != self._period_of(self._now())[0]:
+                return False  # an ended month is closed, even if the org was idle since
+            acct = self._accounts.get(org)
+            if acct is None or acct.period != start or charge in acct.refunded:
+                return False
+            acct.refunded.add(charge)
+            amount = outcome[5]
+            acct.used -= amount
+            pair = acct.pairs.get(plan.op.name, {}).get(plan.key)
+            if pair is not None:
+                pair.micro -= amount
+            if plan.idem is not None:
+                # A refunded request did not happen as far as billing goes: its retry
+                # is a new request. A newer request that reused the key keeps its record.
+                record = self._idem.get((org, plan.idem))
+                if record is not None and record[4][8] == charge:
+                    del self._idem[(org, plan.idem)]
+            return True
+
+    def usage(self, policy: Policy, org: str, mode: str = "live") -> RawUsage:
+        """This month's credits and requests of ``org``, per (key, operation)."""
+        ident = org if mode == "live" else _TEST_NS + org
+        with self._lock:
+            now = self._now()
+            start, end = self._period_of(now)
+            acct = self._accounts.get(ident)
+            if acct is None or acct.period != start:
+                acct = _Account(start)
+            allowance = self._allowances.get(ident, policy.credits.allowance_micro) + acct.topup
+            pairs = {
+                (key, op): [pair.requests, pair.micro]
+                for op, by_key in acct.pairs.items()
+                for key, pair in by_key.items()
+            }
+            return start, end, allowance, acct.used, acct.requests, pairs
+
+    def set_allowance(self, org: str, mode: str, micro: int | None) -> None:
+        """Set ``org``'s monthly allowance (None: back to the policy's)."""
+        ident = org if mode == "live" else _TEST_NS + org
+        with self._lock:
+            if micro is None:
+                self._allowances.pop(ident, None)
+            else:
+                self._allowances[ident] = micro
+
+    def top_up(self, org: str, mode: str, micro: int) -> None:
+        """Add credits to ``org``'s current month only (no rollover)."""
+        ident = org if mode == "live" else _TEST_NS + org
+        with self._lock:
+            now = self._now()
+            start, _ = self._period_of(now)
+            self._account(ident, start).topup += micro
+
+    def close(self) -> None:
+        """Nothing to release; here so every backend can be closed the same way."""
+
+
+def _unspent(results: Sequence[TierOutcome]) -> tuple[TierOutcome, ...]:
+    """Tier results of a denied request: nothing was consumed, so an admitting tier
+    has one more left than it would have had after this request (exact for all four
+    algorithms)."""
+    return tuple((r + 1, reset, 0) if not den else (r, reset, den) for r, reset, den in results)
+
+
+def _replay(plan: Plan, record: tuple[int, str, str, int, Outcome]) -> Outcome:
+    from meterkit.errors import InvalidRequestError
+
+    _, key, operation, cost, first = record
+    if key != plan.key or operation != plan.op.name or cost != plan.cost:
+        raise InvalidRequestError(
+            "this idempotency key was first used for a different request "
+            f"(key {key!r}, operation {operation!r})"
+        )
+    return (*first[:9], True)

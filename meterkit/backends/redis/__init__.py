@@ -1,0 +1,1 @@
+"""The Redis backends: one EVALSHA per check, standalone or Cluster."""

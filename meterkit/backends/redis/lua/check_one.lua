@@ -1,0 +1,16 @@
+-- meterkit check, one request per EVALSHA: check.lua's body runs inline, after these
+-- lines, instead of as a function (meterkit/backends/redis/backend.py puts it here when it loads the
+-- script), which saves Redis making the function and calling it on every check.
+--
+-- KEYS  check.lua's, from KEYS[1]; then the idempotency record, if the request has one
+-- ARGV  1 now µs ('' = server TIME)  2 cost µ-credits  3 charge id ('' without an
+--       idempotency key: only its record keeps it)  4 the account's field of the key
+--       and operation ('q|<op>|<key>')  5, 6 the month the caller expects (start, end
+--       µs; checked)  7 '1' for a peek (decide, write nothing), absent for a check
+
+local k = 0
+local now, now_text = clock_text(ARGV[1])
+local cost_text, charge, field = ARGV[2], ARGV[3], ARGV[4]
+local idem = KEYS[n + 3]
+local start, finish = tonumber(ARGV[5]), tonumber(ARGV[6])
+local dry = ARGV[7] == '1'

@@ -1,0 +1,1 @@
+"""The command line: ``meterkit policy check``, ``simulate``, ``keys``, ``demo``."""

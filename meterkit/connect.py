@@ -1,0 +1,155 @@
+"""Backends from URLs: ``memory://``, ``redis://``, ``rediss://``, ``redis+unix://``,
+``redis+cluster://`` (and ``rediss+cluster://``).
+
+The Redis drivers are imported only when a Redis URL is used (``pip install
+meterkit[redis]``). Clients built here time out after ``timeout`` seconds (default 1)
+on connect and on every reply, and never retry: a check that timed out may have run,
+and running it again could count it twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from meterkit.backends.memory.backend import MemoryBackend
+from meterkit.backends.redis.backend import AsyncRedisBackend, RedisBackend, _translate
+from meterkit.errors import ConfigurationError
+
+__all__ = ["async_backend_from_url", "backend_from_url", "redis_client"]
+
+_BACKEND_OPTIONS = ("prefix", "clock", "clock_skew")
+_SCHEMES = ("memory", "redis", "rediss", "redis+unix", "unix", "redis+cluster", "rediss+cluster")
+
+
+def _split(url: object, options: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(scheme, meterkit's options, the driver's options), with the timeout applied."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a backend URL is a str, not {type(url).__name__}", "url")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in _SCHEMES:
+        # Never echo the URL: it may hold a password.
+        raise ConfigurationError(
+            f"unsupported backend URL scheme {scheme!r}; use one of "
+            + ", ".join(f"{s}://" for s in _SCHEMES),
+            "url",
+        )
+    ours = {k: options.pop(k) for k in _BACKEND_OPTIONS if k in options}
+    if scheme == "memory":
+        unknown = set(options) | (set(ours) - {"clock"})
+        if unknown:
+            raise ConfigurationError(
+                f"memory:// takes only clock=, not {', '.join(sorted(unknown))}", "url"
+            )
+        return scheme, ours, {}
+    timeout = options.pop("timeout", 1.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
+        raise ConfigurationError("timeout is a number of seconds in (0, 60]", "timeout")
+    options.setdefault("socket_timeout", timeout)
+    options.setdefault("socket_connect_timeout", timeout)
+    return scheme, ours, options
+
+
+def _cluster_nodes(url: str, node_class: Any) -> tuple[list[Any], dict[str, Any]]:
+    from redis.connection import parse_url
+
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":") if ":" in host else (host, "", "6379")
+        try:
+            nodes.append(node_class(unquote(name) or "localhost", int(port or 6379)))
+        except ValueError:
+            raise ConfigurationError("malformed host:port in the cluster URL", "url") from None
+    if not nodes:
+        raise ConfigurationError("a cluster URL names at least one host:port", "url")
+    scheme = "rediss" if parts.scheme.lower().startswith("rediss") else "redis"
+    auth = f"{userinfo}@" if userinfo else ""
+    query = f"?{parts.query}" if parts.query else ""
+    kwargs: dict[str, Any] = parse_url(  # type: ignore[no-untyped-call]
+        f"{scheme}://{auth}localhost/0{query}"
+    )
+    # (a cluster client picks its own connection class from ssl=; it refuses one given)
+    for name in ("host", "port", "db", "connection_class"):
+        kwargs.pop(name, None)
+    if scheme == "rediss":
+        kwargs["ssl"] = True
+    return nodes, kwargs
+
+
+def _plain_url(scheme: str, url: str) -> str:
+    return "unix://" + url.split("://", 1)[1] if scheme == "redis+unix" else url
+
+
+def backend_from_url(url: str, **options: Any) -> MemoryBackend | RedisBackend:
+    """A synchronous backend for ``url``.
+
+    ``memory://`` → :class:`MemoryBackend` (option ``clock``). ``redis://host:port/db``,
+    ``rediss://…``, ``redis+unix:///path/to.sock?db=0`` and
+    ``redis+cluster://host:port[,host:port…]`` → :class:`RedisBackend`, with options
+    ``prefix``, ``clock``, ``clock_skew``, ``timeout`` (seconds, default 1) and any
+    redis-py connection option (``password``, ``ssl_ca_certs``, ``max_connections``…).
+    """
+    scheme, ours, driver = _split(url, dict(options))
+    if scheme == "memory":
+        return MemoryBackend(clock=ours.get("clock"))
+    backend = RedisBackend(_sync_client(scheme, url, driver), **ours)
+    backend._owned = True
+    return backend
+
+
+def async_backend_from_url(url: str, **options: Any) -> MemoryBackend | AsyncRedisBackend:
+    """An asyncio backend for ``url`` (the same URLs and options as
+    :func:`backend_from_url`); ``memory://`` gives a :class:`MemoryBackend`, which
+    :class:`~meterkit.AsyncMeter` uses as it is."""
+    scheme, ours, driver = _split(url, dict(options))
+    if scheme == "memory":
+        return MemoryBackend(clock=ours.get("clock"))
+    backend = AsyncRedisBackend(_async_client(scheme, url, driver), **ours)
+    backend._owned = True
+    return backend
+
+
+def redis_client(url: str, *, asyncio: bool = False, **options: Any) -> Any:
+    """The redis-py client :func:`backend_from_url` would build for a Redis ``url``
+    (with ``asyncio=True``, the one :func:`async_backend_from_url` would build)."""
+    scheme, _, driver = _split(url, dict(options))
+    if scheme == "memory":
+        raise ConfigurationError("memory:// has no redis client", "url")
+    return (_async_client if asyncio else _sync_client)(scheme, url, driver)
+
+
+def _sync_client(scheme: str, url: str, driver: dict[str, Any]) -> Any:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    driver.setdefault("retry", Retry(NoBackoff(), 0))
+    if scheme.endswith("+cluster"):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        nodes, kwargs = _cluster_nodes(url, ClusterNode)
+        kwargs.update(driver)
+        try:
+            return RedisCluster(startup_nodes=nodes, **kwargs)
+        except Exception as exc:  # it connects at once: the cluster may be down
+            raise _translate(exc) from exc
+    import redis
+
+    return redis.Redis.from_url(_plain_url(scheme, url), **driver)
+
+
+def _async_client(scheme: str, url: str, driver: dict[str, Any]) -> Any:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    driver.setdefault("retry", Retry(NoBackoff(), 0))
+    if scheme.endswith("+cluster"):
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        nodes, kwargs = _cluster_nodes(url, ClusterNode)
+        kwargs.update(driver)
+        return RedisCluster(startup_nodes=nodes, **kwargs)
+    import redis.asyncio as aredis
+
+    return aredis.Redis.from_url(_plain_url(scheme, url), **driver)

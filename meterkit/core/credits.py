@@ -1,0 +1,72 @@
+"""Credit amounts: integers of micro-credits inside, Decimal at the edges.
+
+1 credit = 1,000,000 micro-credits. Lua numbers are doubles, exact below 2**53,
+so every balance meterkit keeps stays below that bound (about 9 billion credits).
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
+
+from meterkit.errors import InvalidAmountError
+
+MICRO = 1_000_000
+MAX_MICRO = 2**53 - 1
+_MICRO_DEC = Decimal(MICRO)
+# Scaling must be exact: the default context would round a 29th digit away (or flush a
+# tiny amount to zero) without a word, and raise decimal.Overflow on huge exponents.
+_EXACT = Context(prec=60, traps=[InvalidOperation, Inexact, Overflow])
+
+
+def to_micro(value: object, what: str = "amount") -> int:
+    """Convert an amount of credits to micro-credits, refusing anything inexact.
+
+    Accepts ``Decimal``, ``str`` and ``int``; a ``float`` goes through its shortest
+    repr (``0.1`` means ``Decimal("0.1")``). NaN, infinities, negatives, values finer
+    than one micro-credit and values past 2**53 micro-credits raise
+    :class:`InvalidAmountError`.
+    """
+    if type(value) is int:
+        micro = value * MICRO
+    else:
+        if isinstance(value, bool) or not isinstance(value, (Decimal, str, int, float)):
+            raise InvalidAmountError(
+                f"{what} must be a Decimal, str, int or float, not {type(value).__name__}"
+            )
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidAmountError(f"{what} must be finite, got {value!r}")
+            value = repr(value)
+        try:
+            dec = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
+        except InvalidOperation:
+            raise InvalidAmountError(f"{what} is not a number: {value!r}") from None
+        if not dec.is_finite():
+            raise InvalidAmountError(f"{what} must be finite, got {value!r}")
+        try:
+            scaled = dec.scaleb(6, _EXACT)
+        except Overflow:  # a subclass of Inexact
+            raise InvalidAmountError(f"{what} is too large: {value!r}") from None
+        except Inexact:  # it needs rounding: digits finer than one micro-credit
+            scaled = None
+        if scaled is None or scaled != scaled.to_integral_value():
+            raise InvalidAmountError(
+                f"{what} has more than 6 decimal places (the unit is one micro-credit): {value!r}"
+            )
+        micro = int(scaled)
+    if micro < 0:
+        raise InvalidAmountError(f"{what} must not be negative, got {value!r}")
+    if micro > MAX_MICRO:
+        raise InvalidAmountError(f"{what} is too large: {value!r}")
+    return micro
+
+
+# Our own context, so a caller who lowers the thread's decimal precision cannot round
+# a balance: 2**53 micro-credits need 16 digits.
+_DIVIDE = Context(prec=28).divide
+
+
+def from_micro(micro: int) -> Decimal:
+    """Micro-credits as an exact ``Decimal`` number of credits (``10000`` → ``0.01``)."""
+    return _DIVIDE(Decimal(micro), _MICRO_DEC)

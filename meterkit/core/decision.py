@@ -1,0 +1,309 @@
+"""Decisions and usage reports: what a server needs, computed only when asked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from meterkit.core.credits import from_micro
+from meterkit.core.plan import REASON_CREDITS, REASON_RATE, Outcome, Plan
+
+__all__ = ["Decision", "KeyUsage", "OperationUsage", "TierState", "Usage"]
+
+_US = 1_000_000
+_REASONS: tuple[str | None, ...] = (None, "rate_limited", "insufficient_credits")
+RATE_LIMIT_MESSAGE = "API rate limit exceeded. Try again later."
+CREDITS_MESSAGE = (
+    "Insufficient credits for this operation. Credits reset at the start of the next "
+    "billing period."
+)
+
+
+def _ceil_seconds(us: int) -> int:
+    return -(-us // _US)
+
+
+class TierState(NamedTuple):
+    """One tier's state after a check."""
+
+    name: str
+    limit: int
+    remaining: int
+    reset_after: float
+    """Seconds until the tier next gives quota back: its window turns (fixed and sliding
+    window), its bucket is full again (gcra), its oldest logged request expires
+    (sliding_log)."""
+    denied: bool
+    """This tier said no (in shadow mode it said no but did not deny)."""
+    shadow: bool
+
+
+class Decision:
+    """The answer to one check: admitted or not, why, when to retry, what it cost.
+
+    ``allowed`` and ``reason`` are plain attributes; everything else is computed
+    from the backend's outcome when first read, so a server that only looks at
+    ``allowed`` pays for nothing more.
+    """
+
+    __slots__ = ("_out", "_plan", "allowed", "degraded", "reason")
+
+    def __init__(self, plan: Plan, outcome: Outcome, degraded: bool = False) -> None:
+        self._plan = plan
+        self._out = outcome
+        self.allowed: bool = outcome[0]
+        self.reason: str | None = _REASONS[outcome[1]]
+        self.degraded = degraded
+        """Admitted without checking, because the backend was unavailable (fail-open)."""
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed}, reason={self.reason!r}, "
+            f"retry_after={self.retry_after}, charged={self.charged}, balance={self.balance}, "
+            f"operation={self._plan.op.name!r}, key={self._plan.key!r}, org={self._plan.org!r})"
+        )
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+    @property
+    def plan(self) -> Plan:
+        """The plan this decision answered (operation, key, org, cost)."""
+        return self._plan
+
+    @property
+    def outcome(self) -> Outcome:
+        """The backend's raw outcome (see :data:`meterkit.core.plan.Outcome`)."""
+        return self._out
+
+    @property
+    def key(self) -> str:
+        return self._plan.key
+
+    @property
+    def org(self) -> str:
+        return self._plan.org
+
+    @property
+    def operation(self) -> str:
+        return self._plan.op.name
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until a retry is admitted (if nothing else arrives); 0 when allowed."""
+        return self._out[3] / _US
+
+    @property
+    def charged(self) -> Decimal:
+        """Credits this request was charged: 0 when denied; a replayed idempotent retry
+        reports the first try's charge, and nothing more is charged."""
+        return from_micro(self._out[5])
+
+    @property
+    def balance(self) -> Decimal:
+        """The organization's credits left this period, after this request."""
+        return from_micro(self._out[6])
+
+    @property
+    def charge_id(self) -> str:
+        """Identifies the charge for a refund; empty when nothing was charged."""
+        return self._out[8]
+
+    @property
+    def replayed(self) -> bool:
+        """This is the first decision for the same idempotency key, returned again."""
+        return self._out[9]
+
+    @property
+    def resets_at(self) -> datetime:
+        """When the organization's credits reset (the next calendar month, UTC)."""
+        return datetime.fromtimestamp(self._out[7] / _US, tz=timezone.utc)
+
+    @property
+    def tiers(self) -> tuple[TierState, ...]:
+        """Every tier that applied, in the policy's order."""
+        policy_shadow = self._plan.policy.shadow
+        return tuple(
+            TierState(t.name, t.capacity, rem, reset / _US, bool(den), t.shadow or policy_shadow)
+            for t, (rem, reset, den) in zip(self._plan.op.tiers, self._out[4], strict=True)
+        )
+
+    @property
+    def would_deny(self) -> tuple[str, ...]:
+        """Tiers (and ``"credits"``) that said no without denying: shadow mode's report."""
+        policy_shadow = self._plan.policy.shadow
+        names = [
+            t.name
+            for t, (_, _, den) in zip(self._plan.op.tiers, self._out[4], strict=True)
+            if den and (t.shadow or policy_shadow)
+        ]
+        if policy_shadow and self._out[6] < 0:
+            names.append("credits")
+        return tuple(names)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers: IETF ``RateLimit``/``RateLimit-Policy``, legacy ``X-RateLimit-*``,
+        ``Retry-After`` on denials, and the credits charged and left."""
+        out = self._out
+        op = self._plan.op
+        if op.tiers:
+            # The tier names, limits and the policy header are text already (see
+            # OperationPlan): only the integers are formatted here. The tightest tier
+            # is the first one with the fewest remaining, then the soonest reset.
+            names = op.header_names
+            tiers = out[4]
+            if len(names) != len(tiers):
+                raise ValueError("the outcome's tiers do not match the operation's")
+            items = []
+            best = 0
+            best_rem, best_reset, _ = tiers[0]
+            for i, (rem, reset, _) in enumerate(tiers):
+                # (x + 999_999) // 1_000_000 rounds x µs up to whole seconds.
+                items.append(f"{names[i]}{rem};t={(reset + 999_999) // _US}")
+                if rem < best_rem or (rem == best_rem and reset < best_reset):
+                    best, best_rem, best_reset = i, rem, reset
+            headers = {
+                "RateLimit-Policy": op.policy_header,
+                "RateLimit": ", ".join(items),
+                "X-RateLimit-Limit": op.header_limits[best],
+                "X-RateLimit-Remaining": str(best_rem),
+                "X-RateLimit-Reset": str((best_reset + 999_999) // _US),
+            }
+        else:
+            headers = {}
+        if not self.allowed:
+            headers["Retry-After"] = str((out[3] + 999_999) // _US)
+        charged = out[5]
+        headers["X-Credits-Charged"] = (
+            op.price_text if charged == op.price else str(from_micro(charged))
+        )
+        headers["X-Credits-Remaining"] = str(from_micro(out[6]))
+        return headers
+
+    @property
+    def status(self) -> int:
+        """The HTTP status a server answers with: 200, 429 or 402."""
+        if self.allowed:
+            return 200
+        return 429 if self._out[1] == REASON_RATE else 402
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        """The seed-shaped JSON error body; ``None`` when allowed."""
+        if self.allowed:
+            return None
+        if self._out[1] == REASON_CREDITS:
+            return {
+                "error": {
+                    "type": "billing_error",
+                    "code": "insufficient_credits",
+                    "message": CREDITS_MESSAGE,
+                    "status": 402,
+                }
+            }
+        return {
+            "error": {
+                "type": "rate_limit_error",
+                "code": "rate_limit_exceeded",
+                "message": RATE_LIMIT_MESSAGE,
+                "retry_after": _ceil_seconds(self._out[3]),
+                "status": 429,
+            }
+        }
+
+
+@dataclass(frozen=True)
+class OperationUsage:
+    """Requests and credits of one operation in the current period."""
+
+    requests: int
+    credits: Decimal
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    """Requests and credits of one API key in the current period."""
+
+    requests: int
+    credits: Decimal
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The current period's usage of an organization (or of one of its keys).
+
+    ``requests`` and ``credits_used`` cover the organization, or only ``key`` when
+    one was asked for; ``allowance`` and ``credits_left`` are always the
+    organization's. ``credits_used`` is charges minus refunds, to the micro-credit.
+    """
+
+    org: str
+    key: str | None
+    period_start: datetime
+    period_end: datetime
+    allowance: Decimal
+    credits_used: Decimal
+    credits_left: Decimal
+    requests: int
+    operations: dict[str, OperationUsage]
+    keys: dict[str, KeyUsage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (Decimals as strings, datetimes as ISO 8601)."""
+        return {
+            "org": self.org,
+            "key": self.key,
+            "period_start": self.period_start.isoformat(),
+            "period_end": self.period_end.isoformat(),
+            "allowance": str(self.allowance),
+            "credits_used": str(self.credits_used),
+            "credits_left": str(self.credits_left),
+            "requests": self.requests,
+            "operations": {
+                k: {"requests": v.requests, "credits": str(v.credits)}
+                for k, v in self.operations.items()
+            },
+            "keys": {
+                k: {"requests": v.requests, "credits": str(v.credits)} for k, v in self.keys.items()
+            },
+        }
+
+
+def build_usage(
+    org: str,
+    key: str | None,
+    raw: tuple[int, int, int, int, int, dict[tuple[str, str], list[int]]],
+) -> Usage:
+    """Turn a backend's raw usage into a :class:`Usage` for ``org`` (or one ``key``)."""
+    start, end, allowance, used, requests, pairs = raw
+    ops: dict[str, list[int]] = {}
+    keys: dict[str, list[int]] = {}
+    for (k, op), (n, micro) in pairs.items():
+        if key is not None and k != key:
+            continue
+        o = ops.setdefault(op, [0, 0])
+        o[0] += n
+        o[1] += micro
+        kk = keys.setdefault(k, [0, 0])
+        kk[0] += n
+        kk[1] += micro
+    if key is not None:
+        requests = sum(v[0] for v in ops.values())
+        scoped_used = sum(v[1] for v in ops.values())
+    else:
+        scoped_used = used
+    return Usage(
+        org=org,
+        key=key,
+        period_start=datetime.fromtimestamp(start // _US, tz=timezone.utc),
+        period_end=datetime.fromtimestamp(end // _US, tz=timezone.utc),
+        allowance=from_micro(allowance),
+        credits_used=from_micro(scoped_used),
+        credits_left=from_micro(allowance - used),
+        requests=requests,
+        operations={k: OperationUsage(n, from_micro(m)) for k, (n, m) in sorted(ops.items())},
+        keys={k: KeyUsage(n, from_micro(m)) for k, (n, m) in sorted(keys.items())},
+    )

@@ -1,0 +1,1 @@
+"""The HTTP gate (sans-I/O) and its ASGI and WSGI shells."""

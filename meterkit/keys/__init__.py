@@ -1,0 +1,1 @@
+"""API keys: the model, the rules, and the stores (memory, Redis, cached)."""

@@ -1,0 +1,948 @@
+"""API keys: their plaintext format, the ``ApiKey`` record, and the in-memory key store.
+
+The plaintext of a key is ``<prefix>_<mode>_<id><secret><checksum>``, e.g.
+``cl_live_`` + 12 characters of public id + 32 characters of secret + 6 of checksum,
+all in base62 (``0-9A-Za-z``):
+
+- the **id** (12 chars, ~71 random bits) is the key's public name: the record's ``id``
+  is ``key_<id>``. It is embedded so that a store finds the record with one lookup by
+  id (one Redis call on one key), without an index from hashes to ids;
+- the **secret** (32 chars, ~190 bits from :mod:`secrets`) is what makes the key hard to
+  guess; only a hash of the whole plaintext is kept (HMAC-SHA256 with the server's
+  pepper, or SHA-256 when there is none: keys are random, so a slow password hash would
+  only cost time);
+- the **checksum** is the CRC32 of everything before it, in 6 base62 characters. CRC32
+  catches every change of one character and every truncation, so mistyped, cut or
+  invented keys are refused before any store is consulted, and secret scanners can
+  tell a real key from random text. The last four characters, shown in ``repr`` and
+  dashboards, are checksum characters, so they reveal nothing beyond ~24 bits of a CRC.
+
+Authentication refuses with :class:`~meterkit.errors.AuthenticationError`, in this order:
+a missing, over-long or malformed header, a bad checksum, an unknown id, a wrong secret
+or a revoked key give ``invalid_api_key``; a key past its expiry ``expired_api_key``; an
+organization other than the key's ``organization_not_found``; a permission the key lacks
+``insufficient_permissions``. An organization "exists" for a store when at least one
+key (live, expired or revoked) was created for it; since a key is only ever admitted for
+its own organization, asking for any other one, existing or not, gets the same answer,
+and organizations cannot be probed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import math
+import re
+import secrets
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from hmac import compare_digest
+from typing import Any, Final, Literal, Protocol
+from urllib.parse import urlsplit
+
+import msgspec
+
+from meterkit.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    InvalidIdentifierError,
+    InvalidRequestError,
+    UnknownKeyError,
+)
+
+__all__ = [
+    "ApiKey",
+    "AsyncKeyStore",
+    "AsyncMemoryKeyStore",
+    "KeyFormat",
+    "KeyStore",
+    "MemoryKeyStore",
+    "PlaintextKey",
+    "async_keystore_from_url",
+    "keystore_from_url",
+]
+
+Mode = Literal["live", "test"]
+Clock = Callable[[], float]
+TimeLike = datetime | float | int
+DurationLike = timedelta | float | int
+
+INVALID: Final = "invalid_api_key"
+EXPIRED: Final = "expired_api_key"
+INSUFFICIENT: Final = "insufficient_permissions"
+ORG_NOT_FOUND: Final = "organization_not_found"
+CODES: Final = (INVALID, EXPIRED, INSUFFICIENT, ORG_NOT_FOUND)
+
+ALPHABET: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+ID_CHARS: Final = 12
+SECRET_CHARS: Final = 32
+CHECK_CHARS: Final = 6
+KEY_ID_PREFIX: Final = "key_"
+# A key with the longest allowed prefix and generous blanks around it is well under this;
+# anything longer is refused before a regular expression ever looks at it.
+MAX_HEADER_CHARS: Final = 256
+
+_PAIRS: Final = tuple(a + b for a in ALPHABET for b in ALPHABET)  # 62**2 two-char digits
+_PREFIX_RE: Final = re.compile(r"[a-z][a-z0-9]{0,15}")
+_KEY_ID_RE: Final = re.compile(rf"key_[0-9A-Za-z]{{{ID_CHARS}}}")
+_ORG_RE: Final = re.compile(r"org_[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_SEGMENT: Final = r"[a-z][a-z0-9_.-]{0,63}"
+_PERMISSION_RE: Final = re.compile(rf"\*|{_SEGMENT}:(?:\*|{_SEGMENT})")
+_MAX_NAME: Final = 200
+_CACHE_LIMIT: Final = 4096
+
+
+def _base62(number: int, width: int) -> str:
+    """``number`` in base62, left-padded to ``width`` characters (the caller bounds it)."""
+    digits = []
+    for _ in range(width):
+        number, rest = divmod(number, 62)
+        digits.append(ALPHABET[rest])
+    return "".join(reversed(digits))
+
+
+def checksum(text: str) -> str:
+    """The 6-character checksum of ``text``: its CRC32 in base62 (62**6 > 2**32)."""
+    # Two-character digits make this three divisions instead of six: it is on the hot path.
+    rest, low = divmod(zlib.crc32(text.encode("ascii")), 3844)
+    high, middle = divmod(rest, 3844)
+    return _PAIRS[high] + _PAIRS[middle] + _PAIRS[low]
+
+
+class KeyFormat:
+    """The shape of one deployment's API keys: ``<prefix>_live_…`` and ``<prefix>_test_…``.
+
+    ``pattern`` is a regular expression for secret scanners (it finds candidates in
+    text; :meth:`is_well_formed` then confirms one by its checksum).
+    """
+
+    __slots__ = ("_header", "_token", "length", "pattern", "prefix")
+
+    def __init__(self, prefix: str = "cl") -> None:
+        if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+            raise ConfigurationError(
+                "must be 1 to 16 lowercase letters or digits, starting with a letter",
+                "token_prefix",
+            )
+        self.prefix = prefix
+        body = ID_CHARS + SECRET_CHARS + CHECK_CHARS
+        self.length = len(prefix) + len("_live_") + body
+        self.pattern = rf"\b{prefix}_(?:live|test)_[0-9A-Za-z]{{{body}}}\b"
+        token = rf"{prefix}_(live|test)_([0-9A-Za-z]{{{ID_CHARS}}})[0-9A-Za-z]{{{body - ID_CHARS}}}"
+        self._token = re.compile(token)
+        self._header = re.compile(rf"[ \t]*(?i:bearer)[ \t]+({token})[ \t]*")
+
+    def __repr__(self) -> str:
+        return f"KeyFormat(prefix={self.prefix!r})"
+
+    def compose(self, mode: Mode, id_part: str, secret_part: str) -> str:
+        """The plaintext of a key from its parts (the checksum is computed here)."""
+        head = f"{self.prefix}_{mode}_{id_part}{secret_part}"
+        return head + checksum(head)
+
+    def generate(self, mode: Mode) -> str:
+        """A new random plaintext key (id and secret from :mod:`secrets`)."""
+        id_part = _base62(secrets.randbelow(62**ID_CHARS), ID_CHARS)
+        secret_part = _base62(secrets.randbelow(62**SECRET_CHARS), SECRET_CHARS)
+        return self.compose(mode, id_part, secret_part)
+
+    def is_well_formed(self, token: object) -> bool:
+        """Whether ``token`` has this format and a correct checksum (no store is asked)."""
+        if not isinstance(token, str) or len(token) != self.length:
+            return False
+        if self._token.fullmatch(token) is None:
+            return False
+        return checksum(token[:-CHECK_CHARS]) == token[-CHECK_CHARS:]
+
+    def key_id(self, token: str) -> str:
+        """The public id (``key_…``) embedded in a well-formed ``token``."""
+        start = len(self.prefix) + len("_live_")
+        return KEY_ID_PREFIX + token[start : start + ID_CHARS]
+
+
+class PlaintextKey(str):
+    """A key's plaintext, returned once by ``create``/``rotate``.
+
+    It is a ``str`` (use it as one, or ``str(plaintext)``), whose ``repr`` shows only the
+    prefix and the last four characters, so it does not end up whole in logs or
+    tracebacks by accident.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        head = self[: self.find("_", self.find("_") + 1) + 1]
+        return f"PlaintextKey('{head}…{self[-4:]}')"
+
+
+def _wildcard_of(permission: str) -> str:
+    """The grant that covers every action on ``permission``'s resource (``invoices:*``)."""
+    return "*" if permission == "*" else permission.partition(":")[0] + ":*"
+
+
+_WILDCARDS: dict[str, str] = {}
+
+
+def _required_wildcard(permission: object) -> str:
+    """Validate a requested permission (cached: the set in use is small) -> its wildcard."""
+    cached = _WILDCARDS.get(permission) if isinstance(permission, str) else None
+    if cached is not None:
+        return cached
+    if not isinstance(permission, str) or not _PERMISSION_RE.fullmatch(permission):
+        raise InvalidRequestError(
+            f"permission must look like 'invoices:read', 'invoices:*' or '*', not {permission!r}"
+        )
+    wildcard = _wildcard_of(permission)
+    if len(_WILDCARDS) < _CACHE_LIMIT:
+        _WILDCARDS[permission] = wildcard
+    return wildcard
+
+
+class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
+    """One API key as a store knows it: public facts and a hash, never the secret.
+
+    Times are UNIX seconds (floats). ``last_used_at`` is when the key's secret was last
+    presented to ``authenticate``, admitted or not: a revoked or expired key that is
+    still being presented shows up here. ``last_four`` is the end of the plaintext, for
+    people to recognise a key by. ``Meter.check(key=api_key)`` reads ``id``, ``org`` and
+    ``mode``.
+    """
+
+    id: str
+    org: str
+    mode: Mode
+    permissions: tuple[str, ...] = ()
+    name: str | None = None
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    secret_hash: str
+    last_four: str
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in self.__rich_repr__())
+        return f"ApiKey({fields})"
+
+    def __str__(self) -> str:
+        return f"{self.id} (…{self.last_four})"
+
+    def __rich_repr__(self) -> builtins.list[tuple[str, Any]]:
+        """The fields ``repr`` shows: all but the secret's hash."""
+        return [
+            (name, getattr(self, name)) for name in self.__struct_fields__ if name != "secret_hash"
+        ]
+
+    def grants(self, permission: str) -> bool:
+        """Whether this key holds ``permission``, itself or through a wildcard."""
+        wildcard = _required_wildcard(permission)
+        held = self.permissions
+        return permission in held or wildcard in held or "*" in held
+
+    def status(self, now: float) -> Literal["active", "expired", "revoked"]:
+        """What ``authenticate`` would make of this key at ``now`` (UNIX seconds)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+def _seconds(value: object, what: str) -> float:
+    """A time or duration given as a finite number of seconds (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{what} must be a datetime/timedelta or seconds, not {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise InvalidRequestError(f"{what} must be finite, not {value!r}")
+    return seconds
+
+
+def to_timestamp(value: object, what: str) -> float:
+    """UNIX seconds from a timezone-aware datetime or a number; naive datetimes are refused."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidRequestError(f"{what} must be timezone-aware, not a naive datetime")
+        return value.timestamp()
+    return _seconds(value, what)
+
+
+def to_duration(value: object, what: str) -> float:
+    """Seconds (>= 0) from a timedelta or a number."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else _seconds(value, what)
+    if seconds < 0:
+        raise InvalidRequestError(f"{what} must not be negative, not {value!r}")
+    return seconds
+
+
+def check_key_id(key_id: object) -> str:
+    """A well-formed public key id (``key_`` + 12 base62 characters), or an error."""
+    if not isinstance(key_id, str) or not _KEY_ID_RE.fullmatch(key_id):
+        raise InvalidIdentifierError(f"not an API key id: {key_id!r}")
+    return key_id
+
+
+def check_org(org: object) -> str:
+    """A well-formed organization id (``org_`` + up to 64 of ``A-Za-z0-9_-``), or an error."""
+    if not isinstance(org, str) or not _ORG_RE.fullmatch(org):
+        raise InvalidIdentifierError(
+            f"organization ids look like 'org_123' (letters, digits, '_', '-'), not {org!r}"
+        )
+    return org
+
+
+def _check_permissions(permissions: object) -> tuple[str, ...]:
+    if isinstance(permissions, str | bytes) or not isinstance(permissions, Iterable):
+        raise InvalidRequestError(
+            f"permissions must be a list of strings such as ['invoices:read'], not {permissions!r}"
+        )
+    checked = []
+    for permission in permissions:
+        if not isinstance(permission, str) or not _PERMISSION_RE.fullmatch(permission):
+            raise InvalidRequestError(
+                "each permission must look like 'invoices:read', 'invoices:*' or '*',"
+                f" not {permission!r}"
+            )
+        checked.append(permission)
+    return tuple(sorted(set(checked)))
+
+
+def _check_name(name: object) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or len(name) > _MAX_NAME or not name.isprintable():
+        raise InvalidRequestError(
+            f"name must be printable text of at most {_MAX_NAME} characters, not {name!r}"
+        )
+    return name
+
+
+def _check_mode(mode: object) -> Mode:
+    if mode == "live" and isinstance(mode, str):
+        return "live"
+    if mode == "test" and isinstance(mode, str):
+        return "test"
+    raise InvalidRequestError(f"mode must be 'live' or 'test', not {mode!r}")
+
+
+class _Hasher:
+    """HMAC-SHA256 under a pepper (RFC 2104, pads precomputed), or SHA-256 without one.
+
+    Precomputing the inner and outer pad states halves the cost of :func:`hmac.digest`,
+    which re-derives them on every call; the result is the same HMAC.
+    """
+
+    __slots__ = ("_inner", "_outer", "key")
+
+    def __init__(self, pepper: bytes | str | None, what: str = "pepper") -> None:
+        #: The HMAC key (the pepper as HMAC uses it), or None: equal keys hash alike.
+        self.key: bytes | None = None
+        if pepper is None:
+            self._inner = None
+            self._outer = None
+            return
+        if isinstance(pepper, str):
+            pepper = pepper.encode("utf-8")
+        if not isinstance(pepper, bytes) or len(pepper) < 16:
+            raise ConfigurationError("must be at least 16 bytes (or None)", what)
+        if len(pepper) > 64:
+            pepper = hashlib.sha256(pepper).digest()
+        self.key = pepper
+        block = pepper.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def __call__(self, token: str) -> str:
+        """The hex hash of ``token``."""
+        data = token.encode("ascii")
+        if self._inner is None or self._outer is None:
+            return hashlib.sha256(data).hexdigest()
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+def _previous_hashers(
+    current: _Hasher, peppers: Iterable[bytes | str | None]
+) -> tuple[_Hasher, ...]:
+    """The hashers of ``previous_peppers``: distinct, and none the current pepper."""
+    if isinstance(peppers, (str, bytes)) or not isinstance(peppers, Iterable):
+        raise ConfigurationError(
+            "is a list of peppers (None for plain SHA-256), not one pepper", "previous_peppers"
+        )
+    hashers: list[_Hasher] = []
+    for pepper in peppers:
+        hasher = _Hasher(pepper, "previous_peppers")
+        if hasher.key == current.key or any(hasher.key == h.key for h in hashers):
+            raise ConfigurationError(
+                "names the current pepper, or one pepper twice", "previous_peppers"
+            )
+        hashers.append(hasher)
+    return tuple(hashers)
+
+
+def _status_codes(overrides: Mapping[str, int] | None) -> dict[str, int]:
+    statuses = dict.fromkeys(CODES, 401)
+    for code, status in (overrides or {}).items():
+        if code not in statuses:
+            raise ConfigurationError(
+                f"unknown code {code!r}; known: {', '.join(CODES)}", "status_codes"
+            )
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+            raise ConfigurationError(
+                f"must be an HTTP error status (400-599), not {status!r}", f"status_codes.{code}"
+            )
+        statuses[code] = status
+    return statuses
+
+
+class KeyRules:
+    """What every key store shares: format, hashing, clock, statuses, and every decision.
+
+    Stores only fetch and keep records; what is valid, what is admitted and what a
+    rotation does is decided here, once, for the memory and Redis stores alike.
+    """
+
+    __slots__ = ("clock", "format", "hash", "previous", "statuses")
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        token_prefix: str = "cl",
+        pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
+        status_codes: Mapping[str, int] | None = None,
+    ) -> None:
+        if clock is not None and not callable(clock):
+            raise ConfigurationError("must be a callable returning UNIX seconds", "clock")
+        self.clock: Clock = clock if clock is not None else time.time
+        self.format = KeyFormat(token_prefix)
+        self.hash = _Hasher(pepper)
+        #: Hashers of peppers being retired: a key hashed under one still authenticates,
+        #: and its stored hash is replaced by the current pepper's on the way.
+        self.previous = _previous_hashers(self.hash, previous_peppers)
+        self.statuses = _status_codes(status_codes)
+
+    def error(self, code: str) -> AuthenticationError:
+        """A fresh refusal with ``code`` and its configured status."""
+        return AuthenticationError(code, status=self.statuses[code])
+
+    def read_header(self, header: object) -> tuple[str, tuple[str, ...]]:
+        """``(key id, hashes)`` from an ``Authorization`` header, checked without any
+        lookup: the token's hash under the pepper, then under each previous pepper."""
+        if isinstance(header, bytes):
+            if len(header) > MAX_HEADER_CHARS:
+                raise self.error(INVALID)
+            header = header.decode("latin-1")
+        if not isinstance(header, str) or len(header) > MAX_HEADER_CHARS:
+            raise self.error(INVALID)
+        match = self.format._header.fullmatch(header)
+        if match is None:
+            raise self.error(INVALID)
+        token = match.group(1)
+        # The checksum is public (anyone can compute it), so a plain comparison is fine.
+        if checksum(token[:-CHECK_CHARS]) != token[-CHECK_CHARS:]:
+            raise self.error(INVALID)
+        digests = (self.hash(token), *(hasher(token) for hasher in self.previous))
+        return KEY_ID_PREFIX + match.group(3), digests
+
+    def verified(self, record: ApiKey | None, digests: tuple[str, ...]) -> ApiKey:
+        """``record`` if it exists and its hash is one of ``digests`` (the current
+        pepper's first, then the previous peppers'; compared in constant time). A record
+        hashed under a previous pepper comes back with the current pepper's hash, which
+        the store then keeps in place of the old one."""
+        if record is None:
+            raise self.error(INVALID)
+        stored = record.secret_hash
+        if compare_digest(stored, digests[0]):
+            return record
+        for digest in digests[1:]:
+            if compare_digest(stored, digest):
+                return msgspec.structs.replace(record, secret_hash=digests[0])
+        raise self.error(INVALID)
+
+    def admit(
+        self, record: ApiKey, now: float, org: str | None, permission: str | None, wildcard: str
+    ) -> ApiKey:
+        """``record`` if a verified key may act for ``org`` with ``permission`` at ``now``."""
+        if record.revoked_at is not None:
+            raise self.error(INVALID)
+        if record.expires_at is not None and now >= record.expires_at:
+            raise self.error(EXPIRED)
+        if org is not None and org != record.org:
+            raise self.error(ORG_NOT_FOUND)
+        if permission is not None:
+            held = record.permissions
+            if permission not in held and wildcard not in held and "*" not in held:
+                raise self.error(INSUFFICIENT)
+        return record
+
+    @staticmethod
+    def requested(permission: str | None) -> str:
+        """The wildcard covering a requested permission ('' for none); validates it."""
+        return "" if permission is None else _required_wildcard(permission)
+
+    def new_key(
+        self,
+        *,
+        org: object,
+        mode: object,
+        permissions: object,
+        expires_at: object,
+        name: object,
+        now: float,
+    ) -> tuple[PlaintextKey, ApiKey]:
+        """Validate ``create``'s arguments and make a key (nothing is stored here)."""
+        org = check_org(org)
+        checked_mode = _check_mode(mode)
+        granted = _check_permissions(permissions)
+        expiry = None if expires_at is None else to_timestamp(expires_at, "expires_at")
+        if expiry is not None and expiry <= now:
+            raise InvalidRequestError("expires_at must be in the future")
+        return self._issue(org, checked_mode, granted, expiry, _check_name(name), now)
+
+    def _issue(
+        self,
+        org: str,
+        mode: Mode,
+        permissions: tuple[str, ...],
+        expires_at: float | None,
+        name: str | None,
+        now: float,
+    ) -> tuple[PlaintextKey, ApiKey]:
+        token = self.format.generate(mode)
+        record = ApiKey(
+            id=self.format.key_id(token),
+            org=org,
+            mode=mode,
+            permissions=permissions,
+            name=name,
+            created_at=now,
+            expires_at=expires_at,
+            secret_hash=self.hash(token),
+            last_four=token[-4:],
+        )
+        return PlaintextKey(token), record
+
+    def rotation(
+        self,
+        old: ApiKey | None,
+        key_id: str,
+        grace: object,
+        now: float,
+    ) -> tuple[ApiKey, PlaintextKey, ApiKey]:
+        """``(old key as rotated, new plaintext, new key)`` for ``rotate``.
+
+        The new key copies the old one's organization, mode, permissions, name and
+        expiry; the old one keeps working until ``now + grace`` (or its own expiry, if
+        sooner), then answers ``expired_api_key``. Revoked or expired keys are not rotated.
+        """
+        seconds = to_duration(grace, "grace")
+        if old is None:
+            raise UnknownKeyError(f"no API key {key_id}")
+        state = old.status(now)
+        if state != "active":
+            raise InvalidRequestError(f"{key_id} is {state}; create a new key instead")
+        plaintext, new = self._issue(
+            old.org, old.mode, old.permissions, old.expires_at, old.name, now
+        )
+        deadline = now + seconds
+        if old.expires_at is None or deadline < old.expires_at:
+            old = msgspec.structs.replace(old, expires_at=deadline)
+        return old, plaintext, new
+
+
+def sort_keys(records: Iterable[ApiKey]) -> builtins.list[ApiKey]:
+    """Records in the order ``list`` returns them: oldest first, then by id."""
+    return sorted(records, key=lambda record: (record.created_at, record.id))
+
+
+class KeyStore(Protocol):
+    """What a synchronous key store offers (memory, Redis)."""
+
+    def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
+        """Make and keep a new key; its plaintext is returned this once and never again."""
+        ...
+
+    def get(self, key_id: str) -> ApiKey | None:
+        """The key with this id, or None."""
+        ...
+
+    def list(self, org: str) -> builtins.list[ApiKey]:
+        """Every key of ``org`` (revoked and expired ones too), oldest first."""
+        ...
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """Revoke a key at once (revoking twice keeps the first time)."""
+        ...
+
+    def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
+        """A new key like this one; the old one keeps working for ``grace``."""
+        ...
+
+    def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
+        """The key presented in an ``Authorization: Bearer …`` header, if admitted."""
+        ...
+
+    def close(self) -> None:
+        """Release connections the store opened itself."""
+        ...
+
+
+class AsyncKeyStore(Protocol):
+    """What an asynchronous key store offers: :class:`KeyStore`'s methods, awaited."""
+
+    async def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.create`."""
+        ...
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        """See :meth:`KeyStore.get`."""
+        ...
+
+    async def list(self, org: str) -> builtins.list[ApiKey]:
+        """See :meth:`KeyStore.list`."""
+        ...
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        """See :meth:`KeyStore.revoke`."""
+        ...
+
+    async def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.rotate`."""
+        ...
+
+    async def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
+        """See :meth:`KeyStore.authenticate`."""
+        ...
+
+    async def aclose(self) -> None:
+        """See :meth:`KeyStore.close`."""
+        ...
+
+
+class MemoryKeyStore:
+    """Keys in this process's memory: for tests, development and single-process servers.
+
+    Reads take no lock (a dict lookup is atomic); changes take one lock, and the record
+    of a key is replaced whole (records are immutable), so a concurrent ``revoke`` is
+    never undone by an ``authenticate`` recording its use.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        token_prefix: str = "cl",
+        pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
+        status_codes: Mapping[str, int] | None = None,
+    ) -> None:
+        self._rules = KeyRules(
+            clock=clock,
+            token_prefix=token_prefix,
+            pepper=pepper,
+            previous_peppers=previous_peppers,
+            status_codes=status_codes,
+        )
+        self._records: dict[str, ApiKey] = {}
+        self._by_org: dict[str, builtins.list[str]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryKeyStore(token_prefix={self._rules.format.prefix!r})"
+
+    @property
+    def rules(self) -> KeyRules:
+        """What this store decides keys by (format, hashing, clock, statuses)."""
+        return self._rules
+
+    @property
+    def key_format(self) -> KeyFormat:
+        """The format of this store's keys."""
+        return self._rules.format
+
+    def _keep(self, record: ApiKey) -> None:
+        self._records[record.id] = record
+        self._by_org.setdefault(record.org, []).append(record.id)
+
+    def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.create`."""
+        while True:
+            plaintext, record = self._rules.new_key(
+                org=org,
+                mode=mode,
+                permissions=permissions,
+                expires_at=expires_at,
+                name=name,
+                now=self._rules.clock(),
+            )
+            with self._lock:
+                if record.id not in self._records:  # 71 random bits: a retry is theoretical
+                    self._keep(record)
+                    return plaintext, record
+
+    def get(self, key_id: str) -> ApiKey | None:
+        """See :meth:`KeyStore.get`."""
+        return self._records.get(check_key_id(key_id))
+
+    def list(self, org: str) -> builtins.list[ApiKey]:
+        """See :meth:`KeyStore.list`."""
+        ids = builtins.list(self._by_org.get(check_org(org), ()))
+        return sort_keys(self._records[key_id] for key_id in ids)
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """See :meth:`KeyStore.revoke`."""
+        check_key_id(key_id)
+        with self._lock:
+            record = self._records.get(key_id)
+            if record is None:
+                raise UnknownKeyError(f"no API key {key_id}")
+            if record.revoked_at is None:
+                record = msgspec.structs.replace(record, revoked_at=self._rules.clock())
+                self._records[key_id] = record
+            return record
+
+    def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.rotate`."""
+        check_key_id(key_id)
+        while True:
+            with self._lock:
+                old, plaintext, new = self._rules.rotation(
+                    self._records.get(key_id), key_id, grace, self._rules.clock()
+                )
+                if new.id not in self._records:
+                    self._records[key_id] = old
+                    self._keep(new)
+                    return plaintext, new
+
+    def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
+        """See :meth:`KeyStore.authenticate`."""
+        rules = self._rules
+        wildcard = rules.requested(permission)
+        key_id, digests = rules.read_header(authorization)
+        found = self._records.get(key_id)
+        record = rules.verified(found, digests)
+        now = rules.clock()
+        last = record.last_used_at
+        if last is None or now > last or record is not found:
+            with self._lock:
+                record = self._records[key_id]
+                changes: dict[str, Any] = {}
+                if found is not None and record.secret_hash == found.secret_hash:
+                    # (a previous pepper's hash becomes the current pepper's; a record
+                    # changed meanwhile keeps its own)
+                    changes["secret_hash"] = digests[0]
+                last = record.last_used_at
+                if last is None or now > last:
+                    changes["last_used_at"] = now
+                record = msgspec.structs.replace(record, **changes)
+                self._records[key_id] = record
+        return rules.admit(record, now, org, permission, wildcard)
+
+    def close(self) -> None:
+        """Nothing to release: present for the :class:`KeyStore` protocol."""
+
+
+class AsyncMemoryKeyStore:
+    """:class:`MemoryKeyStore` behind ``async`` methods (nothing in it ever blocks).
+
+    ``sync`` is the underlying store, for code that shares it with synchronous callers.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        token_prefix: str = "cl",
+        pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
+        status_codes: Mapping[str, int] | None = None,
+    ) -> None:
+        self.sync = MemoryKeyStore(
+            clock=clock,
+            token_prefix=token_prefix,
+            pepper=pepper,
+            previous_peppers=previous_peppers,
+            status_codes=status_codes,
+        )
+
+    def __repr__(self) -> str:
+        return f"AsyncMemoryKeyStore(token_prefix={self.sync.key_format.prefix!r})"
+
+    @property
+    def rules(self) -> KeyRules:
+        """What this store decides keys by (format, hashing, clock, statuses)."""
+        return self.sync.rules
+
+    @property
+    def key_format(self) -> KeyFormat:
+        """The format of this store's keys."""
+        return self.sync.key_format
+
+    async def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.create`."""
+        return self.sync.create(
+            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
+        )
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        """See :meth:`KeyStore.get`."""
+        return self.sync.get(key_id)
+
+    async def list(self, org: str) -> builtins.list[ApiKey]:
+        """See :meth:`KeyStore.list`."""
+        return self.sync.list(org)
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        """See :meth:`KeyStore.revoke`."""
+        return self.sync.revoke(key_id)
+
+    async def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.rotate`."""
+        return self.sync.rotate(key_id, grace=grace)
+
+    async def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
+        """See :meth:`KeyStore.authenticate`."""
+        return self.sync.authenticate(authorization, org=org, permission=permission)
+
+    async def aclose(self) -> None:
+        """Nothing to release: present for the :class:`AsyncKeyStore` protocol."""
+
+
+_REDIS_SCHEMES: Final = frozenset(
+    {"redis", "rediss", "unix", "redis+unix", "redis+cluster", "rediss+cluster"}
+)
+
+
+def _scheme(url: object) -> str:
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a key store URL must be a string, not {url!r}", "url")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        if url.lower().rstrip("/") not in ("memory:", "memory:/"):
+            raise ConfigurationError(
+                "the memory store takes no host or options: 'memory://'", "url"
+            )
+        return scheme
+    if scheme in _REDIS_SCHEMES:
+        return scheme
+    raise ConfigurationError(
+        f"unsupported key store URL scheme {scheme!r}: use memory://, redis://, rediss://,"
+        " redis+unix://, redis+cluster:// or rediss+cluster://",
+        "url",
+    )
+
+
+def _driver_url(url: str) -> str:
+    """``redis+unix://`` (the spelling backend_from_url uses) as redis-py's ``unix://``."""
+    if url.lower().startswith("redis+unix://"):
+        return "unix://" + url[len("redis+unix://") :]
+    return url
+
+
+def keystore_from_url(
+    url: str,
+    *,
+    clock: Clock | None = None,
+    token_prefix: str = "cl",
+    pepper: bytes | str | None = None,
+    previous_peppers: Iterable[bytes | str | None] = (),
+    status_codes: Mapping[str, int] | None = None,
+    namespace: str = "mk",
+) -> KeyStore:
+    """A key store for ``memory://`` or ``redis://…`` (``rediss://``, ``unix://``,
+    ``redis+cluster://host:port[,host:port…]``, ``rediss+cluster://``).
+
+    A cluster URL makes the client :func:`~meterkit.backend_from_url` would make for it
+    (connected at once: an unreachable cluster raises ``BackendUnavailable`` here).
+    ``pepper`` is the server-side secret keyed into every hash (keep it out of URLs and
+    of the store), ``previous_peppers`` those being retired (their keys still work and
+    are rehashed under ``pepper`` when presented); ``namespace`` prefixes Redis key
+    names; ``status_codes`` overrides the HTTP status of refusals (401 each by default),
+    e.g. ``{"insufficient_permissions": 403}``.
+    """
+    options: dict[str, Any] = {
+        "clock": clock,
+        "token_prefix": token_prefix,
+        "pepper": pepper,
+        "previous_peppers": previous_peppers,
+        "status_codes": status_codes,
+    }
+    if _scheme(url) == "memory":
+        return MemoryKeyStore(**options)
+    from meterkit.keys.redis import RedisKeyStore
+
+    url = _driver_url(url)
+    return RedisKeyStore.from_url(url, namespace=namespace, **options)
+
+
+def async_keystore_from_url(
+    url: str,
+    *,
+    clock: Clock | None = None,
+    token_prefix: str = "cl",
+    pepper: bytes | str | None = None,
+    previous_peppers: Iterable[bytes | str | None] = (),
+    status_codes: Mapping[str, int] | None = None,
+    namespace: str = "mk",
+) -> AsyncKeyStore:
+    """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
+    options: dict[str, Any] = {
+        "clock": clock,
+        "token_prefix": token_prefix,
+        "pepper": pepper,
+        "previous_peppers": previous_peppers,
+        "status_codes": status_codes,
+    }
+    if _scheme(url) == "memory":
+        return AsyncMemoryKeyStore(**options)
+    from meterkit.keys.redis import AsyncRedisKeyStore
+
+    return AsyncRedisKeyStore.from_url(_driver_url(url), namespace=namespace, **options)

@@ -1,0 +1,485 @@
+"""Meter and AsyncMeter: validate a request, build its plan, ask the backend, decide.
+
+Both share everything but the one backend call: :class:`_MeterCore` validates and
+plans, and turns outcomes into decisions; the two shells only differ in ``await``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from meterkit.core.credits import to_micro
+from meterkit.core.decision import Decision, Usage, build_usage
+from meterkit.core.plan import Outcome, Plan
+from meterkit.errors import (
+    AuthenticationError,
+    BackendUnavailable,
+    InvalidIdentifierError,
+    InvalidRequestError,
+    MeterkitError,
+)
+
+if TYPE_CHECKING:
+    from meterkit.core.backend import AsyncBackend, Backend
+    from meterkit.core.policy import Policy
+
+__all__ = ["AsyncMeter", "Meter"]
+
+_MAX_ID = 256
+_US = 1_000_000
+Mode = Literal["live", "test"]
+#: One request of :meth:`Meter.check_many`: :meth:`Meter.check`'s arguments as a dict,
+#: or a tuple ``(key, operation, org, idempotency_key, cost, mode)`` (the tail optional).
+CheckRequest = Mapping[str, Any] | Sequence[Any]
+_CHECK_ARGS = ("key", "operation", "org", "idempotency_key", "cost", "mode")
+_CHECK_ARG_SET = frozenset(_CHECK_ARGS)
+_TUPLE_DEFAULTS = ("", "", None, None, None, "live")  # a tuple request's missing tail
+
+
+def _bad_id(value: object, what: str) -> InvalidIdentifierError:
+    if not isinstance(value, str):
+        return InvalidIdentifierError(f"{what} must be a str, not {type(value).__name__}")
+    if not value:
+        return InvalidIdentifierError(f"{what} must not be empty")
+    if len(value) > _MAX_ID:
+        return InvalidIdentifierError(f"{what} is longer than {_MAX_ID} characters")
+    return InvalidIdentifierError(f"{what} holds control or non-printable characters")
+
+
+def check_mode(mode: object) -> None:
+    """Raise unless ``mode`` is ``"live"`` or ``"test"``."""
+    if mode != "live" and mode != "test":
+        raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+
+
+def check_id(value: object, what: str) -> str:
+    """Return ``value`` if it is a usable id (1–256 printable characters), else raise."""
+    if type(value) is str and 0 < len(value) <= _MAX_ID and value.isprintable():
+        return value
+    raise _bad_id(value, what)
+
+
+class _MeterCore:
+    """What Meter and AsyncMeter share: planning, validation, deciding."""
+
+    def __init__(self, policy: Policy, *, fail_open: bool = False) -> None:
+        self.policy = policy
+        self.fail_open = fail_open
+        self._plan_for = policy.plan_for
+        self._watch_shadow = policy.shadow or any(t.shadow for t in policy.tiers)
+        #: Denials that shadow mode let through, per tier name (and "credits").
+        self.shadow_denials: Counter[str] = Counter()
+        #: Checks admitted without the backend because it was unavailable (fail-open).
+        self.degraded = 0
+
+    def _plan(
+        self,
+        key: Any,
+        org: str | None,
+        operation: str,
+        idempotency_key: str | None,
+        cost: object,
+        mode: str,
+    ) -> Plan:
+        if type(key) is not str and hasattr(key, "org") and hasattr(key, "id"):
+            # An authenticated ApiKey: its id meters, its org and mode scope.
+            if org is not None and org != key.org:
+                raise AuthenticationError("organization_not_found")
+            key, org, mode = key.id, key.org, getattr(key, "mode", "live")
+        # check_id inlined: its two calls cost a few % of a whole check.
+        if not (type(key) is str and 0 < len(key) <= _MAX_ID and key.isprintable()):
+            raise _bad_id(key, "key")
+        if not (type(org) is str and 0 < len(org) <= _MAX_ID and org.isprintable()):
+            raise _bad_id(org, "org")
+        if mode != "live" and mode != "test":
+            raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+        op = self._plan_for(operation)
+        price = op.price if cost is None else to_micro(cost, "cost")
+        if idempotency_key is not None:
+            check_id(idempotency_key, "idempotency_key")
+        return Plan(self.policy, op, key, org, mode, price, idempotency_key)  # type: ignore[arg-type]
+
+    def _decide(self, plan: Plan, outcome: Outcome) -> Decision:
+        decision = Decision(plan, outcome)
+        # Only shadow tiers can say no to an admitted request.
+        if self._watch_shadow and outcome[0]:
+            self._count_shadow(decision)
+        return decision
+
+    def _count_shadow(self, decision: Decision) -> None:
+        names = decision.would_deny
+        if names:
+            self.shadow_denials.update(names)
+
+    def _degraded(self, plan: Plan) -> Decision:
+        self.degraded += 1
+        now = round(time.time() * _US)
+        tiers = tuple((t.capacity, 0, 0) for t in plan.op.tiers)
+        return Decision(plan, (True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
+
+    def _plans(self, requests: Iterable[CheckRequest]) -> list[Plan]:
+        """Plan every request of a batch, so that bad input raises before any is applied."""
+        plans = []
+        plan = self._plan
+        for i, request in enumerate(requests):
+            # The usual shapes first (a dict of known arguments, a tuple of 2 to 6): the
+            # batch is planned before Redis sees any of it, so this is Redis idle time.
+            if (
+                isinstance(request, dict)
+                and request.keys() <= _CHECK_ARG_SET
+                and ("key" in request and "operation" in request)
+            ):
+                get = request.get
+                plans.append(
+                    plan(
+                        request["key"],
+                        get("org"),
+                        request["operation"],
+                        get("idempotency_key"),
+                        get("cost"),
+                        get("mode", "live"),
+                    )
+                )
+                continue
+            if isinstance(request, tuple) and 2 <= len(request) <= 6:
+                key, operation, org, idem, cost, mode = request + _TUPLE_DEFAULTS[len(request) :]
+                plans.append(plan(key, org, operation, idem, cost, mode))
+                continue
+            plans.append(self._plan_request(i, request))
+        return plans
+
+    def _plan_request(self, i: int, request: CheckRequest) -> Plan:
+        """One request of a batch in any accepted shape, or the error that says why not."""
+        if isinstance(request, Mapping):
+            args = dict(request)
+        elif isinstance(request, (tuple, list)) and len(request) <= len(_CHECK_ARGS):
+            args = dict(zip(_CHECK_ARGS, request, strict=False))
+        else:
+            raise InvalidRequestError(
+                f"requests[{i}] is a dict of check() arguments or a tuple "
+                "(key, operation, org, idempotency_key, cost, mode)"
+            )
+        unknown = sorted(set(args) - set(_CHECK_ARGS))
+        if unknown or "key" not in args or "operation" not in args:
+            raise InvalidRequestError(
+                f"requests[{i}] needs key and operation"
+                + (f", and takes no {', '.join(map(repr, unknown))}" if unknown else "")
+            )
+        return self._plan(
+            args["key"],
+            args.get("org"),
+            args["operation"],
+            args.get("idempotency_key"),
+            args.get("cost"),
+            args.get("mode", "live"),
+        )
+
+    def _decide_many(
+        self, plans: list[Plan], results: Sequence[Any], return_exceptions: bool
+    ) -> list[Any]:
+        decisions: list[Any] = []
+        first: MeterkitError | None = None
+        for plan, result in zip(plans, results, strict=True):
+            if not isinstance(result, MeterkitError):
+                decisions.append(self._decide(plan, result))
+            elif self.fail_open and isinstance(result, BackendUnavailable):
+                decisions.append(self._degraded(plan))
+            else:
+                first = first or result
+                decisions.append(result)
+        if first is not None and not return_exceptions:
+            raise first
+        return decisions
+
+    @staticmethod
+    def _able(backend: object, method: str) -> Any:
+        """``backend``'s optional ``method`` (``peek``, ``reset_limits``), or a clear
+        error for a backend without it."""
+        found = getattr(backend, method, None)
+        if found is None:
+            what = method.replace("_", " ")
+            raise InvalidRequestError(f"{type(backend).__name__} cannot {what}")
+        return found
+
+    def _usage_args(self, org: str, key: str | None, mode: str) -> None:
+        check_id(org, "org")
+        if key is not None:
+            check_id(key, "key")
+        if mode not in ("live", "test"):
+            raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+
+
+class Meter(_MeterCore):
+    """Authenticate-then-meter in one call: rate tiers and credits, atomically.
+
+    ``fail_open=True`` admits requests (flagged ``degraded`` and counted) while the
+    backend is unavailable, instead of raising :class:`BackendUnavailable`.
+    """
+
+    def __init__(self, policy: Policy, backend: Backend, *, fail_open: bool = False) -> None:
+        if inspect.iscoroutinefunction(getattr(backend, "apply", None)):
+            raise InvalidRequestError("this backend is asynchronous: use meterkit.AsyncMeter")
+        super().__init__(policy, fail_open=fail_open)
+        self.backend = backend
+        self._apply = backend.apply
+
+    def __repr__(self) -> str:
+        return f"Meter(policy={self.policy.name!r}, backend={self.backend!r})"
+
+    def check(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        idempotency_key: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """Admit and charge one request, or consume nothing and say why not.
+
+        ``key`` is a key id or an authenticated ``ApiKey`` (whose org and mode are
+        then used). ``cost`` overrides the table price (for operations priced by size).
+        """
+        plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+        try:
+            outcome = self._apply(plan)
+        except BackendUnavailable:
+            if self.fail_open:
+                return self._degraded(plan)
+            raise
+        return self._decide(plan, outcome)
+
+    def peek(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """The decision :meth:`check` would give this request now, consuming nothing.
+
+        Every tier and the credits are looked at as a check would, and the answer is
+        the same (allowed or not, why, ``retry_after``, each tier's remaining as if
+        admitted, the charge and the balance after it), but no tier, credit, usage or
+        idempotency record changes, and an admitted peek carries no charge id (there
+        is nothing to refund). Another request may change the answer before a check.
+        An unavailable backend raises :class:`BackendUnavailable`, ``fail_open`` or
+        not: a peek has no answer to make up.
+        """
+        plan = self._plan(key, org, operation, None, cost, mode)
+        return Decision(plan, self._able(self.backend, "peek")(plan))
+
+    def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
+        """Forget the rate-limit state of ``key`` in ``org`` (its key-scoped tiers), or
+        without a key, of ``org`` itself (its organization-scoped tiers): for support,
+        after a runaway client is fixed. Credits and usage stay as they are."""
+        self._usage_args(org, key, mode)
+        self._able(self.backend, "reset_limits")(self.policy, org, mode, key)
+
+    @overload
+    def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: Literal[False] = False
+    ) -> list[Decision]: ...
+
+    @overload
+    def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: bool
+    ) -> list[Decision | MeterkitError]: ...
+
+    def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Check many requests in one round trip; each is still atomic on its own.
+
+        ``requests`` holds dicts of :meth:`check`'s arguments, or tuples ``(key,
+        operation, org, idempotency_key, cost, mode)`` whose tail may be left off.
+        Every request is validated first: bad input raises before any is applied.
+        The answer is one :class:`Decision` per request, in order. An error of one
+        request alone (an idempotency conflict) is raised once all the others were
+        applied — or, with ``return_exceptions=True``, takes that request's place.
+        """
+        plans = self._plans(requests)
+        apply_many = getattr(self.backend, "apply_many", None)
+        try:
+            if apply_many is not None:
+                results = apply_many(plans)
+            else:
+                results = [self._apply_or_error(plan) for plan in plans]
+        except BackendUnavailable:
+            if self.fail_open:
+                return [self._degraded(plan) for plan in plans]
+            raise
+        return self._decide_many(plans, results, return_exceptions)
+
+    def _apply_or_error(self, plan: Plan) -> Outcome | MeterkitError:
+        try:
+            return self._apply(plan)
+        except MeterkitError as exc:
+            return exc
+
+    def refund(self, decision: Decision) -> bool:
+        """Return an admitted decision's credits, once. True if this call refunded them."""
+        if decision.degraded:
+            return False
+        return self.backend.refund(decision.plan, decision.outcome)
+
+    def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage:
+        """This period's requests and credits for ``org`` (or one ``key`` of it)."""
+        self._usage_args(org, key, mode)
+        return build_usage(org, key, self.backend.usage(self.policy, org, mode))
+
+    def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
+        """Give ``org`` its own monthly allowance (``None``: the policy's again)."""
+        check_id(org, "org")
+        check_mode(mode)
+        micro = None if credits is None else to_micro(credits, "allowance")
+        self.backend.set_allowance(org, mode, micro)
+
+    def top_up(self, org: str, credits: object, mode: Mode = "live") -> None:
+        """Add credits to ``org``'s current month; they expire with it."""
+        check_id(org, "org")
+        check_mode(mode)
+        self.backend.top_up(org, mode, to_micro(credits, "top-up"))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMeter(_MeterCore):
+    """:class:`Meter` for asyncio: the same methods, awaitable.
+
+    Works with an asynchronous backend (``AsyncRedisBackend``) and with
+    ``MemoryBackend``, whose calls never block.
+    """
+
+    def __init__(
+        self, policy: Policy, backend: AsyncBackend | Backend, *, fail_open: bool = False
+    ) -> None:
+        super().__init__(policy, fail_open=fail_open)
+        self.backend = backend
+        self._async = inspect.iscoroutinefunction(getattr(backend, "apply", None))
+
+    def __repr__(self) -> str:
+        return f"AsyncMeter(policy={self.policy.name!r}, backend={self.backend!r})"
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        result = getattr(self.backend, name)(*args)
+        return await result if self._async else result
+
+    async def check(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        idempotency_key: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """See :meth:`Meter.check`."""
+        plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+        try:
+            outcome = await self._call("apply", plan)
+        except BackendUnavailable:
+            if self.fail_open:
+                return self._degraded(plan)
+            raise
+        return self._decide(plan, outcome)
+
+    async def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
+        """See :meth:`Meter.reset_limits`."""
+        self._usage_args(org, key, mode)
+        self._able(self.backend, "reset_limits")
+        await self._call("reset_limits", self.policy, org, mode, key)
+
+    async def peek(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """See :meth:`Meter.peek`."""
+        plan = self._plan(key, org, operation, None, cost, mode)
+        self._able(self.backend, "peek")
+        return Decision(plan, await self._call("peek", plan))
+
+    @overload
+    async def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: Literal[False] = False
+    ) -> list[Decision]: ...
+
+    @overload
+    async def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: bool
+    ) -> list[Decision | MeterkitError]: ...
+
+    async def check_many(
+        self, requests: Iterable[CheckRequest], *, return_exceptions: bool = False
+    ) -> list[Any]:
+        """See :meth:`Meter.check_many`."""
+        plans = self._plans(requests)
+        try:
+            if hasattr(self.backend, "apply_many"):
+                results = await self._call("apply_many", plans)
+            else:
+                results = [await self._apply_or_error(plan) for plan in plans]
+        except BackendUnavailable:
+            if self.fail_open:
+                return [self._degraded(plan) for plan in plans]
+            raise
+        return self._decide_many(plans, results, return_exceptions)
+
+    async def _apply_or_error(self, plan: Plan) -> Outcome | MeterkitError:
+        try:
+            return await self._call("apply", plan)  # type: ignore[no-any-return]
+        except MeterkitError as exc:
+            return exc
+
+    async def refund(self, decision: Decision) -> bool:
+        """See :meth:`Meter.refund`."""
+        if decision.degraded:
+            return False
+        return bool(await self._call("refund", decision.plan, decision.outcome))
+
+    async def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage:
+        """See :meth:`Meter.usage`."""
+        self._usage_args(org, key, mode)
+        return build_usage(org, key, await self._call("usage", self.policy, org, mode))
+
+    async def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
+        """See :meth:`Meter.set_allowance`."""
+        check_id(org, "org")
+        check_mode(mode)
+        micro = None if credits is None else to_micro(credits, "allowance")
+        await self._call("set_allowance", org, mode, micro)
+
+    async def top_up(self, org: str, credits: object, mode: Mode = "live") -> None:
+        """See :meth:`Meter.top_up`."""
+        check_id(org, "org")
+        check_mode(mode)
+        await self._call("top_up", org, mode, to_micro(credits, "top-up"))
+
+    async def close(self) -> None:
+        await self._call("close")
+
+    async def __aenter__(self) -> AsyncMeter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,315 @@
+"""The WSGI middleware end to end: the Flask example under waitress on loopback, over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import waitress  # type: ignore[import-untyped]
+
+import meterkit
+from examples.flask_app import ORG, RatesFeed, create_app
+from meterkit.errors import AuthenticationError
+from meterkit.keys.model import MemoryKeyStore
+from meterkit.wsgi import MeterMiddleware
+from tests.conftest import FakeClock
+
+HTTPS = {"X-Forwarded-Proto": "https"}
+
+
+def burst_policy(limit: int) -> meterkit.Policy:
+    """The seed's prices and routes with one short tier: ``limit`` per minute per key."""
+    seed = meterkit.Policy.crane_ledger()
+    tier = meterkit.Tier("key-burst", "key", f"{limit}/minute", "sliding_log")
+    return meterkit.Policy([tier], seed.costs, seed.credits, routes=seed.routes, name="burst")
+
+
+@contextmanager
+def serve(app: Any, **adjustments: Any) -> Iterator[str]:
+    """Run the WSGI ``app`` under waitress on a free loopback port; yield its base URL.
+
+    By default waitress believes X-Forwarded-Proto from 127.0.0.1 and sets
+    ``wsgi.url_scheme`` from it, as behind a local TLS-terminating proxy.
+    """
+    options = {"trusted_proxy": "127.0.0.1", "trusted_proxy_headers": "x-forwarded-proto"}
+    options.update(adjustments)
+    options = {name: value for name, value in options.items() if value is not None}
+    server: Any = waitress.create_server(app, host="127.0.0.1", port=0, threads=4, **options)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        # Closing from the server's own loop ends it at once (not at its next 1 s poll).
+        server.trigger.pull_trigger(server.close)
+        thread.join(10)
+
+
+class Demo:
+    """The running Flask example: an HTTP client, its demo keys, its meter and key store."""
+
+    def __init__(
+        self,
+        url: str,
+        app: Any,
+        meter: meterkit.Meter,
+        store: MemoryKeyStore,
+        clock: FakeClock,
+        rates: Any,
+    ) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, headers=HTTPS, timeout=10)
+        self.keys: dict[str, str] = app.config["DEMO_KEYS"]
+        self.meter = meter
+        self.store = store
+        self.clock = clock
+        self.rates = rates
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        key: str | None = "live",
+        **kwargs: Any,
+    ) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if key is not None:
+            headers["Authorization"] = f"Bearer {self.keys.get(key, key)}"
+        if not path.startswith("/organizations/") and not path.startswith("/health"):
+            path = f"/organizations/{ORG}{path}"
+        return self.http.request(method, path, headers=headers, **kwargs)
+
+    def used(self) -> Decimal:
+        return self.meter.usage(ORG).credits_used
+
+
+@pytest.fixture
+def start(clock: FakeClock) -> Iterator[Callable[..., Demo]]:
+    """Start the Flask example (Meter and key store in memory, fake clock) under waitress."""
+    with ExitStack() as stack:
+
+        def start(
+            policy: meterkit.Policy | None = None,
+            adjustments: dict[str, Any] | None = None,
+            **options: Any,
+        ) -> Demo:
+            meter = meterkit.Meter(
+                policy or meterkit.Policy.crane_ledger(), meterkit.MemoryBackend(clock=clock)
+            )
+            store = MemoryKeyStore(clock=clock)
+            rates = RatesFeed()
+            app = create_app(meter=meter, keystore=store, rates=rates, **options)
+            url = stack.enter_context(serve(app, **(adjustments or {})))
+            demo = Demo(url, app, meter, store, clock, rates)
+            stack.callback(demo.http.close)
+            return demo
+
+        yield start
+
+
+@pytest.fixture
+def demo(start: Callable[..., Demo]) -> Demo:
+    return start()
+
+
+def test_plain_http_is_refused_with_403(demo: Demo) -> None:
+    """A request without HTTPS gets the seed-shaped 403 https_required body, uncharged."""
+    response = httpx.get(
+        f"{demo.url}/organizations/{ORG}/invoices",
+        headers={"Authorization": f"Bearer {demo.keys['live']}"},
+    )
+    assert response.status_code == 403
+    assert response.json() == {
+        "error": {
+            "type": "invalid_request_error",
+            "code": "https_required",
+            "message": "All API requests must be made over HTTPS.",
+            "status": 403,
+        }
+    }
+    assert demo.meter.usage(ORG).requests == 0
+
+
+def test_trusted_proxies_option_reads_remote_addr(start: Callable[..., Demo]) -> None:
+    """With the server passing proxy headers through, trusted_proxies decides by REMOTE_ADDR
+    whether X-Forwarded-Proto is believed."""
+    passthrough = {
+        "trusted_proxy": None,
+        "trusted_proxy_headers": None,
+        "clear_untrusted_proxy_headers": False,
+    }
+    trusting = start(adjustments=passthrough, trusted_proxies=["127.0.0.1"])
+    assert trusting.call("GET", "/invoices").status_code == 200
+    distrusting = start(adjustments=passthrough)
+    assert distrusting.call("GET", "/invoices").status_code == 403
+
+
+def test_excluded_health_check_is_not_metered(demo: Demo) -> None:
+    """/health answers over plain HTTP without a key."""
+    response = httpx.get(f"{demo.url}/health")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    assert "ratelimit" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("code", "request_"),
+    [
+        ("invalid_api_key", ("GET", "/invoices", None)),
+        ("insufficient_permissions", ("POST", "/invoices", "read_only")),
+        ("organization_not_found", ("GET", "/organizations/org_other/invoices", "live")),
+    ],
+)
+def test_authentication_errors(demo: Demo, code: str, request_: tuple[str, str, Any]) -> None:
+    """No key, a key without the permission, a key of another organization: the seed's 401s."""
+    method, path, key = request_
+    response = demo.call(method, path, key=key, json={"customer": "A", "amount": 1})
+    assert response.status_code == 401
+    assert response.json() == AuthenticationError(code).body
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert demo.used() == 0
+
+
+def test_expired_key_is_refused(demo: Demo) -> None:
+    """A key past its expiry gets 401 expired_api_key."""
+    plaintext, _ = demo.store.create(org=ORG, permissions=["*"], expires_at=demo.clock.now + 5)
+    assert demo.call("GET", "/invoices", key=plaintext).status_code == 200
+    demo.clock.advance(5)
+    response = demo.call("GET", "/invoices", key=plaintext)
+    assert response.status_code == 401
+    assert response.json() == AuthenticationError("expired_api_key").body
+
+
+def test_success_headers_and_prices(demo: Demo) -> None:
+    """Admitted requests carry the rate-limit headers and are charged their operation's price."""
+    created = demo.call("POST", "/invoices", json={"customer": "Acme", "amount": "10.00"})
+    assert created.status_code == 201
+    assert created.headers["x-credits-charged"] == "0.05"
+    assert created.headers["ratelimit"].startswith('"key-hour";r=999;t=3600')
+    listed = demo.call("GET", "/invoices")
+    assert listed.json()["count"] == 1
+    assert listed.headers["x-credits-charged"] == "0.01"
+    conversion = {"amount": 10, "from": "USD", "to": "EUR"}
+    converted = demo.call("POST", "/currency/convert", json=conversion)
+    assert (converted.status_code, converted.json()["result"]) == (200, "9.20")
+    assert converted.headers["x-credits-charged"] == "0.08"
+    usage = demo.call("GET", "/usage").json()
+    assert usage["credits_used"] == "0.15"
+    assert usage["credits_left"] == "9999.85"
+
+
+def test_burst_limit_answers_429_with_a_retry_after_that_works(start: Callable[..., Demo]) -> None:
+    """After the burst, 429 with Retry-After; waiting exactly that long is admitted."""
+    demo = start(policy=burst_policy(3))
+    assert [demo.call("GET", "/invoices").status_code for _ in range(4)] == [200, 200, 200, 429]
+    denied = demo.call("GET", "/invoices")
+    assert denied.json()["error"]["code"] == "rate_limit_exceeded"
+    assert denied.json()["error"]["retry_after"] == 60
+    assert denied.headers["retry-after"] == "60"
+    assert denied.headers["ratelimit-policy"] == '"key-burst";q=3;w=60'
+    demo.clock.advance(59.5)
+    assert demo.call("GET", "/invoices").status_code == 429
+    demo.clock.advance(0.5)
+    assert demo.call("GET", "/invoices").status_code == 200
+
+
+def test_server_error_is_refunded(demo: Demo) -> None:
+    """A 503 from the Flask view is refunded; the headers say nothing was charged."""
+    demo.rates.available = False
+    conversion = {"amount": 1, "from": "USD", "to": "GBP"}
+    response = demo.call("POST", "/currency/convert", json=conversion)
+    assert response.status_code == 503
+    assert response.headers["x-credits-charged"] == "0"
+    assert demo.used() == 0
+
+
+def test_idempotent_retry_is_charged_once(demo: Demo) -> None:
+    """The same Idempotency-Key twice: one invoice, one charge, the retry flagged as a replay."""
+    retry = {"Idempotency-Key": "create-1"}
+    first = demo.call("POST", "/invoices", json={"customer": "A", "amount": 3}, headers=retry)
+    second = demo.call("POST", "/invoices", json={"customer": "A", "amount": 3}, headers=retry)
+    assert first.json() == second.json()
+    assert second.headers["idempotent-replayed"] == "true"
+    assert demo.used() == Decimal("0.05")
+
+
+# -- raw WSGI apps: failures before the response starts -----------------------------------------
+
+
+def raw_app(
+    body: Callable[[dict[str, Any], Any], Iterable[bytes]],
+    clock: FakeClock,
+) -> tuple[Any, meterkit.Meter, str]:
+    meter = meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend(clock=clock))
+    store = MemoryKeyStore(clock=clock)
+    plaintext, _ = store.create(org=ORG, permissions=["*"])
+    return MeterMiddleware(body, meter=meter, keystore=store), meter, plaintext
+
+
+def test_app_exception_is_refunded(clock: FakeClock) -> None:
+    """A WSGI app that raises before answering gives a 500, and the charge is refunded."""
+
+    def crashing(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        raise RuntimeError("renderer crashed")
+
+    app, meter, plaintext = raw_app(crashing, clock)
+    with serve(app) as url:
+        response = httpx.post(
+            f"{url}/organizations/{ORG}/invoices/inv_1/pdf",
+            headers={**HTTPS, "Authorization": f"Bearer {plaintext}"},
+        )
+    assert response.status_code == 500
+    assert (meter.usage(ORG).requests, meter.usage(ORG).credits_used) == (1, Decimal(0))
+
+
+def test_lazy_app_failure_is_refunded_and_success_is_not(clock: FakeClock) -> None:
+    """A generator app starts its response while iterated: failing before the start is
+    refunded, answering normally is charged and gets the headers."""
+
+    def lazy(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        if environ["REQUEST_METHOD"] == "POST":
+            raise RuntimeError("failed before starting")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"fine"
+
+    app, meter, plaintext = raw_app(lazy, clock)
+    auth = {**HTTPS, "Authorization": f"Bearer {plaintext}"}
+    with serve(app) as url:
+        assert (
+            httpx.post(f"{url}/organizations/{ORG}/invoices/inv_1/pdf", headers=auth).status_code
+            == 500
+        )
+        ok = httpx.get(f"{url}/organizations/{ORG}/invoices", headers=auth)
+    assert (ok.status_code, ok.text, ok.headers["x-credits-charged"]) == (200, "fine", "0.01")
+    assert meter.usage(ORG).credits_used == Decimal("0.01")
+
+
+def test_a_cached_key_store_serves_the_middleware(clock: FakeClock) -> None:
+    """With CachedKeyStore in front of the store, a key revoked elsewhere is still
+    served for the cache's ttl, then refused with the seed's body; refusals are never
+    remembered."""
+    meter = meterkit.Meter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend(clock=clock))
+    store = MemoryKeyStore(clock=clock)
+    app = create_app(
+        meter=meter, keystore=meterkit.CachedKeyStore(store, ttl=10), rates=RatesFeed()
+    )
+    plaintext, key = store.create(org=ORG, permissions=["*"])
+    with serve(app) as url, httpx.Client(base_url=url, headers=HTTPS, timeout=10) as http:
+
+        def get() -> httpx.Response:
+            return http.get(
+                f"/organizations/{ORG}/invoices", headers={"Authorization": f"Bearer {plaintext}"}
+            )
+
+        assert get().status_code == 200
+        store.revoke(key.id)  # not through the cache
+        assert get().status_code == 200
+        clock.advance(10)
+        response = get()
+        assert response.status_code == 401
+        assert response.json() == AuthenticationError("invalid_api_key").body
+        assert get().status_code == 401
