@@ -13,7 +13,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from meterkit.backends.memory.backend import MemoryBackend
-from meterkit.backends.redis.backend import AsyncRedisBackend, RedisBackend, _translate
+from meterkit.backends.redis.backend import AsyncRedisBackend, RedisBackend
+from meterkit.backends.redis.errors import translate
 from meterkit.errors import ConfigurationError
 
 __all__ = ["async_backend_from_url", "backend_from_url", "redis_client"]
@@ -133,7 +134,7 @@ def _sync_client(scheme: str, url: str, driver: dict[str, Any]) -> Any:
         try:
             return RedisCluster(startup_nodes=nodes, **kwargs)
         except Exception as exc:  # it connects at once: the cluster may be down
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
     import redis
 
     return redis.Redis.from_url(_plain_url(scheme, url), **driver)

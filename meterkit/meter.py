@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from meterkit.core.credits import to_micro
 from meterkit.core.decision import Decision, Usage, build_usage
-from meterkit.core.plan import Outcome, Plan
+from meterkit.core.outcome import Outcome
+from meterkit.core.plan import Plan
 from meterkit.errors import (
     AuthenticationError,
     BackendUnavailable,
@@ -106,7 +107,7 @@ class _MeterCore:
     def _decide(self, plan: Plan, outcome: Outcome) -> Decision:
         decision = Decision(plan, outcome)
         # Only shadow tiers can say no to an admitted request.
-        if self._watch_shadow and outcome[0]:
+        if self._watch_shadow and outcome.allowed:
             self._count_shadow(decision)
         return decision
 
@@ -119,7 +120,7 @@ class _MeterCore:
         self.degraded += 1
         now = round(time.time() * _US)
         tiers = tuple((t.capacity, 0, 0) for t in plan.op.tiers)
-        return Decision(plan, (True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
+        return Decision(plan, Outcome(True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
 
     def _plans(self, requests: Iterable[CheckRequest]) -> list[Plan]:
         """Plan every request of a batch, so that bad input raises before any is applied."""

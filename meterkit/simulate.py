@@ -31,7 +31,8 @@ import msgspec
 
 from meterkit.backends.memory.backend import MemoryBackend
 from meterkit.core.credits import from_micro
-from meterkit.core.plan import REASON_CREDITS, REASON_RATE, Plan
+from meterkit.core.outcome import REASON_CREDITS, REASON_RATE
+from meterkit.core.plan import Plan
 from meterkit.core.policy import Policy
 from meterkit.errors import InvalidRequestError, MeterkitError
 from meterkit.meter import check_id
@@ -478,13 +479,13 @@ def simulate(
         out = apply(tally.plan)
         seq += 1
         tally.last = seq
-        tally.balance = out[6]
-        if out[0]:
+        tally.balance = out.balance
+        if out.allowed:
             tally.admitted += 1
-            tally.charged += out[5]
+            tally.charged += out.charged
             if watch_shadow:
                 index = tally.plan.op.tier_index
-                for i, tier_out in enumerate(out[4]):
+                for i, tier_out in enumerate(out.tiers):
                     if tier_out[2]:
                         would_deny[index[i]] += 1
             if timeline:
@@ -492,10 +493,10 @@ def simulate(
                 tl_admitted[slot] = tl_admitted.get(slot, 0) + 1
         else:
             tally.denied += 1
-            by_reason[out[1]] += 1
+            by_reason[out.reason] += 1
             index = tally.plan.op.tier_index
             second = int(ts)
-            for i, tier_out in enumerate(out[4]):
+            for i, tier_out in enumerate(out.tiers):
                 if tier_out[2]:
                     if shadow[index[i]]:
                         would_deny[index[i]] += 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from meterkit.backends.memory.backend import RawUsage
-    from meterkit.core.plan import Outcome, Plan
+    from meterkit.core.outcome import Outcome, RawUsage
+    from meterkit.core.plan import Plan
     from meterkit.core.policy import Policy
 
 __all__ = ["AsyncBackend", "Backend"]

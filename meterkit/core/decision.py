@@ -8,7 +8,8 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from meterkit.core.credits import from_micro
-from meterkit.core.plan import REASON_CREDITS, REASON_RATE, Outcome, Plan
+from meterkit.core.outcome import REASON_CREDITS, REASON_RATE, Outcome
+from meterkit.core.plan import Plan
 
 __all__ = ["Decision", "KeyUsage", "OperationUsage", "TierState", "Usage"]
 
@@ -53,8 +54,8 @@ class Decision:
     def __init__(self, plan: Plan, outcome: Outcome, degraded: bool = False) -> None:
         self._plan = plan
         self._out = outcome
-        self.allowed: bool = outcome[0]
-        self.reason: str | None = _REASONS[outcome[1]]
+        self.allowed: bool = outcome.allowed
+        self.reason: str | None = _REASONS[outcome.reason]
         self.degraded = degraded
         """Admitted without checking, because the backend was unavailable (fail-open)."""
 
@@ -93,33 +94,33 @@ class Decision:
     @property
     def retry_after(self) -> float:
         """Seconds until a retry is admitted (if nothing else arrives); 0 when allowed."""
-        return self._out[3] / _US
+        return self._out.retry_after / _US
 
     @property
     def charged(self) -> Decimal:
         """Credits this request was charged: 0 when denied; a replayed idempotent retry
         reports the first try's charge, and nothing more is charged."""
-        return from_micro(self._out[5])
+        return from_micro(self._out.charged)
 
     @property
     def balance(self) -> Decimal:
         """The organization's credits left this period, after this request."""
-        return from_micro(self._out[6])
+        return from_micro(self._out.balance)
 
     @property
     def charge_id(self) -> str:
         """Identifies the charge for a refund; empty when nothing was charged."""
-        return self._out[8]
+        return self._out.charge_id
 
     @property
     def replayed(self) -> bool:
         """This is the first decision for the same idempotency key, returned again."""
-        return self._out[9]
+        return self._out.replayed
 
     @property
     def resets_at(self) -> datetime:
         """When the organization's credits reset (the next calendar month, UTC)."""
-        return datetime.fromtimestamp(self._out[7] / _US, tz=timezone.utc)
+        return datetime.fromtimestamp(self._out.period_end / _US, tz=timezone.utc)
 
     @property
     def tiers(self) -> tuple[TierState, ...]:
@@ -127,7 +128,7 @@ class Decision:
         policy_shadow = self._plan.policy.shadow
         return tuple(
             TierState(t.name, t.capacity, rem, reset / _US, bool(den), t.shadow or policy_shadow)
-            for t, (rem, reset, den) in zip(self._plan.op.tiers, self._out[4], strict=True)
+            for t, (rem, reset, den) in zip(self._plan.op.tiers, self._out.tiers, strict=True)
         )
 
     @property
@@ -136,10 +137,10 @@ class Decision:
         policy_shadow = self._plan.policy.shadow
         names = [
             t.name
-            for t, (_, _, den) in zip(self._plan.op.tiers, self._out[4], strict=True)
+            for t, (_, _, den) in zip(self._plan.op.tiers, self._out.tiers, strict=True)
             if den and (t.shadow or policy_shadow)
         ]
-        if policy_shadow and self._out[6] < 0:
+        if policy_shadow and self._out.balance < 0:
             names.append("credits")
         return tuple(names)
 
@@ -154,7 +155,7 @@ class Decision:
             # OperationPlan): only the integers are formatted here. The tightest tier
             # is the first one with the fewest remaining, then the soonest reset.
             names = op.header_names
-            tiers = out[4]
+            tiers = out.tiers
             if len(names) != len(tiers):
                 raise ValueError("the outcome's tiers do not match the operation's")
             items = []
@@ -175,12 +176,12 @@ class Decision:
         else:
             headers = {}
         if not self.allowed:
-            headers["Retry-After"] = str((out[3] + 999_999) // _US)
-        charged = out[5]
+            headers["Retry-After"] = str((out.retry_after + 999_999) // _US)
+        charged = out.charged
         headers["X-Credits-Charged"] = (
             op.price_text if charged == op.price else str(from_micro(charged))
         )
-        headers["X-Credits-Remaining"] = str(from_micro(out[6]))
+        headers["X-Credits-Remaining"] = str(from_micro(out.balance))
         return headers
 
     @property
@@ -188,14 +189,14 @@ class Decision:
         """The HTTP status a server answers with: 200, 429 or 402."""
         if self.allowed:
             return 200
-        return 429 if self._out[1] == REASON_RATE else 402
+        return 429 if self._out.reason == REASON_RATE else 402
 
     @property
     def error(self) -> dict[str, Any] | None:
         """The seed-shaped JSON error body; ``None`` when allowed."""
         if self.allowed:
             return None
-        if self._out[1] == REASON_CREDITS:
+        if self._out.reason == REASON_CREDITS:
             return {
                 "error": {
                     "type": "billing_error",
@@ -209,7 +210,7 @@ class Decision:
                 "type": "rate_limit_error",
                 "code": "rate_limit_exceeded",
                 "message": RATE_LIMIT_MESSAGE,
-                "retry_after": _ceil_seconds(self._out[3]),
+                "retry_after": _ceil_seconds(self._out.retry_after),
                 "status": 429,
             }
         }

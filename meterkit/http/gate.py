@@ -578,7 +578,7 @@ class Gate:
         if refunded:
             headers["X-Credits-Charged"] = "0"
             outcome = decision.outcome
-            headers["X-Credits-Remaining"] = str(from_micro(outcome[6] + outcome[5]))
+            headers["X-Credits-Remaining"] = str(from_micro(outcome.balance + outcome.charged))
         if decision.replayed:
             headers["Idempotent-Replayed"] = "true"
         return headers

@@ -53,9 +53,8 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 
 import msgspec
 
+from meterkit.backends.redis.errors import translate
 from meterkit.errors import (
-    BackendError,
-    BackendUnavailable,
     ConfigurationError,
     StateError,
     UnknownKeyError,
@@ -505,26 +504,6 @@ def _redis_asyncio() -> ModuleType:
     return redis.asyncio
 
 
-def _translate(exc: Exception) -> BackendError:
-    """meterkit's error for a redis-py error (the caller chains the original)."""
-    errors = _redis().exceptions
-    # A cluster's own failures (no reachable node, a slot nobody serves, CLUSTERDOWN, too
-    # many redirections) are outages too, as for the meter's backend.
-    unavailable = (
-        errors.ConnectionError,
-        errors.TimeoutError,
-        errors.ReadOnlyError,
-        errors.TryAgainError,
-        errors.ClusterError,
-        errors.RedisClusterException,
-    )
-    if isinstance(exc, unavailable):
-        return BackendUnavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
-    if isinstance(exc, errors.ResponseError) and str(exc).startswith("WRONGTYPE"):
-        return StateError(f"a key under meterkit's namespace has the wrong type: {exc}")
-    return BackendError(f"Redis refused a key store operation: {type(exc).__name__}: {exc}")
-
-
 class _RedisStoreShell:
     """What the blocking and the asyncio store share: set-up, naming, the key format.
 
@@ -642,7 +621,7 @@ class RedisKeyStore(_RedisStoreShell):
                 try:
                     reply = self._call(step)
                 except self._driver_error as exc:
-                    raise _translate(exc) from exc
+                    raise translate(exc) from exc
                 step = program.send(reply)
         except StopIteration as done:
             return cast(T, done.value)
@@ -720,7 +699,7 @@ class AsyncRedisKeyStore(_RedisStoreShell):
                 try:
                     reply = await self._call(step)
                 except self._driver_error as exc:
-                    raise _translate(exc) from exc
+                    raise translate(exc) from exc
                 step = program.send(reply)
         except StopIteration as done:
             return cast(T, done.value)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import meterkit.core.plan as plan_module
+import meterkit.backends.charge_ids as plan_module
 
 
 # Python 3.12+ warns about fork() in a process with threads; this child only writes.

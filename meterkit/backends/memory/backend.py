@@ -42,25 +42,26 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from string import Template
 from typing import TYPE_CHECKING, cast
 
-from meterkit.core.plan import (
+from meterkit.backends.charge_ids import new_charge_id
+from meterkit.core.outcome import (
     REASON_CREDITS,
     REASON_NONE,
     REASON_RATE,
     Outcome,
-    Plan,
-    TierOutcome,
-    month_bounds,
-    new_charge_id,
+    RawUsage,
+    replay,
+    unspent,
 )
+from meterkit.core.plan import Plan, month_bounds
 
 if TYPE_CHECKING:
     from meterkit.core.policy import OperationPlan, Policy, Tier
 
-__all__ = ["MemoryBackend", "RawUsage"]
+__all__ = ["MemoryBackend"]
 
 Clock = Callable[[], float]
 Apply = Callable[[Plan], Outcome]
@@ -70,10 +71,6 @@ _SWEEP_EVERY = 8
 _IDEM_TTL_US = 24 * 3600 * _US
 # Ids cannot hold control characters, so this separator cannot be forged by a caller.
 _TEST_NS = "\x1ftest\x1f"
-
-#: usage as a backend reports it: (period start µs, period end µs, allowance µ-credits
-#: (plan or override, plus top-ups), used µ-credits, requests, {(key, op): [requests, µ]}).
-RawUsage = tuple[int, int, int, int, int, dict[tuple[str, str], list[int]]]
 
 
 # -- tier state: plain containers -------------------------------------------------------
@@ -363,8 +360,8 @@ if pair is None:
 else:
     pair.requests += 1
     pair.micro += cost
-outcome = (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
-           new_charge_id(), False)
+outcome = _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
+               new_charge_id(), False))
 if idem is not None:
     b._remember(org, idem, plan, now, outcome)
 return outcome
@@ -372,7 +369,7 @@ return outcome
 # What a peek does instead: say so, consume nothing (and keep no new account).
 _PEEK = """\
 # -- a peek: what check would answer now, and nothing consumed
-return (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end, "", False)
+return _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end, "", False))
 """
 # Only for operations with key-scoped tiers.
 _IDENT = """\
@@ -391,12 +388,13 @@ if fresh:
 """
 _CREDITS = """\
 if cost > balance:
-    return (False, $CREDITS, now, max(end - now, retry), _unspent(($outcomes)),
-            0, balance, end, "", False)
+    return _new(_Outcome, (False, $CREDITS, now, max(end - now, retry), _unspent(($outcomes)),
+                           0, balance, end, "", False))
 """
 _DENIALS = """\
 if denied:
-    return (False, $RATE, now, retry, _unspent(($outcomes)), 0, balance, end, "", False)
+    return _new(_Outcome, (False, $RATE, now, retry, _unspent(($outcomes)), 0, balance, end,
+                           "", False))
 """
 
 
@@ -505,8 +503,10 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
     _FILENAMES.add(filename)
     namespace: dict[str, object] = {
         "_TEST_NS": _TEST_NS,
-        "_replay": _replay,
-        "_unspent": _unspent,
+        "_replay": replay,
+        "_unspent": unspent,
+        "_new": tuple.__new__,
+        "_Outcome": Outcome,
         "new_charge_id": new_charge_id,
         "_Pair": _Pair,
         "_Account": _Account,
@@ -694,11 +694,11 @@ class MemoryBackend:
 
     def refund(self, plan: Plan, outcome: Outcome) -> bool:
         """Return an admitted outcome's credits once; False if already refunded or gone."""
-        charge = outcome[8]
-        if not outcome[0] or not charge:
+        charge = outcome.charge_id
+        if not outcome.allowed or not charge:
             return False
         org = plan.org if plan.mode == "live" else _TEST_NS + plan.org
-        start, _ = month_bounds(outcome[2])
+        start, _ = month_bounds(outcome.now)
         with self._lock:
             if start != self._period_of(self._now())[0]:
                 return False  # an ended month is closed, even if the org was idle since
@@ -706,7 +706,7 @@ class MemoryBackend:
             if acct is None or acct.period != start or charge in acct.refunded:
                 return False
             acct.refunded.add(charge)
-            amount = outcome[5]
+            amount = outcome.charged
             acct.used -= amount
             pair = acct.pairs.get(plan.op.name, {}).get(plan.key)
             if pair is not None:
@@ -715,7 +715,7 @@ class MemoryBackend:
                 # A refunded request did not happen as far as billing goes: its retry
                 # is a new request. A newer request that reused the key keeps its record.
                 record = self._idem.get((org, plan.idem))
-                if record is not None and record[4][8] == charge:
+                if record is not None and record[4].charge_id == charge:
                     del self._idem[(org, plan.idem)]
             return True
 
@@ -755,22 +755,3 @@ class MemoryBackend:
 
     def close(self) -> None:
         """Nothing to release; here so every backend can be closed the same way."""
-
-
-def _unspent(results: Sequence[TierOutcome]) -> tuple[TierOutcome, ...]:
-    """Tier results of a denied request: nothing was consumed, so an admitting tier
-    has one more left than it would have had after this request (exact for all four
-    algorithms)."""
-    return tuple((r + 1, reset, 0) if not den else (r, reset, den) for r, reset, den in results)
-
-
-def _replay(plan: Plan, record: tuple[int, str, str, int, Outcome]) -> Outcome:
-    from meterkit.errors import InvalidRequestError
-
-    _, key, operation, cost, first = record
-    if key != plan.key or operation != plan.op.name or cost != plan.cost:
-        raise InvalidRequestError(
-            "this idempotency key was first used for a different request "
-            f"(key {key!r}, operation {operation!r})"
-        )
-    return (*first[:9], True)

@@ -52,8 +52,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from meterkit.backends.memory.backend import _replay, _unspent
-from meterkit.core.plan import Outcome, Plan, month_bounds, new_charge_id
+from meterkit.backends.charge_ids import new_charge_id
+from meterkit.backends.redis.errors import translate, translate_all
+from meterkit.core.outcome import Outcome, RawUsage, replay, unspent
+from meterkit.core.plan import Plan, month_bounds
 from meterkit.errors import (
     BackendError,
     BackendUnavailable,
@@ -63,7 +65,6 @@ from meterkit.errors import (
 )
 
 if TYPE_CHECKING:
-    from meterkit.backends.memory.backend import RawUsage
     from meterkit.core.policy import OperationPlan, Policy, Tier
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
@@ -185,50 +186,6 @@ _BATCH = 50
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-# -- errors ----------------------------------------------------------------------------
-
-_UNAVAILABLE_CODES = ("BUSY", "LOADING", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN")
-
-
-def _translate(exc: BaseException) -> MeterkitError:
-    """meterkit's error for a driver's exception (which never leaks to callers)."""
-    if isinstance(exc, MeterkitError):
-        return exc
-    from redis import exceptions as rx
-    from redis.exceptions import RedisClusterException
-
-    name = type(exc).__name__
-    message = str(exc)
-    if isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError)):
-        return BackendError(f"redis refused meterkit's credentials or permissions ({name})")
-    if isinstance(exc, rx.ResponseError) and not isinstance(
-        exc, (rx.ReadOnlyError, rx.ClusterError, rx.TryAgainError, rx.AskError, rx.OutOfMemoryError)
-    ):
-        # (a counter that reads as a number but is no integer fails HINCRBY itself)
-        if message.startswith(("WRONGTYPE", "METERKIT_STATE")) or "not an integer" in message:
-            detail = message.split(" script: ", 1)[0]
-            return StateError(f"redis holds state meterkit did not write: {detail}")
-        if not message.startswith(_UNAVAILABLE_CODES):
-            return BackendError(f"redis answered with an error: {message}")
-    if isinstance(exc, (rx.RedisError, RedisClusterException, OSError)):
-        return BackendUnavailable(f"redis is unavailable: {name}: {message}")
-    raise exc  # a bug, not an outage: let it show
-
-
-def _translate_all(exc: BaseException) -> BaseException:
-    """What every caller of a failed batch gets: meterkit's error, caused by ``exc``
-    (a bug stays itself; a cancelled batch is ``BackendUnavailable``)."""
-    if not isinstance(exc, Exception):
-        return BackendUnavailable("request cancelled")
-    try:
-        error: BaseException = _translate(exc)
-    except BaseException as bug:
-        return bug
-    if error is not exc:
-        error.__cause__ = exc
-    return error
 
 
 # -- the shared codec --------------------------------------------------------------------
@@ -414,8 +371,8 @@ class _Codec:
         # (each tier's three integers as one tuple, straight from the bytes)
         tiers = tuple(_TIER.iter_unpack(reply[56:]))
         if head == 1:
-            return (True, 0, now, 0, tiers, charged, balance, end, charge, False)
-        return (False, retry, now, reset, _unspent(tiers), 0, balance, end, "", False)
+            return Outcome(True, 0, now, 0, tiers, charged, balance, end, charge, False)
+        return Outcome(False, retry, now, reset, unspent(tiers), 0, balance, end, "", False)
 
     def _replay(self, plan: Plan, record: Any) -> Outcome:
         try:
@@ -429,8 +386,8 @@ class _Codec:
         except ValueError:
             raise StateError("redis holds an idempotency record meterkit did not write") from None
         tiers = tuple(zip(t[0::3], t[1::3], t[2::3], strict=False))
-        first: Outcome = (True, 0, now, 0, tiers, cost, balance, end, charge, False)
-        return _replay(plan, (expires, key, operation, cost, first))
+        first = Outcome(True, 0, now, 0, tiers, cost, balance, end, charge, False)
+        return replay(plan, (expires, key, operation, cost, first))
 
     def check_many(
         self, plans: Sequence[Plan], slot: Callable[[str], int] | None = None
@@ -534,7 +491,7 @@ class _Codec:
             items = reply
         for i, charge, item in zip(indexes, charges, items, strict=True):
             if isinstance(item, BaseException):
-                results[i] = _translate(item)
+                results[i] = translate(item)
                 continue
             try:
                 results[i] = self.outcome(plans[i], item, charge)
@@ -545,14 +502,14 @@ class _Codec:
 
     def refund(self, plan: Plan, outcome: Outcome) -> Command | None:
         """The refund's ``EVALSHA``, or None when there is nothing to refund."""
-        charge = outcome[8]
-        if not outcome[0] or not charge:
+        charge = outcome.charge_id
+        if not outcome.allowed or not charge:
             return None
         base = self.base(plan.org, plan.mode)
         keys = [base + "cr"]
         if plan.idem is not None:
             keys.append(base + "id:" + plan.idem)
-        start, _ = month_bounds(outcome[2])
+        start, _ = month_bounds(outcome.now)
         field = f"q|{plan.op.name}|{plan.key}"
         return [
             "EVALSHA",
@@ -562,7 +519,7 @@ class _Codec:
             self._now(),
             start,
             charge,
-            outcome[5],
+            outcome.charged,
             field,
         ]
 
@@ -1134,7 +1091,7 @@ class RedisBackend:
         try:
             reply = self._io.call(cmd)
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
         return self._codec.outcome(plan, reply, charge)
 
     def peek(self, plan: Plan) -> Outcome:
@@ -1166,14 +1123,14 @@ class RedisBackend:
         try:
             self._io.many(cmds, on_reply)
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
         return results
 
     def _run(self, cmd: Command) -> Any:
         try:
             return self._io.call(cmd)
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     def refund(self, plan: Plan, outcome: Outcome) -> bool:
         """Return an admitted outcome's credits once; False if already refunded or gone."""
@@ -1275,7 +1232,7 @@ class AsyncRedisBackend:
                 replies = await self._io.many(cmds)
             results = self._codec.outcomes(plans, sent, replies)
         except BaseException as exc:
-            error = _translate_all(exc)
+            error = translate_all(exc)
             for _, waiter in batch:
                 if not waiter.done():
                     waiter.set_exception(error)
@@ -1311,14 +1268,14 @@ class AsyncRedisBackend:
         try:
             replies = await self._io.many(cmds)
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
         return self._codec.outcomes(plans, sent, replies)
 
     async def _run(self, cmd: Command) -> Any:
         try:
             return await self._io.call(cmd)
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     async def refund(self, plan: Plan, outcome: Outcome) -> bool:
         """See :meth:`RedisBackend.refund`."""
