@@ -27,6 +27,15 @@ settings.register_profile(
     max_examples=100,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+# The scheduled (non-CI) run of the property suites: HYPOTHESIS_PROFILE=thorough
+# (see README, "Run the tests"); random, at least 500 examples per property.
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=500,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
