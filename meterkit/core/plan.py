@@ -11,10 +11,12 @@ import calendar
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
+from meterkit.errors import InvalidRequestError
+
 if TYPE_CHECKING:
     from meterkit.core.policy import OperationPlan, Policy
 
-__all__ = ["Plan", "month_bounds"]
+__all__ = ["END_OF_TIME_US", "Plan", "bad_clock", "clock_us", "month_bounds"]
 
 Mode = Literal["live", "test"]
 
@@ -59,3 +61,28 @@ def month_bounds(now_us: int) -> tuple[int, int]:
     year, month = (day.year + 1, 1) if day.month == 12 else (day.year, day.month + 1)
     end = calendar.timegm((year, month, 1, 0, 0, 0))
     return start * _US, end * _US
+
+
+#: Clock readings are refused outside [1970, year 10000): the calendar months of
+#: credits end there, and a time past it would stick as a backend's high-water mark.
+END_OF_TIME_US = 253_402_300_800 * _US
+
+
+def bad_clock(now: int | None = None) -> InvalidRequestError:
+    """The error for a clock reading that cannot be a time (``now``: µs, out of range)."""
+    if now is None:
+        return InvalidRequestError("clock returned something that is not a finite number")
+    return InvalidRequestError(
+        "clock returned a time outside 1970-01-01 .. 9999-12-31 (UTC); nothing was changed"
+    )
+
+
+def clock_us(seconds: object) -> int:
+    """A clock's reading (UNIX seconds) in whole µs, or :func:`bad_clock`'s error."""
+    try:
+        now = round(seconds * _US)  # type: ignore[operator]
+    except (TypeError, ValueError, OverflowError):
+        raise bad_clock() from None
+    if not 0 <= now < END_OF_TIME_US:
+        raise bad_clock(now)
+    return now

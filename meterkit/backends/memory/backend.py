@@ -56,7 +56,8 @@ from meterkit.core.outcome import (
     replay,
     unspent,
 )
-from meterkit.core.plan import Plan, month_bounds
+from meterkit.core.plan import END_OF_TIME_US as _END_OF_TIME
+from meterkit.core.plan import Plan, bad_clock, clock_us, month_bounds
 
 if TYPE_CHECKING:
     from meterkit.core.policy import OperationPlan, Policy, Tier
@@ -312,9 +313,16 @@ def bind(b, policy, lock, clock, $states):
             return b._apply_stray(plan)  # pairing gets its own function
         org = plan.org if plan.mode == "live" else _TEST_NS + plan.org
         idem = plan.idem
-        acquire()
+        # The clock is read before the lock: a clock that calls back into the meter
+        # cannot deadlock it, and a bad reading changes nothing.
         try:
             now = round(clock() * 1000000)
+        except (TypeError, ValueError, OverflowError):
+            raise _bad_clock() from None
+        if not 0 <= now < $END:
+            raise _bad_clock(now)
+        acquire()
+        try:
             if now < b._last:  # the clock stepped back: hold time at the latest seen
                 now = b._last
             else:
@@ -482,6 +490,7 @@ def apply_source(op: OperationPlan, policy: Policy, *, peek: bool = False) -> st
         outcomes=outcomes,
         ident=_IDENT if by_key else "",
         ALLOWANCE=str(policy.credits.allowance_micro),
+        END=str(_END_OF_TIME),
     )
 
 
@@ -507,6 +516,7 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
         "_unspent": unspent,
         "_new": tuple.__new__,
         "_Outcome": Outcome,
+        "_bad_clock": bad_clock,
         "new_charge_id": new_charge_id,
         "_Pair": _Pair,
         "_Account": _Account,
@@ -579,8 +589,12 @@ class MemoryBackend:
 
     # -- time ---------------------------------------------------------------------
 
-    def _now(self) -> int:
-        now = round(self._clock() * _US)
+    def _read_clock(self) -> int:
+        """The clock in µs, checked (call it before taking the lock)."""
+        return clock_us(self._clock())
+
+    def _hold(self, now: int) -> int:
+        """``now``, held monotonic (under the lock)."""
         if now < self._last:
             return self._last
         self._last = now
@@ -699,8 +713,9 @@ class MemoryBackend:
             return False
         org = plan.org if plan.mode == "live" else _TEST_NS + plan.org
         start, _ = month_bounds(outcome.now)
+        now = self._read_clock()
         with self._lock:
-            if start != self._period_of(self._now())[0]:
+            if start != self._period_of(self._hold(now))[0]:
                 return False  # an ended month is closed, even if the org was idle since
             acct = self._accounts.get(org)
             if acct is None or acct.period != start or charge in acct.refunded:
@@ -722,8 +737,9 @@ class MemoryBackend:
     def usage(self, policy: Policy, org: str, mode: str = "live") -> RawUsage:
         """This month's credits and requests of ``org``, per (key, operation)."""
         ident = org if mode == "live" else _TEST_NS + org
+        now = self._read_clock()
         with self._lock:
-            now = self._now()
+            now = self._hold(now)
             start, end = self._period_of(now)
             acct = self._accounts.get(ident)
             if acct is None or acct.period != start:
@@ -748,8 +764,9 @@ class MemoryBackend:
     def top_up(self, org: str, mode: str, micro: int) -> None:
         """Add credits to ``org``'s current month only (no rollover)."""
         ident = org if mode == "live" else _TEST_NS + org
+        now = self._read_clock()
         with self._lock:
-            now = self._now()
+            now = self._hold(now)
             start, _ = self._period_of(now)
             self._account(ident, start).topup += micro
 

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from meterkit.backends.charge_ids import new_charge_id
 from meterkit.backends.redis.errors import translate, translate_all
 from meterkit.core.outcome import Outcome, RawUsage, replay, unspent
-from meterkit.core.plan import Plan, month_bounds
+from meterkit.core.plan import Plan, clock_us, month_bounds
 from meterkit.errors import (
     BackendError,
     BackendUnavailable,
@@ -317,7 +317,7 @@ class _Codec:
 
     def _now(self) -> int | str:
         clock = self._clock
-        return "" if clock is None else round(clock() * _US)
+        return "" if clock is None else clock_us(clock())
 
     def _month(self, now: int | str) -> tuple[int, int]:
         """The month the script will most likely find (it checks, and works it out
