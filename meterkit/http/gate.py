@@ -36,6 +36,7 @@ import msgspec
 from meterkit.core.credits import from_micro
 from meterkit.errors import (
     AuthenticationError,
+    BackendError,
     BackendUnavailable,
     ConfigurationError,
     InvalidIdentifierError,
@@ -78,7 +79,7 @@ METHOD_NOT_ALLOWED_BODY: Final = error_body(
 INVALID_IDEMPOTENCY_KEY_BODY: Final = error_body(
     "invalid_request_error",
     "invalid_idempotency_key",
-    "The Idempotency-Key header must be 1 to 256 printable characters, sent once.",
+    "The Idempotency-Key header must be 1 to 256 printable characters without commas, sent once.",
     400,
 )
 IDEMPOTENCY_KEY_REUSED_BODY: Final = error_body(
@@ -532,7 +533,11 @@ class Gate:
                 return _fixed(405, METHOD_NOT_ALLOWED_BODY, ("Allow", ", ".join(allowed)))
             return _fixed(404, NOT_FOUND_BODY)
         idem = pending.idempotency_key
-        if idem is not None and not (0 < len(idem) <= _MAX_IDEMPOTENCY_KEY and idem.isprintable()):
+        # (a comma too: WSGI servers fold two Idempotency-Key headers into "a, b", so
+        # a comma cannot be told from a duplicate there; both shells refuse it alike)
+        if idem is not None and not (
+            0 < len(idem) <= _MAX_IDEMPOTENCY_KEY and idem.isprintable() and "," not in idem
+        ):
             return _fixed(400, INVALID_IDEMPOTENCY_KEY_BODY)
         return None
 
@@ -544,8 +549,13 @@ class Gate:
                 # RFC 6750: a 401 names the scheme the client should use.
                 return _fixed(401, body, ("WWW-Authenticate", "Bearer"))
             return _fixed(exc.status, body)
-        if isinstance(exc, BackendUnavailable):
-            logger.warning("meterkit: backend unavailable, answering 503: %s", exc)
+        if isinstance(exc, BackendError):
+            # Every backend failure (unreachable, refused, out of memory, state meterkit
+            # did not write) is the documented 503, never a bare 500.
+            if isinstance(exc, BackendUnavailable):
+                logger.warning("meterkit: backend unavailable, answering 503: %s", exc)
+            else:
+                logger.error("meterkit: backend failed, answering 503: %s", exc)
             return _fixed(503, UNAVAILABLE_BODY, ("Retry-After", "1"))
         if (
             isinstance(exc, InvalidRequestError)

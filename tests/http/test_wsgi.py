@@ -237,6 +237,66 @@ def test_idempotent_retry_is_charged_once(demo: Demo) -> None:
     assert demo.used() == Decimal("0.05")
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Idempotency-Key", "a"), ("Idempotency-Key", "b")],
+        [("Idempotency-Key", "a, b")],
+    ],
+    ids=["two headers", "a comma"],
+)
+def test_duplicate_idempotency_keys_are_400_and_charge_nothing(
+    demo: Demo, headers: list[tuple[str, str]]
+) -> None:
+    """Two Idempotency-Key headers (which the WSGI server folds into "a, b") or a key
+    with a comma get 400 invalid_idempotency_key, as under ASGI; nothing is charged."""
+    auth = [("Authorization", f"Bearer {demo.keys['live']}")]
+    response = demo.http.request(
+        "POST",
+        f"/organizations/{ORG}/invoices",
+        json={"customer": "A", "amount": 3},
+        headers=httpx.Headers(auth + headers),
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_idempotency_key"
+    assert demo.meter.usage(ORG).requests == 0
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [
+        ("store", meterkit.BackendError("OOM command not allowed when used memory > 'maxmemory'")),
+        ("store", meterkit.StateError("a key under meterkit's namespace has the wrong type")),
+        ("meter", meterkit.StateError("redis holds state meterkit did not write")),
+        ("meter", meterkit.BackendError("redis answered with an error")),
+    ],
+    ids=["store-error", "store-state", "meter-state", "meter-error"],
+)
+def test_every_backend_failure_is_the_documented_503(
+    start: Callable[..., Demo],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    error: meterkit.BackendError,
+) -> None:
+    """A key store or meter that fails in any way (not only "unavailable") gets the
+    seed-shaped 503 with Retry-After, never a bare 500, and nothing is charged."""
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    if where == "store":
+        monkeypatch.setattr(MemoryKeyStore, "authenticate", fail)
+    else:
+        monkeypatch.setattr(meterkit.Meter, "check", fail)
+    demo = start()
+    response = demo.call("GET", "/invoices")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["status"] == 503
+    monkeypatch.undo()
+    assert demo.meter.usage(ORG).requests == 0
+
+
 # -- raw WSGI apps: failures before the response starts -----------------------------------------
 
 
