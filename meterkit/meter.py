@@ -124,6 +124,11 @@ class _MeterCore:
 
     def _plans(self, requests: Iterable[CheckRequest]) -> list[Plan]:
         """Plan every request of a batch, so that bad input raises before any is applied."""
+        if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Iterable):
+            raise InvalidRequestError(
+                "requests is a list of dicts of check() arguments or of tuples, "
+                f"not {type(requests).__name__}"
+            )
         plans = []
         plan = self._plan
         for i, request in enumerate(requests):
@@ -195,6 +200,14 @@ class _MeterCore:
         if first is not None and not return_exceptions:
             raise first
         return decisions
+
+    @staticmethod
+    def _refundable(decision: object) -> Decision:
+        if not isinstance(decision, Decision):
+            raise InvalidRequestError(
+                f"refund takes a Decision from check(), not {type(decision).__name__}"
+            )
+        return decision
 
     @staticmethod
     def _able(backend: object, method: str) -> Any:
@@ -327,6 +340,7 @@ class Meter(_MeterCore):
 
     def refund(self, decision: Decision) -> bool:
         """Return an admitted decision's credits, once. True if this call refunded them."""
+        decision = self._refundable(decision)
         if decision.degraded:
             return False
         return self.backend.refund(decision.plan, decision.outcome)
@@ -454,6 +468,7 @@ class AsyncMeter(_MeterCore):
 
     async def refund(self, decision: Decision) -> bool:
         """See :meth:`Meter.refund`."""
+        decision = self._refundable(decision)
         if decision.degraded:
             return False
         return bool(await self._call("refund", decision.plan, decision.outcome))

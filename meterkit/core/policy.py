@@ -410,6 +410,8 @@ class Policy:
                 data: str | bytes = Path(source).read_bytes()
             except OSError as exc:
                 raise ConfigurationError(f"cannot read policy file: {exc.strerror}") from None
+            except ValueError:  # a NUL in the path
+                raise ConfigurationError("a policy file's path holds a NUL character") from None
         elif isinstance(source, (str, bytes)):
             data = source
         else:
@@ -423,6 +425,8 @@ class Policy:
             raise ConfigurationError(message, where.rstrip("`").lstrip(".")) from None
         except msgspec.DecodeError as exc:
             raise ConfigurationError(f"malformed TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigurationError("malformed TOML: nested too deeply") from None
         return spec.build()
 
     def to_dict(self) -> dict[str, object]:

@@ -578,3 +578,26 @@ def test_unknown_operation_of_a_policy_is_typed() -> None:
     for operation in ("invoices.burn", "", None, ["invoices.list"]):
         with pytest.raises(UnknownOperationError):
             policy.plan_for(operation)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.refund(None),
+        lambda m: m.refund("ch_1"),
+        lambda m: m.check_many(5),
+        lambda m: m.check_many("items.list"),
+        lambda m: m.check_many({"key": KEY, "operation": "items.list"}),
+    ],
+    ids=["refund-none", "refund-str", "batch-int", "batch-str", "batch-dict"],
+)
+def test_wrong_argument_types_are_typed_errors_and_change_nothing(
+    meter: Any, call: Callable[[Any], object]
+) -> None:
+    """refund() of something that is not a Decision and check_many() of something that
+    is not a list of requests raise InvalidRequestError (not AttributeError or
+    TypeError), and nothing is consumed."""
+    before = meter.usage(ORG)
+    with pytest.raises(InvalidRequestError):
+        call(meter)
+    assert meter.usage(ORG) == before

@@ -219,3 +219,14 @@ def test_toml_accepts_numbers_for_amounts_and_defaults() -> None:
     assert policy.tiers[0].window == 10
     assert policy.plan_for("ping").price == 20_000
     assert policy.routes == {}
+
+
+def test_a_path_with_a_nul_and_deeply_nested_toml_are_configuration_errors() -> None:
+    """Policy.from_toml turns a NUL in a path (ValueError from the OS layer) and TOML
+    nested deeper than the parser can go (RecursionError) into ConfigurationError."""
+    from meterkit import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="NUL"):
+        Policy.from_toml("x\x00.toml")
+    with pytest.raises(ConfigurationError, match="nested too deeply"):
+        Policy.from_toml("a = " + "[" * 100_000 + "]" * 100_000)
