@@ -20,6 +20,7 @@ Messages never contain secrets: identifiers are public ids, never API key plaint
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -35,7 +36,26 @@ __all__ = [
     "StateError",
     "UnknownKeyError",
     "UnknownOperationError",
+    "looks_like_secret",
+    "redact",
 ]
+
+# The shape of an API key's plaintext, for any key prefix: ``<prefix>_live_…`` or
+# ``<prefix>_test_…`` followed by its id and secret. Anything of that shape is kept out
+# of messages, reprs and Redis key names.
+_SECRET_SHAPE = re.compile(r"[a-z][a-z0-9]{0,15}_(?:live|test)_[0-9A-Za-z]{8,}")
+
+
+def looks_like_secret(value: object) -> bool:
+    """Whether ``value`` holds something shaped like an API key's plaintext."""
+    return isinstance(value, str) and _SECRET_SHAPE.search(value) is not None
+
+
+def redact(value: object) -> str:
+    """``repr(value)`` for an error message, with anything shaped like an API key's
+    plaintext replaced (so a secret never reaches a message or a log)."""
+    text = repr(value)
+    return _SECRET_SHAPE.sub("<secret key withheld>", text) if isinstance(value, str) else text
 
 
 class MeterkitError(Exception):

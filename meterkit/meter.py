@@ -22,6 +22,7 @@ from meterkit.errors import (
     InvalidIdentifierError,
     InvalidRequestError,
     MeterkitError,
+    looks_like_secret,
 )
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncMeter", "Meter"]
 
 _MAX_ID = 256
+_SHORT_ID = 19  # a plaintext key is longer (a key id is 16 characters)
 _US = 1_000_000
 Mode = Literal["live", "test"]
 #: One request of :meth:`Meter.check_many`: :meth:`Meter.check`'s arguments as a dict,
@@ -51,6 +53,13 @@ def _bad_id(value: object, what: str) -> InvalidIdentifierError:
     return InvalidIdentifierError(f"{what} holds control or non-printable characters")
 
 
+def _secret_id(what: str) -> InvalidIdentifierError:
+    return InvalidIdentifierError(
+        f"this {what} looks like an API key's secret plaintext: pass the key's id "
+        "(or the ApiKey from authenticate), never the plaintext"
+    )
+
+
 def check_mode(mode: object) -> None:
     """Raise unless ``mode`` is ``"live"`` or ``"test"``."""
     if mode != "live" and mode != "test":
@@ -60,6 +69,8 @@ def check_mode(mode: object) -> None:
 def check_id(value: object, what: str) -> str:
     """Return ``value`` if it is a usable id (1–256 printable characters), else raise."""
     if type(value) is str and 0 < len(value) <= _MAX_ID and value.isprintable():
+        if looks_like_secret(value):
+            raise _secret_id(what)
         return value
     raise _bad_id(value, what)
 
@@ -96,6 +107,12 @@ class _MeterCore:
             raise _bad_id(key, "key")
         if not (type(org) is str and 0 < len(org) <= _MAX_ID and org.isprintable()):
             raise _bad_id(org, "org")
+        # A plaintext key is never an id (it would reach Redis key names); ids as short
+        # as a key id pay nothing for this.
+        if (len(key) > _SHORT_ID and looks_like_secret(key)) or (
+            len(org) > _SHORT_ID and looks_like_secret(org)
+        ):
+            raise _secret_id("key" if looks_like_secret(key) else "org")
         if mode != "live" and mode != "test":
             raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
         op = self._plan_for(operation)

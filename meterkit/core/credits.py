@@ -70,3 +70,12 @@ _DIVIDE = Context(prec=28).divide
 def from_micro(micro: int) -> Decimal:
     """Micro-credits as an exact ``Decimal`` number of credits (``10000`` → ``0.01``)."""
     return _DIVIDE(Decimal(micro), _MICRO_DEC)
+
+
+def top_up_too_large() -> InvalidAmountError:
+    """The error for a top-up that would take a month's top-ups past :data:`MAX_MICRO`
+    (every backend checks before it writes anything)."""
+    return InvalidAmountError(
+        f"this top-up would take the month's top-ups past {from_micro(MAX_MICRO)} credits; "
+        "nothing was added"
+    )

@@ -20,7 +20,12 @@ import limits
 import msgspec
 
 from meterkit.core.credits import MAX_MICRO, from_micro, to_micro
-from meterkit.errors import ConfigurationError, InvalidAmountError, UnknownOperationError
+from meterkit.errors import (
+    ConfigurationError,
+    InvalidAmountError,
+    UnknownOperationError,
+    redact,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -376,7 +381,7 @@ class Policy:
             return self._plans[operation]
         except (KeyError, TypeError):
             raise UnknownOperationError(
-                f"unknown operation {operation!r}: it is not in the policy's cost table"
+                f"unknown operation {redact(operation)}: it is not in the policy's cost table"
             ) from None
 
     @property

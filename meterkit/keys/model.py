@@ -51,6 +51,8 @@ from meterkit.errors import (
     InvalidIdentifierError,
     InvalidRequestError,
     UnknownKeyError,
+    looks_like_secret,
+    redact,
 )
 
 __all__ = [
@@ -193,7 +195,8 @@ def _required_wildcard(permission: object) -> str:
         return cached
     if not isinstance(permission, str) or not _PERMISSION_RE.fullmatch(permission):
         raise InvalidRequestError(
-            f"permission must look like 'invoices:read', 'invoices:*' or '*', not {permission!r}"
+            "permission must look like 'invoices:read', 'invoices:*' or '*', "
+            f"not {redact(permission)}"
         )
     wildcard = _wildcard_of(permission)
     if len(_WILDCARDS) < _CACHE_LIMIT:
@@ -281,7 +284,7 @@ def to_duration(value: object, what: str) -> float:
 def check_key_id(key_id: object) -> str:
     """A well-formed public key id (``key_`` + 12 base62 characters), or an error."""
     if not isinstance(key_id, str) or not _KEY_ID_RE.fullmatch(key_id):
-        raise InvalidIdentifierError(f"not an API key id: {key_id!r}")
+        raise InvalidIdentifierError(f"not an API key id: {redact(key_id)}")
     return key_id
 
 
@@ -289,7 +292,7 @@ def check_org(org: object) -> str:
     """A well-formed organization id (``org_`` + up to 64 of ``A-Za-z0-9_-``), or an error."""
     if not isinstance(org, str) or not _ORG_RE.fullmatch(org):
         raise InvalidIdentifierError(
-            f"organization ids look like 'org_123' (letters, digits, '_', '-'), not {org!r}"
+            f"organization ids look like 'org_123' (letters, digits, '_', '-'), not {redact(org)}"
         )
     return org
 
@@ -297,14 +300,15 @@ def check_org(org: object) -> str:
 def _check_permissions(permissions: object) -> tuple[str, ...]:
     if isinstance(permissions, str | bytes) or not isinstance(permissions, Iterable):
         raise InvalidRequestError(
-            f"permissions must be a list of strings such as ['invoices:read'], not {permissions!r}"
+            "permissions must be a list of strings such as ['invoices:read'], "
+            f"not {redact(permissions)}"
         )
     checked = []
     for permission in permissions:
         if not isinstance(permission, str) or not _PERMISSION_RE.fullmatch(permission):
             raise InvalidRequestError(
                 "each permission must look like 'invoices:read', 'invoices:*' or '*',"
-                f" not {permission!r}"
+                f" not {redact(permission)}"
             )
         checked.append(permission)
     return tuple(sorted(set(checked)))
@@ -315,8 +319,10 @@ def _check_name(name: object) -> str | None:
         return None
     if not isinstance(name, str) or len(name) > _MAX_NAME or not name.isprintable():
         raise InvalidRequestError(
-            f"name must be printable text of at most {_MAX_NAME} characters, not {name!r}"
+            f"name must be printable text of at most {_MAX_NAME} characters, not {redact(name)}"
         )
+    if looks_like_secret(name):
+        raise InvalidRequestError("a key's name must not hold an API key's plaintext")
     return name
 
 
@@ -896,6 +902,7 @@ def keystore_from_url(
     previous_peppers: Iterable[bytes | str | None] = (),
     status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
+    timeout: float = 1.0,
 ) -> KeyStore:
     """A key store for ``memory://`` or ``redis://…`` (``rediss://``, ``unix://``,
     ``redis+cluster://host:port[,host:port…]``, ``rediss+cluster://``).
@@ -905,7 +912,8 @@ def keystore_from_url(
     ``pepper`` is the server-side secret keyed into every hash (keep it out of URLs and
     of the store), ``previous_peppers`` those being retired (their keys still work and
     are rehashed under ``pepper`` when presented); ``namespace`` prefixes Redis key
-    names; ``status_codes`` overrides the HTTP status of refusals (401 each by default),
+    names; ``timeout`` (seconds, default 1) bounds connecting and every answer, as
+    for :func:`~meterkit.backend_from_url` (no retries); ``status_codes`` overrides the HTTP status of refusals (401 each by default),
     e.g. ``{"insufficient_permissions": 403}``.
     """
     options: dict[str, Any] = {
@@ -920,7 +928,7 @@ def keystore_from_url(
     from meterkit.keys.redis import RedisKeyStore
 
     url = _driver_url(url)
-    return RedisKeyStore.from_url(url, namespace=namespace, **options)
+    return RedisKeyStore.from_url(url, namespace=namespace, timeout=timeout, **options)
 
 
 def async_keystore_from_url(
@@ -932,6 +940,7 @@ def async_keystore_from_url(
     previous_peppers: Iterable[bytes | str | None] = (),
     status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
+    timeout: float = 1.0,
 ) -> AsyncKeyStore:
     """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
     options: dict[str, Any] = {
@@ -945,4 +954,6 @@ def async_keystore_from_url(
         return AsyncMemoryKeyStore(**options)
     from meterkit.keys.redis import AsyncRedisKeyStore
 
-    return AsyncRedisKeyStore.from_url(_driver_url(url), namespace=namespace, **options)
+    return AsyncRedisKeyStore.from_url(
+        _driver_url(url), namespace=namespace, timeout=timeout, **options
+    )

@@ -552,20 +552,21 @@ class _RedisStoreShell:
         pepper: bytes | str | None = None,
         previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
+        timeout: float = 1.0,
     ) -> _Shell:
         """A store on a client made from ``url``, closed with the store.
 
-        ``redis+cluster://host:port[,host:port…]`` (``rediss+cluster://`` for TLS) makes
-        a cluster client as :func:`~meterkit.backend_from_url` does (its timeout, no
-        retries); any other URL goes to redis-py's ``Redis.from_url``.
+        The client is the one :func:`~meterkit.backend_from_url` makes for ``url``
+        (``redis://``, ``rediss://``, ``redis+unix://``, ``redis+cluster://``,
+        ``rediss+cluster://``): ``timeout`` seconds (default 1) to connect and to
+        answer, and no retries.
         """
-        module = cls._client_module()
-        if url.split("://", 1)[0].lower() in ("redis+cluster", "rediss+cluster"):
-            from meterkit.connect import redis_client
+        cls._client_module()  # the friendly error when redis-py is missing
+        from meterkit.connect import redis_client
 
-            client = redis_client(url, asyncio=cls._asyncio)
-        else:
-            client = module.Redis.from_url(url)
+        # The very client backend_from_url makes: the same timeout, no retries (a
+        # stuck Redis is a 503 within ``timeout``, not a hung authenticate).
+        client = redis_client(url, asyncio=cls._asyncio, timeout=timeout)
         return cls(
             client,
             namespace=namespace,

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meterkit import InvalidAmountError, InvalidRequestError, MeterkitError, from_micro, to_micro
+from meterkit import (
+    InvalidAmountError,
+    InvalidRequestError,
+    MeterkitError,
+    Policy,
+    from_micro,
+    to_micro,
+)
 from meterkit.core.credits import MAX_MICRO, MICRO
 
 
@@ -128,3 +137,36 @@ def test_from_micro_is_exact_whatever_the_callers_decimal_context() -> None:
         ctx.prec = 3
         assert str(from_micro(9_999_990_000)) == "9999.99"
         assert str(from_micro(2**53 - 1)) == "9007199254.740991"
+
+
+def test_top_ups_past_the_exact_range_are_refused_before_anything_is_written(
+    make_meter: Callable[[Policy], Any],
+) -> None:
+    """Two legal top-ups whose sum passes 2^53 - 1 µ-credits: the second raises
+    InvalidAmountError and writes nothing; checks and usage go on (issue 17, item 6)."""
+    from meterkit import InvalidAmountError
+
+    meter = make_meter(Policy.crane_ledger())
+    meter.top_up("org_1", "9007199254")
+    before = meter.usage("org_1")
+    with pytest.raises(InvalidAmountError):
+        meter.top_up("org_1", "9007199254")
+    assert meter.usage("org_1") == before
+    assert meter.check("key_1", org="org_1", operation="invoices.list").allowed
+
+
+def test_a_refund_returns_only_what_the_backend_recorded(
+    make_meter: Callable[[Policy], Any],
+) -> None:
+    """A caller-built Decision claiming more than was charged to its key and operation
+    is refunded nothing: usage never goes below what was really spent."""
+    from meterkit import Decision
+
+    meter = make_meter(Policy.crane_ledger())
+    real = meter.check("key_1", org="org_1", operation="invoices.list")
+    before = meter.usage("org_1")
+    forged = Decision(real.plan, real.outcome._replace(charged=4_990_000))
+    assert meter.refund(forged) is False
+    assert meter.usage("org_1") == before
+    assert meter.refund(real) is True
+    assert meter.usage("org_1").credits_used == 0

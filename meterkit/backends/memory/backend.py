@@ -47,6 +47,7 @@ from string import Template
 from typing import TYPE_CHECKING, cast
 
 from meterkit.backends.charge_ids import new_charge_id
+from meterkit.core.credits import MAX_MICRO, top_up_too_large
 from meterkit.core.outcome import (
     REASON_CREDITS,
     REASON_NONE,
@@ -720,12 +721,15 @@ class MemoryBackend:
             acct = self._accounts.get(org)
             if acct is None or acct.period != start or charge in acct.refunded:
                 return False
-            acct.refunded.add(charge)
             amount = outcome.charged
-            acct.used -= amount
             pair = acct.pairs.get(plan.op.name, {}).get(plan.key)
-            if pair is not None:
-                pair.micro -= amount
+            # Only what was recorded comes back: never more than this key and operation
+            # were charged this month (a caller-built outcome cannot make usage negative).
+            if pair is None or not 0 <= amount <= min(pair.micro, acct.used):
+                return False
+            acct.refunded.add(charge)
+            acct.used -= amount
+            pair.micro -= amount
             if plan.idem is not None:
                 # A refunded request did not happen as far as billing goes: its retry
                 # is a new request. A newer request that reused the key keeps its record.
@@ -768,6 +772,9 @@ class MemoryBackend:
         with self._lock:
             now = self._hold(now)
             start, _ = self._period_of(now)
+            acct = self._accounts.get(ident)
+            if acct is not None and acct.period == start and acct.topup + micro > MAX_MICRO:
+                raise top_up_too_large()
             self._account(ident, start).topup += micro
 
     def close(self) -> None:

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from meterkit.backends.charge_ids import new_charge_id
 from meterkit.backends.redis.errors import translate, translate_all
+from meterkit.core.credits import top_up_too_large
 from meterkit.core.outcome import Outcome, RawUsage, replay, unspent
 from meterkit.core.plan import Plan, clock_us, month_bounds
 from meterkit.errors import (
@@ -1147,7 +1148,8 @@ class RedisBackend:
 
     def top_up(self, org: str, mode: str, micro: int) -> None:
         """Add credits to ``org``'s current month only (no rollover)."""
-        self._run(self._codec.top_up(org, mode, micro))
+        if not self._run(self._codec.top_up(org, mode, micro)):
+            raise top_up_too_large()
 
     def close(self) -> None:
         """Close the client if this backend built it (a client you passed stays open)."""
@@ -1292,7 +1294,8 @@ class AsyncRedisBackend:
 
     async def top_up(self, org: str, mode: str, micro: int) -> None:
         """See :meth:`RedisBackend.top_up`."""
-        await self._run(self._codec.top_up(org, mode, micro))
+        if not await self._run(self._codec.top_up(org, mode, micro)):
+            raise top_up_too_large()
 
     async def close(self) -> None:
         """See :meth:`RedisBackend.close`."""

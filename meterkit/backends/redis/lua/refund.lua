@@ -3,7 +3,8 @@
 -- KEYS[1] the organization's account  KEYS[2] the idempotency record (optional)
 -- ARGV    1 now µs ('' = server TIME)  2 period start µs of the charge  3 charge id
 --         4 the amount µ-credits  5 the 'q|<op>|<key>' field of the charge
--- Reply   1 refunded, 0 not (an ended month, or refunded before)
+-- Reply   1 refunded, 0 not (an ended month, refunded before, or more than this key and
+--         operation were charged this month: a refund returns only what was recorded)
 
 local start = month(clock(ARGV[1]))
 local account = KEYS[1]
@@ -18,20 +19,19 @@ local period, used, topup, override = head_of(a[1], account)
 if period ~= start then
   return 0
 end
-local requests, spent
-if a[2] then
-  requests, spent = pair_of(a[2], account)
+if not a[2] then
+  return 0  -- nothing was charged to this key and operation this month
+end
+local requests, spent = pair_of(a[2], account)
+local amount = tonumber(ARGV[4])
+if not amount or amount % 1 ~= 0 or amount < 0 or amount > spent or amount > used then
+  return 0
 end
 if redis.call('HSETNX', account, 'x|' .. ARGV[3], 1) == 0 then
   return 0
 end
-local amount = tonumber(ARGV[4])
 local head = struct.pack(HEAD, period, used - amount, topup, override)
-if requests then
-  redis.call('HSET', account, 'h', head, ARGV[5], struct.pack(PAIR, requests, spent - amount))
-else
-  redis.call('HSET', account, 'h', head)
-end
+redis.call('HSET', account, 'h', head, ARGV[5], struct.pack(PAIR, requests, spent - amount))
 local idem = KEYS[2]
 if idem then
   -- A refunded request did not happen as far as billing goes: its retry is a new

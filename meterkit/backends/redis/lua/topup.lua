@@ -2,6 +2,7 @@
 --
 -- KEYS[1] the organization's account  KEYS[2] its allowance override
 -- ARGV    1 now µs ('' = server TIME)  2 amount µ-credits  3 TTL grace ms
+-- Reply   1 added; 0 refused, nothing written (the month's top-ups would pass 2^53 - 1)
 
 local now = clock(ARGV[1])
 local start, finish = month(now)
@@ -13,6 +14,9 @@ if head then
   period, used, topup, override = head_of(head, account)
 end
 if period == start then
+  if topup + amount >= EXACT then
+    return 0
+  end
   redis.call('HSET', account, 'h', struct.pack(HEAD, period, used, topup + amount, override))
 else
   -- A new month's account starts with a copy of the allowance override (see check.lua).
