@@ -913,8 +913,8 @@ def keystore_from_url(
     of the store), ``previous_peppers`` those being retired (their keys still work and
     are rehashed under ``pepper`` when presented); ``namespace`` prefixes Redis key
     names; ``timeout`` (seconds, default 1) bounds connecting and every answer, as
-    for :func:`~meterkit.backend_from_url` (no retries); ``status_codes`` overrides the HTTP status of refusals (401 each by default),
-    e.g. ``{"insufficient_permissions": 403}``.
+    for :func:`~meterkit.backend_from_url` (no retries); ``status_codes`` overrides
+    the HTTP status of refusals (401 each by default), e.g. ``{"insufficient_permissions": 403}``.
     """
     options: dict[str, Any] = {
         "clock": clock,
