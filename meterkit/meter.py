@@ -247,8 +247,10 @@ class _MeterCore:
 class Meter(_MeterCore):
     """Authenticate-then-meter in one call: rate tiers and credits, atomically.
 
-    ``fail_open=True`` admits requests (flagged ``degraded`` and counted) while the
-    backend is unavailable, instead of raising :class:`BackendUnavailable`.
+    ``fail_open=True`` admits requests (flagged ``degraded`` and counted in
+    ``degraded``) while the backend is unavailable, instead of raising
+    :class:`BackendUnavailable`. Whether a degraded request was applied is unknown
+    (one that timed out may have run): ``usage()`` says what the backend counted.
     """
 
     def __init__(self, policy: Policy, backend: Backend, *, fail_open: bool = False) -> None:

@@ -140,14 +140,18 @@ def standalone(*extra: str) -> Iterator[RedisServer]:
 
 
 @contextmanager
-def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
-    """Start a cluster of ``masters`` nodes (no replicas) and wait until it is ok."""
+def cluster(
+    masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000, *extra: str
+) -> Iterator[list[RedisServer]]:
+    """Start a cluster of ``masters`` nodes with ``replicas`` replicas each (masters
+    first in the list, as ``redis-cli --cluster create`` pairs them) and wait until
+    every node says it is ok. ``extra`` goes to every redis-server."""
     cli = shutil.which("redis-cli")
     assert cli is not None, "redis-cli is needed to create a cluster"
     with tempfile.TemporaryDirectory(prefix="meterkit-cluster-") as tmp:
         nodes: list[RedisServer] = []
         try:
-            for i in range(masters):
+            for i in range(masters * (1 + replicas)):
                 port = free_cluster_port()
                 node = RedisServer(
                     Path(tmp) / str(i),
@@ -157,7 +161,8 @@ def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "2000",
+                    str(node_timeout_ms),
+                    *extra,
                 )
                 node.start()
                 nodes.append(node)
@@ -168,7 +173,7 @@ def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
                     "create",
                     *[f"127.0.0.1:{n.port}" for n in nodes],
                     "--cluster-replicas",
-                    "0",
+                    str(replicas),
                     "--cluster-yes",
                 ],
                 check=True,
@@ -188,7 +193,9 @@ def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
                     ).stdout
                     for n in nodes
                 ]
-                if all("cluster_state:ok" in out for out in states):
+                if all("cluster_state:ok" in out for out in states) and all(
+                    _synced(cli, n.port) for n in nodes[masters:]
+                ):
                     break
                 time.sleep(0.1)
             else:
@@ -197,6 +204,26 @@ def cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
         finally:
             for node in nodes:
                 node.stop()
+
+
+def _synced(cli: str, port: int) -> bool:
+    """A replica has finished its first sync with its master (it can take over)."""
+    info = subprocess.run(
+        [cli, "-p", str(port), "info", "replication"], capture_output=True, text=True, timeout=5
+    ).stdout
+    return "master_link_status:up" in info
+
+
+def master_of(nodes: list[RedisServer], key: str) -> RedisServer:
+    """The node that serves ``key``'s slot now (asked of the cluster itself)."""
+    import redis
+
+    client = redis.RedisCluster(host="127.0.0.1", port=next(n.port for n in nodes if n.process))
+    try:
+        port = client.get_node_from_key(key).port
+    finally:
+        client.close()
+    return next(n for n in nodes if n.port == port)
 
 
 def require_redis() -> bool:

@@ -735,7 +735,20 @@ class _Pool:
 
 
 class _Cluster:
-    """A Redis Cluster through redis-py's cluster client; batches grouped by node."""
+    """A Redis Cluster through redis-py's cluster client; batches grouped by node.
+
+    A batch writes every node's commands before it reads any reply: one round trip
+    for the batch. What each command met is its own reply:
+
+    - a node that could not be reached (connection refused, no node for the slot):
+      nothing was written there, so the slot map is refreshed and those commands are
+      sent once more; a second failure is their reply;
+    - a connection that broke after its commands were written: their replies are
+      that error (they may have run), the connection is closed, and they are not
+      sent again;
+    - a connection whose replies were not all read is closed, never reused: its
+      next user would read them as its own.
+    """
 
     def __init__(self, client: Any) -> None:
         from redis import exceptions as rx
@@ -746,6 +759,8 @@ class _Cluster:
         self._response_error = rx.ResponseError
         # Answers that mean "not run here, ask again": safe to send once more.
         self._resend = (rx.NoScriptError, rx.AskError, rx.TryAgainError)
+        self._lost = (rx.ConnectionError, rx.TimeoutError, OSError)
+        self._unrouted = rx.RedisClusterException
 
     def call(self, cmd: Command) -> Any:
         try:
@@ -754,48 +769,99 @@ class _Cluster:
             return self.client.execute_command(*_as_eval(cmd), **_RAW)
 
     def many(self, commands: Iterable[Command], on_reply: OnReply | None = None) -> list[Any]:
-        """Every command's reply, in order (``on_reply`` as :meth:`_Pool.many`'s,
-        called once all are in)."""
-        replies = self._many(list(commands))
-        if on_reply is not None:
-            for i, reply in enumerate(replies):
-                on_reply(i, reply)
-        return replies
-
-    def _many(self, cmds: list[Command]) -> list[Any]:
-        client = self.client
-        groups: dict[str, tuple[Any, list[int]]] = {}
-        for i, cmd in enumerate(cmds):
-            node = client.get_node_from_key(_node_key(cmd))
-            group = groups.get(node.name)
-            if group is None:
-                group = groups[node.name] = (node, [])
-            group[1].append(i)
+        """Every command's reply (or the exception it met), in order (``on_reply`` as
+        :meth:`_Pool.many`'s, called once all are in)."""
+        cmds = list(commands)
         replies: list[Any] = [None] * len(cmds)
-        sent: list[tuple[Any, Any, list[int]]] = []
-        try:
-            # Write to every node first, then read: one round trip for the batch.
-            for node, indexes in groups.values():
-                pool = client.get_redis_connection(node).connection_pool
-                conn = pool.get_connection()
-                sent.append((pool, conn, indexes))
-                conn.send_packed_command(conn.pack_commands([cmds[i] for i in indexes]))
-            for _, conn, indexes in sent:
-                for i in indexes:
-                    try:
-                        replies[i] = conn.read_response(disable_decoding=True)
-                    except self._response_error as exc:
-                        replies[i] = exc
-        finally:
-            for pool, conn, _ in sent:
-                pool.release(conn)
+        unsent, failed = self._round(cmds, range(len(cmds)), replies)
+        if failed:
+            self._refresh()
+            if unsent:
+                self._round(cmds, unsent, replies)
         for i, reply in enumerate(replies):
             if isinstance(reply, self._resend):
                 try:
                     replies[i] = self.call(cmds[i])
-                except self._response_error as exc:
+                except Exception as exc:
                     replies[i] = exc
+            if on_reply is not None:
+                on_reply(i, replies[i])
         return replies
+
+    def _round(
+        self, cmds: list[Command], indexes: Iterable[int], replies: list[Any]
+    ) -> tuple[list[int], bool]:
+        """Send ``cmds[i]`` for each of ``indexes`` to its node and put each reply in
+        ``replies[i]``; the indexes that reached no node, and whether a node failed."""
+        client = self.client
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        unsent: list[int] = []
+        for i in indexes:
+            try:
+                node = client.get_node_from_key(_node_key(cmds[i]))
+            except self._unrouted as exc:  # no node serves the slot now
+                replies[i] = exc
+                unsent.append(i)
+                continue
+            entry = groups.get(node.name)
+            if entry is None:
+                entry = groups[node.name] = (node, [])
+            entry[1].append(i)
+        failed = bool(unsent)
+        taken: list[tuple[Any, Any]] = []
+        unread: dict[int, tuple[Any, list[int]]] = {}  # id(conn) → (conn, its indexes)
+        try:
+            for node, group in groups.values():
+                try:
+                    pool = client.get_redis_connection(node).connection_pool
+                    conn = pool.get_connection()  # (connects: nothing written yet)
+                except (*self._lost, self._unrouted) as exc:
+                    for i in group:
+                        replies[i] = exc
+                    unsent += group
+                    failed = True
+                    continue
+                taken.append((pool, conn))
+                unread[id(conn)] = (conn, group)
+                try:
+                    conn.send_packed_command(conn.pack_commands([cmds[i] for i in group]))
+                except self._lost as exc:  # (some may have gone: they may run)
+                    for i in group:
+                        replies[i] = exc
+                    failed = True
+                    conn.disconnect()
+                    del unread[id(conn)]
+            for key, (conn, waiting) in list(unread.items()):
+                if self._read(conn, waiting, replies):
+                    del unread[key]
+                else:
+                    failed = True
+        finally:
+            for pool, conn in taken:
+                if id(conn) in unread:
+                    conn.disconnect()
+                pool.release(conn)
+        return unsent, failed
+
+    def _read(self, conn: Any, group: list[int], replies: list[Any]) -> bool:
+        """Read ``group``'s replies from ``conn``; False if the connection broke."""
+        for n, i in enumerate(group):
+            try:
+                replies[i] = conn.read_response(disable_decoding=True)
+            except self._response_error as exc:
+                replies[i] = exc
+            except self._lost as exc:  # the rest ran or did not: nobody knows
+                for j in group[n:]:
+                    replies[j] = exc
+                return False
+        return True
+
+    def _refresh(self) -> None:
+        """Read the slot map again (after a failover, another node serves the slots)."""
+        try:
+            self.client.nodes_manager.initialize()
+        except Exception:  # no node answered: the commands' own errors say so
+            return
 
     def close(self) -> None:
         client = self.client
@@ -979,14 +1045,18 @@ class _AsyncPool:
 
 
 class _AsyncCluster:
-    """:class:`_Cluster` for asyncio, through redis-py's asyncio cluster pipeline."""
+    """:class:`_Cluster` for asyncio: one redis-py cluster pipeline per node, all at
+    once, so that a node that fails fails only its own commands (as their replies);
+    after a node failed, the slot map is read again for the next batch."""
 
     def __init__(self, client: Any) -> None:
-        from redis.exceptions import NoScriptError
+        from redis import exceptions as rx
 
         self.client = client
         self.slot = _slot
-        self._noscript = NoScriptError
+        self._noscript = rx.NoScriptError
+        self._resend = (rx.NoScriptError, rx.AskError, rx.TryAgainError)
+        self._lost = (rx.ConnectionError, rx.TimeoutError, OSError, rx.RedisClusterException)
 
     async def call(self, cmd: Command) -> Any:
         try:
@@ -995,13 +1065,38 @@ class _AsyncCluster:
             return await self.client.execute_command(*_as_eval(cmd), **_RAW)
 
     async def many(self, commands: Iterable[Command]) -> list[Any]:
+        """Every command's reply (or the exception it met), in order."""
         cmds = list(commands)
-        replies = await self._pipeline(cmds)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, self._noscript)]
-        if missing:
-            again = await self._pipeline([_as_eval(cmds[i]) for i in missing])
-            for i, reply in zip(missing, again, strict=False):
+        client = self.client
+        await client.initialize()  # (the first batch, or a refresh an error asked for)
+        replies: list[Any] = [None] * len(cmds)
+        groups: dict[str, list[int]] = {}
+        for i, cmd in enumerate(cmds):
+            try:
+                node = client.get_node_from_key(_node_key(cmd))
+            except self._lost as exc:  # no node serves the slot now
+                replies[i] = exc
+                continue
+            groups.setdefault(node.name, []).append(i)
+        answers = await asyncio.gather(
+            *(self._pipeline([cmds[i] for i in group]) for group in groups.values()),
+            return_exceptions=True,
+        )
+        for group, answer in zip(groups.values(), answers, strict=True):
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, Exception):
+                    raise answer
+                answer = [answer] * len(group)
+            for i, reply in zip(group, answer, strict=True):
                 replies[i] = reply
+        if any(isinstance(reply, self._lost) for reply in replies):
+            await self._refresh()
+        for i, reply in enumerate(replies):
+            if isinstance(reply, self._resend):
+                try:
+                    replies[i] = await self.call(cmds[i])
+                except Exception as exc:
+                    replies[i] = exc
         return replies
 
     async def _pipeline(self, cmds: list[Command]) -> list[Any]:
@@ -1009,6 +1104,13 @@ class _AsyncCluster:
         for cmd in cmds:
             pipe.execute_command(*cmd, **_RAW)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _refresh(self) -> None:
+        """Read the slot map again (after a failover, another node serves the slots)."""
+        try:
+            await self.client.nodes_manager.initialize()
+        except Exception:  # no node answered: the commands' own errors say so
+            return
 
     async def close(self) -> None:
         await self.client.aclose()
