@@ -19,7 +19,7 @@ from meterkit.errors import ConfigurationError
 
 __all__ = ["async_backend_from_url", "backend_from_url", "redis_client"]
 
-_BACKEND_OPTIONS = ("prefix", "clock", "clock_skew")
+_BACKEND_OPTIONS = ("prefix", "clock", "clock_skew", "allow_eviction")
 _SCHEMES = ("memory", "redis", "rediss", "redis+unix", "unix", "redis+cluster", "rediss+cluster")
 
 
@@ -89,13 +89,19 @@ def backend_from_url(url: str, **options: Any) -> MemoryBackend | RedisBackend:
     ``memory://`` → :class:`MemoryBackend` (option ``clock``). ``redis://host:port/db``,
     ``rediss://…``, ``redis+unix:///path/to.sock?db=0`` and
     ``redis+cluster://host:port[,host:port…]`` → :class:`RedisBackend`, with options
-    ``prefix``, ``clock``, ``clock_skew``, ``timeout`` (seconds, default 1) and any
-    redis-py connection option (``password``, ``ssl_ca_certs``, ``max_connections``…).
+    ``prefix``, ``clock``, ``clock_skew``, ``allow_eviction``, ``timeout`` (seconds,
+    default 1) and any redis-py connection option (``password``, ``ssl_ca_certs``,
+    ``max_connections``…).
     """
     scheme, ours, driver = _split(url, dict(options))
     if scheme == "memory":
         return MemoryBackend(clock=ours.get("clock"))
-    backend = RedisBackend(_sync_client(scheme, url, driver), **ours)
+    client = _sync_client(scheme, url, driver)
+    try:
+        backend = RedisBackend(client, **ours)
+    except BaseException:
+        client.close()
+        raise
     backend._owned = True
     return backend
 

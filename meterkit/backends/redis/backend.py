@@ -40,6 +40,7 @@ TAT, last log entry plus the window, month end, 24 h), padded by ``clock_skew`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import os
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from meterkit.backends.charge_ids import new_charge_id
 from meterkit.backends.redis.errors import translate, translate_all
+from meterkit.backends.redis.eviction import eviction_error
 from meterkit.core.credits import top_up_too_large
 from meterkit.core.outcome import Outcome, RawUsage, replay, unspent
 from meterkit.core.plan import Plan, clock_us, month_bounds
@@ -726,6 +728,12 @@ class _Pool:
         finally:
             self._shared.idle.append(conn)
 
+    def info_memory(self) -> list[Any]:
+        """The server's ``INFO memory``, parsed (a list of one)."""
+        import redis
+
+        return [redis.Redis(connection_pool=self.pool).info("memory")]
+
     def close(self) -> None:
         shared = self._shared
         for conn in shared.all:
@@ -855,6 +863,11 @@ class _Cluster:
                     replies[j] = exc
                 return False
         return True
+
+    def info_memory(self) -> list[Any]:
+        """Each primary's ``INFO memory``, parsed."""
+        client = self.client
+        return [client.get_redis_connection(node).info("memory") for node in client.get_primaries()]
 
     def _refresh(self) -> None:
         """Read the slot map again (after a failover, another node serves the slots)."""
@@ -1030,6 +1043,12 @@ class _AsyncPool:
                 raise reply
         return replies
 
+    async def info_memory(self) -> list[Any]:
+        """See :meth:`_Pool.info_memory`."""
+        import redis.asyncio as aredis
+
+        return [await aredis.Redis(connection_pool=self.pool).info("memory")]
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         for task in (self._flush, self._reader):
@@ -1105,6 +1124,15 @@ class _AsyncCluster:
             pipe.execute_command(*cmd, **_RAW)
         return list(await pipe.execute(raise_on_error=False))
 
+    async def info_memory(self) -> list[Any]:
+        """See :meth:`_Cluster.info_memory`."""
+        client = self.client
+        await client.initialize()
+        return [
+            await client.execute_command("INFO", "memory", target_nodes=node)
+            for node in client.get_primaries()
+        ]
+
     async def _refresh(self) -> None:
         """Read the slot map again (after a failover, another node serves the slots)."""
         try:
@@ -1153,6 +1181,30 @@ def _async_transport(client: Any) -> _AsyncPool | _AsyncCluster:
 # -- the backends --------------------------------------------------------------------------
 
 
+def _allowing(allow_eviction: object) -> bool:
+    if not isinstance(allow_eviction, bool):
+        raise ConfigurationError("allow_eviction is True or False", "allow_eviction")
+    return allow_eviction
+
+
+def _unreadable(exc: Exception) -> MeterkitError:
+    """The error for an ``INFO memory`` that failed: an outage stays one."""
+    error = translate(exc)
+    if isinstance(error, BackendUnavailable):
+        return error
+    return ConfigurationError(
+        f"could not read the server's maxmemory-policy ({error}); allow INFO, or pass "
+        "allow_eviction=True if the server cannot evict keys",
+        "allow_eviction",
+    )
+
+
+def _refuse_eviction(infos: list[Any]) -> None:
+    error = eviction_error(infos)
+    if error is not None:
+        raise error
+
+
 class RedisBackend:
     """Limits and credits in Redis (standalone or Cluster): one ``EVALSHA`` per check.
 
@@ -1166,6 +1218,12 @@ class RedisBackend:
     every TTL is padded by ``clock_skew`` seconds for app servers whose clocks lag.
     Keys start with ``prefix`` and carry the organization as Cluster hash tag, so one
     organization's state lives on one shard.
+
+    A server (or any Cluster primary) that may evict keys, with a ``maxmemory`` and a
+    ``maxmemory-policy`` other than ``noeviction``, is refused with
+    :class:`ConfigurationError` when the backend is made, or before its first command
+    if Redis was down then (see :mod:`meterkit.backends.redis.eviction`);
+    ``allow_eviction=True`` accepts it.
     """
 
     def __init__(
@@ -1175,10 +1233,25 @@ class RedisBackend:
         prefix: str = "mk",
         clock: Clock | None = None,
         clock_skew: float = 60.0,
+        allow_eviction: bool = False,
     ) -> None:
         self._codec = _Codec(prefix, clock, clock_skew)
         self._io = _sync_transport(client)
         self._owned = False  # backend_from_url hands its client over
+        self._unverified = not _allowing(allow_eviction)
+        if self._unverified:
+            # (Redis down: checked again before the first command that reaches it)
+            with contextlib.suppress(BackendUnavailable):
+                self._verify()
+
+    def _verify(self) -> None:
+        """Refuse a server that may evict meterkit's keys (see :mod:`.eviction`)."""
+        try:
+            infos = self._io.info_memory()
+        except Exception as exc:
+            raise _unreadable(exc) from exc
+        _refuse_eviction(infos)
+        self._unverified = False
 
     def __repr__(self) -> str:
         kind = "cluster" if isinstance(self._io, _Cluster) else "standalone"
@@ -1190,6 +1263,8 @@ class RedisBackend:
 
     def apply(self, plan: Plan) -> Outcome:
         """Check every tier and the credits of ``plan`` in one ``EVALSHA``."""
+        if self._unverified:
+            self._verify()
         cmd, charge = self._codec.check(plan)
         try:
             reply = self._io.call(cmd)
@@ -1215,6 +1290,8 @@ class RedisBackend:
         """Apply each plan atomically on its own, all in one round trip (per node)."""
         if not plans:
             return []
+        if self._unverified:
+            self._verify()
         codec = self._codec
         cmds, sent = codec.check_many(plans, self._io.slot)
         results: list[Outcome | MeterkitError] = [None] * len(plans)  # type: ignore[list-item]
@@ -1230,6 +1307,8 @@ class RedisBackend:
         return results
 
     def _run(self, cmd: Command) -> Any:
+        if self._unverified:
+            self._verify()
         try:
             return self._io.call(cmd)
         except Exception as exc:
@@ -1273,10 +1352,13 @@ class AsyncRedisBackend:
         prefix: str = "mk",
         clock: Clock | None = None,
         clock_skew: float = 60.0,
+        allow_eviction: bool = False,
     ) -> None:
         self._codec = _Codec(prefix, clock, clock_skew)
         self._io = _async_transport(client)
         self._owned = False
+        # (checked before the first command, as a constructor cannot wait for Redis)
+        self._unverified = not _allowing(allow_eviction)
         # Checks of this loop iteration, not yet sent, with their callers' futures.
         self._queue: list[tuple[Plan, asyncio.Future[Outcome]]] = []
         self._sending: set[asyncio.Task[None]] = set()
@@ -1324,9 +1406,20 @@ class AsyncRedisBackend:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
+    async def _verify(self) -> None:
+        """See :meth:`RedisBackend._verify`."""
+        try:
+            infos = await self._io.info_memory()
+        except Exception as exc:
+            raise _unreadable(exc) from exc
+        _refuse_eviction(infos)
+        self._unverified = False
+
     async def _send(self, batch: list[tuple[Plan, asyncio.Future[Outcome]]]) -> None:
         plans = [plan for plan, _ in batch]
         try:
+            if self._unverified:
+                await self._verify()
             if len(plans) == 1:
                 cmd, charge = self._codec.check(plans[0])
                 sent: list[Sent] = [([0], [charge], False)]
@@ -1368,6 +1461,8 @@ class AsyncRedisBackend:
         """See :meth:`RedisBackend.apply_many`."""
         if not plans:
             return []
+        if self._unverified:
+            await self._verify()
         cmds, sent = self._codec.check_many(plans, self._io.slot)
         try:
             replies = await self._io.many(cmds)
@@ -1376,6 +1471,8 @@ class AsyncRedisBackend:
         return self._codec.outcomes(plans, sent, replies)
 
     async def _run(self, cmd: Command) -> Any:
+        if self._unverified:
+            await self._verify()
         try:
             return await self._io.call(cmd)
         except Exception as exc:
