@@ -903,6 +903,7 @@ def keystore_from_url(
     status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
     timeout: float = 1.0,
+    allow_eviction: bool = False,
 ) -> KeyStore:
     """A key store for ``memory://`` or ``redis://…`` (``rediss://``, ``unix://``,
     ``redis+cluster://host:port[,host:port…]``, ``rediss+cluster://``).
@@ -915,6 +916,8 @@ def keystore_from_url(
     names; ``timeout`` (seconds, default 1) bounds connecting and every answer, as
     for :func:`~meterkit.backend_from_url` (no retries); ``status_codes`` overrides
     the HTTP status of refusals (401 each by default), e.g. ``{"insufficient_permissions": 403}``.
+    A Redis that may evict keys is refused before the first command, as by the
+    backends, unless ``allow_eviction=True``.
     """
     options: dict[str, Any] = {
         "clock": clock,
@@ -928,7 +931,9 @@ def keystore_from_url(
     from meterkit.keys.redis import RedisKeyStore
 
     url = _driver_url(url)
-    return RedisKeyStore.from_url(url, namespace=namespace, timeout=timeout, **options)
+    return RedisKeyStore.from_url(
+        url, namespace=namespace, timeout=timeout, allow_eviction=allow_eviction, **options
+    )
 
 
 def async_keystore_from_url(
@@ -941,6 +946,7 @@ def async_keystore_from_url(
     status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
     timeout: float = 1.0,
+    allow_eviction: bool = False,
 ) -> AsyncKeyStore:
     """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
     options: dict[str, Any] = {
@@ -955,5 +961,9 @@ def async_keystore_from_url(
     from meterkit.keys.redis import AsyncRedisKeyStore
 
     return AsyncRedisKeyStore.from_url(
-        _driver_url(url), namespace=namespace, timeout=timeout, **options
+        _driver_url(url),
+        namespace=namespace,
+        timeout=timeout,
+        allow_eviction=allow_eviction,
+        **options,
     )

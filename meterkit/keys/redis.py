@@ -525,6 +525,7 @@ class _RedisStoreShell:
         previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
         owns_client: bool = False,
+        allow_eviction: bool = False,
     ) -> None:
         rules = KeyRules(
             clock=clock,
@@ -540,6 +541,11 @@ class _RedisStoreShell:
         self._scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
         errors = _redis().exceptions
         self._driver_error = (errors.RedisError, errors.RedisClusterException)
+        if not isinstance(allow_eviction, bool):
+            raise ConfigurationError("allow_eviction is True or False", "allow_eviction")
+        # A server that may evict keys is refused before the first command, as the
+        # backends refuse it: an evicted key record is a key that stopped working.
+        self._unverified = not allow_eviction
 
     @classmethod
     def from_url(
@@ -553,6 +559,7 @@ class _RedisStoreShell:
         previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
         timeout: float = 1.0,
+        allow_eviction: bool = False,
     ) -> _Shell:
         """A store on a client made from ``url``, closed with the store.
 
@@ -576,6 +583,7 @@ class _RedisStoreShell:
             previous_peppers=previous_peppers,
             status_codes=status_codes,
             owns_client=True,
+            allow_eviction=allow_eviction,
         )
 
     def __repr__(self) -> str:
@@ -617,7 +625,12 @@ class RedisKeyStore(_RedisStoreShell):
 
     def _run(self, program: Program[T]) -> T:
         try:
-            step = next(program)
+            step = next(program)  # (what needs no Redis is refused before this)
+            if self._unverified:
+                from meterkit.backends.redis.backend import refuse_eviction
+
+                refuse_eviction(self._client)
+                self._unverified = False
             while True:
                 try:
                     reply = self._call(step)
@@ -696,6 +709,11 @@ class AsyncRedisKeyStore(_RedisStoreShell):
     async def _run(self, program: Program[T]) -> T:
         try:
             step = next(program)
+            if self._unverified:
+                from meterkit.backends.redis.backend import refuse_eviction_async
+
+                await refuse_eviction_async(self._client)
+                self._unverified = False
             while True:
                 try:
                     reply = await self._call(step)

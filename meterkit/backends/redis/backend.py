@@ -1199,10 +1199,37 @@ def _unreadable(exc: Exception) -> MeterkitError:
     )
 
 
-def _refuse_eviction(infos: list[Any]) -> None:
+def _refuse_eviction(io: _Pool | _Cluster) -> None:
+    """Raise :class:`ConfigurationError` if the server, or any Cluster primary, may
+    evict keys (see :mod:`meterkit.backends.redis.eviction`)."""
+    try:
+        infos = io.info_memory()
+    except Exception as exc:
+        raise _unreadable(exc) from exc
     error = eviction_error(infos)
     if error is not None:
         raise error
+
+
+async def _refuse_eviction_async(io: _AsyncPool | _AsyncCluster) -> None:
+    """:func:`_refuse_eviction` for asyncio."""
+    try:
+        infos = await io.info_memory()
+    except Exception as exc:
+        raise _unreadable(exc) from exc
+    error = eviction_error(infos)
+    if error is not None:
+        raise error
+
+
+def refuse_eviction(client: Any) -> None:
+    """:func:`_refuse_eviction` for a redis-py client (the key stores' check)."""
+    _refuse_eviction(_sync_transport(client))
+
+
+async def refuse_eviction_async(client: Any) -> None:
+    """:func:`refuse_eviction` for a redis-py asyncio client."""
+    await _refuse_eviction_async(_async_transport(client))
 
 
 class RedisBackend:
@@ -1245,12 +1272,7 @@ class RedisBackend:
                 self._verify()
 
     def _verify(self) -> None:
-        """Refuse a server that may evict meterkit's keys (see :mod:`.eviction`)."""
-        try:
-            infos = self._io.info_memory()
-        except Exception as exc:
-            raise _unreadable(exc) from exc
-        _refuse_eviction(infos)
+        _refuse_eviction(self._io)
         self._unverified = False
 
     def __repr__(self) -> str:
@@ -1407,12 +1429,7 @@ class AsyncRedisBackend:
             task.add_done_callback(self._sending.discard)
 
     async def _verify(self) -> None:
-        """See :meth:`RedisBackend._verify`."""
-        try:
-            infos = await self._io.info_memory()
-        except Exception as exc:
-            raise _unreadable(exc) from exc
-        _refuse_eviction(infos)
+        await _refuse_eviction_async(self._io)
         self._unverified = False
 
     async def _send(self, batch: list[tuple[Plan, asyncio.Future[Outcome]]]) -> None:

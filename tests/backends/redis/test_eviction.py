@@ -126,3 +126,28 @@ def test_the_rule_reads_parsed_info() -> None:
     )
     assert error is not None
     assert "volatile-lfu" in str(error)
+
+
+def test_the_redis_key_stores_refuse_an_evicting_server_too() -> None:
+    from meterkit.keys.model import async_keystore_from_url, keystore_from_url
+
+    with _servers.standalone("--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru") as s:
+        store = keystore_from_url(s.url)
+        with pytest.raises(ConfigurationError, match="allkeys-lru"):
+            store.create(org="org_1", name="ci")
+        store.close()
+        assert redis.Redis.from_url(s.url).dbsize() == 0
+        allowed = keystore_from_url(s.url, allow_eviction=True)
+        plaintext, record = allowed.create(org="org_1", name="ci")
+        assert allowed.authenticate(f"Bearer {plaintext}", org="org_1").id == record.id
+        allowed.close()
+
+        async def scenario() -> None:
+            store = async_keystore_from_url(s.url)
+            try:
+                with pytest.raises(ConfigurationError, match="allkeys-lru"):
+                    await store.list("org_1")
+            finally:
+                await store.aclose()
+
+        asyncio.run(scenario())
