@@ -170,15 +170,6 @@ except ImportError:  # pragma: no cover - hiredis comes with meterkit[redis]
     _pack = _pack_python
 
 
-def _reloading(cmds: list[Command]) -> list[Command]:
-    """``cmds`` after a ``SCRIPT LOAD`` of each script they call (once each)."""
-    loads = []
-    for sha in dict.fromkeys(cmd[1] for cmd in cmds):
-        text = next(s.text for s in _SCRIPTS.values() if s.sha == sha)
-        loads.append(["SCRIPT", "LOAD", text])
-    return loads + cmds
-
-
 _CHUNK = 16
 _CHUNK_BYTES = 8192  # (a batch script call is one command of many requests)
 #: Requests per batch script call: enough to spread EVALSHA's own cost, few enough
@@ -679,8 +670,10 @@ class _Pool:
         replies = self._pipeline(cmds, sent, on_reply)
         missing = [i for i, r in enumerate(replies) if isinstance(r, self._noscript)]
         if missing:
-            again = self._pipeline(_reloading([sent[i] for i in missing]), [], None)
-            for i, reply in zip(missing, again[-len(missing) :], strict=False):
+            # (each with its script's text: a SCRIPT LOAD first could lose the race with
+            # another SCRIPT FLUSH before the EVALSHA that follows it)
+            again = self._pipeline([_as_eval(sent[i]) for i in missing], [], None)
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
                 if on_reply is not None:
                     on_reply(i, reply)
@@ -1030,8 +1023,8 @@ class _AsyncPool:
         replies = await self._gather(cmds)
         missing = [i for i, r in enumerate(replies) if isinstance(r, self._noscript)]
         if missing:
-            again = await self._gather(_reloading([cmds[i] for i in missing]))
-            for i, reply in zip(missing, again[-len(missing) :], strict=False):
+            again = await self._gather([_as_eval(cmds[i]) for i in missing])
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 

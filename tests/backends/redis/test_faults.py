@@ -146,6 +146,74 @@ def test_a_script_flush_is_answered_by_one_eval_then_evalsha_again(
     admin.close()
 
 
+def test_a_batch_after_a_script_flush_resends_with_the_scripts_text(
+    server: _servers.RedisServer,
+) -> None:
+    """check_many after SCRIPT FLUSH: the refused calls go again as EVAL (the text
+    travels with the call, so no other flush can come in between), never as SCRIPT
+    LOAD followed by EVALSHA."""
+    admin = redis.Redis(port=server.port)
+    meter = Meter(_policy(), backend_from_url(server.url))
+    requests: list[Any] = [(f"k{i}", "items.create", f"o{i % 3}") for i in range(120)]
+    meter.check_many(requests)
+    admin.script_flush()
+    admin.config_resetstat()
+    assert all(d.allowed for d in meter.check_many(requests))
+    stats = admin.info("commandstats")
+    assert stats["cmdstat_eval"]["calls"] == stats["cmdstat_evalsha"]["failed_calls"] > 0
+    assert "cmdstat_script|load" not in stats
+    assert sum(meter.usage(f"o{i}").requests for i in range(3)) == 240
+    meter.close()
+    admin.close()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_batches_never_fail_while_another_client_flushes_scripts(
+    server: _servers.RedisServer, asynchronous: bool
+) -> None:
+    """Issue 17 item 11: SCRIPT FLUSH in a loop (bounded) while batches run; every
+    request is decided, none surfaces NOSCRIPT."""
+    stop = threading.Event()
+    flushes = [0]
+
+    def flush() -> None:
+        admin = redis.Redis(port=server.port)
+        while not stop.is_set() and flushes[0] < 2000:
+            admin.script_flush()
+            flushes[0] += 1
+        admin.close()
+
+    requests: list[Any] = [(f"k{i}", "items.create", f"o{i % 4}") for i in range(60)]
+    flusher = threading.Thread(target=flush)
+    flusher.start()
+    try:
+        if asynchronous:
+
+            async def scenario() -> tuple[int, int]:
+                backend = async_backend_from_url(server.url)
+                async with AsyncMeter(_policy(), backend) as meter:
+                    admitted = 0
+                    for _ in range(150):
+                        decisions = await meter.check_many(requests)
+                        admitted += sum(d.allowed for d in decisions)
+                    usages = [await meter.usage(f"o{i}") for i in range(4)]
+                    return admitted, sum(u.requests for u in usages)
+
+            admitted, total = asyncio.run(scenario())
+        else:
+            meter = Meter(_policy(), backend_from_url(server.url))
+            admitted = 0
+            for _ in range(150):
+                admitted += sum(d.allowed for d in meter.check_many(requests))
+            total = sum(meter.usage(f"o{i}").requests for i in range(4))
+            meter.close()
+    finally:
+        stop.set()
+        flusher.join()
+    assert flushes[0] > 10
+    assert admitted == total > 0
+
+
 def _pause(port: int, ms: int) -> None:
     admin = redis.Redis(port=port)
     admin.execute_command("CLIENT", "PAUSE", ms, "ALL")
