@@ -55,11 +55,22 @@ def redact(value: object) -> str:
     """``repr(value)`` for an error message, with anything shaped like an API key's
     plaintext replaced (so a secret never reaches a message or a log)."""
     text = repr(value)
-    return _SECRET_SHAPE.sub("<secret key withheld>", text) if isinstance(value, str) else text
+    return _withheld(text) if isinstance(value, str) else text
+
+
+def _withheld(text: str) -> str:
+    return _SECRET_SHAPE.sub("<secret key withheld>", text)
 
 
 class MeterkitError(Exception):
-    """The root of every error meterkit raises on purpose."""
+    """The root of every error meterkit raises on purpose.
+
+    Its message never holds anything shaped like an API key's plaintext: whatever a
+    message was made of, such a value is withheld here, once for every error.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(_withheld(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigurationError(MeterkitError, ValueError):
@@ -70,8 +81,8 @@ class ConfigurationError(MeterkitError, ValueError):
     """
 
     def __init__(self, message: str, location: str = "") -> None:
-        self.location = location
-        self.detail = message
+        self.location = _withheld(location)
+        self.detail = _withheld(message)
         super().__init__(f"{location}: {message}" if location else message)
 
     def at(self, prefix: str) -> ConfigurationError:
@@ -133,7 +144,7 @@ class AuthenticationError(MeterkitError):
     def __init__(self, code: str, message: str | None = None, status: int = 401) -> None:
         self.code = code
         self.status = status
-        self.message = message if message is not None else self.MESSAGES.get(code, code)
+        self.message = _withheld(message if message is not None else self.MESSAGES.get(code, code))
         super().__init__(f"{code}: {self.message}")
 
     @property

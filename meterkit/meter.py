@@ -23,6 +23,7 @@ from meterkit.errors import (
     InvalidRequestError,
     MeterkitError,
     looks_like_secret,
+    redact,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def _secret_id(what: str) -> InvalidIdentifierError:
 def check_mode(mode: object) -> None:
     """Raise unless ``mode`` is ``"live"`` or ``"test"``."""
     if mode != "live" and mode != "test":
-        raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+        raise InvalidRequestError(f"mode is 'live' or 'test', not {redact(mode)}")
 
 
 def check_id(value: object, what: str) -> str:
@@ -114,7 +115,7 @@ class _MeterCore:
         ):
             raise _secret_id("key" if looks_like_secret(key) else "org")
         if mode != "live" and mode != "test":
-            raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+            raise InvalidRequestError(f"mode is 'live' or 'test', not {redact(mode)}")
         op = self._plan_for(operation)
         price = op.price if cost is None else to_micro(cost, "cost")
         if idempotency_key is not None:
@@ -241,7 +242,7 @@ class _MeterCore:
         if key is not None:
             check_id(key, "key")
         if mode not in ("live", "test"):
-            raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+            raise InvalidRequestError(f"mode is 'live' or 'test', not {redact(mode)}")
 
 
 class Meter(_MeterCore):

@@ -257,10 +257,12 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
 def _seconds(value: object, what: str) -> float:
     """A time or duration given as a finite number of seconds (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(f"{what} must be a datetime/timedelta or seconds, not {value!r}")
+        raise InvalidRequestError(
+            f"{what} must be a datetime/timedelta or seconds, not {redact(value)}"
+        )
     seconds = float(value)
     if not math.isfinite(seconds):
-        raise InvalidRequestError(f"{what} must be finite, not {value!r}")
+        raise InvalidRequestError(f"{what} must be finite, not {redact(value)}")
     return seconds
 
 
@@ -277,7 +279,7 @@ def to_duration(value: object, what: str) -> float:
     """Seconds (>= 0) from a timedelta or a number."""
     seconds = value.total_seconds() if isinstance(value, timedelta) else _seconds(value, what)
     if seconds < 0:
-        raise InvalidRequestError(f"{what} must not be negative, not {value!r}")
+        raise InvalidRequestError(f"{what} must not be negative, not {redact(value)}")
     return seconds
 
 
@@ -331,7 +333,7 @@ def _check_mode(mode: object) -> Mode:
         return "live"
     if mode == "test" and isinstance(mode, str):
         return "test"
-    raise InvalidRequestError(f"mode must be 'live' or 'test', not {mode!r}")
+    raise InvalidRequestError(f"mode must be 'live' or 'test', not {redact(mode)}")
 
 
 class _Hasher:
