@@ -326,7 +326,7 @@ def test_a_hand_written_trace_covers_every_feature(client: Any) -> None:
 
 def test_the_month_in_lua_is_the_calendar_month_in_python(redis_url: str, request: Any) -> None:
     """The script's calendar arithmetic gives Python's month bounds across leap years and eras."""
-    from meterkit.backends.redis.backend import _script
+    from meterkit.backends.redis.scripts import script as _script
     from meterkit.core.plan import month_bounds
 
     client = shared_client(request, redis_url)

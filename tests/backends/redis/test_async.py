@@ -19,7 +19,8 @@ from meterkit import (
     Meter,
     StateError,
 )
-from meterkit.backends.redis.backend import _BATCH, AsyncRedisBackend
+from meterkit.backends.redis.backend import AsyncRedisBackend
+from meterkit.backends.redis.codec import BATCH as _BATCH
 from meterkit.connect import async_backend_from_url
 from tests import _servers
 from tests.backends.redis.test_backend import _policy

@@ -466,7 +466,7 @@ def test_check_many_on_cluster_groups_by_node_and_agrees_with_memory(
 def test_a_batch_is_one_evalsha_per_fifty_requests(own_server: _servers.RedisServer) -> None:
     """INFO commandstats: check_many sends one EVALSHA of the batch script per 50
     requests (each request's tiers, credits and record inside it), and nothing else."""
-    from meterkit.backends.redis.backend import _BATCH
+    from meterkit.backends.redis.codec import BATCH as _BATCH
 
     client = redis.Redis(port=own_server.port)
     meter = Meter(Policy.crane_ledger(), RedisBackend(client, prefix=new_prefix()))
@@ -616,7 +616,7 @@ async def test_async_cluster_backend_answers_more_concurrent_checks_than_a_batch
 ) -> None:
     """2 * _BATCH + 1 checks of as many organizations started together on Cluster
     (sent as three batches, each split by slot) are each answered and counted once."""
-    from meterkit.backends.redis.backend import _BATCH
+    from meterkit.backends.redis.codec import BATCH as _BATCH
 
     backend = async_backend_from_url(redis_cluster_url, prefix=new_prefix(), clock=FakeClock())
     async with AsyncMeter(_policy(), backend) as meter:
