@@ -255,9 +255,14 @@ class Codec:
         8-byte integers packed in one string (see check.lua), or a replay's table."""
         if not isinstance(reply, bytes):
             return self._replay(plan, reply[1])
-        head, retry, now, reset, charged, balance, end = _HEAD.unpack_from(reply)
-        # (each tier's three integers as one tuple, straight from the bytes)
-        tiers = tuple(_TIER.iter_unpack(reply[56:]))
+        try:
+            head, retry, now, reset, charged, balance, end = _HEAD.unpack_from(reply)
+            # (each tier's three integers as one tuple, straight from the bytes)
+            tiers = tuple(_TIER.iter_unpack(reply[56:]))
+        except struct.error:
+            raise StateError(
+                "redis answered a check with something meterkit did not write"
+            ) from None
         if head == 1:
             return Outcome(True, 0, now, 0, tiers, charged, balance, end, charge, False)
         return Outcome(False, retry, now, reset, unspent(tiers), 0, balance, end, "", False)
