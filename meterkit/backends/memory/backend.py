@@ -25,13 +25,18 @@ times per identity, 8 bytes each (times only grow, the clock being held monotoni
 so the log is sorted and trimmed by bisection; a time past 2**63 µs cannot reach it:
 ``month_bounds`` refuses years past 9999 before anything is consumed).
 
-GCRA buckets and sliding logs are swept in amortized O(1), paid as debt: a commit
-adds 1, one that adds an identity 1 + _SWEEP_EVERY, and a sweep runs once the debt
-reaches _SWEEP_EVERY times what the last sweep kept (at least 4096). New identities
-thus trigger a sweep before the dict doubles, while a steady set of identities pays
-for one pass per _SWEEP_EVERY x len commits (a pass per len commits was ~7% of a
-check at 10k keys). Sweeps drop only state that can no longer matter, so they never
-change an outcome.
+No check pauses for long, whatever the number of identities: every tier's state is
+split in :data:`_SHARDS` dicts by the identity's hash, so that a dict that grows
+(Python resizes a dict in one step) or is swept holds a 256th of the identities.
+Window dicts that turn are not freed at once either: they are dropped one shard per
+check. GCRA buckets and sliding logs are swept one shard at a time, paid as debt: a
+commit adds 1, one that adds an identity 1 + _SWEEP_EVERY, and the next shard is
+swept once the debt reaches _SWEEP_EVERY times its size (at least 16). New
+identities thus sweep every shard before the state doubles, while a steady set of
+identities pays for one pass per _SWEEP_EVERY x len commits. Idempotency records and
+accounts of ended months are dropped oldest first, two per new one. Sweeps drop only
+state that can no longer matter, so they never change an outcome. Measured by
+``python bench/bench_core.py --pauses`` (1,000,000 new keys): see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable
 from string import Template
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from meterkit.backends.charge_ids import new_charge_id
 from meterkit.core.credits import MAX_MICRO, top_up_too_large
@@ -70,6 +76,10 @@ Apply = Callable[[Plan], Outcome]
 _US = 1_000_000
 _SWEEP_MIN = 4096
 _SWEEP_EVERY = 8
+#: Dicts per tier state (a power of two: an identity's is ``hash(id) & _MASK``).
+_SHARDS = 256
+_MASK = _SHARDS - 1
+_SHARD_SWEEP_MIN = _SWEEP_MIN // _SHARDS
 _IDEM_TTL_US = 24 * 3600 * _US
 # Ids cannot hold control characters, so this separator cannot be forged by a caller.
 _TEST_NS = "\x1ftest\x1f"
@@ -78,75 +88,112 @@ _TEST_NS = "\x1ftest\x1f"
 # -- tier state: plain containers -------------------------------------------------------
 
 
-class _FixedWindow:
-    """Counts per identity in the current UTC-aligned window, which ends at ``end`` µs."""
+def _shards() -> list[dict[str, Any]]:
+    return [{} for _ in range(_SHARDS)]
 
-    __slots__ = ("counts", "end")
+
+class _FixedWindow:
+    """Counts per identity in the current UTC-aligned window, which ends at ``end`` µs;
+    ``dead``: shards of windows past, dropped one per check."""
+
+    __slots__ = ("counts", "dead", "end")
 
     def __init__(self) -> None:
         self.end = 0
-        self.counts: dict[str, int] = {}
+        self.counts: list[dict[str, int]] = _shards()
+        self.dead: list[dict[str, int]] = []
 
     def size(self) -> int:
-        return len(self.counts)
+        return sum(map(len, self.counts))
+
+    def forget(self, who: str) -> None:
+        self.counts[hash(who) & _MASK].pop(who, None)
 
 
 class _SlidingWindow:
     """Counts per identity in the current window (ending at ``end`` µs) and the one before."""
 
-    __slots__ = ("cur", "end", "prev")
+    __slots__ = ("cur", "dead", "end", "prev")
 
     def __init__(self) -> None:
         self.end = 0
-        self.cur: dict[str, int] = {}
-        self.prev: dict[str, int] = {}
+        self.cur: list[dict[str, int]] = _shards()
+        self.prev: list[dict[str, int]] = _shards()
+        self.dead: list[dict[str, int]] = []
+
+    def turn(self, now: int, window: int) -> int:
+        """Start the window holding ``now``: the current one becomes the previous one
+        (or, after a window without requests, both are empty). Its end."""
+        self.dead += self.prev
+        if now < self.end + window:
+            self.prev = self.cur
+        else:
+            self.dead += self.cur
+            self.prev = _shards()
+        self.cur = _shards()
+        self.end = now - now % window + window
+        return self.end
 
     def size(self) -> int:
-        return len(self.cur) + len(self.prev)
+        return sum(map(len, self.cur)) + sum(map(len, self.prev))
+
+    def forget(self, who: str) -> None:
+        h = hash(who) & _MASK
+        self.cur[h].pop(who, None)
+        self.prev[h].pop(who, None)
 
 
-class _Gcra:
-    """The theoretical arrival time (TAT, µs) of each identity's next request."""
+class _Swept:
+    """State swept one shard at a time (see the module's docstring)."""
 
-    __slots__ = ("debt", "due", "tats")
+    __slots__ = ("debt", "due", "hand", "shards")
 
     def __init__(self) -> None:
-        self.tats: dict[str, int] = {}
+        self.shards: list[dict[str, Any]] = _shards()
         self.debt = 0
-        self.due = _SWEEP_EVERY * _SWEEP_MIN
+        self.due = _SWEEP_EVERY * _SHARD_SWEEP_MIN
+        self.hand = 0
+
+    def live(self, value: Any, now: int) -> bool:  # pragma: no cover - per subclass
+        raise NotImplementedError
 
     def sweep(self, now: int) -> None:
-        # A TAT in the past is the same as no state at all.
-        self.tats = {k: v for k, v in self.tats.items() if v > now}
-        kept = len(self.tats)
+        """Drop the dead entries of the next shard."""
+        hand = self.hand
+        live = self.live
+        self.shards[hand] = {k: v for k, v in self.shards[hand].items() if live(v, now)}
+        self.hand = hand = (hand + 1) & _MASK
         self.debt = 0
-        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, kept)
+        self.due = _SWEEP_EVERY * max(_SHARD_SWEEP_MIN, len(self.shards[hand]))
 
     def size(self) -> int:
-        return len(self.tats)
+        return sum(map(len, self.shards))
+
+    def forget(self, who: str) -> None:
+        self.shards[hash(who) & _MASK].pop(who, None)
 
 
-class _SlidingLog:
+class _Gcra(_Swept):
+    """The theoretical arrival time (TAT, µs) of each identity's next request."""
+
+    __slots__ = ()
+
+    def live(self, value: int, now: int) -> bool:
+        return value > now  # a TAT in the past is the same as no state at all
+
+
+class _SlidingLog(_Swept):
     """The admission times (µs, ascending) of each identity, at most the tier's limit."""
 
-    __slots__ = ("debt", "due", "logs", "window")
+    __slots__ = ("window",)
 
     def __init__(self, window_us: int) -> None:
+        super().__init__()
         self.window = window_us
-        self.logs: dict[str, array[int]] = {}
-        self.debt = 0
-        self.due = _SWEEP_EVERY * _SWEEP_MIN
 
-    def sweep(self, now: int) -> None:
+    def live(self, value: array[int], now: int) -> bool:
         # A log whose newest entry is a window old holds nothing that counts.
-        cutoff = now - self.window
-        self.logs = {k: v for k, v in self.logs.items() if v and v[-1] > cutoff}
-        kept = len(self.logs)
-        self.debt = 0
-        self.due = _SWEEP_EVERY * max(_SWEEP_MIN, kept)
-
-    def size(self) -> int:
-        return len(self.logs)
+        return bool(value) and value[-1] > now - self.window
 
 
 _State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
@@ -187,10 +234,13 @@ _ALGORITHMS: dict[str, tuple[str, str]] = {
     "fixed_window": (
         """\
 end$i = s$i.end
-if now >= end$i:  # a new window: the old counts are dropped whole
+if now >= end$i:  # a new window: the old counts go, one shard per check
     end$i = s$i.end = now - now % $W + $W
-    s$i.counts = {}
-counts$i = s$i.counts
+    s$i.dead += s$i.counts
+    s$i.counts = _shards()
+elif s$i.dead:
+    del s$i.dead[-1]
+counts$i = s$i.counts[$sh]
 n$i = counts$i.get($who, 0)
 reset$i = end$i - now
 if n$i < $L:
@@ -211,12 +261,12 @@ counts$i[$who] = n$i + 1
         """\
 end$i = s$i.end
 if now >= end$i:  # a new window: the current one becomes the previous one
-    s$i.prev = s$i.cur if now < end$i + $W else {}
-    s$i.cur = {}
-    end$i = s$i.end = now - now % $W + $W
-cur$i = s$i.cur
+    end$i = s$i.turn(now, $W)
+elif s$i.dead:
+    del s$i.dead[-1]
+cur$i = s$i.cur[$sh]
 c$i = cur$i.get($who, 0)
-p$i = s$i.prev.get($who, 0)
+p$i = s$i.prev[$sh].get($who, 0)
 reset$i = end$i - now
 used$i = p$i * reset$i + (c$i + 1) * $W
 if used$i <= $LW:
@@ -237,7 +287,7 @@ cur$i[$who] = c$i + 1
     # emission interval, ⌈W / L⌉ µs; $TAU = burst · $I). One TAT per identity.
     "gcra": (
         """\
-tats$i = s$i.tats
+tats$i = s$i.shards[$sh]
 last$i = tats$i.get($who)
 tat$i = now if last$i is None or last$i < now else last$i
 new$i = tat$i + $I
@@ -260,7 +310,8 @@ if s$i.debt >= s$i.due:
     # timestamp per admitted request, in an array('q') per identity, ascending).
     "sliding_log": (
         """\
-log$i = s$i.logs.get($who)
+logs$i = s$i.shards[$sh]
+log$i = logs$i.get($who)
 if not log$i:
     t$i = ($L_1, $W, 0)
 else:
@@ -280,7 +331,7 @@ else:
 """,
         """\
 if log$i is None:
-    s$i.logs[$who] = array("q", (now,))
+    logs$i[$who] = array("q", (now,))
     s$i.debt += $FRESH
 else:
     log$i.append(now)
@@ -307,6 +358,7 @@ _APPLY = '''\
 def bind(b, policy, lock, clock, $states):
     acquire = lock.acquire
     release = lock.release
+    shard_of = hash  # (a closure's variable: read faster than a builtin)
 
     def apply(plan):
         """Check every tier and the credits of one $name request; consume all or none."""
@@ -340,6 +392,7 @@ def bind(b, policy, lock, clock, $states):
             if acct is None or acct.period != start:
                 $open
             $ident
+            $shards
             $init
             $tiers
             # -- credits, checked after the tiers
@@ -363,12 +416,7 @@ acct.requests += 1
 by_key = acct.pairs.get($OP)
 if by_key is None:
     by_key = acct.pairs[$OP] = {}
-pair = by_key.get(plan.key)
-if pair is None:
-    by_key[plan.key] = _Pair(cost)
-else:
-    pair.requests += 1
-    pair.micro += cost
+by_key[plan.key] = by_key.get(plan.key, 0) + $ONE + cost
 outcome = _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
                new_charge_id(), False))
 if idem is not None:
@@ -431,6 +479,7 @@ def _tier_source(i: int, tier: Tier, enforce: bool) -> tuple[str, str]:
     constants = {
         "i": str(i),
         "who": who,
+        "sh": "hk" if who == "key" else "ho",
         "W": str(tier.window_us),
         "L": str(tier.limit),
         "L_1": str(tier.limit - 1),
@@ -486,10 +535,19 @@ def apply_source(op: OperationPlan, policy: Policy, *, peek: bool = False) -> st
             remember=_REMEMBER if by_key and not peek else "",
             OP=repr(op.name),
             NONE=str(REASON_NONE),
+            ONE=str(_ONE_REQUEST),
         ),
         open="acct = _Account(start)" if peek else "acct = b._account(org, start)",
         outcomes=outcomes,
         ident=_IDENT if by_key else "",
+        shards="\n".join(
+            line
+            for line, needed in (
+                ("hk = shard_of(key) & $MASK", by_key),
+                ("ho = shard_of(org) & $MASK", any(tier.scope == "org" for tier in op.tiers)),
+            )
+            if needed
+        ).replace("$MASK", str(_MASK)),
         ALLOWANCE=str(policy.credits.allowance_micro),
         END=str(_END_OF_TIME),
     )
@@ -519,10 +577,10 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
         "_Outcome": Outcome,
         "_bad_clock": bad_clock,
         "new_charge_id": new_charge_id,
-        "_Pair": _Pair,
         "_Account": _Account,
         "array": array,
         "bisect_right": bisect_right,
+        "_shards": _shards,
     }
     exec(compile(source, filename, "exec"), namespace)
     # Tracebacks and inspect read generated code from linecache, as with attrs.
@@ -531,14 +589,13 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
     return bind
 
 
-class _Pair:
-    """Requests and µ-credits of one key and operation in one account."""
-
-    __slots__ = ("micro", "requests")
-
-    def __init__(self, micro: int) -> None:
-        self.requests = 1
-        self.micro = micro
+#: An account's usage of one (key, operation) is one int: requests above this bit,
+#: µ-credits below (each charge is at most 2**53, see credits.MAX_MICRO: 2**43 of them
+#: fit, even in a shadow policy, whose credits never deny). An int, unlike an object,
+#: is no work for Python's garbage collector, which a million keys would make pause.
+_REQUEST_SHIFT = 96
+_ONE_REQUEST = 1 << _REQUEST_SHIFT
+_MICRO_MASK = _ONE_REQUEST - 1
 
 
 class _Account:
@@ -554,7 +611,7 @@ class _Account:
         self.requests = 0
         self.topup = 0
         # By operation, then key: the hot path finds a pair without building a tuple.
-        self.pairs: dict[str, dict[str, _Pair]] = {}
+        self.pairs: dict[str, dict[str, int]] = {}
         self.refunded: set[str] = set()
 
 
@@ -579,10 +636,13 @@ class MemoryBackend:
         self._strays: dict[tuple[OperationPlan, Policy], Apply] = {}
         self._peeks: dict[tuple[OperationPlan, Policy], Apply] = {}
         self._accounts: dict[str, _Account] = {}
-        self._account_creations = 0
+        # Orgs in the order their accounts were opened (an account of an ended month
+        # is dropped when its org comes round, two per account opened).
+        self._opened: deque[tuple[str, int]] = deque()
         self._allowances: dict[str, int] = {}
         self._idem: dict[tuple[str, str], tuple[int, str, str, int, Outcome]] = {}
-        self._idem_commits = 0
+        # Records in the order they were written, which is the order they expire in.
+        self._idem_order: deque[tuple[int, tuple[str, str]]] = deque()
         self._period = (0, 0)
 
     def __repr__(self) -> str:
@@ -636,14 +696,19 @@ class MemoryBackend:
     def _account(self, org: str, period: int) -> _Account:
         acct = self._accounts.get(org)
         if acct is None or acct.period != period:
-            self._account_creations += 1
-            if self._account_creations >= _SWEEP_MIN and self._account_creations >= len(
-                self._accounts
-            ):
-                # Accounts of ended months can no longer matter (amortized O(1)).
-                self._account_creations = 0
-                self._accounts = {k: a for k, a in self._accounts.items() if a.period == period}
-            acct = self._accounts[org] = _Account(period)
+            accounts, opened = self._accounts, self._opened
+            # Accounts of ended months can no longer matter: two looked at per opening.
+            for _ in range(min(2, len(opened))):
+                entry = opened.popleft()
+                held = accounts.get(entry[0])
+                if held is None or held.period != entry[1]:
+                    continue  # (that account was replaced since: a newer entry has it)
+                if held.period != period:
+                    del accounts[entry[0]]
+                else:
+                    opened.append(entry)  # current: it comes round again later
+            acct = accounts[org] = _Account(period)
+            opened.append((org, period))
         return acct
 
     def size(self) -> int:
@@ -677,10 +742,7 @@ class MemoryBackend:
                 state = self._tiers.get(_state_id(tier))
                 if tier.scope != scope or state is None:
                     continue
-                for name in ("counts", "cur", "prev", "tats", "logs"):
-                    held = getattr(state, name, None)
-                    if held is not None:
-                        held.pop(who, None)
+                state.forget(who)
 
     def peek(self, plan: Plan) -> Outcome:
         """What :meth:`apply` would answer for ``plan`` now, consuming nothing: no tier,
@@ -699,11 +761,18 @@ class MemoryBackend:
         return fn(plan)
 
     def _remember(self, org: str, idem: str, plan: Plan, now: int, outcome: Outcome) -> None:
-        self._idem[(org, idem)] = (now + _IDEM_TTL_US, plan.key, plan.op.name, plan.cost, outcome)
-        self._idem_commits += 1
-        if self._idem_commits >= _SWEEP_MIN and self._idem_commits >= len(self._idem):
-            self._idem_commits = 0
-            self._idem = {k: v for k, v in self._idem.items() if v[0] > now}
+        records, order = self._idem, self._idem_order
+        # Expired records go oldest first, up to two per record written.
+        for _ in range(2):
+            if not order or order[0][0] > now:
+                break
+            expires, name = order.popleft()
+            held = records.get(name)
+            if held is not None and held[0] == expires:
+                del records[name]
+        expires = now + _IDEM_TTL_US
+        records[(org, idem)] = (expires, plan.key, plan.op.name, plan.cost, outcome)
+        order.append((expires, (org, idem)))
 
     # -- refunds, usage, allowances ------------------------------------------------
 
@@ -722,14 +791,15 @@ class MemoryBackend:
             if acct is None or acct.period != start or charge in acct.refunded:
                 return False
             amount = outcome.charged
-            pair = acct.pairs.get(plan.op.name, {}).get(plan.key)
+            by_key = acct.pairs.get(plan.op.name, {})
+            pair = by_key.get(plan.key)
             # Only what was recorded comes back: never more than this key and operation
             # were charged this month (a caller-built outcome cannot make usage negative).
-            if pair is None or not 0 <= amount <= min(pair.micro, acct.used):
+            if pair is None or not 0 <= amount <= min(pair & _MICRO_MASK, acct.used):
                 return False
             acct.refunded.add(charge)
             acct.used -= amount
-            pair.micro -= amount
+            by_key[plan.key] = pair - amount
             if plan.idem is not None:
                 # A refunded request did not happen as far as billing goes: its retry
                 # is a new request. A newer request that reused the key keeps its record.
@@ -750,7 +820,7 @@ class MemoryBackend:
                 acct = _Account(start)
             allowance = self._allowances.get(ident, policy.credits.allowance_micro) + acct.topup
             pairs = {
-                (key, op): [pair.requests, pair.micro]
+                (key, op): [pair >> _REQUEST_SHIFT, pair & _MICRO_MASK]
                 for op, by_key in acct.pairs.items()
                 for key, pair in by_key.items()
             }
