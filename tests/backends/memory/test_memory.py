@@ -146,3 +146,44 @@ def test_a_sliding_log_trims_several_expired_entries_at_once(clock: FakeClock) -
     remaining = [meter.check("k", org="o", operation="items.list") for _ in range(4)]
     assert [d.allowed for d in remaining] == [True, True, True, False]
     assert remaining[2].tiers[0].remaining == 0
+
+
+def test_expired_idempotency_records_and_ended_months_accounts_are_dropped(
+    clock: FakeClock,
+) -> None:
+    """Records past their 24 h and accounts of an ended month go, oldest first, as new
+    ones come (two per new one): what is held stays bounded by recent traffic."""
+    policy = _policy([Tier("t", "key", "1000/minute")], allowance="10000")
+    backend = MemoryBackend(clock=clock)
+    check = Meter(policy, backend).check
+    per_round = 5_000
+    for r in range(3):
+        for i in range(per_round):
+            org = f"o{r}_{i}"
+            assert check("k", org=org, operation="items.list", idempotency_key="i").allowed
+        clock.advance(32 * 86_400)  # the month ended and every record expired
+    # Each round holds its orgs' accounts and records; the rounds before were dropped.
+    assert len(backend._idem) <= per_round * 1.5
+    assert len(backend._accounts) <= per_round * 1.5
+    # A dropped record is gone for good: the same key is a new request now.
+    assert not check("k", org="o0_0", operation="items.list", idempotency_key="i").replayed
+
+
+def test_turned_windows_are_dropped_a_shard_at_a_time(clock: FakeClock) -> None:
+    """A window that turns does not free its counts in one go: its shards wait on a
+    list and one goes per check, so the list is empty after as many checks."""
+    from meterkit.backends.memory.backend import _SHARDS
+
+    policy = _policy([Tier("t", "key", "5/minute", "fixed_window")], allowance="10000")
+    backend = MemoryBackend(clock=clock)
+    check = Meter(policy, backend).check
+    for i in range(2_000):
+        check(f"k{i}", org="o", operation="items.list")
+    clock.advance(60)
+    (state,) = backend._tiers.values()
+    check("k0", org="o", operation="items.list")
+    assert len(state.dead) == _SHARDS  # type: ignore[union-attr]
+    for i in range(_SHARDS):
+        check(f"k{i}", org="o", operation="items.list")
+    assert state.dead == []  # type: ignore[union-attr]
+    assert backend.size() == _SHARDS + 1
