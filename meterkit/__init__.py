@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from meterkit.backends.memory.backend import MemoryBackend
 from meterkit.backends.redis.backend import AsyncRedisBackend, RedisBackend
-from meterkit.connect import async_backend_from_url, backend_from_url
+from meterkit.connect import (
+    async_backend_from_url,
+    async_keystore_from_url,
+    backend_from_url,
+    keystore_from_url,
+)
 from meterkit.core.backend import AsyncBackend, Backend
 from meterkit.core.credits import from_micro, to_micro
 from meterkit.core.decision import Decision, KeyUsage, OperationUsage, TierState, Usage
@@ -39,8 +44,6 @@ from meterkit.keys.model import (
     KeyStore,
     MemoryKeyStore,
     PlaintextKey,
-    async_keystore_from_url,
-    keystore_from_url,
 )
 from meterkit.keys.redis import AsyncRedisKeyStore, RedisKeyStore
 from meterkit.meter import AsyncMeter, Meter

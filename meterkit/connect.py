@@ -1,5 +1,6 @@
-"""Backends from URLs: ``memory://``, ``redis://``, ``rediss://``, ``redis+unix://``,
-``redis+cluster://`` (and ``rediss+cluster://``).
+"""Backends and key stores from URLs: ``memory://``, ``redis://``, ``rediss://``,
+``redis+unix://``, ``redis+cluster://`` (and ``rediss+cluster://``), parsed here
+alone, for both.
 
 The Redis drivers are imported only when a Redis URL is used (``pip install
 meterkit[redis]``). Clients built here time out after ``timeout`` seconds (default 1)
@@ -9,6 +10,7 @@ and running it again could count it twice.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -16,8 +18,21 @@ from meterkit.backends.memory.backend import MemoryBackend
 from meterkit.backends.redis.backend import AsyncRedisBackend, RedisBackend
 from meterkit.backends.redis.errors import translate
 from meterkit.errors import ConfigurationError
+from meterkit.keys.model import (
+    AsyncKeyStore,
+    AsyncMemoryKeyStore,
+    Clock,
+    KeyStore,
+    MemoryKeyStore,
+)
 
-__all__ = ["async_backend_from_url", "backend_from_url", "redis_client"]
+__all__ = [
+    "async_backend_from_url",
+    "async_keystore_from_url",
+    "backend_from_url",
+    "keystore_from_url",
+    "redis_client",
+]
 
 _BACKEND_OPTIONS = ("prefix", "clock", "clock_skew", "allow_eviction")
 _SCHEMES = ("memory", "redis", "rediss", "redis+unix", "unix", "redis+cluster", "rediss+cluster")
@@ -160,3 +175,98 @@ def _async_client(scheme: str, url: str, driver: dict[str, Any]) -> Any:
     import redis.asyncio as aredis
 
     return aredis.Redis.from_url(_plain_url(scheme, url), **driver)
+
+
+# -- key stores: the same URLs ---------------------------------------------------------
+
+
+def _store_scheme(url: object) -> str:
+    """The scheme of a key store URL (one of :data:`_SCHEMES`); ``memory://`` is bare."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a key store URL is a str, not {type(url).__name__}", "url")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in _SCHEMES:
+        # Never echo the URL: it may hold a password.
+        raise ConfigurationError(
+            f"unsupported key store URL scheme {scheme!r}; use one of "
+            + ", ".join(f"{s}://" for s in _SCHEMES),
+            "url",
+        )
+    if scheme == "memory" and url.lower().rstrip("/") != "memory:":
+        raise ConfigurationError("the memory store takes no host or options: 'memory://'", "url")
+    return scheme
+
+
+def keystore_from_url(
+    url: str,
+    *,
+    clock: Clock | None = None,
+    token_prefix: str = "cl",
+    pepper: bytes | str | None = None,
+    previous_peppers: Iterable[bytes | str | None] = (),
+    status_codes: Mapping[str, int] | None = None,
+    namespace: str = "mk",
+    timeout: float = 1.0,
+    allow_eviction: bool = False,
+) -> KeyStore:
+    """A key store for ``memory://`` or ``redis://…`` (``rediss://``, ``unix://``,
+    ``redis+cluster://host:port[,host:port…]``, ``rediss+cluster://``).
+
+    A cluster URL makes the client :func:`~meterkit.backend_from_url` would make for it
+    (connected at once: an unreachable cluster raises ``BackendUnavailable`` here).
+    ``pepper`` is the server-side secret keyed into every hash (keep it out of URLs and
+    of the store), ``previous_peppers`` those being retired (their keys still work and
+    are rehashed under ``pepper`` when presented); ``namespace`` prefixes Redis key
+    names; ``timeout`` (seconds, default 1) bounds connecting and every answer, as
+    for :func:`~meterkit.backend_from_url` (no retries); ``status_codes`` overrides
+    the HTTP status of refusals (401 each by default), e.g. ``{"insufficient_permissions": 403}``.
+    A Redis that may evict keys is refused before the first command, as by the
+    backends, unless ``allow_eviction=True``.
+    """
+    options: dict[str, Any] = {
+        "clock": clock,
+        "token_prefix": token_prefix,
+        "pepper": pepper,
+        "previous_peppers": previous_peppers,
+        "status_codes": status_codes,
+    }
+    if _store_scheme(url) == "memory":
+        return MemoryKeyStore(**options)
+    from meterkit.keys.redis import RedisKeyStore
+
+    return RedisKeyStore.from_url(
+        url, namespace=namespace, timeout=timeout, allow_eviction=allow_eviction, **options
+    )
+
+
+def async_keystore_from_url(
+    url: str,
+    *,
+    clock: Clock | None = None,
+    token_prefix: str = "cl",
+    pepper: bytes | str | None = None,
+    previous_peppers: Iterable[bytes | str | None] = (),
+    status_codes: Mapping[str, int] | None = None,
+    namespace: str = "mk",
+    timeout: float = 1.0,
+    allow_eviction: bool = False,
+) -> AsyncKeyStore:
+    """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
+    options: dict[str, Any] = {
+        "clock": clock,
+        "token_prefix": token_prefix,
+        "pepper": pepper,
+        "previous_peppers": previous_peppers,
+        "status_codes": status_codes,
+    }
+    if _store_scheme(url) == "memory":
+        return AsyncMemoryKeyStore(**options)
+    from meterkit.keys.redis import AsyncRedisKeyStore
+
+    return AsyncRedisKeyStore.from_url(
+        url,
+        namespace=namespace,
+        timeout=timeout,
+        allow_eviction=allow_eviction,
+        **options,
+    )

@@ -552,7 +552,7 @@ def _when(text: str) -> datetime:
 
 def _store(args: argparse.Namespace) -> Any:
     try:
-        from meterkit.keys.model import keystore_from_url
+        from meterkit.connect import keystore_from_url
     except ImportError as exc:
         raise _Failure(f"no key stores in this installation: {exc}", EXIT_BACKEND) from None
     pepper = os.environ.get("METERKIT_PEPPER") or None

@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from hmac import compare_digest
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -63,8 +62,6 @@ __all__ = [
     "KeyStore",
     "MemoryKeyStore",
     "PlaintextKey",
-    "async_keystore_from_url",
-    "keystore_from_url",
 ]
 
 Mode = Literal["live", "test"]
@@ -862,110 +859,3 @@ class AsyncMemoryKeyStore:
 
     async def aclose(self) -> None:
         """Nothing to release: present for the :class:`AsyncKeyStore` protocol."""
-
-
-_REDIS_SCHEMES: Final = frozenset(
-    {"redis", "rediss", "unix", "redis+unix", "redis+cluster", "rediss+cluster"}
-)
-
-
-def _scheme(url: object) -> str:
-    if not isinstance(url, str):
-        raise ConfigurationError(f"a key store URL must be a string, not {url!r}", "url")
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
-        if url.lower().rstrip("/") not in ("memory:", "memory:/"):
-            raise ConfigurationError(
-                "the memory store takes no host or options: 'memory://'", "url"
-            )
-        return scheme
-    if scheme in _REDIS_SCHEMES:
-        return scheme
-    raise ConfigurationError(
-        f"unsupported key store URL scheme {scheme!r}: use memory://, redis://, rediss://,"
-        " redis+unix://, redis+cluster:// or rediss+cluster://",
-        "url",
-    )
-
-
-def _driver_url(url: str) -> str:
-    """``redis+unix://`` (the spelling backend_from_url uses) as redis-py's ``unix://``."""
-    if url.lower().startswith("redis+unix://"):
-        return "unix://" + url[len("redis+unix://") :]
-    return url
-
-
-def keystore_from_url(
-    url: str,
-    *,
-    clock: Clock | None = None,
-    token_prefix: str = "cl",
-    pepper: bytes | str | None = None,
-    previous_peppers: Iterable[bytes | str | None] = (),
-    status_codes: Mapping[str, int] | None = None,
-    namespace: str = "mk",
-    timeout: float = 1.0,
-    allow_eviction: bool = False,
-) -> KeyStore:
-    """A key store for ``memory://`` or ``redis://…`` (``rediss://``, ``unix://``,
-    ``redis+cluster://host:port[,host:port…]``, ``rediss+cluster://``).
-
-    A cluster URL makes the client :func:`~meterkit.backend_from_url` would make for it
-    (connected at once: an unreachable cluster raises ``BackendUnavailable`` here).
-    ``pepper`` is the server-side secret keyed into every hash (keep it out of URLs and
-    of the store), ``previous_peppers`` those being retired (their keys still work and
-    are rehashed under ``pepper`` when presented); ``namespace`` prefixes Redis key
-    names; ``timeout`` (seconds, default 1) bounds connecting and every answer, as
-    for :func:`~meterkit.backend_from_url` (no retries); ``status_codes`` overrides
-    the HTTP status of refusals (401 each by default), e.g. ``{"insufficient_permissions": 403}``.
-    A Redis that may evict keys is refused before the first command, as by the
-    backends, unless ``allow_eviction=True``.
-    """
-    options: dict[str, Any] = {
-        "clock": clock,
-        "token_prefix": token_prefix,
-        "pepper": pepper,
-        "previous_peppers": previous_peppers,
-        "status_codes": status_codes,
-    }
-    if _scheme(url) == "memory":
-        return MemoryKeyStore(**options)
-    from meterkit.keys.redis import RedisKeyStore
-
-    url = _driver_url(url)
-    return RedisKeyStore.from_url(
-        url, namespace=namespace, timeout=timeout, allow_eviction=allow_eviction, **options
-    )
-
-
-def async_keystore_from_url(
-    url: str,
-    *,
-    clock: Clock | None = None,
-    token_prefix: str = "cl",
-    pepper: bytes | str | None = None,
-    previous_peppers: Iterable[bytes | str | None] = (),
-    status_codes: Mapping[str, int] | None = None,
-    namespace: str = "mk",
-    timeout: float = 1.0,
-    allow_eviction: bool = False,
-) -> AsyncKeyStore:
-    """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
-    options: dict[str, Any] = {
-        "clock": clock,
-        "token_prefix": token_prefix,
-        "pepper": pepper,
-        "previous_peppers": previous_peppers,
-        "status_codes": status_codes,
-    }
-    if _scheme(url) == "memory":
-        return AsyncMemoryKeyStore(**options)
-    from meterkit.keys.redis import AsyncRedisKeyStore
-
-    return AsyncRedisKeyStore.from_url(
-        _driver_url(url),
-        namespace=namespace,
-        timeout=timeout,
-        allow_eviction=allow_eviction,
-        **options,
-    )

@@ -10,8 +10,7 @@ import pytest
 
 import meterkit
 from meterkit.cli.commands import EXIT_BACKEND, EXIT_INVALID, EXIT_OK, main
-from meterkit.connect import backend_from_url
-from meterkit.keys.model import keystore_from_url
+from meterkit.connect import backend_from_url, keystore_from_url
 from tests import _servers
 
 PEPPER = "a pepper of at least 16 bytes"

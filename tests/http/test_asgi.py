@@ -31,13 +31,12 @@ from starlette.routing import Route as StarletteRoute
 import meterkit
 from examples.crane_ledger import ORG, create_app
 from meterkit.asgi import MeterMiddleware
+from meterkit.connect import async_keystore_from_url, keystore_from_url
 from meterkit.errors import AuthenticationError, ConfigurationError
 from meterkit.http.gate import Gate, Pending, Response, Router, forwarded_https
 from meterkit.keys.model import (
     AsyncMemoryKeyStore,
     MemoryKeyStore,
-    async_keystore_from_url,
-    keystore_from_url,
 )
 from tests._servers import free_port
 from tests.conftest import FakeClock

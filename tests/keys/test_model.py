@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meterkit.connect import async_keystore_from_url, keystore_from_url
 from meterkit.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -37,8 +38,6 @@ from meterkit.keys.model import (
     KeyFormat,
     MemoryKeyStore,
     _Hasher,
-    async_keystore_from_url,
-    keystore_from_url,
     to_duration,
     to_timestamp,
 )
@@ -382,7 +381,7 @@ def test_meterkit_keys_work_without_redis_installed() -> None:
         "        if name == 'redis' or name.startswith('redis.'):\n"
         "            raise ImportError('blocked for this test')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import meterkit.keys.model as keys, meterkit.keys.redis\n"
+        "import meterkit.connect as keys, meterkit.keys.redis\n"
         "store = keys.keystore_from_url('memory://')\n"
         "plaintext, key = store.create(org='org_1')\n"
         "assert store.authenticate('Bearer ' + plaintext, org='org_1').id == key.id\n"

@@ -20,7 +20,7 @@ import redis
 import redis.asyncio.connection
 import redis.connection
 
-from meterkit.connect import redis_client
+from meterkit.connect import async_keystore_from_url, keystore_from_url, redis_client
 from meterkit.errors import (
     AuthenticationError,
     BackendUnavailable,
@@ -28,7 +28,6 @@ from meterkit.errors import (
     InvalidRequestError,
     StateError,
 )
-from meterkit.keys.model import async_keystore_from_url, keystore_from_url
 from meterkit.keys.redis import AsyncRedisKeyStore, RedisKeyStore, _Script
 from tests import _servers
 from tests.behaviour.test_keys import (

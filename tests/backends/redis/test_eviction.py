@@ -129,7 +129,7 @@ def test_the_rule_reads_parsed_info() -> None:
 
 
 def test_the_redis_key_stores_refuse_an_evicting_server_too() -> None:
-    from meterkit.keys.model import async_keystore_from_url, keystore_from_url
+    from meterkit.connect import async_keystore_from_url, keystore_from_url
 
     with _servers.standalone("--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru") as s:
         store = keystore_from_url(s.url)
