@@ -195,7 +195,7 @@ def create_app(
             path.chmod(0o600)
         yield
         if owned:
-            await meter.close()
+            await meter.aclose()
             await keystore.aclose()
 
     app = FastAPI(title="Crane Ledger (meterkit example)", lifespan=lifespan)

@@ -58,6 +58,13 @@ def redact(value: object) -> str:
     return _withheld(text) if isinstance(value, str) else text
 
 
+def _deprecated(old: str, new: str) -> None:
+    """Warn that ``old`` is deprecated in favour of ``new`` (at the caller's caller)."""
+    import warnings
+
+    warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+
+
 def _withheld(text: str) -> str:
     return _SECRET_SHAPE.sub("<secret key withheld>", text)
 

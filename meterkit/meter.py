@@ -22,6 +22,7 @@ from meterkit.errors import (
     InvalidIdentifierError,
     InvalidRequestError,
     MeterkitError,
+    _deprecated,
     looks_like_secret,
     redact,
 )
@@ -511,11 +512,22 @@ class AsyncMeter(_MeterCore):
         check_mode(mode)
         await self._call("top_up", org, mode, to_micro(credits, "top-up"))
 
+    async def aclose(self) -> None:
+        """Close the backend: an asyncio backend's ``aclose()`` (or, for one written
+        before that name, its ``close()``), a blocking backend's ``close()``."""
+        closer = getattr(self.backend, "aclose", None) if self._async else None
+        if closer is not None:
+            await closer()
+        else:
+            await self._call("close")
+
     async def close(self) -> None:
-        await self._call("close")
+        """Deprecated: :meth:`aclose` (asyncio objects close with ``aclose``)."""
+        _deprecated("AsyncMeter.close()", "AsyncMeter.aclose()")
+        await self.aclose()
 
     async def __aenter__(self) -> AsyncMeter:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+        await self.aclose()

@@ -214,7 +214,7 @@ def _async_redis_factory(request: pytest.FixtureRequest) -> MeterFactory:
         backend = async_backend_from_url(url, prefix=prefix, clock=clock)
 
         def finish() -> None:
-            loop.run_until_complete(backend.close())
+            loop.run_until_complete(backend.aclose())
             loop.close()
             delete_prefix(client, prefix)
 

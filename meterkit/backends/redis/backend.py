@@ -30,7 +30,7 @@ from meterkit.backends.redis.transport import (
 from meterkit.core.credits import top_up_too_large
 from meterkit.core.outcome import Outcome, RawUsage
 from meterkit.core.plan import Plan
-from meterkit.errors import BackendUnavailable, ConfigurationError, MeterkitError
+from meterkit.errors import BackendUnavailable, ConfigurationError, MeterkitError, _deprecated
 
 if TYPE_CHECKING:
     from meterkit.core.policy import Policy
@@ -374,6 +374,11 @@ class AsyncRedisBackend:
             raise top_up_too_large()
 
     async def close(self) -> None:
+        """Deprecated: :meth:`aclose`."""
+        _deprecated("AsyncRedisBackend.close()", "AsyncRedisBackend.aclose()")
+        await self.aclose()
+
+    async def aclose(self) -> None:
         """See :meth:`RedisBackend.close`."""
         for _, waiter in self._queue:
             if not waiter.done():

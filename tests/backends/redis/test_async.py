@@ -160,3 +160,22 @@ async def test_a_batch_whose_connection_fails_fails_every_caller_typed(own_serve
         )
     assert all(isinstance(r, BackendUnavailable) for r in results)
     assert all(isinstance(r.__cause__, redis.RedisError) for r in results)
+
+
+async def test_close_on_asyncio_objects_is_a_deprecated_alias_of_aclose(redis_url: str) -> None:
+    """asyncio objects close with ``aclose()`` (as httpx's do); the old ``close()``
+    still works, with a DeprecationWarning."""
+    import meterkit
+    from meterkit.connect import async_backend_from_url
+
+    backend = async_backend_from_url(redis_url)
+    meter = meterkit.AsyncMeter(meterkit.Policy.crane_ledger(), backend)
+    with pytest.warns(DeprecationWarning, match=r"use AsyncMeter\.aclose\(\)"):
+        await meter.close()
+    other = async_backend_from_url(redis_url)
+    with pytest.warns(DeprecationWarning, match=r"use AsyncRedisBackend\.aclose\(\)"):
+        await other.close()
+    async with meterkit.AsyncMeter(
+        meterkit.Policy.crane_ledger(), async_backend_from_url(redis_url)
+    ):
+        pass  # (leaving the block closes with aclose(), without a warning)

@@ -770,7 +770,7 @@ def test_clients_that_decode_responses_work_too(redis_url: str, redis_cluster_ur
             checks = [meter.check("k", org="o", operation="items.list") for _ in range(3)]
             return [d.allowed for d in await asyncio.gather(*checks)]
         finally:
-            await meter.close()
+            await meter.aclose()
 
     assert asyncio.run(crowd()) == [True, True, False]
 
