@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from meterkit.core.credits import to_micro
-from meterkit.core.decision import Decision, Usage, build_usage
+from meterkit.core.decision import Decision, Usage, _Issued, build_usage
 from meterkit.core.outcome import Outcome
 from meterkit.core.plan import Plan
 from meterkit.errors import (
@@ -124,7 +124,7 @@ class _MeterCore:
         return Plan(self.policy, op, key, org, mode, price, idempotency_key)  # type: ignore[arg-type]
 
     def _decide(self, plan: Plan, outcome: Outcome) -> Decision:
-        decision = Decision(plan, outcome)
+        decision = _Issued(plan, outcome)
         # Only shadow tiers can say no to an admitted request.
         if self._watch_shadow and outcome.allowed:
             self._count_shadow(decision)
@@ -139,7 +139,7 @@ class _MeterCore:
         self.degraded += 1
         now = round(time.time() * _US)
         tiers = tuple((t.capacity, 0, 0) for t in plan.op.tiers)
-        return Decision(plan, Outcome(True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
+        return _Issued(plan, Outcome(True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
 
     def _plans(self, requests: Iterable[CheckRequest]) -> list[Plan]:
         """Plan every request of a batch, so that bad input raises before any is applied."""
@@ -226,6 +226,9 @@ class _MeterCore:
             raise InvalidRequestError(
                 f"refund takes a Decision from check(), not {type(decision).__name__}"
             )
+        if type(decision) is not _Issued:
+            # Its outcome (charge id, amount) is whatever its maker wrote.
+            raise InvalidRequestError("refund takes a Decision from check(), not one built by hand")
         return decision
 
     @staticmethod
@@ -309,7 +312,7 @@ class Meter(_MeterCore):
         not: a peek has no answer to make up.
         """
         plan = self._plan(key, org, operation, None, cost, mode)
-        return Decision(plan, self._able(self.backend, "peek")(plan))
+        return _Issued(plan, self._able(self.backend, "peek")(plan))
 
     def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
         """Forget the rate-limit state of ``key`` in ``org`` (its key-scoped tiers), or
@@ -453,7 +456,7 @@ class AsyncMeter(_MeterCore):
         """See :meth:`Meter.peek`."""
         plan = self._plan(key, org, operation, None, cost, mode)
         self._able(self.backend, "peek")
-        return Decision(plan, await self._call("peek", plan))
+        return _Issued(plan, await self._call("peek", plan))
 
     @overload
     async def check_many(

@@ -216,6 +216,14 @@ class Decision:
         }
 
 
+class _Issued(Decision):
+    """A :class:`Decision` that a meter's ``check`` made: the only kind a meter refunds.
+    A hand-built ``Decision(plan, outcome)`` may carry any outcome (a charge id and an
+    amount of the caller's choosing), so it is refused, at no cost to a check."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
 class OperationUsage:
     """Requests and credits of one operation in the current period."""

@@ -158,15 +158,22 @@ def test_top_ups_past_the_exact_range_are_refused_before_anything_is_written(
 def test_a_refund_returns_only_what_the_backend_recorded(
     make_meter: Callable[[Policy], Any],
 ) -> None:
-    """A caller-built Decision claiming more than was charged to its key and operation
-    is refunded nothing: usage never goes below what was really spent."""
-    from meterkit import Decision
+    """A caller-built Decision is refused, whatever it claims (more than was charged,
+    or a charge id the backend never issued): usage never goes below what was really
+    spent, and a refund returns only what a check charged."""
+    from meterkit import Decision, InvalidRequestError
 
     meter = make_meter(Policy.crane_ledger())
     real = meter.check("key_1", org="org_1", operation="invoices.list")
     before = meter.usage("org_1")
-    forged = Decision(real.plan, real.outcome._replace(charged=4_990_000))
-    assert meter.refund(forged) is False
-    assert meter.usage("org_1") == before
+    forgeries = [
+        Decision(real.plan, real.outcome._replace(charged=4_990_000)),
+        Decision(real.plan, real.outcome._replace(charge_id="made-up", charged=1)),
+        Decision(real.plan, real.outcome),  # even a copy of a real one
+    ]
+    for forged in forgeries:
+        with pytest.raises(InvalidRequestError, match="built by hand"):
+            meter.refund(forged)
+        assert meter.usage("org_1") == before
     assert meter.refund(real) is True
     assert meter.usage("org_1").credits_used == 0
