@@ -117,6 +117,8 @@ class Tier:
     window: int = field(init=False)  # seconds
     window_us: int = field(init=False)
     interval_us: int = field(init=False)  # gcra emission interval, rounded up
+    #: gcra: how far ahead of now a TAT may run (burst × interval), µs
+    tau_us: int = field(init=False)
     code: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +178,7 @@ class Tier:
         object.__setattr__(self, "code", ALGORITHMS[self.algorithm])
         if self.algorithm == "gcra" and burst is None:
             object.__setattr__(self, "burst", limit)
+        object.__setattr__(self, "tau_us", self.capacity * interval_us)
 
     @property
     def capacity(self) -> int:
@@ -279,6 +282,12 @@ class CreditPlan:
         if self.period != "month":
             raise ConfigurationError("the only credit period is 'month'", "period")
         object.__setattr__(self, "allowance_micro", _micro(self.allowance, "allowance"))
+
+
+def enforces(tier: Tier, policy_shadow: bool) -> bool:
+    """Whether ``tier``'s "no" denies a request: the one rule every backend applies.
+    A shadow tier, or any tier of a shadow policy, is computed and reported only."""
+    return not (tier.shadow or policy_shadow)
 
 
 class OperationPlan:

@@ -65,6 +65,7 @@ from meterkit.core.outcome import (
 )
 from meterkit.core.plan import END_OF_TIME_US as _END_OF_TIME
 from meterkit.core.plan import Plan, bad_clock, clock_us, month_bounds
+from meterkit.core.policy import enforces
 
 if TYPE_CHECKING:
     from meterkit.core.policy import OperationPlan, Policy, Tier
@@ -486,7 +487,7 @@ def _tier_source(i: int, tier: Tier, enforce: bool) -> tuple[str, str]:
         "LW": str(tier.limit * tier.window_us),
         "L_1W": str((tier.limit - 1) * tier.window_us),
         "I": str(tier.interval_us),
-        "TAU": str(tier.capacity * tier.interval_us),
+        "TAU": str(tier.tau_us),
         "FRESH": str(1 + _SWEEP_EVERY),
     }
     deny = _fill(_DENY if enforce else _SHADOW, i=str(i))
@@ -508,7 +509,8 @@ def apply_source(op: OperationPlan, policy: Policy, *, peek: bool = False) -> st
     checks, commits = [], []
     enforcing = False
     for i, tier in enumerate(op.tiers):
-        enforce = not (tier.shadow or policy.shadow)
+        # (the policy's own rule: a plan paired with another policy follows that one)
+        enforce = enforces(tier, policy.shadow)
         enforcing = enforcing or enforce
         check, commit = _tier_source(i, tier, enforce)
         checks.append(check)

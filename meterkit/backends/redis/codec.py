@@ -46,6 +46,7 @@ from meterkit.backends.redis.errors import translate
 from meterkit.backends.redis.scripts import Command, script
 from meterkit.core.outcome import Outcome, RawUsage, replay, unspent
 from meterkit.core.plan import Plan, clock_us, month_bounds
+from meterkit.core.policy import enforces
 from meterkit.errors import ConfigurationError, MeterkitError, StateError
 
 if TYPE_CHECKING:
@@ -161,10 +162,9 @@ class Codec:
         for tier in op.tiers:
             suffix = self._suffix(tier)
             suffixes.append(suffix)
-            params.append(str(int(tier.code) + (10 if tier.shadow or policy.shadow else 0)))
+            params.append(str(int(tier.code) + (0 if enforces(tier, policy.shadow) else 10)))
             if tier.algorithm == "gcra":
-                tau = int(tier.capacity * tier.interval_us)
-                params += [str(int(tier.interval_us)), str(tau), "0"]
+                params += [str(int(tier.interval_us)), str(int(tier.tau_us)), "0"]
             else:
                 params += [str(int(tier.limit)), str(int(tier.window_us))]
                 # The log lives until its newest entry leaves the window (text: it
