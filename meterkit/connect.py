@@ -223,20 +223,7 @@ def keystore_from_url(
     A Redis that may evict keys is refused before the first command, as by the
     backends, unless ``allow_eviction=True``.
     """
-    options: dict[str, Any] = {
-        "clock": clock,
-        "token_prefix": token_prefix,
-        "pepper": pepper,
-        "previous_peppers": previous_peppers,
-        "status_codes": status_codes,
-    }
-    if _store_scheme(url) == "memory":
-        return MemoryKeyStore(**options)
-    from meterkit.keys.redis import RedisKeyStore
-
-    return RedisKeyStore.from_url(
-        url, namespace=namespace, timeout=timeout, allow_eviction=allow_eviction, **options
-    )
+    return _store(False, **locals())  # type: ignore[no-any-return]
 
 
 def async_keystore_from_url(
@@ -252,21 +239,23 @@ def async_keystore_from_url(
     allow_eviction: bool = False,
 ) -> AsyncKeyStore:
     """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
-    options: dict[str, Any] = {
-        "clock": clock,
-        "token_prefix": token_prefix,
-        "pepper": pepper,
-        "previous_peppers": previous_peppers,
-        "status_codes": status_codes,
-    }
-    if _store_scheme(url) == "memory":
-        return AsyncMemoryKeyStore(**options)
-    from meterkit.keys.redis import AsyncRedisKeyStore
+    return _store(True, **locals())  # type: ignore[no-any-return]
 
-    return AsyncRedisKeyStore.from_url(
-        url,
-        namespace=namespace,
-        timeout=timeout,
-        allow_eviction=allow_eviction,
-        **options,
+
+def _store(
+    asynchronous: bool,
+    url: str,
+    namespace: str,
+    timeout: float,
+    allow_eviction: bool,
+    **options: Any,
+) -> Any:
+    """The store of :func:`keystore_from_url` (``asynchronous``: of its asyncio twin)."""
+    if _store_scheme(url) == "memory":
+        return (AsyncMemoryKeyStore if asynchronous else MemoryKeyStore)(**options)
+    from meterkit.keys.redis import AsyncRedisKeyStore, RedisKeyStore
+
+    shell = AsyncRedisKeyStore if asynchronous else RedisKeyStore
+    return shell.from_url(
+        url, namespace=namespace, timeout=timeout, allow_eviction=allow_eviction, **options
     )

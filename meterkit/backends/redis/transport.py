@@ -603,35 +603,44 @@ class AsyncCluster:
         await self.client.aclose()
 
 
+def _pick(client: Any, kinds: tuple[tuple[type, Callable[[Any], Any]], ...], refusal: str) -> Any:
+    for kind, make in kinds:
+        if isinstance(client, kind):
+            return make(client)
+    raise ConfigurationError(f"{refusal}, not {type(client).__name__}", "client")
+
+
 def sync_transport(client: Any) -> Pool | Cluster:
+    """The transport for a blocking redis-py client, cluster client or pool."""
     import redis
     from redis.cluster import RedisCluster
 
-    if isinstance(client, RedisCluster):
-        return Cluster(client)
-    if isinstance(client, redis.Redis):
-        return Pool(client.connection_pool)
-    if isinstance(client, redis.ConnectionPool):
-        return Pool(client)
-    raise ConfigurationError(
-        "RedisBackend takes a redis.Redis, redis.RedisCluster or redis.ConnectionPool, "
-        f"not {type(client).__name__}; for asyncio clients use AsyncRedisBackend",
-        "client",
+    kinds = (
+        (RedisCluster, Cluster),
+        (redis.Redis, lambda c: Pool(c.connection_pool)),
+        (redis.ConnectionPool, Pool),
+    )
+    return _pick(  # type: ignore[no-any-return]
+        client,
+        kinds,
+        "RedisBackend takes a redis.Redis, redis.RedisCluster or redis.ConnectionPool "
+        "(for asyncio clients use AsyncRedisBackend)",
     )
 
 
 def async_transport(client: Any) -> AsyncPool | AsyncCluster:
+    """The transport for a redis-py asyncio client, cluster client or pool."""
     import redis.asyncio as aredis
     from redis.asyncio.cluster import RedisCluster
 
-    if isinstance(client, RedisCluster):
-        return AsyncCluster(client)
-    if isinstance(client, aredis.Redis):
-        return AsyncPool(client.connection_pool)
-    if isinstance(client, aredis.ConnectionPool):
-        return AsyncPool(client)
-    raise ConfigurationError(
+    kinds = (
+        (RedisCluster, AsyncCluster),
+        (aredis.Redis, lambda c: AsyncPool(c.connection_pool)),
+        (aredis.ConnectionPool, AsyncPool),
+    )
+    return _pick(  # type: ignore[no-any-return]
+        client,
+        kinds,
         "AsyncRedisBackend takes a redis.asyncio.Redis, redis.asyncio.RedisCluster or "
-        f"redis.asyncio.ConnectionPool, not {type(client).__name__}",
-        "client",
+        "redis.asyncio.ConnectionPool",
     )
