@@ -20,7 +20,7 @@ import pytest
 
 from bench._interleave import interleave
 from meterkit.errors import AuthenticationError
-from meterkit.keys.model import MemoryKeyStore
+from meterkit.keys.memory import MemoryKeyStore
 
 PEPPER = b"bench-pepper-0123456789abcdef"
 QUICK = os.environ.get("METERKIT_BENCH_QUICK") == "1"

@@ -40,7 +40,7 @@ import pytest
 import meterkit
 from bench._interleave import interleave
 from meterkit.asgi import MeterMiddleware as AsgiMiddleware
-from meterkit.keys.model import AsyncMemoryKeyStore, MemoryKeyStore
+from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
 from meterkit.wsgi import MeterMiddleware as WsgiMiddleware
 
 QUICK = os.environ.get("METERKIT_BENCH_QUICK", "") not in ("", "0")

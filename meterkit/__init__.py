@@ -36,15 +36,8 @@ from meterkit.errors import (
     UnknownOperationError,
 )
 from meterkit.keys.cache import AsyncCachedKeyStore, CachedKeyStore
-from meterkit.keys.model import (
-    ApiKey,
-    AsyncKeyStore,
-    AsyncMemoryKeyStore,
-    KeyFormat,
-    KeyStore,
-    MemoryKeyStore,
-    PlaintextKey,
-)
+from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
+from meterkit.keys.model import ApiKey, AsyncKeyStore, KeyFormat, KeyStore, PlaintextKey
 from meterkit.keys.redis import AsyncRedisKeyStore, RedisKeyStore
 from meterkit.meter import AsyncMeter, Meter
 from meterkit.simulate import SimulationReport, TraceError, read_trace, simulate

@@ -18,13 +18,8 @@ from meterkit.backends.memory.backend import MemoryBackend
 from meterkit.backends.redis.backend import AsyncRedisBackend, RedisBackend
 from meterkit.backends.redis.errors import translate
 from meterkit.errors import ConfigurationError
-from meterkit.keys.model import (
-    AsyncKeyStore,
-    AsyncMemoryKeyStore,
-    Clock,
-    KeyStore,
-    MemoryKeyStore,
-)
+from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
+from meterkit.keys.model import AsyncKeyStore, Clock, KeyStore
 
 __all__ = [
     "async_backend_from_url",

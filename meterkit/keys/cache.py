@@ -32,12 +32,12 @@ from meterkit.keys.model import (
     AsyncKeyStore,
     DurationLike,
     KeyFormat,
-    KeyRules,
     KeyStore,
     Mode,
     PlaintextKey,
     TimeLike,
 )
+from meterkit.keys.rules import KeyRules
 
 __all__ = ["AsyncCachedKeyStore", "CachedKeyStore"]
 

@@ -15,7 +15,7 @@ Each operation is written once, as a generator that yields the Redis calls it ne
 or awaited. ``authenticate`` is one ``EVALSHA`` on one key: it reads the record and, if
 the presented hash is the stored one, records the use in the same step. The scripts hold
 no policy: expiry, revocation, organization and permissions are decided in Python by
-:class:`~meterkit.keys.model.KeyRules`, as for the memory store. Changes that depend on what
+:class:`~meterkit.keys.rules.KeyRules`, as for the memory store. Changes that depend on what
 was read (``rotate``) are guarded in their script by the values read, and retried if
 another client changed them in between.
 
@@ -64,7 +64,6 @@ from meterkit.keys.model import (
     Clock,
     DurationLike,
     KeyFormat,
-    KeyRules,
     Mode,
     PlaintextKey,
     TimeLike,
@@ -72,6 +71,7 @@ from meterkit.keys.model import (
     check_org,
     sort_keys,
 )
+from meterkit.keys.rules import KeyRules
 
 if TYPE_CHECKING:
     from types import ModuleType

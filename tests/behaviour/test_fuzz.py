@@ -30,7 +30,7 @@ from meterkit import (
     Policy,
     Tier,
 )
-from meterkit.keys.model import MemoryKeyStore
+from meterkit.keys.memory import MemoryKeyStore
 
 _store = MemoryKeyStore()
 SECRETS = (

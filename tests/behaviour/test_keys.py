@@ -25,13 +25,8 @@ from meterkit.errors import (
     InvalidRequestError,
     UnknownKeyError,
 )
-from meterkit.keys.model import (
-    ApiKey,
-    AsyncMemoryKeyStore,
-    KeyFormat,
-    MemoryKeyStore,
-    PlaintextKey,
-)
+from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
+from meterkit.keys.model import ApiKey, KeyFormat, PlaintextKey
 from meterkit.keys.redis import AsyncRedisKeyStore, RedisKeyStore
 
 KINDS = ["memory", "async-memory", "redis", "async-redis", "redis-cluster", "async-redis-cluster"]

@@ -34,10 +34,7 @@ from meterkit.asgi import MeterMiddleware
 from meterkit.connect import async_keystore_from_url, keystore_from_url
 from meterkit.errors import AuthenticationError, ConfigurationError
 from meterkit.http.gate import Gate, Pending, Response, Router, forwarded_https
-from meterkit.keys.model import (
-    AsyncMemoryKeyStore,
-    MemoryKeyStore,
-)
+from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
 from tests._servers import free_port
 from tests.conftest import FakeClock
 

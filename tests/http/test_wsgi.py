@@ -15,7 +15,7 @@ import waitress  # type: ignore[import-untyped]
 import meterkit
 from examples.flask_app import ORG, RatesFeed, create_app
 from meterkit.errors import AuthenticationError
-from meterkit.keys.model import MemoryKeyStore
+from meterkit.keys.memory import MemoryKeyStore
 from meterkit.wsgi import MeterMiddleware
 from tests.conftest import FakeClock
 

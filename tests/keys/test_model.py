@@ -28,19 +28,18 @@ from meterkit.errors import (
     InvalidRequestError,
     MeterkitError,
 )
+from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
 from meterkit.keys.model import (
     ALPHABET,
     CHECK_CHARS,
     ID_CHARS,
     SECRET_CHARS,
     ApiKey,
-    AsyncMemoryKeyStore,
     KeyFormat,
-    MemoryKeyStore,
-    _Hasher,
     to_duration,
     to_timestamp,
 )
+from meterkit.keys.rules import _Hasher
 
 REPO = Path(__file__).resolve().parents[2]
 prefixes = st.from_regex(r"[a-z][a-z0-9]{0,15}", fullmatch=True)

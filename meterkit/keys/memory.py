@@ -1,0 +1,238 @@
+"""API keys in this process's memory: :class:`MemoryKeyStore` and its asyncio twin."""
+
+from __future__ import annotations
+
+import builtins
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from meterkit.errors import (
+    UnknownKeyError,
+)
+from meterkit.keys.model import (
+    ApiKey,
+    Clock,
+    DurationLike,
+    KeyFormat,
+    Mode,
+    PlaintextKey,
+    TimeLike,
+    check_key_id,
+    check_org,
+    sort_keys,
+)
+from meterkit.keys.rules import KeyRules
+
+__all__ = ["AsyncMemoryKeyStore", "MemoryKeyStore"]
+
+
+class MemoryKeyStore:
+    """Keys in this process's memory: for tests, development and single-process servers.
+
+    Reads take no lock (a dict lookup is atomic); changes take one lock, and the record
+    of a key is replaced whole (records are immutable), so a concurrent ``revoke`` is
+    never undone by an ``authenticate`` recording its use.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        token_prefix: str = "cl",
+        pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
+        status_codes: Mapping[str, int] | None = None,
+    ) -> None:
+        self._rules = KeyRules(
+            clock=clock,
+            token_prefix=token_prefix,
+            pepper=pepper,
+            previous_peppers=previous_peppers,
+            status_codes=status_codes,
+        )
+        self._records: dict[str, ApiKey] = {}
+        self._by_org: dict[str, builtins.list[str]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryKeyStore(token_prefix={self._rules.format.prefix!r})"
+
+    @property
+    def rules(self) -> KeyRules:
+        """What this store decides keys by (format, hashing, clock, statuses)."""
+        return self._rules
+
+    @property
+    def key_format(self) -> KeyFormat:
+        """The format of this store's keys."""
+        return self._rules.format
+
+    def _keep(self, record: ApiKey) -> None:
+        self._records[record.id] = record
+        self._by_org.setdefault(record.org, []).append(record.id)
+
+    def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.create`."""
+        while True:
+            plaintext, record = self._rules.new_key(
+                org=org,
+                mode=mode,
+                permissions=permissions,
+                expires_at=expires_at,
+                name=name,
+                now=self._rules.clock(),
+            )
+            with self._lock:
+                if record.id not in self._records:  # 71 random bits: a retry is theoretical
+                    self._keep(record)
+                    return plaintext, record
+
+    def get(self, key_id: str) -> ApiKey | None:
+        """See :meth:`KeyStore.get`."""
+        return self._records.get(check_key_id(key_id))
+
+    def list(self, org: str) -> builtins.list[ApiKey]:
+        """See :meth:`KeyStore.list`."""
+        ids = builtins.list(self._by_org.get(check_org(org), ()))
+        return sort_keys(self._records[key_id] for key_id in ids)
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """See :meth:`KeyStore.revoke`."""
+        check_key_id(key_id)
+        with self._lock:
+            record = self._records.get(key_id)
+            if record is None:
+                raise UnknownKeyError(f"no API key {key_id}")
+            if record.revoked_at is None:
+                record = msgspec.structs.replace(record, revoked_at=self._rules.clock())
+                self._records[key_id] = record
+            return record
+
+    def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.rotate`."""
+        check_key_id(key_id)
+        while True:
+            with self._lock:
+                old, plaintext, new = self._rules.rotation(
+                    self._records.get(key_id), key_id, grace, self._rules.clock()
+                )
+                if new.id not in self._records:
+                    self._records[key_id] = old
+                    self._keep(new)
+                    return plaintext, new
+
+    def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
+        """See :meth:`KeyStore.authenticate`."""
+        rules = self._rules
+        wildcard = rules.requested(permission)
+        key_id, digests = rules.read_header(authorization)
+        found = self._records.get(key_id)
+        record = rules.verified(found, digests)
+        now = rules.clock()
+        last = record.last_used_at
+        if last is None or now > last or record is not found:
+            with self._lock:
+                record = self._records[key_id]
+                changes: dict[str, Any] = {}
+                if found is not None and record.secret_hash == found.secret_hash:
+                    # (a previous pepper's hash becomes the current pepper's; a record
+                    # changed meanwhile keeps its own)
+                    changes["secret_hash"] = digests[0]
+                last = record.last_used_at
+                if last is None or now > last:
+                    changes["last_used_at"] = now
+                record = msgspec.structs.replace(record, **changes)
+                self._records[key_id] = record
+        return rules.admit(record, now, org, permission, wildcard)
+
+    def close(self) -> None:
+        """Nothing to release: present for the :class:`KeyStore` protocol."""
+
+
+class AsyncMemoryKeyStore:
+    """:class:`MemoryKeyStore` behind ``async`` methods (nothing in it ever blocks).
+
+    ``sync`` is the underlying store, for code that shares it with synchronous callers.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        token_prefix: str = "cl",
+        pepper: bytes | str | None = None,
+        previous_peppers: Iterable[bytes | str | None] = (),
+        status_codes: Mapping[str, int] | None = None,
+    ) -> None:
+        self.sync = MemoryKeyStore(
+            clock=clock,
+            token_prefix=token_prefix,
+            pepper=pepper,
+            previous_peppers=previous_peppers,
+            status_codes=status_codes,
+        )
+
+    def __repr__(self) -> str:
+        return f"AsyncMemoryKeyStore(token_prefix={self.sync.key_format.prefix!r})"
+
+    @property
+    def rules(self) -> KeyRules:
+        """What this store decides keys by (format, hashing, clock, statuses)."""
+        return self.sync.rules
+
+    @property
+    def key_format(self) -> KeyFormat:
+        """The format of this store's keys."""
+        return self.sync.key_format
+
+    async def create(
+        self,
+        *,
+        org: str,
+        mode: Mode = "live",
+        permissions: Iterable[str] = (),
+        expires_at: TimeLike | None = None,
+        name: str | None = None,
+    ) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.create`."""
+        return self.sync.create(
+            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
+        )
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        """See :meth:`KeyStore.get`."""
+        return self.sync.get(key_id)
+
+    async def list(self, org: str) -> builtins.list[ApiKey]:
+        """See :meth:`KeyStore.list`."""
+        return self.sync.list(org)
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        """See :meth:`KeyStore.revoke`."""
+        return self.sync.revoke(key_id)
+
+    async def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
+        """See :meth:`KeyStore.rotate`."""
+        return self.sync.rotate(key_id, grace=grace)
+
+    async def authenticate(
+        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
+    ) -> ApiKey:
+        """See :meth:`KeyStore.authenticate`."""
+        return self.sync.authenticate(authorization, org=org, permission=permission)
+
+    async def aclose(self) -> None:
+        """Nothing to release: present for the :class:`AsyncKeyStore` protocol."""
