@@ -1,5 +1,5 @@
 """``python -m meterkit``: the same as the ``meterkit`` command."""
 
-from meterkit.cli.commands import main
+from meterkit.cli.parser import main
 
 raise SystemExit(main())

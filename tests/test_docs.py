@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from meterkit.cli.commands import _parser
+from meterkit.cli.parser import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 import meterkit
-from meterkit.cli.commands import EXIT_BACKEND, EXIT_INVALID, EXIT_OK, main
+from meterkit.cli.common import EXIT_BACKEND, EXIT_INVALID, EXIT_OK
+from meterkit.cli.parser import main
 from meterkit.connect import backend_from_url, keystore_from_url
 from tests import _servers
 
