@@ -327,7 +327,7 @@ def test_async_backend_with_200_tasks_against_one_sync_client(
     figures(f"BUSY async, 200 tasks: {_busy(url, burst, 10_000 if QUICK else 40_000)}")
     figures(f"BUSY one sync client: {_busy(url, single, 2_000 if QUICK else 10_000)}")
     benchmark.extra_info["async_over_sync"] = ratio
-    loop.run_until_complete(async_meter.close())
+    loop.run_until_complete(async_meter.aclose())
     loop.close()
     sync_meter.close()
 
