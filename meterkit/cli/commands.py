@@ -249,7 +249,7 @@ def _meter_of(args: argparse.Namespace) -> Any:
     """The Meter of ``usage`` and ``reset-limits``: the policy and the backend named."""
     from meterkit.meter import Meter
 
-    policy = _load_policy(args.policy)
+    policy = _load_policy(args.policy, required=True)
     try:
         from meterkit.connect import backend_from_url
     except ImportError as exc:

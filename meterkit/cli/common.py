@@ -4,6 +4,7 @@ location of a policy error in its TOML file."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -82,10 +83,26 @@ def _table(rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> Itera
         yield "  " + "  ".join(parts).rstrip()
 
 
-def _load_policy(path: str | None) -> Policy:
+#: The policy file of ``usage``, ``reset-limits`` and ``simulate`` without ``--policy``.
+POLICY_ENV = "METERKIT_POLICY"
+
+
+def _load_policy(path: str | None, *, required: bool = False) -> Policy:
+    """The policy of ``path``, else of ``$METERKIT_POLICY``. Without either: a usage
+    error when ``required`` (a command on a real backend must use the app's policy:
+    another one names other keys, clears nothing and reports another allowance),
+    else the seed's policy (``simulate``, whose report names the policy it used)."""
     from meterkit.core.policy import Policy
 
     if path is None:
+        path = os.environ.get(POLICY_ENV) or None
+    if path is None:
+        if required:
+            raise _Failure(
+                f"name your policy with --policy FILE or the {POLICY_ENV} environment "
+                "variable: this command reads the backend as that policy laid it out",
+                EXIT_USAGE,
+            )
         return Policy.crane_ledger()
     try:
         text = Path(path).read_text("utf-8")

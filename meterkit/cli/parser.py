@@ -123,7 +123,11 @@ def _parser() -> argparse.ArgumentParser:
         **common,
     )
     sim.add_argument("trace", metavar="TRACE", help="the trace file (.csv or .jsonl), or -")
-    sim.add_argument("--policy", metavar="FILE", help="a policy file (default: the seed's)")
+    sim.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="a policy file (default: $METERKIT_POLICY, else the seed's; the report names it)",
+    )
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.add_argument(
         "--plot",
@@ -153,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     _backend_arguments(
         usage,
         key="only this key id",
-        policy="the policy whose allowance applies (default: the seed's)",
+        policy="the policy whose allowance applies (required, or $METERKIT_POLICY)",
     )
     usage.set_defaults(run=_cmd_usage)
 
@@ -168,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     _backend_arguments(
         reset,
         key="the key id (without it: the organization's own tiers)",
-        policy="the policy whose tiers to clear (default: the seed's)",
+        policy="the policy whose tiers to clear (required, or $METERKIT_POLICY)",
     )
     reset.set_defaults(run=_cmd_reset_limits)
 

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import meterkit
-from meterkit.cli.common import EXIT_BACKEND, EXIT_INVALID, EXIT_OK
+from meterkit.cli.common import EXIT_BACKEND, EXIT_INVALID, EXIT_OK, EXIT_USAGE, POLICY_ENV
 from meterkit.cli.parser import main
 from meterkit.connect import backend_from_url, keystore_from_url
 from tests import _servers
 
 PEPPER = "a pepper of at least 16 bytes"
 PLAINTEXT = re.compile(r"^cl_(live|test)_[0-9A-Za-z]{50}$")
+
+
+SEED_POLICY = str(Path(meterkit.__file__).parent / "policies" / "crane_ledger.toml")
+
+
+@pytest.fixture(autouse=True)
+def seed_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands on backends name their policy: here the seed's, through the
+    environment variable the CLI documents."""
+    monkeypatch.setenv(POLICY_ENV, SEED_POLICY)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -265,3 +276,33 @@ def test_reset_limits_frees_a_key_on_redis(
     assert meter.usage(org).requests == 101
     assert run_json(capsys, *base) == {"org": org, "key": None, "mode": "live", "reset": True}
     meter.close()
+
+
+@pytest.mark.parametrize("command", ["usage", "reset-limits"])
+def test_commands_on_a_backend_require_the_policy(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """Without --policy or METERKIT_POLICY, usage and reset-limits refuse to guess: the
+    example policy would read another allowance and clear keys the app does not use."""
+    monkeypatch.delenv(POLICY_ENV)
+    code, out, err = run(capsys, command, "--url", "memory://", "--org", "org_1", "--key", "k")
+    assert code == EXIT_USAGE
+    assert "--policy" in err
+    assert POLICY_ENV in err
+    assert out == ""
+
+
+def test_policy_given_on_the_command_line_wins_over_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--policy is read before $METERKIT_POLICY: the allowance shown is that file's."""
+    own = tmp_path / "own.toml"
+    own.write_text(
+        Path(SEED_POLICY).read_text("utf-8").replace('allowance = "10000"', 'allowance = "77"')
+    )
+    monkeypatch.setenv(POLICY_ENV, str(tmp_path / "missing.toml"))
+    data = run_json(capsys, "usage", "--url", "memory://", "--org", "org_1", "--policy", str(own))
+    assert data["allowance"] == "77"
+    code, _, err = run(capsys, "usage", "--url", "memory://", "--org", "org_1")
+    assert code == EXIT_USAGE
+    assert "missing.toml" in err
