@@ -83,6 +83,19 @@ class InvoiceIn(BaseModel):
     currency: str = "USD"
 
 
+class InvoiceChange(BaseModel):
+    """A PUT: the fields to change (at least one)."""
+
+    customer: str | None = Field(default=None, min_length=1, max_length=200)
+    amount: Decimal | None = Field(default=None, gt=0, max_digits=14, decimal_places=2)
+    status: Literal["open", "paid", "void"] | None = None
+
+
+class PaymentIn(BaseModel):
+    invoice_id: str
+    amount: Decimal = Field(gt=0, max_digits=14, decimal_places=2)
+
+
 class ConversionIn(BaseModel):
     amount: Decimal = Field(gt=0, max_digits=14, decimal_places=2)
     source: str = Field(alias="from")
@@ -238,6 +251,37 @@ def create_app(
         if invoice is None:
             return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
         return invoice
+
+    @app.put("/organizations/{organization_id}/invoices/{invoice_id}")
+    async def update_invoice(
+        organization_id: str, invoice_id: str, change: InvoiceChange, request: Request
+    ) -> Any:
+        invoice = ledger.book(organization_id, mode(request)).get(invoice_id)
+        if invoice is None:
+            return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
+        fields = change.model_dump(exclude_none=True)
+        if not fields:
+            return error(400, "nothing_to_change", "Give customer, amount or status.")
+        invoice.update({k: str(v) if isinstance(v, Decimal) else v for k, v in fields.items()})
+        return invoice
+
+    @app.delete("/organizations/{organization_id}/invoices/{invoice_id}")
+    async def delete_invoice(organization_id: str, invoice_id: str, request: Request) -> Any:
+        invoice = ledger.book(organization_id, mode(request)).pop(invoice_id, None)
+        if invoice is None:
+            return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
+        return {"id": invoice_id, "deleted": True}
+
+    @app.post("/organizations/{organization_id}/payments", status_code=201)
+    async def create_payment(organization_id: str, payment: PaymentIn, request: Request) -> Any:
+        invoice = ledger.book(organization_id, mode(request)).get(payment.invoice_id)
+        if invoice is None:
+            return error(404, "invoice_not_found", f"No invoice {payment.invoice_id}.")
+        paid = Decimal(invoice.get("paid", "0")) + payment.amount
+        invoice["paid"] = str(paid)
+        if paid >= Decimal(invoice["amount"]):
+            invoice["status"] = "paid"
+        return {"invoice_id": payment.invoice_id, "amount": str(payment.amount), "invoice": invoice}
 
     @app.post("/organizations/{organization_id}/invoices/{invoice_id}/pdf")
     async def invoice_pdf(organization_id: str, invoice_id: str, request: Request) -> Any:

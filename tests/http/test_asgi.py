@@ -322,6 +322,44 @@ def test_each_operation_draws_its_price(demo: Demo) -> None:
     assert key_usage == {"requests": 8, "credits": str(total)}
 
 
+def test_every_route_of_the_policy_is_served_by_the_example_app(demo: Demo) -> None:
+    """The shipped route table and the example app agree (issue 12): a metered route the
+    app does not serve would answer the framework's 405 and still be charged."""
+    served = {
+        (method, route.path)
+        for route in demo.app.routes
+        for method in getattr(route, "methods", ()) or ()
+    }
+    for spec in demo.policy.routes:
+        method, path = spec.split(" ", 1)
+        assert (method, path) in served, spec
+
+
+def test_update_delete_and_pay_are_charged_their_prices(demo: Demo) -> None:
+    """PUT and DELETE of an invoice and POST /payments, which the seed's API has, are
+    served and charged their operations' prices."""
+    created = demo.call("POST", "/invoices", json={"customer": "Acme", "amount": "50.00"})
+    invoice = created.json()["id"]
+    before = demo.used()
+    updated = demo.call("PUT", f"/invoices/{invoice}", json={"customer": "Acme Ltd"})
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["customer"] == "Acme Ltd"
+    assert Decimal(updated.headers["x-credits-charged"]) == demo.price("invoices.update")
+    paid = demo.call("POST", "/payments", json={"invoice_id": invoice, "amount": "50.00"})
+    assert paid.status_code == 201, paid.text
+    assert paid.json()["invoice"]["status"] == "paid"
+    assert Decimal(paid.headers["x-credits-charged"]) == demo.price("payments.create")
+    deleted = demo.call("DELETE", f"/invoices/{invoice}")
+    assert deleted.status_code == 200
+    assert demo.call("GET", f"/invoices/{invoice}").status_code == 404
+    expected = sum(
+        (demo.price(op) for op in ("invoices.update", "payments.create", "invoices.delete")),
+        Decimal(0),
+    )
+    # (the GET's 404 is a 4xx the app chose: charged, as every non-5xx answer today)
+    assert demo.used() - before == expected + demo.price("invoices.get")
+
+
 def test_usage_is_reported_per_key(demo: Demo) -> None:
     """/usage shows each key's requests and credits this period and the credits left."""
     demo.call("POST", "/invoices", json={"customer": "A", "amount": "5"})
