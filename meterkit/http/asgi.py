@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Container, Iterable, MutableMap
 from typing import Any
 
 from meterkit.errors import MeterkitError
-from meterkit.http.gate import DUPLICATE, Admission, Gate, Response, logger
+from meterkit.http.gate import DUPLICATE, REFUNDED, Admission, Gate, Response, logger
 
 __all__ = ["Admission", "MeterMiddleware"]
 
@@ -69,7 +69,7 @@ class MeterMiddleware:
     ``X-Forwarded-Proto`` is believed, for servers that do not apply proxy headers
     themselves; uvicorn's ``--proxy-headers`` already sets the scheme), ``exclude``
     (paths that are not metered, ``"/health"`` or ``"/docs*"``), ``refund_statuses``
-    (app statuses whose credits are returned; every 5xx by default) and
+    (app statuses whose credits are returned; 404, 405, 422 and every 5xx by default) and
     ``require_https`` (turn off for local development only).
 
     The admitted request's :class:`Admission` (key and decision) is in
@@ -84,7 +84,7 @@ class MeterMiddleware:
         keystore: Any,
         trusted_proxies: Iterable[str] = (),
         exclude: Iterable[str] = (),
-        refund_statuses: Container[int] = range(500, 600),
+        refund_statuses: Container[int] = REFUNDED,
         require_https: bool = True,
     ) -> None:
         self.app = app

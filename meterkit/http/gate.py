@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from meterkit.core.decision import Decision
     from meterkit.core.policy import Policy
 
-__all__ = ["Admission", "Gate", "Pending", "Response", "Route", "Router"]
+__all__ = ["REFUNDED", "Admission", "Gate", "Pending", "Response", "Route", "Router"]
 
 logger = logging.getLogger("meterkit")
 
@@ -436,6 +436,11 @@ class Admission:
 DUPLICATE: Final = "\x00"
 
 
+#: The statuses refunded by default: what the app refused to serve (404 not found, 405
+#: method not allowed, 422 unreadable body: a framework's own answers) and its failures.
+REFUNDED: frozenset[int] = frozenset({404, 405, 422, *range(500, 600)})
+
+
 class Gate:
     """Everything the middlewares decide, for one policy and one set of options.
 
@@ -443,8 +448,10 @@ class Gate:
     is believed, for servers that do not rewrite the scheme themselves.
     ``exclude``: paths that are not metered at all (``"/health"``, or ``"/docs*"`` for a
     prefix); they skip HTTPS, authentication and metering.
-    ``refund_statuses``: app answers whose credits are returned (default: every 5xx;
-    ``()`` never refunds). ``require_https=False`` is for local development only.
+    ``refund_statuses``: app answers whose credits are returned (default
+    :data:`REFUNDED`: 404, 405 and 422, which the framework gives a request the app did
+    not serve or could not read, and every 5xx; ``()`` never refunds).
+    ``require_https=False`` is for local development only.
     """
 
     __slots__ = (
@@ -462,7 +469,7 @@ class Gate:
         *,
         trusted_proxies: Iterable[str] = (),
         exclude: Iterable[str] = (),
-        refund_statuses: Container[int] = range(500, 600),
+        refund_statuses: Container[int] = REFUNDED,
         require_https: bool = True,
     ) -> None:
         if not policy.routes:

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from meterkit.errors import ConfigurationError, MeterkitError
-from meterkit.http.gate import Admission, Gate, Response, logger
+from meterkit.http.gate import REFUNDED, Admission, Gate, Response, logger
 
 __all__ = ["Admission", "MeterMiddleware"]
 
@@ -42,7 +42,7 @@ class MeterMiddleware:
     """Meter every request to the WSGI ``app``: HTTPS, API key, permission, limits, credits.
 
     Options as for :class:`meterkit.http.asgi.MeterMiddleware`: ``trusted_proxies``,
-    ``exclude``, ``refund_statuses`` (every 5xx by default), ``require_https``.
+    ``exclude``, ``refund_statuses`` (404, 405, 422 and every 5xx by default), ``require_https``.
     The admitted request's :class:`Admission` is in ``environ["meterkit"]``
     (``flask.request.environ["meterkit"]``).
     """
@@ -55,7 +55,7 @@ class MeterMiddleware:
         keystore: Any,
         trusted_proxies: Iterable[str] = (),
         exclude: Iterable[str] = (),
-        refund_statuses: Container[int] = range(500, 600),
+        refund_statuses: Container[int] = REFUNDED,
         require_https: bool = True,
     ) -> None:
         if inspect.iscoroutinefunction(getattr(meter, "check", None)):

@@ -351,13 +351,25 @@ def test_update_delete_and_pay_are_charged_their_prices(demo: Demo) -> None:
     assert Decimal(paid.headers["x-credits-charged"]) == demo.price("payments.create")
     deleted = demo.call("DELETE", f"/invoices/{invoice}")
     assert deleted.status_code == 200
-    assert demo.call("GET", f"/invoices/{invoice}").status_code == 404
+    gone = demo.call("GET", f"/invoices/{invoice}")
+    assert gone.status_code == 404
+    assert gone.headers["x-credits-charged"] == "0"  # (a 404 is refunded by default)
     expected = sum(
         (demo.price(op) for op in ("invoices.update", "payments.create", "invoices.delete")),
         Decimal(0),
     )
-    # (the GET's 404 is a 4xx the app chose: charged, as every non-5xx answer today)
-    assert demo.used() - before == expected + demo.price("invoices.get")
+    assert demo.used() - before == expected
+
+
+def test_a_body_the_framework_cannot_read_is_not_charged(demo: Demo) -> None:
+    """FastAPI's 422 for a body that fails validation is refunded (issue 12: no charge
+    for what the app refuses); the request still counts against the rate limits."""
+    before = demo.used()
+    response = demo.call("POST", "/invoices", json={"customer": "", "amount": "-1"})
+    assert response.status_code == 422
+    assert response.headers["x-credits-charged"] == "0"
+    assert demo.used() == before
+    assert demo.meter.usage(ORG).requests == 1  # (counted, as every refunded request)
 
 
 def test_usage_is_reported_per_key(demo: Demo) -> None:

@@ -227,6 +227,15 @@ def test_server_error_is_refunded(demo: Demo) -> None:
     assert demo.used() == 0
 
 
+def test_a_route_the_app_does_not_serve_is_not_charged(demo: Demo) -> None:
+    """The policy routes GET /invoices/{id}, which this Flask app does not serve: Flask's
+    404 is refunded by default (issue 12), though the key and its limits were checked."""
+    response = demo.call("GET", "/invoices/inv_000001")
+    assert response.status_code == 404
+    assert response.headers["x-credits-charged"] == "0"
+    assert demo.used() == 0
+
+
 def test_idempotent_retry_is_charged_once(demo: Demo) -> None:
     """The same Idempotency-Key twice: one invoice, one charge, the retry flagged as a replay."""
     retry = {"Idempotency-Key": "create-1"}
