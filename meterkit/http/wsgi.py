@@ -134,7 +134,7 @@ class MeterMiddleware:
 
 
 class _MeteredCall:
-    """One admitted request: adds the headers and refunds when the app answers 5xx."""
+    """One admitted request: adds the headers, and refunds a refunded status."""
 
     __slots__ = ("_start_response", "decision", "middleware", "refunded", "started")
 
