@@ -134,7 +134,7 @@ class MeterMiddleware:
 
 
 class _MeteredCall:
-    """One admitted request: adds the headers, and refunds a refunded status."""
+    """One admitted request: adds the headers; refunds on a status in refund_statuses."""
 
     __slots__ = ("_start_response", "decision", "middleware", "refunded", "started")
 
