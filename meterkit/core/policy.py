@@ -20,6 +20,7 @@ import limits
 import msgspec
 
 from meterkit.core.credits import MAX_MICRO, from_micro, to_micro
+from meterkit.core.routes import check_routes
 from meterkit.errors import (
     ConfigurationError,
     InvalidAmountError,
@@ -353,9 +354,7 @@ class Policy:
                         f"unknown operation {op_name!r}", f"tiers[{i}].operations"
                     )
         routes = dict(routes or {})
-        for route, op_name in routes.items():
-            if op_name not in known:
-                raise ConfigurationError(f"unknown operation {op_name!r}", f"routes.{route!r}")
+        check_routes(routes, known)
         if not isinstance(shadow, bool):
             raise ConfigurationError("shadow is true or false", "shadow")
         self.tiers = tiers

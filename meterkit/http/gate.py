@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from meterkit.core.credits import from_micro
+from meterkit.core.routes import ORG_PARAM, parse_route
 from meterkit.errors import (
     AuthenticationError,
     BackendError,
@@ -52,9 +53,7 @@ __all__ = ["REFUNDED", "Admission", "Gate", "Pending", "Response", "Route", "Rou
 
 logger = logging.getLogger("meterkit")
 
-_ORG_PARAM: Final = "organization_id"
 _MAX_IDEMPOTENCY_KEY: Final = 256
-_METHOD_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _encode = msgspec.json.Encoder().encode
 JSON: Final = ("Content-Type", "application/json")
 
@@ -162,40 +161,6 @@ class _Node:
         self.routes: dict[str, Route] = {}
 
 
-def _parse_route(spec: str) -> tuple[str, str, list[str]]:
-    method, _, template = spec.strip().partition(" ")
-    template = template.strip()
-    where = f"routes.{spec!r}"
-    if not method or not set(method) <= _METHOD_CHARS:
-        raise ConfigurationError(
-            f"a route is 'METHOD /path/{{param}}', with the method in capitals, got {spec!r}",
-            where,
-        )
-    if not template.startswith("/") or "?" in template or "#" in template:
-        raise ConfigurationError(f"a route's path starts with '/', got {template!r}", where)
-    segments = template.split("/")[1:]
-    names: set[str] = set()
-    for seg in segments:
-        if not seg:
-            raise ConfigurationError(f"empty segment in {template!r}", where)
-        if seg.startswith("{") or seg.endswith("}") or "{" in seg or "}" in seg:
-            name = seg[1:-1]
-            if not (seg.startswith("{") and seg.endswith("}")) or not name.isidentifier():
-                raise ConfigurationError(
-                    f"a parameter is a whole segment such as {{invoice_id}}, got {seg!r}", where
-                )
-            if name in names:
-                raise ConfigurationError(f"parameter {{{name}}} appears twice", where)
-            names.add(name)
-    if _ORG_PARAM not in names:
-        raise ConfigurationError(
-            f"every metered route names the organization as {{{_ORG_PARAM}}}, "
-            f"as in /organizations/{{{_ORG_PARAM}}}/invoices",
-            where,
-        )
-    return method, template, segments
-
-
 class Router:
     """``policy.routes`` compiled once into a trie of path segments.
 
@@ -212,11 +177,11 @@ class Router:
         self.routes: list[Route] = []
         prefixes: set[tuple[str, ...]] = set()
         for spec, operation in routes.items():
-            method, template, segments = _parse_route(spec)
+            method, template, segments = parse_route(spec)
             op = operations.get(operation)
             if op is None:
                 raise ConfigurationError(f"unknown operation {operation!r}", f"routes.{spec!r}")
-            org_index = segments.index("{" + _ORG_PARAM + "}") + 1
+            org_index = segments.index("{" + ORG_PARAM + "}") + 1
             prefixes.add(tuple(segments[: org_index - 1]))
             node = self._root
             for seg in segments:
@@ -226,11 +191,7 @@ class Router:
                     node = node.param
                 else:
                     node = node.literal.setdefault(seg, _Node())
-            if method in node.routes:
-                raise ConfigurationError(
-                    f"{method} {template} is routed twice (also as {node.routes[method].template})",
-                    f"routes.{spec!r}",
-                )
+            # (a method and template routed twice was refused by the Policy itself)
             route = Route(method, template, operation, op.permission, org_index)
             node.routes[method] = route
             self.routes.append(route)

@@ -303,6 +303,9 @@ def test_a_denied_check_changes_no_tier_and_no_balance(steps: list[MultiStep]) -
         else:
             assert d.charged == 0
             last_denial = (t, round(d.retry_after * US), request)
+    # Both read at the same instant: a denied retry may have taken the full meter's
+    # clock into the next month, where the twin (which saw no denial) has not been.
+    _at(clock_b, t)
     assert _usage(full) == _usage(twin)
     for clock in (clock_a, clock_b):
         _at(clock, t + US)

@@ -304,7 +304,7 @@ category = "write"
 price = "0.05"
 
 [routes]
-"GET /items" = "items.list"
+"GET /orgs/{organization_id}/items" = "items.list"
 """
 
 
@@ -436,8 +436,11 @@ BAD_TOML: list[tuple[str, str, str, str]] = [
     ),
     (
         "route to an unknown operation",
-        _edit('"GET /items" = "items.list"', '"GET /items" = "x"'),
-        "routes.'GET /items'",
+        _edit(
+            '"GET /orgs/{organization_id}/items" = "items.list"',
+            '"GET /orgs/{organization_id}/items" = "x"',
+        ),
+        "routes.'GET /orgs/{organization_id}/items'",
         "unknown operation 'x'",
     ),
     ("missing credits", _edit('[credits]\nallowance = "100"\n', ""), "", "`credits`"),

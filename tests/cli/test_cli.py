@@ -210,6 +210,18 @@ BROKEN = [
         "invalid policy: routes.'GET /organizations/{organization_id}/usage': unknown "
         "operation 'usage.put'",
     ),
+    # What the middleware would refuse, refused here (issue 12: one validation)
+    (
+        '"GET /organizations/{organization_id}/usage" = "usage.get"',
+        '"GET /usage" = "usage.get"',
+        "invalid policy: routes.'GET /usage': every metered route names the organization",
+    ),
+    (
+        '"GET /organizations/{organization_id}/usage" = "usage.get"',
+        '"GET /organizations/{organization_id}/invoices/{id}" = "usage.get"',
+        "invalid policy: routes.'GET /organizations/{organization_id}/invoices/{id}': GET "
+        "/organizations/{organization_id}/invoices/{id} is routed twice",
+    ),
 ]
 
 

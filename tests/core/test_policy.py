@@ -165,7 +165,7 @@ def test_to_dict_describes_the_compiled_policy() -> None:
         CreditPlan(0.5),
         shadow=True,
         name="small",
-        routes={"GET /items": "items.list"},
+        routes={"GET /orgs/{organization_id}/items": "items.list"},
     )
     assert policy.to_dict() == {
         "name": "small",
@@ -187,7 +187,7 @@ def test_to_dict_describes_the_compiled_policy() -> None:
             "items.create": {"category": "write", "price": "0.05", "permission": "items:write"},
         },
         "credits": {"allowance": "0.5", "period": "month"},
-        "routes": {"GET /items": "items.list"},
+        "routes": {"GET /orgs/{organization_id}/items": "items.list"},
     }
     assert "small" in repr(policy)
 

@@ -789,24 +789,61 @@ def test_paths_outside_the_route_table() -> None:
     ],
 )
 def test_bad_route_tables_are_configuration_errors(routes: dict[str, str], where: str) -> None:
-    """Every malformed route template is refused when the middleware is built, saying why."""
+    """Every malformed route template is refused when the policy is made, saying why:
+    a policy that loads is one the middleware serves (issue 12, one validation)."""
     seed = meterkit.Policy.crane_ledger()
-    policy = meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=routes)
     with pytest.raises(ConfigurationError, match=where):
-        Gate(policy)
+        meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=routes)
 
 
 def test_duplicate_route_and_empty_table_are_configuration_errors() -> None:
-    """One method and template routed twice, or no routes at all, cannot be built."""
+    """One method and template routed twice (parameter names aside) is no policy; a
+    policy without routes is, but the middleware cannot be built on it."""
     seed = meterkit.Policy.crane_ledger()
-    twice = {
-        "GET /organizations/{organization_id}/x": "invoices.list",
-        "GET  /organizations/{organization_id}/x": "invoices.get",
-    }
-    with pytest.raises(ConfigurationError, match="routed twice"):
-        Gate(meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=twice))
+    for twice in (
+        {
+            "GET /organizations/{organization_id}/x": "invoices.list",
+            "GET  /organizations/{organization_id}/x": "invoices.get",
+        },
+        {
+            "GET /organizations/{organization_id}/x/{a}": "invoices.list",
+            "GET /organizations/{organization_id}/x/{b}": "invoices.get",
+        },
+    ):
+        with pytest.raises(ConfigurationError, match="routed twice"):
+            meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=twice)
     with pytest.raises(ConfigurationError, match="no routes"):
         Gate(meterkit.Policy(seed.tiers, seed.costs, seed.credits))
+
+
+_SEGMENTS = st.sampled_from(
+    ["organizations", "{organization_id}", "x", "{a}", "{b}", "", "X{y}", "{1}", "v1"]
+)
+_ROUTES = st.dictionaries(
+    st.builds(
+        lambda method, segments: f"{method} /" + "/".join(segments),
+        st.sampled_from(["GET", "POST", "get", "PUT"]),
+        st.lists(_SEGMENTS, min_size=1, max_size=4),
+    ),
+    st.sampled_from(["invoices.list", "invoices.get", "nope"]),
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(routes=_ROUTES)
+def test_a_policy_is_accepted_by_the_gate_exactly_when_it_loads(routes: dict[str, str]) -> None:
+    """Any route table: if the Policy takes it, the middleware is built on it (and
+    routes every entry); if the Policy refuses it, nothing is built."""
+    seed = meterkit.Policy.crane_ledger()
+    try:
+        policy = meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=routes)
+    except ConfigurationError:
+        return
+    if not routes:
+        return  # (no routes: a policy for Meter.check alone, no middleware)
+    gate = Gate(policy)
+    assert len(gate.router.routes) == len(routes)
 
 
 @pytest.mark.parametrize(
