@@ -24,7 +24,6 @@ from meterkit.errors import (
     MeterkitError,
     _deprecated,
     looks_like_secret,
-    redact,
 )
 
 if TYPE_CHECKING:
@@ -65,7 +64,7 @@ def _secret_id(what: str) -> InvalidIdentifierError:
 def check_mode(mode: object) -> None:
     """Raise unless ``mode`` is ``"live"`` or ``"test"``."""
     if mode != "live" and mode != "test":
-        raise InvalidRequestError(f"mode is 'live' or 'test', not {redact(mode)}")
+        raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
 
 
 def check_id(value: object, what: str) -> str:
@@ -116,7 +115,7 @@ class _MeterCore:
         ):
             raise _secret_id("key" if looks_like_secret(key) else "org")
         if mode != "live" and mode != "test":
-            raise InvalidRequestError(f"mode is 'live' or 'test', not {redact(mode)}")
+            raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
         op = self._plan_for(operation)
         price = op.price if cost is None else to_micro(cost, "cost")
         if idempotency_key is not None:
@@ -246,7 +245,7 @@ class _MeterCore:
         if key is not None:
             check_id(key, "key")
         if mode not in ("live", "test"):
-            raise InvalidRequestError(f"mode is 'live' or 'test', not {redact(mode)}")
+            raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
 
 
 class Meter(_MeterCore):

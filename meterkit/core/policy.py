@@ -25,7 +25,6 @@ from meterkit.errors import (
     ConfigurationError,
     InvalidAmountError,
     UnknownOperationError,
-    redact,
 )
 
 __all__ = [
@@ -389,7 +388,7 @@ class Policy:
             return self._plans[operation]
         except (KeyError, TypeError):
             raise UnknownOperationError(
-                f"unknown operation {redact(operation)}: it is not in the policy's cost table"
+                f"unknown operation {operation!r}: it is not in the policy's cost table"
             ) from None
 
     @property

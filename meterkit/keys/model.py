@@ -48,7 +48,6 @@ from meterkit.errors import (
     InvalidIdentifierError,
     InvalidRequestError,
     looks_like_secret,
-    redact,
 )
 
 __all__ = ["ApiKey", "AsyncKeyStore", "KeyFormat", "KeyStore", "PlaintextKey"]
@@ -181,8 +180,7 @@ def _required_wildcard(permission: object) -> str:
         return cached
     if not isinstance(permission, str) or not _PERMISSION_RE.fullmatch(permission):
         raise InvalidRequestError(
-            "permission must look like 'invoices:read', 'invoices:*' or '*', "
-            f"not {redact(permission)}"
+            f"permission must look like 'invoices:read', 'invoices:*' or '*', not {permission!r}"
         )
     wildcard = _wildcard_of(permission)
     if len(_WILDCARDS) < _CACHE_LIMIT:
@@ -243,12 +241,10 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
 def _seconds(value: object, what: str) -> float:
     """A time or duration given as a finite number of seconds (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequestError(
-            f"{what} must be a datetime/timedelta or seconds, not {redact(value)}"
-        )
+        raise InvalidRequestError(f"{what} must be a datetime/timedelta or seconds, not {value!r}")
     seconds = float(value)
     if not math.isfinite(seconds):
-        raise InvalidRequestError(f"{what} must be finite, not {redact(value)}")
+        raise InvalidRequestError(f"{what} must be finite, not {value!r}")
     return seconds
 
 
@@ -265,14 +261,14 @@ def to_duration(value: object, what: str) -> float:
     """Seconds (>= 0) from a timedelta or a number."""
     seconds = value.total_seconds() if isinstance(value, timedelta) else _seconds(value, what)
     if seconds < 0:
-        raise InvalidRequestError(f"{what} must not be negative, not {redact(value)}")
+        raise InvalidRequestError(f"{what} must not be negative, not {value!r}")
     return seconds
 
 
 def check_key_id(key_id: object) -> str:
     """A well-formed public key id (``key_`` + 12 base62 characters), or an error."""
     if not isinstance(key_id, str) or not _KEY_ID_RE.fullmatch(key_id):
-        raise InvalidIdentifierError(f"not an API key id: {redact(key_id)}")
+        raise InvalidIdentifierError(f"not an API key id: {key_id!r}")
     return key_id
 
 
@@ -280,7 +276,7 @@ def check_org(org: object) -> str:
     """A well-formed organization id (``org_`` + up to 64 of ``A-Za-z0-9_-``), or an error."""
     if not isinstance(org, str) or not _ORG_RE.fullmatch(org):
         raise InvalidIdentifierError(
-            f"organization ids look like 'org_123' (letters, digits, '_', '-'), not {redact(org)}"
+            f"organization ids look like 'org_123' (letters, digits, '_', '-'), not {org!r}"
         )
     return org
 
@@ -288,15 +284,14 @@ def check_org(org: object) -> str:
 def _check_permissions(permissions: object) -> tuple[str, ...]:
     if isinstance(permissions, str | bytes) or not isinstance(permissions, Iterable):
         raise InvalidRequestError(
-            "permissions must be a list of strings such as ['invoices:read'], "
-            f"not {redact(permissions)}"
+            f"permissions must be a list of strings such as ['invoices:read'], not {permissions!r}"
         )
     checked = []
     for permission in permissions:
         if not isinstance(permission, str) or not _PERMISSION_RE.fullmatch(permission):
             raise InvalidRequestError(
                 "each permission must look like 'invoices:read', 'invoices:*' or '*',"
-                f" not {redact(permission)}"
+                f" not {permission!r}"
             )
         checked.append(permission)
     return tuple(sorted(set(checked)))
@@ -307,7 +302,7 @@ def _check_name(name: object) -> str | None:
         return None
     if not isinstance(name, str) or len(name) > _MAX_NAME or not name.isprintable():
         raise InvalidRequestError(
-            f"name must be printable text of at most {_MAX_NAME} characters, not {redact(name)}"
+            f"name must be printable text of at most {_MAX_NAME} characters, not {name!r}"
         )
     if looks_like_secret(name):
         raise InvalidRequestError("a key's name must not hold an API key's plaintext")
@@ -319,7 +314,7 @@ def _check_mode(mode: object) -> Mode:
         return "live"
     if mode == "test" and isinstance(mode, str):
         return "test"
-    raise InvalidRequestError(f"mode must be 'live' or 'test', not {redact(mode)}")
+    raise InvalidRequestError(f"mode must be 'live' or 'test', not {mode!r}")
 
 
 def sort_keys(records: Iterable[ApiKey]) -> builtins.list[ApiKey]:
