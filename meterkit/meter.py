@@ -1,7 +1,8 @@
 """Meter and AsyncMeter: validate a request, build its plan, ask the backend, decide.
 
-Both share everything but the one backend call: :class:`_MeterCore` validates and
-plans, and turns outcomes into decisions; the two shells only differ in ``await``.
+:class:`_MeterCore` validates and plans, and turns outcomes into decisions. Each
+method that asks the backend is written once, on :class:`AsyncMeter`; :class:`Meter`'s
+is made from it without the ``await`` (:func:`meterkit._twins.blocking`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from meterkit._twins import blocking
 from meterkit.core.credits import to_micro
 from meterkit.core.decision import Decision, Usage, _Issued, build_usage
 from meterkit.core.outcome import Outcome
@@ -79,8 +81,13 @@ def check_id(value: object, what: str) -> str:
 class _MeterCore:
     """What Meter and AsyncMeter share: planning, validation, deciding."""
 
-    def __init__(self, policy: Policy, *, fail_open: bool = False) -> None:
+    #: The backend as the twin methods call it (AsyncMeter: with awaitable methods).
+    _backend: Any
+    _apply: Any
+
+    def __init__(self, policy: Policy, backend: Any, *, fail_open: bool = False) -> None:
         self.policy = policy
+        self.backend = backend
         self.fail_open = fail_open
         self._plan_for = policy.plan_for
         self._watch_shadow = policy.shadow or any(t.shadow for t in policy.tiers)
@@ -88,6 +95,9 @@ class _MeterCore:
         self.shadow_denials: Counter[str] = Counter()
         #: Checks admitted without the backend because it was unavailable (fail-open).
         self.degraded = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(policy={self.policy.name!r}, backend={self.backend!r})"
 
     def _plan(
         self,
@@ -230,15 +240,13 @@ class _MeterCore:
             raise InvalidRequestError("refund takes a Decision from check(), not one built by hand")
         return decision
 
-    @staticmethod
-    def _able(backend: object, method: str) -> Any:
-        """``backend``'s optional ``method`` (``peek``, ``reset_limits``), or a clear
+    def _able(self, method: str) -> Any:
+        """The backend's optional ``method`` (``peek``, ``reset_limits``), or a clear
         error for a backend without it."""
-        found = getattr(backend, method, None)
-        if found is None:
+        if getattr(self.backend, method, None) is None:
             what = method.replace("_", " ")
-            raise InvalidRequestError(f"{type(backend).__name__} cannot {what}")
-        return found
+            raise InvalidRequestError(f"{type(self.backend).__name__} cannot {what}")
+        return getattr(self._backend, method)
 
     def _usage_args(self, org: str, key: str | None, mode: str) -> None:
         check_id(org, "org")
@@ -248,26 +256,24 @@ class _MeterCore:
             raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
 
 
-class Meter(_MeterCore):
-    """Authenticate-then-meter in one call: rate tiers and credits, atomically.
+class AsyncMeter(_MeterCore):
+    """:class:`Meter` for asyncio: the same methods, awaitable.
 
-    ``fail_open=True`` admits requests (flagged ``degraded`` and counted in
-    ``degraded``) while the backend is unavailable, instead of raising
-    :class:`BackendUnavailable`. Whether a degraded request was applied is unknown
-    (one that timed out may have run): ``usage()`` says what the backend counted.
+    Works with an asynchronous backend (``AsyncRedisBackend``) and with
+    ``MemoryBackend``, whose calls never block. (Each method is written here once;
+    :class:`Meter`'s is made from it.)
     """
 
-    def __init__(self, policy: Policy, backend: Backend, *, fail_open: bool = False) -> None:
-        if inspect.iscoroutinefunction(getattr(backend, "apply", None)):
-            raise InvalidRequestError("this backend is asynchronous: use meterkit.AsyncMeter")
-        super().__init__(policy, fail_open=fail_open)
-        self.backend = backend
+    def __init__(
+        self, policy: Policy, backend: AsyncBackend | Backend, *, fail_open: bool = False
+    ) -> None:
+        super().__init__(policy, backend, fail_open=fail_open)
+        if not inspect.iscoroutinefunction(getattr(backend, "apply", None)):
+            backend = _Awaiting(backend)
+        self._backend = backend
         self._apply = backend.apply
 
-    def __repr__(self) -> str:
-        return f"Meter(policy={self.policy.name!r}, backend={self.backend!r})"
-
-    def check(
+    async def check(
         self,
         key: Any,
         *,
@@ -284,14 +290,14 @@ class Meter(_MeterCore):
         """
         plan = self._plan(key, org, operation, idempotency_key, cost, mode)
         try:
-            outcome = self._apply(plan)
+            outcome = await self._apply(plan)
         except BackendUnavailable:
             if self.fail_open:
                 return self._degraded(plan)
             raise
         return self._decide(plan, outcome)
 
-    def peek(
+    async def peek(
         self,
         key: Any,
         *,
@@ -311,26 +317,28 @@ class Meter(_MeterCore):
         not: a peek has no answer to make up.
         """
         plan = self._plan(key, org, operation, None, cost, mode)
-        return _Issued(plan, self._able(self.backend, "peek")(plan))
+        peek = self._able("peek")
+        return _Issued(plan, await peek(plan))
 
-    def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
+    async def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
         """Forget the rate-limit state of ``key`` in ``org`` (its key-scoped tiers), or
         without a key, of ``org`` itself (its organization-scoped tiers): for support,
         after a runaway client is fixed. Credits and usage stay as they are."""
         self._usage_args(org, key, mode)
-        self._able(self.backend, "reset_limits")(self.policy, org, mode, key)
+        reset_limits = self._able("reset_limits")
+        await reset_limits(self.policy, org, mode, key)
 
     @overload
-    def check_many(
+    async def check_many(
         self, requests: Iterable[CheckRequest], *, return_exceptions: Literal[False] = False
     ) -> list[Decision]: ...
 
     @overload
-    def check_many(
+    async def check_many(
         self, requests: Iterable[CheckRequest], *, return_exceptions: bool
     ) -> list[Decision | MeterkitError]: ...
 
-    def check_many(
+    async def check_many(
         self, requests: Iterable[CheckRequest], *, return_exceptions: bool = False
     ) -> list[Any]:
         """Check many requests in one round trip; each is still atomic on its own.
@@ -343,138 +351,9 @@ class Meter(_MeterCore):
         applied — or, with ``return_exceptions=True``, takes that request's place.
         """
         plans = self._plans(requests)
-        apply_many = getattr(self.backend, "apply_many", None)
         try:
-            if apply_many is not None:
-                results = apply_many(plans)
-            else:
-                results = [self._apply_or_error(plan) for plan in plans]
-        except BackendUnavailable:
-            if self.fail_open:
-                return [self._degraded(plan) for plan in plans]
-            raise
-        return self._decide_many(plans, results, return_exceptions)
-
-    def _apply_or_error(self, plan: Plan) -> Outcome | MeterkitError:
-        try:
-            return self._apply(plan)
-        except MeterkitError as exc:
-            return exc
-
-    def refund(self, decision: Decision) -> bool:
-        """Return an admitted decision's credits, once. True if this call refunded them."""
-        decision = self._refundable(decision)
-        if decision.degraded:
-            return False
-        return self.backend.refund(decision.plan, decision.outcome)
-
-    def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage:
-        """This period's requests and credits for ``org`` (or one ``key`` of it)."""
-        self._usage_args(org, key, mode)
-        return build_usage(org, key, self.backend.usage(self.policy, org, mode))
-
-    def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
-        """Give ``org`` its own monthly allowance (``None``: the policy's again)."""
-        check_id(org, "org")
-        check_mode(mode)
-        micro = None if credits is None else to_micro(credits, "allowance")
-        self.backend.set_allowance(org, mode, micro)
-
-    def top_up(self, org: str, credits: object, mode: Mode = "live") -> None:
-        """Add credits to ``org``'s current month; they expire with it."""
-        check_id(org, "org")
-        check_mode(mode)
-        self.backend.top_up(org, mode, to_micro(credits, "top-up"))
-
-    def close(self) -> None:
-        self.backend.close()
-
-    def __enter__(self) -> Meter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncMeter(_MeterCore):
-    """:class:`Meter` for asyncio: the same methods, awaitable.
-
-    Works with an asynchronous backend (``AsyncRedisBackend``) and with
-    ``MemoryBackend``, whose calls never block.
-    """
-
-    def __init__(
-        self, policy: Policy, backend: AsyncBackend | Backend, *, fail_open: bool = False
-    ) -> None:
-        super().__init__(policy, fail_open=fail_open)
-        self.backend = backend
-        self._async = inspect.iscoroutinefunction(getattr(backend, "apply", None))
-
-    def __repr__(self) -> str:
-        return f"AsyncMeter(policy={self.policy.name!r}, backend={self.backend!r})"
-
-    async def _call(self, name: str, *args: Any) -> Any:
-        result = getattr(self.backend, name)(*args)
-        return await result if self._async else result
-
-    async def check(
-        self,
-        key: Any,
-        *,
-        operation: str,
-        org: str | None = None,
-        idempotency_key: str | None = None,
-        cost: object = None,
-        mode: Mode = "live",
-    ) -> Decision:
-        """See :meth:`Meter.check`."""
-        plan = self._plan(key, org, operation, idempotency_key, cost, mode)
-        try:
-            outcome = await self._call("apply", plan)
-        except BackendUnavailable:
-            if self.fail_open:
-                return self._degraded(plan)
-            raise
-        return self._decide(plan, outcome)
-
-    async def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
-        """See :meth:`Meter.reset_limits`."""
-        self._usage_args(org, key, mode)
-        self._able(self.backend, "reset_limits")
-        await self._call("reset_limits", self.policy, org, mode, key)
-
-    async def peek(
-        self,
-        key: Any,
-        *,
-        operation: str,
-        org: str | None = None,
-        cost: object = None,
-        mode: Mode = "live",
-    ) -> Decision:
-        """See :meth:`Meter.peek`."""
-        plan = self._plan(key, org, operation, None, cost, mode)
-        self._able(self.backend, "peek")
-        return _Issued(plan, await self._call("peek", plan))
-
-    @overload
-    async def check_many(
-        self, requests: Iterable[CheckRequest], *, return_exceptions: Literal[False] = False
-    ) -> list[Decision]: ...
-
-    @overload
-    async def check_many(
-        self, requests: Iterable[CheckRequest], *, return_exceptions: bool
-    ) -> list[Decision | MeterkitError]: ...
-
-    async def check_many(
-        self, requests: Iterable[CheckRequest], *, return_exceptions: bool = False
-    ) -> list[Any]:
-        """See :meth:`Meter.check_many`."""
-        plans = self._plans(requests)
-        try:
-            if hasattr(self.backend, "apply_many"):
-                results = await self._call("apply_many", plans)
+            if getattr(self.backend, "apply_many", None) is not None:
+                results = await self._able("apply_many")(plans)
             else:
                 results = [await self._apply_or_error(plan) for plan in plans]
         except BackendUnavailable:
@@ -485,43 +364,40 @@ class AsyncMeter(_MeterCore):
 
     async def _apply_or_error(self, plan: Plan) -> Outcome | MeterkitError:
         try:
-            return await self._call("apply", plan)  # type: ignore[no-any-return]
+            outcome: Outcome = await self._apply(plan)
         except MeterkitError as exc:
             return exc
+        return outcome
 
     async def refund(self, decision: Decision) -> bool:
-        """See :meth:`Meter.refund`."""
+        """Return an admitted decision's credits, once. True if this call refunded them."""
         decision = self._refundable(decision)
         if decision.degraded:
             return False
-        return bool(await self._call("refund", decision.plan, decision.outcome))
+        return bool(await self._backend.refund(decision.plan, decision.outcome))
 
     async def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage:
-        """See :meth:`Meter.usage`."""
+        """This period's requests and credits for ``org`` (or one ``key`` of it)."""
         self._usage_args(org, key, mode)
-        return build_usage(org, key, await self._call("usage", self.policy, org, mode))
+        return build_usage(org, key, await self._backend.usage(self.policy, org, mode))
 
     async def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
-        """See :meth:`Meter.set_allowance`."""
+        """Give ``org`` its own monthly allowance (``None``: the policy's again)."""
         check_id(org, "org")
         check_mode(mode)
         micro = None if credits is None else to_micro(credits, "allowance")
-        await self._call("set_allowance", org, mode, micro)
+        await self._backend.set_allowance(org, mode, micro)
 
     async def top_up(self, org: str, credits: object, mode: Mode = "live") -> None:
-        """See :meth:`Meter.top_up`."""
+        """Add credits to ``org``'s current month; they expire with it."""
         check_id(org, "org")
         check_mode(mode)
-        await self._call("top_up", org, mode, to_micro(credits, "top-up"))
+        await self._backend.top_up(org, mode, to_micro(credits, "top-up"))
 
     async def aclose(self) -> None:
-        """Close the backend: an asyncio backend's ``aclose()`` (or, for one written
-        before that name, its ``close()``), a blocking backend's ``close()``."""
-        closer = getattr(self.backend, "aclose", None) if self._async else None
-        if closer is not None:
-            await closer()
-        else:
-            await self._call("close")
+        """Close the backend (``aclose()`` of an asyncio backend, ``close()`` of a
+        blocking one)."""
+        await self._backend.aclose()
 
     async def close(self) -> None:
         """Deprecated: :meth:`aclose` (asyncio objects close with ``aclose``)."""
@@ -533,3 +409,54 @@ class AsyncMeter(_MeterCore):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class Meter(_MeterCore):
+    """Authenticate-then-meter in one call: rate tiers and credits, atomically.
+
+    ``fail_open=True`` admits requests (flagged ``degraded`` and counted in
+    ``degraded``) while the backend is unavailable, instead of raising
+    :class:`BackendUnavailable`. Whether a degraded request was applied is unknown
+    (one that timed out may have run): ``usage()`` says what the backend counted.
+    """
+
+    def __init__(self, policy: Policy, backend: Backend, *, fail_open: bool = False) -> None:
+        if inspect.iscoroutinefunction(getattr(backend, "apply", None)):
+            raise InvalidRequestError("this backend is asynchronous: use meterkit.AsyncMeter")
+        super().__init__(policy, backend, fail_open=fail_open)
+        self._backend = backend
+        self._apply = backend.apply
+
+    check = blocking(AsyncMeter.check)
+    peek = blocking(AsyncMeter.peek)
+    reset_limits = blocking(AsyncMeter.reset_limits)
+    check_many = blocking(AsyncMeter.check_many)
+    _apply_or_error = blocking(AsyncMeter._apply_or_error)
+    refund = blocking(AsyncMeter.refund)
+    usage = blocking(AsyncMeter.usage)
+    set_allowance = blocking(AsyncMeter.set_allowance)
+    top_up = blocking(AsyncMeter.top_up)
+    close = blocking(AsyncMeter.aclose)
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Awaiting:
+    """A blocking backend seen through ``async`` methods: for :class:`AsyncMeter` over
+    ``MemoryBackend``, whose calls never block. ``aclose`` is its ``close``."""
+
+    def __init__(self, backend: object) -> None:
+        self._wrapped = backend
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._wrapped, "close" if name == "aclose" else name)
+
+        async def call(*args: Any) -> Any:
+            return method(*args)
+
+        setattr(self, name, call)  # made once per method
+        return call
