@@ -135,7 +135,7 @@ def test_tracebacks_point_at_the_one_source() -> None:
     with pytest.raises(ValueError, match="from the one source") as info:
         Client(_Resource()).fail()
     frame = traceback.extract_tb(info.tb)[-1]
-    lines, first = inspect.getsourcelines(AsyncClient.fail)
+    _, first = inspect.getsourcelines(AsyncClient.fail)
     assert frame.filename == __file__
     assert frame.lineno == first + 2
     assert frame.line == 'raise ValueError("from the one source")'
