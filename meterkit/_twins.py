@@ -46,7 +46,14 @@ RENAMES: Mapping[str, str] = {
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "StopAsyncIteration": "StopIteration",
+    # meterkit's own pairs
+    "refuse_eviction_async": "refuse_eviction",
+    "_refuse_eviction_async": "_refuse_eviction",
+    "async_transport": "sync_transport",
 }
+
+
+_ASYNC_NAMES = {sync: name for name, sync in RENAMES.items()}
 
 
 class _Unasync(ast.NodeTransformer):
@@ -77,6 +84,10 @@ class _Unasync(ast.NodeTransformer):
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         node.attr = self.renames.get(node.attr, node.attr)
         self.generic_visit(node)
+        return node
+
+    def visit_alias(self, node: ast.alias) -> ast.AST:
+        node.name = self.renames.get(node.name, node.name)
         return node
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
@@ -148,4 +159,8 @@ def awaitable(
     async def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return fn(self.sync, *args, **kwargs)
 
+    method.__name__ = _ASYNC_NAMES.get(fn.__name__, fn.__name__)
+    owner = sys._getframe(1).f_locals.get("__qualname__")
+    if isinstance(owner, str):
+        method.__qualname__ = f"{owner}.{method.__name__}"
     return method

@@ -10,8 +10,7 @@ and running it again could count it twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from meterkit.backends.memory.backend import MemoryBackend
@@ -19,7 +18,10 @@ from meterkit.backends.redis.backend import AsyncRedisBackend, RedisBackend
 from meterkit.backends.redis.errors import translate
 from meterkit.errors import ConfigurationError
 from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
-from meterkit.keys.model import AsyncKeyStore, Clock, KeyStore
+from meterkit.keys.model import AsyncKeyStore, KeyOptions, KeyStore
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "async_backend_from_url",
@@ -195,14 +197,10 @@ def _store_scheme(url: object) -> str:
 def keystore_from_url(
     url: str,
     *,
-    clock: Clock | None = None,
-    token_prefix: str = "cl",
-    pepper: bytes | str | None = None,
-    previous_peppers: Iterable[bytes | str | None] = (),
-    status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
     timeout: float = 1.0,
     allow_eviction: bool = False,
+    **options: Unpack[KeyOptions],
 ) -> KeyStore:
     """A key store for ``memory://`` or ``redis://…`` (``rediss://``, ``unix://``,
     ``redis+cluster://host:port[,host:port…]``, ``rediss+cluster://``).
@@ -218,23 +216,19 @@ def keystore_from_url(
     A Redis that may evict keys is refused before the first command, as by the
     backends, unless ``allow_eviction=True``.
     """
-    return _store(False, **locals())  # type: ignore[no-any-return]
+    return _store(False, url, namespace, timeout, allow_eviction, options)  # type: ignore[no-any-return]
 
 
 def async_keystore_from_url(
     url: str,
     *,
-    clock: Clock | None = None,
-    token_prefix: str = "cl",
-    pepper: bytes | str | None = None,
-    previous_peppers: Iterable[bytes | str | None] = (),
-    status_codes: Mapping[str, int] | None = None,
     namespace: str = "mk",
     timeout: float = 1.0,
     allow_eviction: bool = False,
+    **options: Unpack[KeyOptions],
 ) -> AsyncKeyStore:
     """The asynchronous variant of :func:`keystore_from_url` (``redis.asyncio`` for Redis)."""
-    return _store(True, **locals())  # type: ignore[no-any-return]
+    return _store(True, url, namespace, timeout, allow_eviction, options)  # type: ignore[no-any-return]
 
 
 def _store(
@@ -243,7 +237,7 @@ def _store(
     namespace: str,
     timeout: float,
     allow_eviction: bool,
-    **options: Any,
+    options: KeyOptions,
 ) -> Any:
     """The store of :func:`keystore_from_url` (``asynchronous``: of its asyncio twin)."""
     if _store_scheme(url) == "memory":

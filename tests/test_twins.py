@@ -194,3 +194,14 @@ def test_awaitable_runs_the_blocking_method_on_self_sync() -> None:
     assert counter.sync.n == 2
     assert inspect.iscoroutinefunction(_AsyncCounter.add)
     assert _AsyncCounter.add.__doc__ == "Add k."
+
+
+async def _imports_inside() -> str:
+    from meterkit.backends.redis.backend import refuse_eviction_async
+
+    return refuse_eviction_async.__name__
+
+
+def test_a_renamed_name_is_renamed_where_it_is_imported_too() -> None:
+    """An import inside the function takes the renamed name (its sync twin)."""
+    assert blocking(_imports_inside)() == "refuse_eviction"  # type: ignore[arg-type]

@@ -25,21 +25,24 @@ import hashlib
 import math
 import threading
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
+from meterkit._twins import blocking
 from meterkit.errors import ConfigurationError, MeterkitError
 from meterkit.keys.model import (
     ApiKey,
     AsyncKeyStore,
     DurationLike,
-    KeyFormat,
     KeyStore,
     Mode,
     PlaintextKey,
     TimeLike,
 )
-from meterkit.keys.rules import KeyRules
+from meterkit.keys.rules import KeyRules, RuledStore
 
 __all__ = ["AsyncCachedKeyStore", "CachedKeyStore"]
+
+S = TypeVar("S")
 
 
 class _Cache:
@@ -139,106 +142,27 @@ def _rules_of(store: object) -> KeyRules:
     return rules
 
 
-class CachedKeyStore:
-    """``store`` (a synchronous key store) with ``authenticate`` answered from memory
-    for ``ttl`` seconds after the store admitted a key (see the module's notes)."""
+class _CachedStore(RuledStore, Generic[S]):
+    """What the two caches share: the wrapped store and its cache."""
 
-    def __init__(self, store: KeyStore, *, ttl: float = 5.0, max_entries: int = 100_000) -> None:
-        self.store = store
-        self._cache = _Cache(_rules_of(store), ttl, max_entries)
-
-    def __repr__(self) -> str:
-        return f"CachedKeyStore({self.store!r}, ttl={self._cache.ttl})"
-
-    @property
-    def rules(self) -> KeyRules:
-        """The wrapped store's rules."""
-        return self._cache.rules
-
-    @property
-    def key_format(self) -> KeyFormat:
-        """The format of the wrapped store's keys."""
-        return self._cache.rules.format
-
-    def authenticate(
-        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
-    ) -> ApiKey:
-        """See :meth:`~meterkit.KeyStore.authenticate`; from memory while fresh."""
-        digest = self._cache.digest(authorization)
-        record = self._cache.lookup(digest, org, permission)
-        if record is None:
-            generation = self._cache.generation
-            record = self.store.authenticate(authorization, org=org, permission=permission)
-            self._cache.keep(digest, record, generation)
-        return record
-
-    def create(
-        self,
-        *,
-        org: str,
-        mode: Mode = "live",
-        permissions: Iterable[str] = (),
-        expires_at: TimeLike | None = None,
-        name: str | None = None,
-    ) -> tuple[PlaintextKey, ApiKey]:
-        """See :meth:`~meterkit.KeyStore.create`."""
-        return self.store.create(
-            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
-        )
-
-    def get(self, key_id: str) -> ApiKey | None:
-        """See :meth:`~meterkit.KeyStore.get` (always the store's record)."""
-        return self.store.get(key_id)
-
-    def list(self, org: str) -> builtins.list[ApiKey]:
-        """See :meth:`~meterkit.KeyStore.list`."""
-        return self.store.list(org)
-
-    def revoke(self, key_id: str) -> ApiKey:
-        """See :meth:`~meterkit.KeyStore.revoke`; this cache forgets the key at once."""
-        try:
-            return self.store.revoke(key_id)
-        finally:
-            self._cache.forget(key_id)
-
-    def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
-        """See :meth:`~meterkit.KeyStore.rotate`; this cache forgets the old key at once."""
-        try:
-            return self.store.rotate(key_id, grace=grace)
-        finally:
-            self._cache.forget(key_id)
-
-    def close(self) -> None:
-        """Close the wrapped store."""
-        self.store.close()
-
-
-class AsyncCachedKeyStore:
-    """:class:`CachedKeyStore` for an asynchronous key store."""
-
-    def __init__(
-        self, store: AsyncKeyStore, *, ttl: float = 5.0, max_entries: int = 100_000
-    ) -> None:
-        self.store = store
-        self._cache = _Cache(_rules_of(store), ttl, max_entries)
+    def __init__(self, store: S, *, ttl: float = 5.0, max_entries: int = 100_000) -> None:
+        self.store: S = store
+        self._rules = _rules_of(store)
+        self._cache = _Cache(self._rules, ttl, max_entries)
 
     def __repr__(self) -> str:
-        return f"AsyncCachedKeyStore({self.store!r}, ttl={self._cache.ttl})"
+        return f"{type(self).__name__}({self.store!r}, ttl={self._cache.ttl})"
 
-    @property
-    def rules(self) -> KeyRules:
-        """The wrapped store's rules."""
-        return self._cache.rules
 
-    @property
-    def key_format(self) -> KeyFormat:
-        """The format of the wrapped store's keys."""
-        return self._cache.rules.format
+class AsyncCachedKeyStore(_CachedStore[AsyncKeyStore]):
+    """``store`` (an asynchronous key store) with ``authenticate`` answered from memory
+    for ``ttl`` seconds after the store admitted a key (see the module's notes).
+    :class:`CachedKeyStore` is its twin for synchronous stores."""
 
     async def authenticate(
         self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
     ) -> ApiKey:
-        """See :meth:`CachedKeyStore.authenticate`."""
+        """See :meth:`~meterkit.KeyStore.authenticate`; from memory while fresh."""
         digest = self._cache.digest(authorization)
         record = self._cache.lookup(digest, org, permission)
         if record is None:
@@ -262,7 +186,7 @@ class AsyncCachedKeyStore:
         )
 
     async def get(self, key_id: str) -> ApiKey | None:
-        """See :meth:`~meterkit.KeyStore.get`."""
+        """See :meth:`~meterkit.KeyStore.get` (always the store's record)."""
         return await self.store.get(key_id)
 
     async def list(self, org: str) -> builtins.list[ApiKey]:
@@ -270,14 +194,14 @@ class AsyncCachedKeyStore:
         return await self.store.list(org)
 
     async def revoke(self, key_id: str) -> ApiKey:
-        """See :meth:`CachedKeyStore.revoke`."""
+        """See :meth:`~meterkit.KeyStore.revoke`; this cache forgets the key at once."""
         try:
             return await self.store.revoke(key_id)
         finally:
             self._cache.forget(key_id)
 
     async def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
-        """See :meth:`CachedKeyStore.rotate`."""
+        """See :meth:`~meterkit.KeyStore.rotate`; this cache forgets the old key at once."""
         try:
             return await self.store.rotate(key_id, grace=grace)
         finally:
@@ -286,3 +210,16 @@ class AsyncCachedKeyStore:
     async def aclose(self) -> None:
         """Close the wrapped store."""
         await self.store.aclose()
+
+
+class CachedKeyStore(_CachedStore[KeyStore]):
+    """``store`` (a synchronous key store) with ``authenticate`` answered from memory
+    for ``ttl`` seconds after the store admitted a key (see the module's notes)."""
+
+    authenticate = blocking(AsyncCachedKeyStore.authenticate)
+    create = blocking(AsyncCachedKeyStore.create)
+    get = blocking(AsyncCachedKeyStore.get)
+    list = blocking(AsyncCachedKeyStore.list)
+    revoke = blocking(AsyncCachedKeyStore.revoke)
+    rotate = blocking(AsyncCachedKeyStore.rotate)
+    close = blocking(AsyncCachedKeyStore.aclose)

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import builtins
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from meterkit.errors import (
-    UnknownKeyError,
-)
+from meterkit._twins import awaitable
+from meterkit.errors import UnknownKeyError
 from meterkit.keys.model import (
     ApiKey,
-    Clock,
     DurationLike,
-    KeyFormat,
     Mode,
     PlaintextKey,
     TimeLike,
@@ -24,51 +21,33 @@ from meterkit.keys.model import (
     check_org,
     sort_keys,
 )
-from meterkit.keys.rules import KeyRules
+from meterkit.keys.rules import KeyRules, RuledStore
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from meterkit.keys.model import KeyOptions
 
 __all__ = ["AsyncMemoryKeyStore", "MemoryKeyStore"]
 
 
-class MemoryKeyStore:
+class MemoryKeyStore(RuledStore):
     """Keys in this process's memory: for tests, development and single-process servers.
 
     Reads take no lock (a dict lookup is atomic); changes take one lock, and the record
     of a key is replaced whole (records are immutable), so a concurrent ``revoke`` is
-    never undone by an ``authenticate`` recording its use.
+    never undone by an ``authenticate`` recording its use. ``options``: see
+    :class:`~meterkit.keys.model.KeyOptions` (clock, token prefix, peppers, statuses).
     """
 
-    def __init__(
-        self,
-        *,
-        clock: Clock | None = None,
-        token_prefix: str = "cl",
-        pepper: bytes | str | None = None,
-        previous_peppers: Iterable[bytes | str | None] = (),
-        status_codes: Mapping[str, int] | None = None,
-    ) -> None:
-        self._rules = KeyRules(
-            clock=clock,
-            token_prefix=token_prefix,
-            pepper=pepper,
-            previous_peppers=previous_peppers,
-            status_codes=status_codes,
-        )
+    def __init__(self, **options: Unpack[KeyOptions]) -> None:
+        self._rules = KeyRules(**options)
         self._records: dict[str, ApiKey] = {}
         self._by_org: dict[str, builtins.list[str]] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"MemoryKeyStore(token_prefix={self._rules.format.prefix!r})"
-
-    @property
-    def rules(self) -> KeyRules:
-        """What this store decides keys by (format, hashing, clock, statuses)."""
-        return self._rules
-
-    @property
-    def key_format(self) -> KeyFormat:
-        """The format of this store's keys."""
-        return self._rules.format
 
     def _keep(self, record: ApiKey) -> None:
         self._records[record.id] = record
@@ -162,77 +141,23 @@ class MemoryKeyStore:
         """Nothing to release: present for the :class:`KeyStore` protocol."""
 
 
-class AsyncMemoryKeyStore:
+class AsyncMemoryKeyStore(RuledStore):
     """:class:`MemoryKeyStore` behind ``async`` methods (nothing in it ever blocks).
 
     ``sync`` is the underlying store, for code that shares it with synchronous callers.
     """
 
-    def __init__(
-        self,
-        *,
-        clock: Clock | None = None,
-        token_prefix: str = "cl",
-        pepper: bytes | str | None = None,
-        previous_peppers: Iterable[bytes | str | None] = (),
-        status_codes: Mapping[str, int] | None = None,
-    ) -> None:
-        self.sync = MemoryKeyStore(
-            clock=clock,
-            token_prefix=token_prefix,
-            pepper=pepper,
-            previous_peppers=previous_peppers,
-            status_codes=status_codes,
-        )
+    def __init__(self, **options: Unpack[KeyOptions]) -> None:
+        self.sync = MemoryKeyStore(**options)
+        self._rules = self.sync.rules
 
     def __repr__(self) -> str:
         return f"AsyncMemoryKeyStore(token_prefix={self.sync.key_format.prefix!r})"
 
-    @property
-    def rules(self) -> KeyRules:
-        """What this store decides keys by (format, hashing, clock, statuses)."""
-        return self.sync.rules
-
-    @property
-    def key_format(self) -> KeyFormat:
-        """The format of this store's keys."""
-        return self.sync.key_format
-
-    async def create(
-        self,
-        *,
-        org: str,
-        mode: Mode = "live",
-        permissions: Iterable[str] = (),
-        expires_at: TimeLike | None = None,
-        name: str | None = None,
-    ) -> tuple[PlaintextKey, ApiKey]:
-        """See :meth:`KeyStore.create`."""
-        return self.sync.create(
-            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
-        )
-
-    async def get(self, key_id: str) -> ApiKey | None:
-        """See :meth:`KeyStore.get`."""
-        return self.sync.get(key_id)
-
-    async def list(self, org: str) -> builtins.list[ApiKey]:
-        """See :meth:`KeyStore.list`."""
-        return self.sync.list(org)
-
-    async def revoke(self, key_id: str) -> ApiKey:
-        """See :meth:`KeyStore.revoke`."""
-        return self.sync.revoke(key_id)
-
-    async def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
-        """See :meth:`KeyStore.rotate`."""
-        return self.sync.rotate(key_id, grace=grace)
-
-    async def authenticate(
-        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
-    ) -> ApiKey:
-        """See :meth:`KeyStore.authenticate`."""
-        return self.sync.authenticate(authorization, org=org, permission=permission)
-
-    async def aclose(self) -> None:
-        """Nothing to release: present for the :class:`AsyncKeyStore` protocol."""
+    create = awaitable(MemoryKeyStore.create)
+    get = awaitable(MemoryKeyStore.get)
+    list = awaitable(MemoryKeyStore.list)
+    revoke = awaitable(MemoryKeyStore.revoke)
+    rotate = awaitable(MemoryKeyStore.rotate)
+    authenticate = awaitable(MemoryKeyStore.authenticate)
+    aclose = awaitable(MemoryKeyStore.close)

@@ -37,9 +37,9 @@ import math
 import re
 import secrets
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypedDict
 
 import msgspec
 
@@ -50,7 +50,7 @@ from meterkit.errors import (
     looks_like_secret,
 )
 
-__all__ = ["ApiKey", "AsyncKeyStore", "KeyFormat", "KeyStore", "PlaintextKey"]
+__all__ = ["ApiKey", "AsyncKeyStore", "KeyFormat", "KeyOptions", "KeyStore", "PlaintextKey"]
 
 Mode = Literal["live", "test"]
 Clock = Callable[[], float]
@@ -80,6 +80,21 @@ _SEGMENT: Final = r"[a-z][a-z0-9_.-]{0,63}"
 _PERMISSION_RE: Final = re.compile(rf"\*|{_SEGMENT}:(?:\*|{_SEGMENT})")
 _MAX_NAME: Final = 200
 _CACHE_LIMIT: Final = 4096
+
+
+class KeyOptions(TypedDict, total=False):
+    """What every key store takes, besides where it keeps keys (the :class:`KeyRules`
+    options): ``clock`` (UNIX seconds; :func:`time.time`), ``token_prefix`` (``"cl"``
+    for ``cl_live_…``), ``pepper`` (the server's secret keyed into every hash; None:
+    plain SHA-256), ``previous_peppers`` (peppers being retired: their keys still work
+    and move to ``pepper`` when presented) and ``status_codes`` (the HTTP status of
+    each refusal code, 401 by default, e.g. ``{"insufficient_permissions": 403}``)."""
+
+    clock: Clock | None
+    token_prefix: str
+    pepper: bytes | str | None
+    previous_peppers: Iterable[bytes | str | None]
+    status_codes: Mapping[str, int] | None
 
 
 def _base62(number: int, width: int) -> str:

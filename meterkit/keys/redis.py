@@ -48,11 +48,12 @@ from __future__ import annotations
 import builtins
 import math
 import re
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 
 import msgspec
 
+from meterkit._twins import blocking
 from meterkit.backends.redis.errors import translate
 from meterkit.errors import (
     ConfigurationError,
@@ -61,9 +62,7 @@ from meterkit.errors import (
 )
 from meterkit.keys.model import (
     ApiKey,
-    Clock,
     DurationLike,
-    KeyFormat,
     Mode,
     PlaintextKey,
     TimeLike,
@@ -71,7 +70,7 @@ from meterkit.keys.model import (
     check_org,
     sort_keys,
 )
-from meterkit.keys.rules import KeyRules
+from meterkit.keys.rules import KeyRules, RuledStore
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -79,6 +78,9 @@ if TYPE_CHECKING:
     from redis import Redis, RedisCluster
     from redis.asyncio import Redis as AsyncRedis
     from redis.asyncio import RedisCluster as AsyncRedisCluster
+    from typing_extensions import Unpack
+
+    from meterkit.keys.model import KeyOptions
 
 __all__ = ["AsyncRedisKeyStore", "RedisKeyStore"]
 
@@ -504,7 +506,7 @@ def _redis_asyncio() -> ModuleType:
     return redis.asyncio
 
 
-class _RedisStoreShell:
+class _RedisStoreShell(RuledStore):
     """What the blocking and the asyncio store share: set-up, naming, the key format.
 
     Everything a store decides lives in :class:`_KeyCommands`; the two shells below
@@ -519,21 +521,11 @@ class _RedisStoreShell:
         client: Any,
         *,
         namespace: str = "mk",
-        clock: Clock | None = None,
-        token_prefix: str = "cl",
-        pepper: bytes | str | None = None,
-        previous_peppers: Iterable[bytes | str | None] = (),
-        status_codes: Mapping[str, int] | None = None,
         owns_client: bool = False,
         allow_eviction: bool = False,
+        **options: Unpack[KeyOptions],
     ) -> None:
-        rules = KeyRules(
-            clock=clock,
-            token_prefix=token_prefix,
-            pepper=pepper,
-            previous_peppers=previous_peppers,
-            status_codes=status_codes,
-        )
+        self._rules = rules = KeyRules(**options)
         cluster = isinstance(client, self._client_module().RedisCluster)
         self._commands = _KeyCommands(rules, namespace, cluster=cluster)
         self._client = client
@@ -553,13 +545,9 @@ class _RedisStoreShell:
         url: str,
         *,
         namespace: str = "mk",
-        clock: Clock | None = None,
-        token_prefix: str = "cl",
-        pepper: bytes | str | None = None,
-        previous_peppers: Iterable[bytes | str | None] = (),
-        status_codes: Mapping[str, int] | None = None,
         timeout: float = 1.0,
         allow_eviction: bool = False,
+        **options: Unpack[KeyOptions],
     ) -> _Shell:
         """A store on a client made from ``url``, closed with the store.
 
@@ -577,119 +565,21 @@ class _RedisStoreShell:
         return cls(
             client,
             namespace=namespace,
-            clock=clock,
-            token_prefix=token_prefix,
-            pepper=pepper,
-            previous_peppers=previous_peppers,
-            status_codes=status_codes,
             owns_client=True,
             allow_eviction=allow_eviction,
+            **options,
         )
 
     def __repr__(self) -> str:
         cluster = ", cluster=True" if self._commands.cluster else ""
         return f"{type(self).__name__}(namespace={self._commands.namespace!r}{cluster})"
 
-    @property
-    def rules(self) -> KeyRules:
-        """What this store decides keys by (format, hashing, clock, statuses)."""
-        return self._commands.rules
-
-    @property
-    def key_format(self) -> KeyFormat:
-        """The format of this store's keys."""
-        return self._commands.rules.format
-
-
-class RedisKeyStore(_RedisStoreShell):
-    """API keys in Redis, through a blocking ``redis.Redis`` or ``redis.RedisCluster`` client.
-
-    Give a client (it stays yours to close) or use :meth:`from_url`. The store's
-    ``clock`` (default :func:`time.time`) dates creations, revocations, rotations and
-    uses, and decides expiry.
-    """
-
-    _client: Redis | RedisCluster
-    _client_module = staticmethod(_redis)
-    _asyncio = False
-
-    def _call(self, step: _Step) -> Any:
-        if isinstance(step, _Script):
-            return self._scripts[step.name](keys=step.keys, args=step.args)
-        if isinstance(step, _Command):
-            return cast(Any, self._client).execute_command(*step.args)  # untyped in redis-py
-        with self._client.pipeline(transaction=False) as pipe:
-            for command in step.commands:
-                cast(Any, pipe).execute_command(*command.args)  # untyped in redis-py
-            return pipe.execute()
-
-    def _run(self, program: Program[T]) -> T:
-        try:
-            step = next(program)  # (what needs no Redis is refused before this)
-            if self._unverified:
-                from meterkit.backends.redis.backend import refuse_eviction
-
-                refuse_eviction(self._client)
-                self._unverified = False
-            while True:
-                try:
-                    reply = self._call(step)
-                except self._driver_error as exc:
-                    raise translate(exc) from exc
-                step = program.send(reply)
-        except StopIteration as done:
-            return cast(T, done.value)
-        finally:
-            program.close()
-
-    def create(
-        self,
-        *,
-        org: str,
-        mode: Mode = "live",
-        permissions: Iterable[str] = (),
-        expires_at: TimeLike | None = None,
-        name: str | None = None,
-    ) -> tuple[PlaintextKey, ApiKey]:
-        """See :meth:`~meterkit.keys.model.KeyStore.create`."""
-        return self._run(
-            self._commands.create(
-                org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
-            )
-        )
-
-    def get(self, key_id: str) -> ApiKey | None:
-        """See :meth:`~meterkit.keys.model.KeyStore.get`."""
-        return self._run(self._commands.get(key_id))
-
-    def list(self, org: str) -> builtins.list[ApiKey]:
-        """See :meth:`~meterkit.keys.model.KeyStore.list`."""
-        return self._run(self._commands.list(org))
-
-    def revoke(self, key_id: str) -> ApiKey:
-        """See :meth:`~meterkit.keys.model.KeyStore.revoke`."""
-        return self._run(self._commands.revoke(key_id))
-
-    def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
-        """See :meth:`~meterkit.keys.model.KeyStore.rotate`."""
-        return self._run(self._commands.rotate(key_id, grace=grace))
-
-    def authenticate(
-        self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
-    ) -> ApiKey:
-        """See :meth:`~meterkit.keys.model.KeyStore.authenticate` (one round trip)."""
-        return self._run(self._commands.authenticate(authorization, org=org, permission=permission))
-
-    def close(self) -> None:
-        """Close the client if this store made it (:meth:`from_url`)."""
-        if self._owns_client:
-            self._client.close()
-
 
 class AsyncRedisKeyStore(_RedisStoreShell):
     """API keys in Redis, through a ``redis.asyncio.Redis`` or ``RedisCluster`` client.
 
-    The same operations, layout and decisions as :class:`RedisKeyStore`, awaited.
+    The same operations, layout and decisions as :class:`RedisKeyStore`, awaited
+    (each method is written here once; :class:`RedisKeyStore`'s is made from it).
     """
 
     _client: AsyncRedis | AsyncRedisCluster
@@ -769,3 +659,26 @@ class AsyncRedisKeyStore(_RedisStoreShell):
         """Close the client if this store made it (:meth:`from_url`)."""
         if self._owns_client:
             await self._client.aclose()
+
+
+class RedisKeyStore(_RedisStoreShell):
+    """API keys in Redis, through a blocking ``redis.Redis`` or ``redis.RedisCluster`` client.
+
+    Give a client (it stays yours to close) or use :meth:`from_url`. The store's
+    ``clock`` (default :func:`time.time`) dates creations, revocations, rotations and
+    uses, and decides expiry.
+    """
+
+    _client: Redis | RedisCluster
+    _client_module = staticmethod(_redis)
+    _asyncio = False
+
+    _call = blocking(AsyncRedisKeyStore._call)
+    _run = blocking(AsyncRedisKeyStore._run)
+    create = blocking(AsyncRedisKeyStore.create)
+    get = blocking(AsyncRedisKeyStore.get)
+    list = blocking(AsyncRedisKeyStore.list)
+    revoke = blocking(AsyncRedisKeyStore.revoke)
+    rotate = blocking(AsyncRedisKeyStore.rotate)
+    authenticate = blocking(AsyncRedisKeyStore.authenticate)
+    close = blocking(AsyncRedisKeyStore.aclose)

@@ -41,7 +41,7 @@ from meterkit.keys.model import (
     to_timestamp,
 )
 
-__all__ = ["KeyRules"]
+__all__ = ["KeyRules", "RuledStore"]
 
 
 class _Hasher:
@@ -272,3 +272,19 @@ class KeyRules:
         if old.expires_at is None or deadline < old.expires_at:
             old = msgspec.structs.replace(old, expires_at=deadline)
         return old, plaintext, new
+
+
+class RuledStore:
+    """What every key store shows of its :class:`KeyRules` (kept in ``_rules``)."""
+
+    _rules: KeyRules
+
+    @property
+    def rules(self) -> KeyRules:
+        """What this store decides keys by (format, hashing, clock, statuses)."""
+        return self._rules
+
+    @property
+    def key_format(self) -> KeyFormat:
+        """The format of this store's keys."""
+        return self._rules.format

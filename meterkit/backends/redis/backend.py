@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from meterkit._twins import blocking
 from meterkit.backends.redis.codec import BATCH, Clock, Codec, Sent
 from meterkit.backends.redis.errors import translate, translate_all
 from meterkit.backends.redis.eviction import eviction_error
@@ -59,20 +60,9 @@ def _unreadable(exc: Exception) -> MeterkitError:
     )
 
 
-def _refuse_eviction(io: Pool | Cluster) -> None:
+async def _refuse_eviction_async(io: AsyncPool | AsyncCluster) -> None:
     """Raise :class:`ConfigurationError` if the server, or any Cluster primary, may
     evict keys (see :mod:`meterkit.backends.redis.eviction`)."""
-    try:
-        infos = io.info_memory()
-    except Exception as exc:
-        raise _unreadable(exc) from exc
-    error = eviction_error(infos)
-    if error is not None:
-        raise error
-
-
-async def _refuse_eviction_async(io: AsyncPool | AsyncCluster) -> None:
-    """:func:`_refuse_eviction` for asyncio."""
     try:
         infos = await io.info_memory()
     except Exception as exc:
@@ -82,36 +72,22 @@ async def _refuse_eviction_async(io: AsyncPool | AsyncCluster) -> None:
         raise error
 
 
-def refuse_eviction(client: Any) -> None:
-    """:func:`_refuse_eviction` for a redis-py client (the key stores' check)."""
-    _refuse_eviction(sync_transport(client))
-
-
 async def refuse_eviction_async(client: Any) -> None:
-    """:func:`refuse_eviction` for a redis-py asyncio client."""
+    """:func:`_refuse_eviction_async` for a redis-py client (the key stores' check)."""
     await _refuse_eviction_async(async_transport(client))
 
 
-class RedisBackend:
-    """Limits and credits in Redis (standalone or Cluster): one ``EVALSHA`` per check.
+_refuse_eviction = blocking(_refuse_eviction_async)
+refuse_eviction = blocking(refuse_eviction_async)
 
-    ``client`` is a ``redis.Redis``, ``redis.RedisCluster`` or ``redis.ConnectionPool``
-    (or build one with :func:`meterkit.backend_from_url`, which sets a 1 s timeout and
-    no retries). With your own client, its timeouts and retries apply: give it
-    ``socket_timeout`` ≤ 1 s and ``retry=Retry(NoBackoff(), 0)`` — a check retried after
-    a timeout may have run once already.
 
-    Time is the Redis server's ``TIME`` unless ``clock`` (UNIX seconds) is given; then
-    every TTL is padded by ``clock_skew`` seconds for app servers whose clocks lag.
-    Keys start with ``prefix`` and carry the organization as Cluster hash tag, so one
-    organization's state lives on one shard.
+class _RedisBackendBase:
+    """What the blocking and the asyncio backend share: the codec, the transport, the
+    eviction check still owed."""
 
-    A server (or any Cluster primary) that may evict keys, with a ``maxmemory`` and a
-    ``maxmemory-policy`` other than ``noeviction``, is refused with
-    :class:`ConfigurationError` when the backend is made, or before its first command
-    if Redis was down then (see :mod:`meterkit.backends.redis.eviction`);
-    ``allow_eviction=True`` accepts it.
-    """
+    _io: Any
+    #: The transport for a redis-py client (blocking or asyncio).
+    _transport: Callable[[Any], Any]
 
     def __init__(
         self,
@@ -123,135 +99,43 @@ class RedisBackend:
         allow_eviction: bool = False,
     ) -> None:
         self._codec = Codec(prefix, clock, clock_skew)
-        self._io = sync_transport(client)
+        self._io = self._transport(client)
         self._owned = False  # backend_from_url hands its client over
         self._unverified = not _allowing(allow_eviction)
-        if self._unverified:
-            # (Redis down: checked again before the first command that reaches it)
-            with contextlib.suppress(BackendUnavailable):
-                self._verify()
+        self._opened()
 
-    def _verify(self) -> None:
-        _refuse_eviction(self._io)
-        self._unverified = False
+    def _opened(self) -> None:
+        """What the backend does once made (the blocking one checks eviction at once)."""
 
     def __repr__(self) -> str:
-        kind = "cluster" if isinstance(self._io, Cluster) else "standalone"
-        return f"RedisBackend({kind}, prefix={self._codec.prefix!r})"
+        kind = "cluster" if isinstance(self._io, (Cluster, AsyncCluster)) else "standalone"
+        return f"{type(self).__name__}({kind}, prefix={self._codec.prefix!r})"
 
     @property
     def prefix(self) -> str:
         return self._codec.prefix
 
-    def apply(self, plan: Plan) -> Outcome:
-        """Check every tier and the credits of ``plan`` in one ``EVALSHA``."""
-        if self._unverified:
-            self._verify()
-        cmd, charge = self._codec.check(plan)
-        try:
-            reply = self._io.call(cmd)
-        except Exception as exc:
-            raise translate(exc) from exc
-        return self._codec.outcome(plan, reply, charge)
-
-    def peek(self, plan: Plan) -> Outcome:
-        """What :meth:`apply` would answer for ``plan`` now: the same script, which
-        writes nothing (one ``EVALSHA``)."""
-        cmd, _ = self._codec.check(plan, dry=True)
-        return self._codec.outcome(plan, self._run(cmd), "")
-
-    def reset_limits(
-        self, policy: Policy, org: str, mode: str = "live", key: str | None = None
-    ) -> None:
-        """See :meth:`MemoryBackend.reset_limits` (one ``DEL``)."""
-        cmd = self._codec.reset_limits(policy, org, mode, key)
-        if cmd is not None:
-            self._run(cmd)
-
-    def apply_many(self, plans: Sequence[Plan]) -> list[Outcome | MeterkitError]:
-        """Apply each plan atomically on its own, all in one round trip (per node)."""
-        if not plans:
-            return []
-        if self._unverified:
-            self._verify()
-        codec = self._codec
-        cmds, sent = codec.check_many(plans, self._io.slot)
-        results: list[Outcome | MeterkitError] = [None] * len(plans)  # type: ignore[list-item]
-
-        def on_reply(i: int, reply: Any) -> None:
-            # (a batch's outcomes are made while Redis runs the next batch)
-            codec.decode(plans, sent[i], reply, results)
-
-        try:
-            self._io.many(cmds, on_reply)
-        except Exception as exc:
-            raise translate(exc) from exc
-        return results
-
-    def _run(self, cmd: Command) -> Any:
-        if self._unverified:
-            self._verify()
-        try:
-            return self._io.call(cmd)
-        except Exception as exc:
-            raise translate(exc) from exc
-
-    def refund(self, plan: Plan, outcome: Outcome) -> bool:
-        """Return an admitted outcome's credits once; False if already refunded or gone."""
-        cmd = self._codec.refund(plan, outcome)
-        return cmd is not None and bool(self._run(cmd))
-
-    def usage(self, policy: Policy, org: str, mode: str = "live") -> RawUsage:
-        """This month's credits and requests of ``org``, per (key, operation)."""
-        return self._codec.raw_usage(policy, self._run(self._codec.usage(org, mode)))
-
-    def set_allowance(self, org: str, mode: str, micro: int | None) -> None:
-        """Set ``org``'s monthly allowance (None: back to the policy's). Kept without TTL."""
-        self._run(self._codec.set_allowance(org, mode, micro))
-
-    def top_up(self, org: str, mode: str, micro: int) -> None:
-        """Add credits to ``org``'s current month only (no rollover)."""
-        if not self._run(self._codec.top_up(org, mode, micro)):
-            raise top_up_too_large()
-
-    def close(self) -> None:
-        """Close the client if this backend built it (a client you passed stays open)."""
-        if self._owned:
-            self._io.close()
+    def _abandon(self) -> None:
+        """Fail the checks still waiting to be sent (asyncio's batches): at close."""
 
 
-class AsyncRedisBackend:
+class AsyncRedisBackend(_RedisBackendBase):
     """:class:`RedisBackend` for asyncio: the same scripts, keys and options.
 
     ``client`` is a ``redis.asyncio.Redis``, ``redis.asyncio.RedisCluster`` or
     ``redis.asyncio.ConnectionPool`` (or use :func:`meterkit.async_backend_from_url`).
+    Its methods but :meth:`apply` and :meth:`apply_many` are the one source of
+    :class:`RedisBackend`'s.
     """
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        prefix: str = "mk",
-        clock: Clock | None = None,
-        clock_skew: float = 60.0,
-        allow_eviction: bool = False,
-    ) -> None:
-        self._codec = Codec(prefix, clock, clock_skew)
-        self._io = async_transport(client)
-        self._owned = False
-        # (checked before the first command, as a constructor cannot wait for Redis)
-        self._unverified = not _allowing(allow_eviction)
-        # Checks of this loop iteration, not yet sent, with their callers' futures.
+    _io: AsyncPool | AsyncCluster
+    _transport = staticmethod(async_transport)
+
+    def _opened(self) -> None:
+        # (The eviction check waits for the first command: a constructor cannot await.)
+        # Checks of this loop iteration, not yet sent, with their callers' futures:
         self._queue: list[tuple[Plan, asyncio.Future[Outcome]]] = []
         self._sending: set[asyncio.Task[None]] = set()
-
-    def __repr__(self) -> str:
-        kind = "cluster" if isinstance(self._io, AsyncCluster) else "standalone"
-        return f"AsyncRedisBackend({kind}, prefix={self._codec.prefix!r})"
-
-    @property
-    def prefix(self) -> str:
-        return self._codec.prefix
 
     async def apply(self, plan: Plan) -> Outcome:
         """See :meth:`RedisBackend.apply`.
@@ -288,10 +172,6 @@ class AsyncRedisBackend:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _verify(self) -> None:
-        await _refuse_eviction_async(self._io)
-        self._unverified = False
-
     async def _send(self, batch: list[tuple[Plan, asyncio.Future[Outcome]]]) -> None:
         plans = [plan for plan, _ in batch]
         try:
@@ -322,7 +202,8 @@ class AsyncRedisBackend:
                 waiter.set_result(result)
 
     async def peek(self, plan: Plan) -> Outcome:
-        """See :meth:`RedisBackend.peek`."""
+        """What :meth:`apply` would answer for ``plan`` now: the same script, which
+        writes nothing (one ``EVALSHA``)."""
         cmd, _ = self._codec.check(plan, dry=True)
         return self._codec.outcome(plan, await self._run(cmd), "")
 
@@ -347,6 +228,10 @@ class AsyncRedisBackend:
             raise translate(exc) from exc
         return self._codec.outcomes(plans, sent, replies)
 
+    async def _verify(self) -> None:
+        await _refuse_eviction_async(self._io)
+        self._unverified = False
+
     async def _run(self, cmd: Command) -> Any:
         if self._unverified:
             await self._verify()
@@ -356,20 +241,20 @@ class AsyncRedisBackend:
             raise translate(exc) from exc
 
     async def refund(self, plan: Plan, outcome: Outcome) -> bool:
-        """See :meth:`RedisBackend.refund`."""
+        """Return an admitted outcome's credits once; False if already refunded or gone."""
         cmd = self._codec.refund(plan, outcome)
         return cmd is not None and bool(await self._run(cmd))
 
     async def usage(self, policy: Policy, org: str, mode: str = "live") -> RawUsage:
-        """See :meth:`RedisBackend.usage`."""
+        """This month's credits and requests of ``org``, per (key, operation)."""
         return self._codec.raw_usage(policy, await self._run(self._codec.usage(org, mode)))
 
     async def set_allowance(self, org: str, mode: str, micro: int | None) -> None:
-        """See :meth:`RedisBackend.set_allowance`."""
+        """Set ``org``'s monthly allowance (None: back to the policy's). Kept without TTL."""
         await self._run(self._codec.set_allowance(org, mode, micro))
 
     async def top_up(self, org: str, mode: str, micro: int) -> None:
-        """See :meth:`RedisBackend.top_up`."""
+        """Add credits to ``org``'s current month only (no rollover)."""
         if not await self._run(self._codec.top_up(org, mode, micro)):
             raise top_up_too_large()
 
@@ -378,11 +263,86 @@ class AsyncRedisBackend:
         _deprecated("AsyncRedisBackend.close()", "AsyncRedisBackend.aclose()")
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """See :meth:`RedisBackend.close`."""
+    def _abandon(self) -> None:
         for _, waiter in self._queue:
             if not waiter.done():
                 waiter.set_exception(BackendUnavailable("the backend was closed"))
         self._queue = []
+
+    async def aclose(self) -> None:
+        """Close the client if this backend built it (a client you passed stays open)."""
+        self._abandon()
         if self._owned:
             await self._io.close()
+
+
+class RedisBackend(_RedisBackendBase):
+    """Limits and credits in Redis (standalone or Cluster): one ``EVALSHA`` per check.
+
+    ``client`` is a ``redis.Redis``, ``redis.RedisCluster`` or ``redis.ConnectionPool``
+    (or build one with :func:`meterkit.backend_from_url`, which sets a 1 s timeout and
+    no retries). With your own client, its timeouts and retries apply: give it
+    ``socket_timeout`` ≤ 1 s and ``retry=Retry(NoBackoff(), 0)`` — a check retried after
+    a timeout may have run once already.
+
+    Time is the Redis server's ``TIME`` unless ``clock`` (UNIX seconds) is given; then
+    every TTL is padded by ``clock_skew`` seconds for app servers whose clocks lag.
+    Keys start with ``prefix`` and carry the organization as Cluster hash tag, so one
+    organization's state lives on one shard.
+
+    A server (or any Cluster primary) that may evict keys, with a ``maxmemory`` and a
+    ``maxmemory-policy`` other than ``noeviction``, is refused with
+    :class:`ConfigurationError` when the backend is made, or before its first command
+    if Redis was down then (see :mod:`meterkit.backends.redis.eviction`);
+    ``allow_eviction=True`` accepts it.
+    """
+
+    _io: Pool | Cluster
+    _transport = staticmethod(sync_transport)
+
+    def _opened(self) -> None:
+        if self._unverified:
+            # (Redis down: checked again before the first command that reaches it)
+            with contextlib.suppress(BackendUnavailable):
+                self._verify()
+
+    def apply(self, plan: Plan) -> Outcome:
+        """Check every tier and the credits of ``plan`` in one ``EVALSHA``."""
+        if self._unverified:
+            self._verify()
+        cmd, charge = self._codec.check(plan)
+        try:
+            reply = self._io.call(cmd)
+        except Exception as exc:
+            raise translate(exc) from exc
+        return self._codec.outcome(plan, reply, charge)
+
+    def apply_many(self, plans: Sequence[Plan]) -> list[Outcome | MeterkitError]:
+        """Apply each plan atomically on its own, all in one round trip (per node)."""
+        if not plans:
+            return []
+        if self._unverified:
+            self._verify()
+        codec = self._codec
+        cmds, sent = codec.check_many(plans, self._io.slot)
+        results: list[Outcome | MeterkitError] = [None] * len(plans)  # type: ignore[list-item]
+
+        def on_reply(i: int, reply: Any) -> None:
+            # (a batch's outcomes are made while Redis runs the next batch)
+            codec.decode(plans, sent[i], reply, results)
+
+        try:
+            self._io.many(cmds, on_reply)
+        except Exception as exc:
+            raise translate(exc) from exc
+        return results
+
+    _verify = blocking(AsyncRedisBackend._verify)
+    _run = blocking(AsyncRedisBackend._run)
+    peek = blocking(AsyncRedisBackend.peek)
+    reset_limits = blocking(AsyncRedisBackend.reset_limits)
+    refund = blocking(AsyncRedisBackend.refund)
+    usage = blocking(AsyncRedisBackend.usage)
+    set_allowance = blocking(AsyncRedisBackend.set_allowance)
+    top_up = blocking(AsyncRedisBackend.top_up)
+    close = blocking(AsyncRedisBackend.aclose)
