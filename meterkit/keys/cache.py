@@ -24,8 +24,7 @@ import builtins
 import hashlib
 import math
 import threading
-from collections.abc import Iterable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from meterkit._twins import blocking
 from meterkit.errors import ConfigurationError, MeterkitError
@@ -34,11 +33,14 @@ from meterkit.keys.model import (
     AsyncKeyStore,
     DurationLike,
     KeyStore,
-    Mode,
     PlaintextKey,
-    TimeLike,
 )
 from meterkit.keys.rules import KeyRules, RuledStore
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from meterkit.keys.model import NewKey
 
 __all__ = ["AsyncCachedKeyStore", "CachedKeyStore"]
 
@@ -171,19 +173,9 @@ class AsyncCachedKeyStore(_CachedStore[AsyncKeyStore]):
             self._cache.keep(digest, record, generation)
         return record
 
-    async def create(
-        self,
-        *,
-        org: str,
-        mode: Mode = "live",
-        permissions: Iterable[str] = (),
-        expires_at: TimeLike | None = None,
-        name: str | None = None,
-    ) -> tuple[PlaintextKey, ApiKey]:
+    async def create(self, *, org: str, **key: Unpack[NewKey]) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`~meterkit.KeyStore.create`."""
-        return await self.store.create(
-            org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
-        )
+        return await self.store.create(org=org, **key)
 
     async def get(self, key_id: str) -> ApiKey | None:
         """See :meth:`~meterkit.KeyStore.get` (always the store's record)."""

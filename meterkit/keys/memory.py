@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import threading
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -14,9 +13,7 @@ from meterkit.errors import UnknownKeyError
 from meterkit.keys.model import (
     ApiKey,
     DurationLike,
-    Mode,
     PlaintextKey,
-    TimeLike,
     check_key_id,
     check_org,
     sort_keys,
@@ -26,7 +23,7 @@ from meterkit.keys.rules import KeyRules, RuledStore
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from meterkit.keys.model import KeyOptions
+    from meterkit.keys.model import KeyOptions, NewKey
 
 __all__ = ["AsyncMemoryKeyStore", "MemoryKeyStore"]
 
@@ -53,25 +50,10 @@ class MemoryKeyStore(RuledStore):
         self._records[record.id] = record
         self._by_org.setdefault(record.org, []).append(record.id)
 
-    def create(
-        self,
-        *,
-        org: str,
-        mode: Mode = "live",
-        permissions: Iterable[str] = (),
-        expires_at: TimeLike | None = None,
-        name: str | None = None,
-    ) -> tuple[PlaintextKey, ApiKey]:
+    def create(self, *, org: str, **key: Unpack[NewKey]) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`KeyStore.create`."""
         while True:
-            plaintext, record = self._rules.new_key(
-                org=org,
-                mode=mode,
-                permissions=permissions,
-                expires_at=expires_at,
-                name=name,
-                now=self._rules.clock(),
-            )
+            plaintext, record = self._rules.new_key(org=org, now=self._rules.clock(), **key)
             with self._lock:
                 if record.id not in self._records:  # 71 random bits: a retry is theoretical
                     self._keep(record)

@@ -39,7 +39,7 @@ import secrets
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypedDict
 
 import msgspec
 
@@ -50,7 +50,18 @@ from meterkit.errors import (
     looks_like_secret,
 )
 
-__all__ = ["ApiKey", "AsyncKeyStore", "KeyFormat", "KeyOptions", "KeyStore", "PlaintextKey"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "ApiKey",
+    "AsyncKeyStore",
+    "KeyFormat",
+    "KeyOptions",
+    "KeyStore",
+    "NewKey",
+    "PlaintextKey",
+]
 
 Mode = Literal["live", "test"]
 Clock = Callable[[], float]
@@ -80,6 +91,18 @@ _SEGMENT: Final = r"[a-z][a-z0-9_.-]{0,63}"
 _PERMISSION_RE: Final = re.compile(rf"\*|{_SEGMENT}:(?:\*|{_SEGMENT})")
 _MAX_NAME: Final = 200
 _CACHE_LIMIT: Final = 4096
+
+
+class NewKey(TypedDict, total=False):
+    """What ``create`` takes besides ``org``: ``mode`` (``"live"`` or ``"test"``;
+    ``"live"``), ``permissions`` (``["invoices:read", "reports:*"]``; none),
+    ``expires_at`` (a timezone-aware datetime or UNIX seconds; never) and ``name``
+    (a label for people, up to 200 printable characters)."""
+
+    mode: Mode
+    permissions: Iterable[str]
+    expires_at: TimeLike | None
+    name: str | None
 
 
 class KeyOptions(TypedDict, total=False):
@@ -340,15 +363,7 @@ def sort_keys(records: Iterable[ApiKey]) -> builtins.list[ApiKey]:
 class KeyStore(Protocol):
     """What a synchronous key store offers (memory, Redis)."""
 
-    def create(
-        self,
-        *,
-        org: str,
-        mode: Mode = "live",
-        permissions: Iterable[str] = (),
-        expires_at: TimeLike | None = None,
-        name: str | None = None,
-    ) -> tuple[PlaintextKey, ApiKey]:
+    def create(self, *, org: str, **key: Unpack[NewKey]) -> tuple[PlaintextKey, ApiKey]:
         """Make and keep a new key; its plaintext is returned this once and never again."""
         ...
 
@@ -382,15 +397,7 @@ class KeyStore(Protocol):
 class AsyncKeyStore(Protocol):
     """What an asynchronous key store offers: :class:`KeyStore`'s methods, awaited."""
 
-    async def create(
-        self,
-        *,
-        org: str,
-        mode: Mode = "live",
-        permissions: Iterable[str] = (),
-        expires_at: TimeLike | None = None,
-        name: str | None = None,
-    ) -> tuple[PlaintextKey, ApiKey]:
+    async def create(self, *, org: str, **key: Unpack[NewKey]) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`KeyStore.create`."""
         ...
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import builtins
 import math
 import re
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 
 import msgspec
@@ -65,7 +65,6 @@ from meterkit.keys.model import (
     DurationLike,
     Mode,
     PlaintextKey,
-    TimeLike,
     check_key_id,
     check_org,
     sort_keys,
@@ -80,7 +79,7 @@ if TYPE_CHECKING:
     from redis.asyncio import RedisCluster as AsyncRedisCluster
     from typing_extensions import Unpack
 
-    from meterkit.keys.model import KeyOptions
+    from meterkit.keys.model import KeyOptions, NewKey
 
 __all__ = ["AsyncRedisKeyStore", "RedisKeyStore"]
 
@@ -344,20 +343,11 @@ class _KeyCommands:
             (record.id, self.encode(record), record.secret_hash, _number(record.expires_at)),
         )
 
-    def create(
-        self, *, org: object, mode: object, permissions: object, expires_at: object, name: object
-    ) -> Program[tuple[PlaintextKey, ApiKey]]:
+    def create(self, org: object, key: NewKey) -> Program[tuple[PlaintextKey, ApiKey]]:
         """See :meth:`~meterkit.keys.model.KeyStore.create`."""
 
         def issue() -> tuple[PlaintextKey, ApiKey]:
-            return self.rules.new_key(
-                org=org,
-                mode=mode,
-                permissions=permissions,
-                expires_at=expires_at,
-                name=name,
-                now=self.rules.clock(),
-            )
+            return self.rules.new_key(org=org, now=self.rules.clock(), **key)
 
         if self.cluster:
             return (yield from self._file(issue))
@@ -615,21 +605,9 @@ class AsyncRedisKeyStore(_RedisStoreShell):
         finally:
             program.close()
 
-    async def create(
-        self,
-        *,
-        org: str,
-        mode: Mode = "live",
-        permissions: Iterable[str] = (),
-        expires_at: TimeLike | None = None,
-        name: str | None = None,
-    ) -> tuple[PlaintextKey, ApiKey]:
+    async def create(self, *, org: str, **key: Unpack[NewKey]) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`~meterkit.keys.model.KeyStore.create`."""
-        return await self._run(
-            self._commands.create(
-                org=org, mode=mode, permissions=permissions, expires_at=expires_at, name=name
-            )
-        )
+        return await self._run(self._commands.create(org, key))
 
     async def get(self, key_id: str) -> ApiKey | None:
         """See :meth:`~meterkit.keys.model.KeyStore.get`."""

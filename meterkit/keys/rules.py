@@ -208,11 +208,11 @@ class KeyRules:
         self,
         *,
         org: object,
-        mode: object,
-        permissions: object,
-        expires_at: object,
-        name: object,
         now: float,
+        mode: object = "live",
+        permissions: object = (),
+        expires_at: object = None,
+        name: object = None,
     ) -> tuple[PlaintextKey, ApiKey]:
         """Validate ``create``'s arguments and make a key (nothing is stored here)."""
         org = check_org(org)

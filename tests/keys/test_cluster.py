@@ -120,7 +120,7 @@ def test_on_a_cluster_every_script_touches_one_key_and_writes_come_in_order(
     ns = store._commands.namespace
     create = Driven(
         store,
-        store._commands.create(org=ORG, mode="live", permissions=(), expires_at=None, name=None),
+        store._commands.create(ORG, {"mode": "live"}),
     )
     plaintext, key = create.finish()
     assert [describe(step, ns) for step in create.taken] == [("SADD", "index"), ("record", key.id)]
@@ -190,7 +190,7 @@ def test_a_create_interrupted_after_indexing_leaves_no_usable_key(
     nothing can use it, list shows nothing, and list repairs the index."""
     create = Driven(
         store,
-        store._commands.create(org=ORG, mode="live", permissions=(), expires_at=None, name=None),
+        store._commands.create(ORG, {"mode": "live"}),
     )
     create.take()
     create.abandon()
@@ -212,7 +212,7 @@ def test_a_create_stalled_between_its_writes_cannot_finish_under_an_id_list_drop
     work, but no list would ever show it."""
     create = Driven(
         store,
-        store._commands.create(org=ORG, mode="live", permissions=(), expires_at=None, name=None),
+        store._commands.create(ORG, {"mode": "live"}),
     )
     create.take()
     first = create.taken[0].args[2]
@@ -235,7 +235,7 @@ def test_a_create_whose_id_is_taken_takes_back_only_the_entry_it_added(
 
     create = Driven(
         store,
-        store._commands.create(org=ORG, mode="live", permissions=(), expires_at=None, name=None),
+        store._commands.create(ORG, {"mode": "live"}),
     )
     taken = create.step.args[2]  # the id it is about to index
     store._client.hset(store._commands.record_key(taken), "gone", "1")  # the name is taken
@@ -247,7 +247,7 @@ def test_a_create_whose_id_is_taken_takes_back_only_the_entry_it_added(
     # that entry is the other key's, and stays.
     create = Driven(
         store,
-        store._commands.create(org=ORG, mode="live", permissions=(), expires_at=None, name=None),
+        store._commands.create(ORG, {"mode": "live"}),
     )
     taken = create.step.args[2]
     twin = msgspec.structs.replace(other, id=taken)
