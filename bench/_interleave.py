@@ -110,6 +110,7 @@ def interleave(
     round_seconds: float = 0.05,
     warmup_rounds: int = 1,
     collect: bool = True,
+    before_round: Mapping[str, Callable[[], object]] | None = None,
 ) -> Interleaved:
     """Run ``candidates`` in interleaved rounds of about ``round_seconds`` each.
 
@@ -117,7 +118,9 @@ def interleave(
     then ``warmup_rounds`` untimed rounds run, then ``rounds`` timed ones. With
     ``collect`` a full garbage collection runs before each round (outside the
     timing) so that no candidate inherits another's garbage; the collector stays
-    enabled inside the rounds, as it is in a server.
+    enabled inside the rounds, as it is in a server. ``before_round[name]``, when
+    given, runs before each of that candidate's rounds, untimed (to give it fresh
+    state, say).
     """
     if not candidates:
         raise ValueError("nothing to compare")
@@ -129,6 +132,8 @@ def interleave(
     for r in range(-warmup_rounds, rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            if before_round is not None and name in before_round:
+                before_round[name]()
             if collect:
                 gc.collect()
             took = time_ops(candidates[name], ops[name])

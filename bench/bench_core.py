@@ -103,12 +103,16 @@ def sim_clock(n_keys: int) -> Callable[[], float]:
 
 @dataclass
 class Side:
-    """One implementation, ready to run: ``run()`` checks the next request of the traffic."""
+    """One implementation, ready to run: ``run()`` checks the next request of the traffic.
+
+    ``fresh()`` gives it new, warmed-up state (every key seen once), outside any timing:
+    the default-clock ratio calls it before each round, so that no side spends the run
+    being denied (a denial costs less than an admission on every side)."""
 
     name: str
     run: Callable[[], None]
+    fresh: Callable[[], None]
     denied: list[int] = field(default_factory=lambda: [0])
-    keep: Any = None  # what must stay alive with it (its meter or storage)
 
 
 def meterkit_side(
@@ -118,14 +122,18 @@ def meterkit_side(
     Its clock is the simulated one, or with ``default_clock`` the default
     (``time.time``), as a user gets it."""
     warm, timed = traffic(n_keys)
-    backend = MemoryBackend() if default_clock else MemoryBackend(clock=sim_clock(n_keys))
-    meter = Meter(Policy.crane_ledger(), backend)
-    check = meter.check
-    for key, org in warm:
-        check(key, org=org, operation=OPERATION)
     nxt = itertools.cycle(timed).__next__
     denied = [0]
+    check: Callable[..., Any]
 
+    def fresh() -> None:
+        nonlocal check
+        backend = MemoryBackend() if default_clock else MemoryBackend(clock=sim_clock(n_keys))
+        check = Meter(Policy.crane_ledger(), backend).check
+        for key, org in warm:
+            check(key, org=org, operation=OPERATION)
+
+    fresh()
     if headers:
 
         def run() -> None:
@@ -143,7 +151,7 @@ def meterkit_side(
                 denied[0] += 1
 
     name = "meterkit+headers" if headers else "meterkit"
-    return Side(name, run, denied, meter)
+    return Side(name, run, fresh, denied)
 
 
 def limits_side(n_keys: int = KEYS) -> Side:
@@ -153,12 +161,11 @@ def limits_side(n_keys: int = KEYS) -> Side:
     from limits.strategies import FixedWindowRateLimiter
 
     warm, timed = traffic(n_keys)
-    storage = MemoryStorage()
-    limiter = FixedWindowRateLimiter(storage)
-    test, hit = limiter.test, limiter.hit
     key_hour, org_hour = limits.parse("1000/hour"), limits.parse("10000/hour")
     key_burst = limits.parse("100/minute")
     denied = [0]
+    test: Callable[..., bool]
+    hit: Callable[..., bool]
 
     def check(key: str, org: str) -> bool:
         if test(key_hour, key) and test(org_hour, org) and test(key_burst, key):
@@ -168,8 +175,14 @@ def limits_side(n_keys: int = KEYS) -> Side:
             return True
         return False
 
-    for key, org in warm:
-        check(key, org)
+    def fresh() -> None:
+        nonlocal test, hit
+        limiter = FixedWindowRateLimiter(MemoryStorage())
+        test, hit = limiter.test, limiter.hit
+        for key, org in warm:
+            check(key, org)
+
+    fresh()
     nxt = itertools.cycle(timed).__next__
 
     def run() -> None:
@@ -177,7 +190,7 @@ def limits_side(n_keys: int = KEYS) -> Side:
         if not check(key, org):
             denied[0] += 1
 
-    return Side("limits", run, denied, storage)
+    return Side("limits", run, fresh, denied)
 
 
 def throttled_side(n_keys: int = KEYS) -> Side:
@@ -185,20 +198,27 @@ def throttled_side(n_keys: int = KEYS) -> Side:
     from throttled import RateLimiterType, Throttled, rate_limiter, store
 
     warm, timed = traffic(n_keys)
-    # The default store is an LRU of 1024 entries: it would evict live state.
-    mem = store.MemoryStore(options={"MAX_SIZE": 4 * n_keys + 1024})
     gcra = RateLimiterType.GCRA.value
-
-    def limiter(quota: Any, prefix: str) -> Callable[[str], Any]:
-        return Throttled(using=gcra, quota=quota, store=mem, key_prefix=prefix).limit
-
-    key_hour = limiter(rate_limiter.per_hour(1000), "key-hour")
-    org_hour = limiter(rate_limiter.per_hour(10000), "org-hour")
-    key_burst = limiter(rate_limiter.per_min(100), "key-burst")
     denied = [0]
+    key_hour: Callable[[str], Any]
+    org_hour: Callable[[str], Any]
+    key_burst: Callable[[str], Any]
 
-    for key, org in warm:
-        key_hour(key), org_hour(org), key_burst(key)
+    def fresh() -> None:
+        nonlocal key_hour, org_hour, key_burst
+        # The default store is an LRU of 1024 entries: it would evict live state.
+        mem = store.MemoryStore(options={"MAX_SIZE": 4 * n_keys + 1024})
+
+        def limiter(quota: Any, prefix: str) -> Callable[[str], Any]:
+            return Throttled(using=gcra, quota=quota, store=mem, key_prefix=prefix).limit
+
+        key_hour = limiter(rate_limiter.per_hour(1000), "key-hour")
+        org_hour = limiter(rate_limiter.per_hour(10000), "org-hour")
+        key_burst = limiter(rate_limiter.per_min(100), "key-burst")
+        for key, org in warm:
+            key_hour(key), org_hour(org), key_burst(key)
+
+    fresh()
     nxt = itertools.cycle(timed).__next__
 
     def run() -> None:
@@ -206,17 +226,17 @@ def throttled_side(n_keys: int = KEYS) -> Side:
         if key_hour(key).limited or org_hour(org).limited or key_burst(key).limited:
             denied[0] += 1
 
-    return Side("throttled-py", run, denied, mem)
+    return Side("throttled-py", run, fresh, denied)
 
 
 def floor_side(n_keys: int = KEYS) -> Side:
     """Four dict increments (three tiers, the credits) under one lock."""
     warm, timed = traffic(n_keys)
     lock = threading.Lock()
-    key_hour: dict[str, int] = {}
-    org_hour: dict[str, int] = {}
-    key_burst: dict[str, int] = {}
-    credits: dict[str, int] = {}
+    key_hour: dict[str, int]
+    org_hour: dict[str, int]
+    key_burst: dict[str, int]
+    credits: dict[str, int]
 
     def check(key: str, org: str) -> None:
         with lock:
@@ -225,15 +245,20 @@ def floor_side(n_keys: int = KEYS) -> Side:
             key_burst[key] = key_burst.get(key, 0) + 1
             credits[org] = credits.get(org, 0) + 10_000
 
-    for key, org in warm:
-        check(key, org)
+    def fresh() -> None:
+        nonlocal key_hour, org_hour, key_burst, credits
+        key_hour, org_hour, key_burst, credits = {}, {}, {}, {}
+        for key, org in warm:
+            check(key, org)
+
+    fresh()
     nxt = itertools.cycle(timed).__next__
 
     def run() -> None:
         key, org = nxt()
         check(key, org)
 
-    return Side("floor", run)
+    return Side("floor", run, fresh)
 
 
 def _assert_admitted(side: Side, figures: Report) -> None:
@@ -300,7 +325,13 @@ def run_ratios(
         floor_side(n_keys),
     ]
     candidates = {s.name: s.run for s in sides}
-    return interleave(candidates, rounds=rounds, round_seconds=round_seconds), sides
+    # On the default clock, state is made afresh before every round: the rounds of the
+    # fastest side would otherwise run its keys past their 100/minute and be denied.
+    fresh = {s.name: s.fresh for s in sides} if default_clock else None
+    result = interleave(
+        candidates, rounds=rounds, round_seconds=round_seconds, before_round=fresh
+    )
+    return result, sides
 
 
 def test_ratio_interleaved(benchmark: Any, figures: Report) -> None:
@@ -335,10 +366,10 @@ DEFAULT_CLOCK_KEYS = 2_000  # in 20 organizations
 
 def test_ratio_default_clock(benchmark: Any, figures: Report) -> None:
     """The same sides as :func:`test_ratio_interleaved`, 2,000 keys in 20 organizations,
-    every side on the default clock (``time.time``): what a user gets. The rounds last
-    about a second in all, so each key is checked some 60 (quick) to 130 (full) times
-    in that second: near or past its 100/minute on every side. Denials are printed
-    with the figures (a denial costs less than an admission everywhere)."""
+    every side on the default clock (``time.time``): what a user gets. Each side gets
+    fresh, warmed-up state before each round (untimed), so that every check of the
+    run is an admission, on every side: run back to back, the fastest side ran its
+    keys past 100/minute and was measured on cheaper denials."""
     result, sides = benchmark.pedantic(
         lambda: run_ratios(n_keys=DEFAULT_CLOCK_KEYS, default_clock=True),
         rounds=1,
@@ -355,8 +386,7 @@ def test_ratio_default_clock(benchmark: Any, figures: Report) -> None:
         )
         benchmark.extra_info[f"ratio meterkit/{slow} default clock"] = round(ratio, 3)
     for side in sides:
-        if side.name != "floor":
-            figures(f"NOTE {side.name}: {side.denied[0]:,} checks denied (default clock)")
+        _assert_admitted(side, figures)
 
 
 # -- memory per identity-tier ----------------------------------------------------------------
