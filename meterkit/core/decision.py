@@ -44,18 +44,17 @@ class TierState(NamedTuple):
 class Decision:
     """The answer to one check: admitted or not, why, when to retry, what it cost.
 
-    ``allowed`` and ``reason`` are plain attributes; everything else is computed
+    ``allowed`` is a plain attribute; everything else is computed
     from the backend's outcome when first read, so a server that only looks at
     ``allowed`` pays for nothing more.
     """
 
-    __slots__ = ("_out", "_plan", "allowed", "degraded", "reason")
+    __slots__ = ("_out", "_plan", "allowed", "degraded")
 
     def __init__(self, plan: Plan, outcome: Outcome, degraded: bool = False) -> None:
         self._plan = plan
         self._out = outcome
         self.allowed: bool = outcome.allowed
-        self.reason: str | None = _REASONS[outcome.reason]
         self.degraded = degraded
         """Admitted without checking, because the backend was unavailable (fail-open)."""
 
@@ -68,6 +67,12 @@ class Decision:
 
     def __bool__(self) -> bool:
         return self.allowed
+
+    @property
+    def reason(self) -> str | None:
+        """Why it was refused: ``"rate_limited"`` or ``"insufficient_credits"``; None
+        when allowed."""
+        return _REASONS[self._out.reason]
 
     @property
     def plan(self) -> Plan:

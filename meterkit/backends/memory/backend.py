@@ -41,6 +41,7 @@ state that can no longer matter, so they never change an outcome. Measured by
 
 from __future__ import annotations
 
+import itertools
 import linecache
 import textwrap
 import threading
@@ -52,7 +53,6 @@ from collections.abc import Callable
 from string import Template
 from typing import TYPE_CHECKING, Any, cast
 
-from meterkit.backends.charge_ids import new_charge_id
 from meterkit.core.credits import MAX_MICRO, top_up_too_large
 from meterkit.core.outcome import (
     REASON_CREDITS,
@@ -82,6 +82,9 @@ _SHARDS = 256
 _MASK = _SHARDS - 1
 _SHARD_SWEEP_MIN = _SWEEP_MIN // _SHARDS
 _IDEM_TTL_US = 24 * 3600 * _US
+# Charge ids of memory backends: a counter, unique in this process, whose state
+# (and so whose refunds) is the process's own (Redis's carry a random prefix too).
+_CHARGES = itertools.count(1)
 # Ids cannot hold control characters, so this separator cannot be forged by a caller.
 _TEST_NS = "\x1ftest\x1f"
 
@@ -360,6 +363,10 @@ def bind(b, policy, lock, clock, $states):
     acquire = lock.acquire
     release = lock.release
     shard_of = hash  # (a closure's variable: read faster than a builtin)
+    # (the backend's dicts are made once and never replaced: closure variables)
+    accounts = b._accounts
+    allowances = b._allowances
+    idempotency = b._idem
 
     def apply(plan):
         """Check every tier and the credits of one $name request; consume all or none."""
@@ -369,12 +376,7 @@ def bind(b, policy, lock, clock, $states):
         idem = plan.idem
         # The clock is read before the lock: a clock that calls back into the meter
         # cannot deadlock it, and a bad reading changes nothing.
-        try:
-            now = round(clock() * 1000000)
-        except (TypeError, ValueError, OverflowError):
-            raise _bad_clock() from None
-        if not 0 <= now < $END:
-            raise _bad_clock(now)
+        $clock
         acquire()
         try:
             if now < b._last:  # the clock stepped back: hold time at the latest seen
@@ -382,14 +384,14 @@ def bind(b, policy, lock, clock, $states):
             else:
                 b._last = now
             if idem is not None:
-                record = b._idem.get((org, idem))
+                record = idempotency.get((org, idem))
                 if record is not None and record[0] > now:
                     return _replay(plan, record)
             # -- this month's account, and the key's identity in it
             start, end = b._period
             if not start <= now < end:
                 start, end = b._period_of(now)
-            acct = b._accounts.get(org)
+            acct = accounts.get(org)
             if acct is None or acct.period != start:
                 $open
             $ident
@@ -397,7 +399,7 @@ def bind(b, policy, lock, clock, $states):
             $init
             $tiers
             # -- credits, checked after the tiers
-            balance = b._allowances.get(org, $ALLOWANCE) + acct.topup - acct.used
+            balance = allowances.get(org, $ALLOWANCE) + acct.topup - acct.used
             cost = plan.cost
             $credits
             $denials
@@ -419,7 +421,7 @@ if by_key is None:
     by_key = acct.pairs[$OP] = {}
 by_key[plan.key] = by_key.get(plan.key, 0) + $ONE + cost
 outcome = _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
-               new_charge_id(), False))
+               str(_next_charge()), False))
 if idem is not None:
     b._remember(org, idem, plan, now, outcome)
 return outcome
@@ -440,6 +442,18 @@ fresh = key is None
 if fresh:
     key = org + "\x1f" + plan.key
 """
+# Reading the clock: a clock given to the backend is checked (a number of seconds,
+# inside the supported years); the default one is the system's, in whole µs, which
+# is both (and time_ns avoids rounding a float).
+_USER_CLOCK = """\
+try:
+    now = round(clock() * 1000000)
+except (TypeError, ValueError, OverflowError):
+    raise _bad_clock() from None
+if not 0 <= now < $END:
+    raise _bad_clock(now)
+"""
+_SYSTEM_CLOCK = "now = _time_ns() // 1000  # the default clock, time.time, in µs\n"
 _REMEMBER = """\
 if fresh:
     acct.idents[plan.key] = key
@@ -503,9 +517,12 @@ def _tier_source(i: int, tier: Tier, enforce: bool) -> tuple[str, str]:
     return check_src, f"# tier {i}: {tier.name!r}\n" + commit_src
 
 
-def apply_source(op: OperationPlan, policy: Policy, *, peek: bool = False) -> str:
+def apply_source(
+    op: OperationPlan, policy: Policy, *, peek: bool = False, system_clock: bool = True
+) -> str:
     """The Python source of the function that applies ``op`` of ``policy`` (with
-    ``peek``, of the one that answers the same without consuming anything)."""
+    ``peek``, of the one that answers the same without consuming anything), for a
+    backend on the system clock or on a clock of its own."""
     checks, commits = [], []
     enforcing = False
     for i, tier in enumerate(op.tiers):
@@ -550,6 +567,7 @@ def apply_source(op: OperationPlan, policy: Policy, *, peek: bool = False) -> st
             )
             if needed
         ).replace("$MASK", str(_MASK)),
+        clock=_SYSTEM_CLOCK if system_clock else _USER_CLOCK,
         ALLOWANCE=str(policy.credits.allowance_micro),
         END=str(_END_OF_TIME),
     )
@@ -578,7 +596,8 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
         "_new": tuple.__new__,
         "_Outcome": Outcome,
         "_bad_clock": bad_clock,
-        "new_charge_id": new_charge_id,
+        "_next_charge": _CHARGES.__next__,
+        "_time_ns": time.time_ns,
         "_Account": _Account,
         "array": array,
         "bisect_right": bisect_right,
@@ -682,7 +701,7 @@ class MemoryBackend:
                 if state is None:
                     state = self._tiers[ident] = _new_state(tier)
                 states.append(state)
-        source = apply_source(op, policy, peek=peek)
+        source = apply_source(op, policy, peek=peek, system_clock=self._clock is time.time)
         name = f"{op.name} peek" if peek else op.name
         fn = _binder(source, name)(self, policy, self._lock, self._clock, *states)
         fn.__qualname__ = f"MemoryBackend.{'peek' if peek else 'apply'}[{op.name}]"
@@ -690,10 +709,11 @@ class MemoryBackend:
         return fn
 
     @staticmethod
-    def source(policy: Policy, operation: str) -> str:
-        """The Python source this backend writes and runs for ``operation`` of ``policy``:
-        the four algorithms, the credits and idempotency, as one check executes them."""
-        return apply_source(policy.plan_for(operation), policy)
+    def source(policy: Policy, operation: str, *, system_clock: bool = True) -> str:
+        """The Python source a backend writes and runs for ``operation`` of ``policy``:
+        the four algorithms, the credits and idempotency, as one check executes them
+        (on the default clock; ``system_clock=False``: on a clock given to it)."""
+        return apply_source(policy.plan_for(operation), policy, system_clock=system_clock)
 
     def _account(self, org: str, period: int) -> _Account:
         acct = self._accounts.get(org)
