@@ -328,9 +328,7 @@ def run_ratios(
     # On the default clock, state is made afresh before every round: the rounds of the
     # fastest side would otherwise run its keys past their 100/minute and be denied.
     fresh = {s.name: s.fresh for s in sides} if default_clock else None
-    result = interleave(
-        candidates, rounds=rounds, round_seconds=round_seconds, before_round=fresh
-    )
+    result = interleave(candidates, rounds=rounds, round_seconds=round_seconds, before_round=fresh)
     return result, sides
 
 
