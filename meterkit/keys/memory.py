@@ -15,7 +15,6 @@ from meterkit.keys.model import (
     DurationLike,
     PlaintextKey,
     check_key_id,
-    check_org,
     sort_keys,
 )
 from meterkit.keys.rules import KeyRules, RuledStore
@@ -65,7 +64,7 @@ class MemoryKeyStore(RuledStore):
 
     def list(self, org: str) -> builtins.list[ApiKey]:
         """See :meth:`KeyStore.list`."""
-        ids = builtins.list(self._by_org.get(check_org(org), ()))
+        ids = builtins.list(self._by_org.get(self._rules.check_org(org), ()))
         return sort_keys(self._records[key_id] for key_id in ids)
 
     def revoke(self, key_id: str) -> ApiKey:

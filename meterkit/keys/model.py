@@ -90,6 +90,7 @@ _ORG_RE: Final = re.compile(r"org_[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _SEGMENT: Final = r"[a-z][a-z0-9_.-]{0,63}"
 _PERMISSION_RE: Final = re.compile(rf"\*|{_SEGMENT}:(?:\*|{_SEGMENT})")
 _MAX_NAME: Final = 200
+_MAX_ORG: Final = 256  # the meter's bound on any id
 _CACHE_LIMIT: Final = 4096
 
 
@@ -110,14 +111,17 @@ class KeyOptions(TypedDict, total=False):
     options): ``clock`` (UNIX seconds; :func:`time.time`), ``token_prefix`` (``"cl"``
     for ``cl_live_…``), ``pepper`` (the server's secret keyed into every hash; None:
     plain SHA-256), ``previous_peppers`` (peppers being retired: their keys still work
-    and move to ``pepper`` when presented) and ``status_codes`` (the HTTP status of
-    each refusal code, 401 by default, e.g. ``{"insufficient_permissions": 403}``)."""
+    and move to ``pepper`` when presented), ``status_codes`` (the HTTP status of
+    each refusal code, 401 by default, e.g. ``{"insufficient_permissions": 403}``) and
+    ``org_pattern`` (the regular expression a whole organization id must match; by
+    default the seed's ``org_…``)."""
 
     clock: Clock | None
     token_prefix: str
     pepper: bytes | str | None
     previous_peppers: Iterable[bytes | str | None]
     status_codes: Mapping[str, int] | None
+    org_pattern: str | re.Pattern[str] | None
 
 
 def _base62(number: int, width: int) -> str:
@@ -310,12 +314,39 @@ def check_key_id(key_id: object) -> str:
     return key_id
 
 
-def check_org(org: object) -> str:
-    """A well-formed organization id (``org_`` + up to 64 of ``A-Za-z0-9_-``), or an error."""
-    if not isinstance(org, str) or not _ORG_RE.fullmatch(org):
-        raise InvalidIdentifierError(
-            f"organization ids look like 'org_123' (letters, digits, '_', '-'), not {org!r}"
+def org_rule(pattern: str | re.Pattern[str] | None) -> re.Pattern[str]:
+    """The organization-id rule of a key store: the seed's (``org_`` + up to 64 of
+    ``A-Za-z0-9_-``) for None, else ``pattern``, which a whole id must match."""
+    if pattern is None:
+        return _ORG_RE
+    try:
+        compiled = re.compile(pattern)
+    except (re.error, TypeError):
+        raise ConfigurationError(
+            f"is a regular expression for organization ids, not {pattern!r}", "org_pattern"
+        ) from None
+    if compiled.fullmatch("") is not None:
+        raise ConfigurationError("must not match an empty organization id", "org_pattern")
+    return compiled
+
+
+def check_org(org: object, rule: re.Pattern[str] = _ORG_RE) -> str:
+    """A well-formed organization id under ``rule`` (by default the seed's ``org_…``),
+    printable and at most 256 characters, or an error."""
+    if (
+        not isinstance(org, str)
+        or len(org) > _MAX_ORG
+        or not org.isprintable()
+        or not rule.fullmatch(org)
+    ):
+        shape = (
+            "look like 'org_123' (letters, digits, '_', '-')"
+            if rule is _ORG_RE
+            else f"match {rule.pattern!r}"
         )
+        raise InvalidIdentifierError(f"organization ids {shape}, not {org!r}")
+    if looks_like_secret(org):
+        raise InvalidIdentifierError("an organization id must not hold an API key's plaintext")
     return org
 
 

@@ -66,7 +66,6 @@ from meterkit.keys.model import (
     Mode,
     PlaintextKey,
     check_key_id,
-    check_org,
     sort_keys,
 )
 from meterkit.keys.rules import KeyRules, RuledStore
@@ -395,7 +394,7 @@ class _KeyCommands:
         on a cluster, or a record deleted by hand) is skipped and taken out of the index,
         behind a tombstone (:data:`_BURY`). A record of another organization is skipped.
         """
-        org = check_org(org)
+        org = self.rules.check_org(org)
         where = self.org_key(org)
         members = yield _Command(("SMEMBERS", where))
         ids = sorted(_text(member, where) or "" for member in members)

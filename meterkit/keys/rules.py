@@ -5,6 +5,7 @@ the HTTP status of each refusal (:class:`KeyRules`)."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Iterable, Mapping
 from hmac import compare_digest
@@ -37,6 +38,7 @@ from meterkit.keys.model import (
     _required_wildcard,
     check_org,
     checksum,
+    org_rule,
     to_duration,
     to_timestamp,
 )
@@ -124,7 +126,7 @@ class KeyRules:
     rotation does is decided here, once, for the memory and Redis stores alike.
     """
 
-    __slots__ = ("clock", "format", "hash", "previous", "statuses")
+    __slots__ = ("clock", "format", "hash", "org_rule", "previous", "statuses")
 
     def __init__(
         self,
@@ -134,6 +136,7 @@ class KeyRules:
         pepper: bytes | str | None = None,
         previous_peppers: Iterable[bytes | str | None] = (),
         status_codes: Mapping[str, int] | None = None,
+        org_pattern: str | re.Pattern[str] | None = None,
     ) -> None:
         if clock is not None and not callable(clock):
             raise ConfigurationError("must be a callable returning UNIX seconds", "clock")
@@ -144,6 +147,13 @@ class KeyRules:
         #: and its stored hash is replaced by the current pepper's on the way.
         self.previous = _previous_hashers(self.hash, previous_peppers)
         self.statuses = _status_codes(status_codes)
+        #: What an organization id of this store looks like (``org_pattern``; the seed's
+        #: ``org_…`` by default).
+        self.org_rule = org_rule(org_pattern)
+
+    def check_org(self, org: object) -> str:
+        """``org`` if it is an organization id under this store's rule, else an error."""
+        return check_org(org, self.org_rule)
 
     def error(self, code: str) -> AuthenticationError:
         """A fresh refusal with ``code`` and its configured status."""
@@ -215,7 +225,7 @@ class KeyRules:
         name: object = None,
     ) -> tuple[PlaintextKey, ApiKey]:
         """Validate ``create``'s arguments and make a key (nothing is stored here)."""
-        org = check_org(org)
+        org = check_org(org, self.org_rule)
         checked_mode = _check_mode(mode)
         granted = _check_permissions(permissions)
         expiry = None if expires_at is None else to_timestamp(expires_at, "expires_at")
