@@ -10,10 +10,12 @@ from typing import Any, NamedTuple
 from meterkit.core.credits import from_micro
 from meterkit.core.outcome import REASON_CREDITS, REASON_RATE, Outcome
 from meterkit.core.plan import Plan
+from meterkit.core.policy import ALGORITHMS
 
 __all__ = ["Decision", "KeyUsage", "OperationUsage", "TierState", "Usage"]
 
 _US = 1_000_000
+_GCRA = ALGORITHMS["gcra"]
 _REASONS: tuple[str | None, ...] = (None, "rate_limited", "insufficient_credits")
 RATE_LIMIT_MESSAGE = "API rate limit exceeded. Try again later."
 CREDITS_MESSAGE = (
@@ -152,41 +154,89 @@ class Decision:
     @property
     def headers(self) -> dict[str, str]:
         """HTTP headers: IETF ``RateLimit``/``RateLimit-Policy``, legacy ``X-RateLimit-*``,
-        ``Retry-After`` on denials, and the credits charged and left."""
+        ``Retry-After`` on a 429, and the credits charged and left (see :meth:`http_headers`)."""
+        return self.http_headers()
+
+    def http_headers(
+        self,
+        *,
+        ietf: bool = True,
+        legacy: bool = True,
+        credits: bool = True,
+        credits_retry_after: bool = False,
+    ) -> dict[str, str]:
+        """The response headers of this decision, by group.
+
+        - ``ietf``: ``RateLimit-Policy`` (each tier's quota ``q`` and window ``w`` in
+          seconds; a gcra tier adds its bucket as ``meterkit-burst``) and ``RateLimit``
+          (each tier's remaining ``r``, and ``t``, the seconds within which no more than
+          ``r`` can be used: until the window turns, the next gcra token, the oldest
+          logged request expiring);
+        - ``legacy``: ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` of the tightest tier;
+        - ``credits``: ``X-Credits-Charged`` and ``X-Credits-Remaining``.
+
+        A rate-limited request always carries ``Retry-After`` (whole seconds, rounded up),
+        and each tier that denied it says ``r=0`` with ``t`` equal to it, so that
+        ``Retry-After`` never points before the end of a window the client is shown
+        (draft-ietf-httpapi-ratelimit-headers, "Server Behavior"). A request refused
+        for credits carries ``Retry-After`` (the start of the next period, often weeks
+        away) only with ``credits_retry_after=True``.
+        """
         out = self._out
         op = self._plan.op
-        if op.tiers:
-            # The tier names, limits and the policy header are text already (see
-            # OperationPlan): only the integers are formatted here. The tightest tier
-            # is the first one with the fewest remaining, then the soonest reset.
+        headers: dict[str, str] = {}
+        retry_s = (out.retry_after + 999_999) // _US
+        rate_denied = out.reason == REASON_RATE
+        if op.tiers and (ietf or legacy):
+            # The tier names, quotas and the policy header are text already (see
+            # OperationPlan): only the integers are formatted here.
             names = op.header_names
             tiers = out.tiers
             if len(names) != len(tiers):
                 raise ValueError("the outcome's tiers do not match the operation's")
+            policy_shadow = self._plan.policy.shadow
+            allowed = out.allowed
             items = []
-            best = 0
-            best_rem, best_reset, _ = tiers[0]
-            for i, (rem, reset, _) in enumerate(tiers):
+            # X-RateLimit-* describe one tier: the first that denied a rate-limited
+            # request, else the one with the fewest remaining, then the soonest t.
+            best = denier = -1
+            best_rem = best_t = 0
+            for i, (rem, reset, den) in enumerate(tiers):
+                tier = op.tiers[i]
+                if den and rate_denied and not (tier.shadow or policy_shadow):
+                    # A tier that denied: nothing can be used until the retry is due.
+                    items.append(f"{names[i]}0;t={retry_s}")
+                    if denier < 0:
+                        denier = i
+                    continue
+                if tier.code == _GCRA and rem < tier.capacity:
+                    # ``reset`` is until the bucket is full; the next token comes sooner.
+                    # A denied request left this bucket one token fuller than ``reset``
+                    # says (see outcome.unspent), unless this tier is one that said no.
+                    tokens = rem + 1 if (allowed or den) else rem
+                    reset = reset - tier.tau_us + tokens * tier.interval_us
                 # (x + 999_999) // 1_000_000 rounds x µs up to whole seconds.
-                items.append(f"{names[i]}{rem};t={(reset + 999_999) // _US}")
-                if rem < best_rem or (rem == best_rem and reset < best_reset):
-                    best, best_rem, best_reset = i, rem, reset
-            headers = {
-                "RateLimit-Policy": op.policy_header,
-                "RateLimit": ", ".join(items),
-                "X-RateLimit-Limit": op.header_limits[best],
-                "X-RateLimit-Remaining": str(best_rem),
-                "X-RateLimit-Reset": str((best_reset + 999_999) // _US),
-            }
-        else:
-            headers = {}
-        if not self.allowed:
-            headers["Retry-After"] = str((out.retry_after + 999_999) // _US)
-        charged = out.charged
-        headers["X-Credits-Charged"] = (
-            op.price_text if charged == op.price else str(from_micro(charged))
-        )
-        headers["X-Credits-Remaining"] = str(from_micro(out.balance))
+                t = (reset + 999_999) // _US if reset > 0 else 0
+                items.append(f"{names[i]}{rem};t={t}")
+                if best < 0 or rem < best_rem or (rem == best_rem and t < best_t):
+                    best, best_rem, best_t = i, rem, t
+            if denier >= 0:
+                best, best_rem, best_t = denier, 0, retry_s
+            if ietf:
+                headers["RateLimit-Policy"] = op.policy_header
+                headers["RateLimit"] = ", ".join(items)
+            if legacy:
+                headers["X-RateLimit-Limit"] = op.header_limits[best]
+                headers["X-RateLimit-Remaining"] = str(best_rem)
+                headers["X-RateLimit-Reset"] = str(best_t)
+        if rate_denied or (credits_retry_after and out.reason == REASON_CREDITS):
+            headers["Retry-After"] = str(retry_s)
+        if credits:
+            charged = out.charged
+            headers["X-Credits-Charged"] = (
+                op.price_text if charged == op.price else str(from_micro(charged))
+            )
+            headers["X-Credits-Remaining"] = str(from_micro(out.balance))
         return headers
 
     @property

@@ -311,10 +311,16 @@ class OperationPlan:
         self.price = op.price_micro
         self.tiers = tiers
         self.tier_index = indexes
-        self.policy_header = ", ".join(f'"{t.name}";q={t.capacity};w={t.window}' for t in tiers)
+        # Each tier's real quota and window; a gcra tier's bucket is a vendor parameter
+        # (draft-ietf-httpapi-ratelimit-headers asks for a prefix on those).
+        self.policy_header = ", ".join(
+            f'"{t.name}";q={t.limit};w={t.window}'
+            + (f";meterkit-burst={t.burst}" if t.algorithm == "gcra" else "")
+            for t in tiers
+        )
         # Fragments of Decision.headers, so that rendering them only formats integers.
         self.header_names = tuple(f'"{t.name}";r=' for t in tiers)
-        self.header_limits = tuple(str(t.capacity) for t in tiers)
+        self.header_limits = tuple(str(t.limit) for t in tiers)
         self.price_text = str(from_micro(op.price_micro))
 
 

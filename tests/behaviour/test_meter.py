@@ -143,7 +143,9 @@ def test_insufficient_credits_decision_has_a_402_body(
         }
     }
     assert d.retry_after == (FEB - 5 * DAY) / US
-    assert d.headers["Retry-After"] == str((FEB - 5 * DAY) // US)
+    # No weeks-long Retry-After unless asked for (issue 12).
+    assert "Retry-After" not in d.headers
+    assert d.http_headers(credits_retry_after=True)["Retry-After"] == str((FEB - 5 * DAY) // US)
     assert d.resets_at == datetime(2026, 2, 1, tzinfo=UTC)
     assert d.charged == 0
     assert d.balance == 0
@@ -217,6 +219,52 @@ def test_x_ratelimit_headers_follow_the_tier_with_least_remaining(make_meter: Ma
     assert d.headers["X-RateLimit-Remaining"] == "3"
     assert d.headers["X-RateLimit-Reset"] == "3600"
     assert "Retry-After" not in d.headers
+
+
+def test_gcra_headers_state_the_real_quota_and_the_next_token(
+    make_meter: MakeMeter, clock: FakeClock
+) -> None:
+    """A gcra tier of 20/minute with a burst of 5 advertises q=20;w=60 and its bucket; t
+    is when the next token comes; a 429's Retry-After never points before the end of
+    the window shown for the tier that denied it (draft-ietf-httpapi-ratelimit-headers)."""
+    bucket = Tier("bucket", "key", "20/minute", "gcra", burst=5)
+    meter = make_meter(_policy(bucket, Tier("hour", "key", "100/hour")))
+    for left in range(4, -1, -1):
+        d = meter.check("key_a", org="org_a", operation="items.list")
+        assert d.headers["RateLimit"] == f'"bucket";r={left};t=3, "hour";r={95 + left};t=3600'
+    assert d.headers["RateLimit-Policy"] == (
+        '"bucket";q=20;w=60;meterkit-burst=5, "hour";q=100;w=3600'
+    )
+    assert d.headers["X-RateLimit-Limit"] == "20"
+    at(clock, 1_000_000)
+    denied = meter.check("key_a", org="org_a", operation="items.list")
+    assert denied.reason == "rate_limited"
+    assert denied.retry_after == 2
+    assert denied.headers["Retry-After"] == "2"
+    assert denied.headers["RateLimit"] == '"bucket";r=0;t=2, "hour";r=95;t=3599'
+    assert (denied.headers["X-RateLimit-Remaining"], denied.headers["X-RateLimit-Reset"]) == (
+        "0",
+        "2",
+    )
+    at(clock, 3_000_000)
+    again = meter.check("key_a", org="org_a", operation="items.list")
+    assert again.allowed
+    assert again.headers["RateLimit"].startswith('"bucket";r=0;t=3')
+
+
+def test_a_denial_elsewhere_leaves_a_gcra_bucket_its_token(
+    make_meter: MakeMeter, clock: FakeClock
+) -> None:
+    """When another tier denies, a gcra tier reports the token it kept and when the next
+    one comes, as if this request had not happened."""
+    bucket = Tier("bucket", "key", "60/minute", "gcra", burst=10)
+    meter = make_meter(_policy(bucket, Tier("two", "key", "2/hour")))
+    meter.check("key_a", org="org_a", operation="items.list")
+    first = meter.check("key_a", org="org_a", operation="items.list")
+    assert first.headers["RateLimit"].startswith('"bucket";r=8;t=1,')
+    denied = meter.check("key_a", org="org_a", operation="items.list")
+    assert denied.reason == "rate_limited"
+    assert denied.headers["RateLimit"] == '"bucket";r=8;t=1, "two";r=0;t=3600'
 
 
 def test_charges_and_balances_are_exact_decimals(make_meter: MakeMeter) -> None:

@@ -143,7 +143,9 @@ def test_plan_for_applies_only_matching_tiers_in_policy_order() -> None:
     assert write.price == 50_000
     assert read.price == 10_000
     assert write.category == "write"
-    assert write.policy_header == '"all";q=10;w=60, "writes";q=2;w=60, "burst";q=5;w=1'
+    assert write.policy_header == (
+        '"all";q=10;w=60, "writes";q=2;w=60;meterkit-burst=2, "burst";q=5;w=1'
+    )
     assert policy.operations["items.create"].permission == "items:write"
     assert policy.price("items.create") == Decimal("0.05")
 
