@@ -1,7 +1,13 @@
 """The route table's rules (``[routes]``: ``"METHOD /path/{param}" = operation``),
 checked when a :class:`~meterkit.core.policy.Policy` is made, so that a policy that
 loads is one the HTTP middleware accepts: one validation, for ``Policy``, ``meterkit
-policy check`` and the gate alike. Pure: no I/O."""
+policy check`` and the gate alike. Pure: no I/O.
+
+A route need not name an organization: where the organization comes from (the key,
+a path parameter, a header, a callable) is the middleware's choice, and a choice that
+a table cannot serve (``org="path:project_id"`` on a route without ``{project_id}``)
+is refused when the middleware is built, naming the route.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,16 @@ from typing import Final
 
 from meterkit.errors import ConfigurationError
 
-__all__ = ["ORG_PARAM", "check_routes", "parse_route"]
+__all__ = ["ORG_PARAM", "check_routes", "parse_route", "route_params"]
 
-#: The path parameter that names the organization in a metered route.
+#: The path parameter that names the organization in the seed's routes: a route that
+#: has it takes its organization from there unless the middleware says otherwise.
 ORG_PARAM: Final = "organization_id"
 _METHOD_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def parse_route(spec: str) -> tuple[str, str, list[str]]:
+    """``(method, template, segments)`` of ``"GET /a/{b}"``, or the error saying why not."""
     method, _, template = spec.strip().partition(" ")
     template = template.strip()
     where = f"routes.{spec!r}"
@@ -42,13 +50,13 @@ def parse_route(spec: str) -> tuple[str, str, list[str]]:
             if name in names:
                 raise ConfigurationError(f"parameter {{{name}}} appears twice", where)
             names.add(name)
-    if ORG_PARAM not in names:
-        raise ConfigurationError(
-            f"every metered route names the organization as {{{ORG_PARAM}}}, "
-            f"as in /organizations/{{{ORG_PARAM}}}/invoices",
-            where,
-        )
     return method, template, segments
+
+
+def route_params(segments: list[str]) -> dict[str, int]:
+    """Each parameter of a parsed template and its place in ``path.split("/")`` (the
+    empty string before the leading slash is place 0)."""
+    return {seg[1:-1]: i + 1 for i, seg in enumerate(segments) if seg.startswith("{")}
 
 
 def check_routes(routes: Mapping[str, str], operations: Container[str]) -> None:

@@ -12,20 +12,29 @@ Works with Starlette, FastAPI and any ASGI 3 application::
 ``meter`` is a :class:`~meterkit.Meter` or :class:`~meterkit.AsyncMeter`, ``keystore`` a
 synchronous or asynchronous key store; asynchronous ones are awaited, synchronous ones
 called inline (right for the in-memory ones; give network stores in their async form so
-the event loop never blocks). What is decided, and in which order, lives in
-:class:`meterkit.http.gate.Gate`, shared with :mod:`meterkit.http.wsgi`.
+the event loop never blocks). Every option, and what is decided in which order, is
+:class:`meterkit.http.gate.Gate`'s; this module only reads ASGI requests and writes
+ASGI responses.
 
-Only ``http`` requests are metered; ``lifespan`` and ``websocket`` pass through.
+Only ``http`` requests are metered; ``lifespan`` and ``websocket`` pass through. At
+start-up (the ``lifespan`` startup, or else the first request) the route table is
+compared with a Starlette or FastAPI app's own routes: a metered route the app does not
+serve fails the start-up with a clear message.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from meterkit.errors import MeterkitError
-from meterkit.http.gate import DUPLICATE, REFUNDED, Admission, Gate, Response, logger
+from meterkit.errors import ConfigurationError
+from meterkit.http.gate import (
+    DUPLICATE,
+    Admission,
+    Gate,
+    RequestView,
+    Response,
+)
 
 __all__ = ["Admission", "MeterMiddleware"]
 
@@ -34,6 +43,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Where a framework adapter finds the gate of the shell it runs under.
+GATE_KEY = "meterkit.gate"
 
 # Header names the gate produces, lowered and encoded once.
 _NAMES: dict[str, bytes] = {}
@@ -46,71 +58,19 @@ def _name(name: str) -> bytes:
     return encoded
 
 
-def _raw_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def raw_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Headers as ASGI sends them: lower-cased latin-1 bytes."""
     names = _NAMES
     return [(names.get(k) or _name(k), v.encode("latin-1")) for k, v in headers]
 
 
-async def _respond(send: Send, response: Response) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status,
-            "headers": _raw_headers(response.headers),
-        }
-    )
-    await send({"type": "http.response.body", "body": response.body})
+class ScopeView(RequestView):
+    """A :class:`RequestView` of an ASGI scope; other headers are read when asked."""
 
+    __slots__ = ("_scope",)
 
-class MeterMiddleware:
-    """Meter every HTTP request to ``app``: HTTPS, API key, permission, limits, credits.
-
-    Options (see :class:`meterkit.http.gate.Gate`): ``trusted_proxies`` (addresses whose
-    ``X-Forwarded-Proto`` is believed, for servers that do not apply proxy headers
-    themselves; uvicorn's ``--proxy-headers`` already sets the scheme), ``exclude``
-    (paths that are not metered, ``"/health"`` or ``"/docs*"``), ``refund_statuses``
-    (app statuses whose credits are returned; 404, 405, 422 and every 5xx by default) and
-    ``require_https`` (turn off for local development only).
-
-    The admitted request's :class:`Admission` (key and decision) is in
-    ``scope["meterkit"]`` and, for Starlette and FastAPI, ``request.state.meterkit``.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        meter: Any,
-        keystore: Any,
-        trusted_proxies: Iterable[str] = (),
-        exclude: Iterable[str] = (),
-        refund_statuses: Container[int] = REFUNDED,
-        require_https: bool = True,
-    ) -> None:
-        self.app = app
-        self.meter = meter
-        self.keystore = keystore
-        self.gate = Gate(
-            meter.policy,
-            trusted_proxies=trusted_proxies,
-            exclude=exclude,
-            refund_statuses=refund_statuses,
-            require_https=require_https,
-        )
-        self._authenticate = keystore.authenticate
-        self._authenticate_awaits = inspect.iscoroutinefunction(keystore.authenticate)
-        self._check = meter.check
-        self._check_awaits = inspect.iscoroutinefunction(meter.check)
-        self._refund = meter.refund
-        self._refund_awaits = inspect.iscoroutinefunction(meter.refund)
-
-    def __repr__(self) -> str:
-        return f"MeterMiddleware(app={self.app!r}, meter={self.meter!r})"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def __init__(self, scope: Scope, native: Any = None, params: Any = None) -> None:
+        # One pass over the headers for the three the gate always reads.
         authorization: bytes | None = None
         idempotency_key: str | None = None
         forwarded_proto: str | None = None
@@ -128,92 +88,207 @@ class MeterMiddleware:
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
         client = scope.get("client")
-        gate = self.gate
-        step = gate.begin(
-            scope["method"],
-            path,
-            scope.get("scheme", "http"),
-            client[0] if client else None,
-            forwarded_proto,
-            authorization,
-            idempotency_key,
-        )
-        if step is None:
-            await self.app(scope, receive, send)
-            return
-        if isinstance(step, Response):
-            await _respond(send, step)
-            return
-        try:
-            if self._authenticate_awaits:
-                key = await self._authenticate(
-                    step.authorization, org=step.org, permission=step.permission
-                )
-            else:
-                key = self._authenticate(
-                    step.authorization, org=step.org, permission=step.permission
-                )
-            refused = gate.unrouted(step)
-            if refused is None:
-                if self._check_awaits:
-                    decision = await self._check(
-                        key, operation=step.operation, idempotency_key=step.idempotency_key
-                    )
-                else:
-                    decision = self._check(
-                        key, operation=step.operation, idempotency_key=step.idempotency_key
-                    )
-                refused = gate.refusal(decision)
-        except MeterkitError as exc:
-            refused = gate.failure(exc, step)
-        if refused is not None:
-            await _respond(send, refused)
-            return
+        self.method = scope["method"]
+        self.path = path
+        self.scheme = scope.get("scheme", "http")
+        self.peer = client[0] if client else None
+        self.authorization = authorization
+        self.idempotency_key = idempotency_key
+        self.forwarded_proto = forwarded_proto
+        self._params = params
+        self._segments = None
+        self._route = None
+        self.native = scope if native is None else native
+        self._scope = scope
 
-        admission = Admission(key, decision)
-        scope["meterkit"] = admission
-        state = scope.get("state")
-        if state is None:
-            scope["state"] = {"meterkit": admission}
-        else:
-            state["meterkit"] = admission
-        started = False
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode("latin-1")
+        found = [v.decode("latin-1") for k, v in self._scope["headers"] if k == wanted]
+        return ", ".join(found) if found else None
 
-        async def send_metered(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start" and not started:
-                started = True
-                refunded = gate.refunds(message["status"], decision) and await self._give_back(
-                    decision
-                )
+    @property
+    def headers(self) -> dict[str, str]:  # type: ignore[override]
+        found: dict[str, str] = {}
+        for k, v in self._scope["headers"]:
+            name, value = k.decode("latin-1"), v.decode("latin-1")
+            found[name] = f"{found[name]}, {value}" if name in found else value
+        return found
+
+
+async def respond(send: Send, response: Response) -> None:
+    """Send the gate's refusal."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": raw_headers(response.headers),
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def run_metered(gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run the app; the response of a request that was admitted (``scope["meterkit"]``,
+    set before it runs or by a framework route while it runs) gets its headers, and
+    its refund when the status asks for one."""
+    started = False
+
+    async def send_metered(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start" and not started:
+            started = True
+            admission = scope.get("meterkit")
+            if admission is not None:
+                extra = await gate.finish(admission, message["status"])
                 headers = list(message.get("headers", ()))
-                names = _NAMES
-                for name, value in gate.admitted_headers(decision, refunded).items():
-                    headers.append((names.get(name) or _name(name), value.encode("latin-1")))
+                headers.extend(raw_headers(extra.items()))
                 # A new message: the app may send the same dict again (a constant).
                 message = {**message, "headers": headers}
-            await send(message)
+        await send(message)
 
-        try:
-            await self.app(scope, receive, send_metered)
-        except Exception:
-            # The server answers 500 for an app that raised before responding.
-            if not started and gate.refunds(500, decision):
-                await self._give_back(decision)
-            raise
+    try:
+        await app(scope, receive, send_metered)
+    except Exception:
+        # The server answers 500 for an app that raised before responding.
+        admission = scope.get("meterkit")
+        if not started and admission is not None:
+            await gate.finish(admission, 500)
+        raise
 
-    async def _give_back(self, decision: Any) -> bool:
-        try:
-            if self._refund_awaits:
-                return bool(await self._refund(decision))
-            return bool(self._refund(decision))
-        except MeterkitError as exc:
-            # The app's answer matters more than the refund: log it and carry on.
-            logger.warning(
-                "meterkit: could not refund charge %s of %s (%s): %s",
-                decision.charge_id,
-                decision.key,
-                decision.operation,
-                exc,
+
+def admitted(scope: Scope, admission: Admission) -> None:
+    """Hand the admission to the app: ``scope["meterkit"]`` and Starlette's state."""
+    scope["meterkit"] = admission
+    state = scope.get("state")
+    if state is None:
+        scope["state"] = {"meterkit": admission}
+    else:
+        state["meterkit"] = admission
+
+
+def starlette_serves(app: Any) -> Callable[[str, str], bool] | None:
+    """Whether a Starlette (or FastAPI) app serves ``method path``, asked of its own
+    routes (mounts included); None for an app that is not one."""
+    routes = _routes_of(app)
+    if routes is None:
+        return None
+
+    def serves(method: str, path: str) -> bool:
+        scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+        return _serves(routes, scope)
+
+    return serves
+
+
+def _routes_of(app: Any) -> list[Any] | None:
+    # add_middleware builds its stack lazily: below meterkit sit other middlewares and
+    # the router, each holding the next as ``app``.
+    for _ in range(32):
+        routes = getattr(app, "routes", None)
+        if isinstance(routes, list):
+            return routes
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def _serves(routes: list[Any], scope: dict[str, Any]) -> bool:
+    for route in routes:
+        matches = getattr(route, "matches", None)
+        if matches is None:
+            continue
+        match, child = matches(scope)
+        if match.name != "FULL":
+            continue
+        inner = getattr(route, "routes", None)
+        if isinstance(inner, list) and inner and not getattr(route, "methods", None):
+            # A mount: its own routes decide.
+            if _serves(inner, {**scope, **child}):
+                return True
+            continue
+        return True
+    return False
+
+
+class MeterMiddleware:
+    """Meter every HTTP request to ``app``: HTTPS, API key, permission, limits, credits.
+
+    Options are those of :class:`meterkit.http.gate.Gate`: ``routes``, ``operation``,
+    ``org``, ``caller``, ``cost``, ``trusted_proxies``, ``exclude``, ``refund_statuses``,
+    ``require_https``, ``render``, ``headers``, ``credits_retry_after``.
+
+    The admitted request's :class:`Admission` (key and decision) is in
+    ``scope["meterkit"]`` and, for Starlette and FastAPI, ``request.state.meterkit``.
+    """
+
+    def __init__(self, app: ASGIApp, *, meter: Any, keystore: Any = None, **options: Any) -> None:
+        self.app = app
+        self.meter = meter
+        self.keystore = keystore
+        self.gate = Gate(meter, keystore, **options)
+        if self.gate.router is None and options.get("operation") is None:
+            raise ConfigurationError(
+                "the middleware has no routes: add a [routes] table to the policy mapping "
+                "'METHOD /path' to operations (or pass routes= or operation=); to name "
+                "operations on the framework's routes, use meterkit.fastapi",
+                "routes",
             )
-            return False
+        # The route table against the framework's routes: at the first lifespan or
+        # request, when the app's routes are all defined.
+        self._drift: str | None = None
+        self._compared = False
+
+    def __repr__(self) -> str:
+        return f"MeterMiddleware(app={self.app!r}, meter={self.meter!r})"
+
+    def _compare(self, scope: Scope) -> None:
+        self._compared = True
+        serves = starlette_serves(self.app) or starlette_serves(scope.get("app"))
+        if serves is not None:
+            try:
+                self.gate.refuse_drift(serves, "Starlette")
+            except ConfigurationError as exc:
+                self._drift = str(exc)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan" and not self._compared:
+                self._compare(scope)
+                if self._drift is not None:
+                    await receive()  # lifespan.startup
+                    await send({"type": "lifespan.startup.failed", "message": self._drift})
+                    return
+            await self.app(scope, receive, send)
+            return
+        if not self._compared:
+            self._compare(scope)
+        if self._drift is not None:
+            raise ConfigurationError(self._drift)
+        gate = self.gate
+        found = await gate.admit(ScopeView(scope))
+        if found is None:
+            await self.app(scope, receive, send)
+        elif found.__class__ is Response:
+            await respond(send, found)
+        else:
+            admitted(scope, found)  # type: ignore[arg-type]
+            await run_metered(gate, self.app, scope, receive, send)
+
+
+class Responder:
+    """The ASGI half of a framework adapter (:mod:`meterkit.http.fastapi`): marks each
+    request with its gate, and adds the headers (and refunds) of the requests a
+    framework route admitted."""
+
+    def __init__(self, app: ASGIApp, *, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[GATE_KEY] = self.gate
+        await run_metered(self.gate, self.app, scope, receive, send)

@@ -1,25 +1,32 @@
-"""The HTTP side of metering, written once: a request gate that does no I/O.
+"""The HTTP side of metering, written once: the gate every shell calls.
 
-:mod:`meterkit.http.asgi` and :mod:`meterkit.http.wsgi` are thin shells around :class:`Gate`.
-A shell reads the few things the gate needs out of its server's request (method,
-path, scheme, peer address, three headers), and the gate answers with one of:
+:mod:`meterkit.http.asgi`, :mod:`meterkit.http.wsgi`, :mod:`meterkit.http.fastapi`,
+:mod:`meterkit.http.flask` and :mod:`meterkit.http.django` are thin shells around
+:class:`Gate`. A shell reads its server's request into a :class:`RequestView` and
+calls the gate, which answers with one of:
 
-- ``None``: the request is not metered (an excluded path); run the app untouched;
-- a :class:`Response`: refuse now (plain HTTP, no such route, a malformed header);
-- a :class:`Pending` request: authenticate ``pending.authorization`` for
-  ``pending.org`` with ``pending.permission``, then ask :meth:`Gate.unrouted` whether
-  the path has an operation, then check ``pending.operation`` with the meter.
+- ``None``: the request is not metered (an excluded path, or an operation callable
+  that names none); run the app untouched;
+- a :class:`Response`: refuse in the app's place (plain HTTP, no such route, a bad key,
+  a rate limit, no credits), with its status, headers and body;
+- an :class:`Admission`: the authenticated key and the meter's decision; run the app,
+  then hand its status to :meth:`Gate.finish`, which refunds what
+  ``refund_statuses`` says and returns the headers to add to the app's response.
 
-The shell makes those two calls — blocking or awaited, the only difference between
-the shells — and hands any meterkit error to :meth:`Gate.failure`, a decision to
-:meth:`Gate.refusal` (a denial) or :meth:`Gate.admitted_headers` (the headers to add
-to the app's response), and the app's status to :meth:`Gate.refunds`.
+Every option is decided here, once, when the gate is made: where the organization
+comes from (``org``), who is calling (``caller``), which operation (the route table,
+a framework route naming it, or a callable), what it costs (``cost``), how refusals
+look (``render``) and which headers go out (``headers``). The gate does no I/O of its
+own: it calls the key store and the meter it was given. Its two entry points are
+coroutines; a blocking shell drives them with :func:`blocking` (they never wait when
+the meter and key store are synchronous), so the one flow serves both kinds of server.
 
-Per request, in this order: excluded paths pass; HTTPS is required; the route is
-looked up (a trie compiled once from ``policy.routes``); the key is authenticated
-for the path's organization with the operation's permission; unknown routes of an
-authenticated caller get 404 (405 when only the method is wrong); the meter admits
-and charges, or refuses with the seed's body, status and headers.
+Per request, in this order: excluded paths pass; HTTPS is required; the operation is
+found (a trie compiled once from the route table, or given by the framework route);
+the organization is read; the caller is identified (the bearer key, authenticated for
+that organization with the operation's permission, or a key function); unknown routes
+of an authenticated caller get 404 (405 when only the method is wrong); the meter
+admits and charges, or refuses.
 """
 
 from __future__ import annotations
@@ -27,19 +34,22 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import logging
-from collections.abc import Container, Iterable, Mapping
+import re
+from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from inspect import iscoroutinefunction
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
-from meterkit.core.credits import from_micro
-from meterkit.core.routes import ORG_PARAM, parse_route
+from meterkit.core.credits import from_micro, to_micro
+from meterkit.core.routes import ORG_PARAM, check_routes, parse_route, route_params
 from meterkit.errors import (
     AuthenticationError,
     BackendError,
     BackendUnavailable,
     ConfigurationError,
+    InvalidAmountError,
     InvalidIdentifierError,
     InvalidRequestError,
     MeterkitError,
@@ -49,7 +59,18 @@ if TYPE_CHECKING:
     from meterkit.core.decision import Decision
     from meterkit.core.policy import Policy
 
-__all__ = ["REFUNDED", "Admission", "Gate", "Pending", "Response", "Route", "Router"]
+__all__ = [
+    "HEADER_GROUPS",
+    "REFUNDED",
+    "Admission",
+    "Gate",
+    "RequestView",
+    "Response",
+    "Route",
+    "Router",
+    "Target",
+    "blocking",
+]
 
 logger = logging.getLogger("meterkit")
 
@@ -57,49 +78,77 @@ _MAX_IDEMPOTENCY_KEY: Final = 256
 _encode = msgspec.json.Encoder().encode
 JSON: Final = ("Content-Type", "application/json")
 
+#: A renderer of refusals: ``(status, code, message, retry_after, decision)`` to
+#: ``(status, headers, body)``; see :class:`Gate`.
+Renderer = Callable[
+    [int, str, str, "int | None", "Decision | None"],
+    tuple[int, "Iterable[tuple[str, str]] | Mapping[str, str]", "bytes | str | Mapping[str, Any]"],
+]
+
 
 def error_body(type_: str, code: str, message: str, status: int) -> bytes:
     """A JSON error body in the seed's shape."""
     return _encode({"error": {"type": type_, "code": code, "message": message, "status": status}})
 
 
-HTTPS_REQUIRED_BODY: Final = error_body(
-    "invalid_request_error", "https_required", "All API requests must be made over HTTPS.", 403
+# The gate's own refusals: (status, type, code, message).
+_HTTPS_REQUIRED = (
+    403,
+    "invalid_request_error",
+    "https_required",
+    "All API requests must be made over HTTPS.",
 )
-NOT_FOUND_BODY: Final = error_body(
-    "invalid_request_error", "not_found", "No API endpoint matches this path.", 404
-)
-METHOD_NOT_ALLOWED_BODY: Final = error_body(
+_NOT_FOUND = (404, "invalid_request_error", "not_found", "No API endpoint matches this path.")
+_METHOD_NOT_ALLOWED = (
+    405,
     "invalid_request_error",
     "method_not_allowed",
     "This API endpoint does not accept this HTTP method.",
-    405,
 )
-INVALID_IDEMPOTENCY_KEY_BODY: Final = error_body(
+_INVALID_IDEMPOTENCY_KEY = (
+    400,
     "invalid_request_error",
     "invalid_idempotency_key",
     "The Idempotency-Key header must be 1 to 256 printable characters without commas, sent once.",
-    400,
 )
-IDEMPOTENCY_KEY_REUSED_BODY: Final = error_body(
+_IDEMPOTENCY_KEY_REUSED = (
+    422,
     "invalid_request_error",
     "idempotency_key_reused",
     "This Idempotency-Key was already used for a different request.",
-    422,
 )
-INVALID_REQUEST_BODY: Final = error_body(
-    "invalid_request_error", "invalid_request", "The request could not be processed.", 400
+_INVALID_REQUEST = (
+    400,
+    "invalid_request_error",
+    "invalid_request",
+    "The request could not be processed.",
 )
-UNAVAILABLE_BODY: Final = error_body(
+_ORGANIZATION_REQUIRED = (
+    400,
+    "invalid_request_error",
+    "organization_required",
+    "This request does not say which organization it is for.",
+)
+_CALLER_REQUIRED = (
+    400,
+    "invalid_request_error",
+    "caller_required",
+    "This request does not say who is calling.",
+)
+_UNAVAILABLE = (
+    503,
     "api_error",
     "service_unavailable",
     "The API is temporarily unavailable. Try again shortly.",
-    503,
 )
+
+HTTPS_REQUIRED_BODY: Final = error_body(*_HTTPS_REQUIRED[1:], 403)
+NOT_FOUND_BODY: Final = error_body(*_NOT_FOUND[1:], 404)
+METHOD_NOT_ALLOWED_BODY: Final = error_body(*_METHOD_NOT_ALLOWED[1:], 405)
 
 
 class Response:
-    """An answer the gate gives in the app's place: status, headers, JSON body."""
+    """An answer the gate gives in the app's place: status, headers, body."""
 
     __slots__ = ("body", "headers", "status")
 
@@ -126,25 +175,196 @@ def status_line(status: int) -> str:
     return line if line is not None else f"{status} Unknown"
 
 
-def _fixed(status: int, body: bytes, *extra: tuple[str, str]) -> Response:
-    return Response(status, [JSON, ("Content-Length", str(len(body))), *extra], body)
+class RequestView:
+    """What the gate reads of one request, and what the user's callables receive.
+
+    ``method``, ``path`` (below the app's root), ``scheme``, ``peer`` (the connection's
+    address), ``params`` (the path parameters: of the matched route, or the framework's
+    own), ``native`` (the framework's request: an ASGI scope or Starlette ``Request``, a
+    WSGI environ, a ``flask.Request``, a Django ``HttpRequest``) and :meth:`header`.
+    Shells fill one per request from what they read anyway; the rest is read only when
+    a callable or an option asks.
+    """
+
+    __slots__ = (
+        "_params",
+        "_route",
+        "_segments",
+        "authorization",
+        "forwarded_proto",
+        "headers",
+        "idempotency_key",
+        "method",
+        "native",
+        "path",
+        "peer",
+        "scheme",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        *,
+        scheme: str = "https",
+        peer: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        native: Any = None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.scheme = scheme
+        self.peer = peer
+        #: Lower-cased header names to values (shells read theirs in place instead).
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self.authorization: str | bytes | None = self.headers.get("authorization")
+        self.idempotency_key: str | None = self.headers.get("idempotency-key")
+        self.forwarded_proto: str | None = self.headers.get("x-forwarded-proto")
+        self._params: Mapping[str, str] | None = params
+        self._segments: list[str] | None = None
+        self._route: Route | None = None
+        self.native = native
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.method} {self.path})"
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (any case), or None."""
+        return self.headers.get(name.lower())
+
+    @property
+    def params(self) -> Mapping[str, str]:
+        """The path parameters (``{"project_id": "proj_1"}``)."""
+        params = self._params
+        if params is None:
+            route, segments = self._route, self._segments
+            if route is None or segments is None:
+                params = {}
+            else:
+                params = {name: segments[i] for name, i in route.params.items()}
+            self._params = params
+        return params
+
+
+# -- where the organization and the caller come from ------------------------------------
+
+# A source is (kind, argument): how a value is read from a request.
+_KEY = 0  # org: the authenticated key's own; caller: the bearer key
+_SEGMENT = 1  # a path segment of a table route (argument: its index)
+_PARAM = 2  # a path parameter by name (the framework's, or a table route's)
+_HEADER = 3  # a header by (lower-cased) name
+_CALL = 4  # a callable of the RequestView
+_IP = 5  # caller: the client's address, behind trusted proxies
+_AUTO = 6  # org: {organization_id} of a table route when it has one, else the key
+
+Source = tuple[int, Any]
+_DEFAULT: Any = object()
+
+
+def _source(spec: object, what: str, allowed: tuple[str, ...]) -> Source:
+    """A ``"key"``/``"ip"``/``"path:<param>"``/``"header:<name>"`` spec or a callable, parsed."""
+    if callable(spec):
+        return (_CALL, spec)
+    if isinstance(spec, str):
+        kind, _, name = spec.partition(":")
+        if kind in allowed:
+            if kind == "key" and not name:
+                return (_KEY, None)
+            if kind == "ip" and not name:
+                return (_IP, None)
+            if kind == "path" and name.isidentifier():
+                return (_PARAM, name)
+            if kind == "header" and re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                return (_HEADER, name.lower())
+    shapes = ", ".join(
+        {"key": "'key'", "ip": "'ip'", "path": "'path:<param>'", "header": "'header:<name>'"}[k]
+        for k in allowed
+    )
+    raise ConfigurationError(f"is one of {shapes} or a callable of the request, not {spec!r}", what)
+
+
+def _org_source(spec: object, what: str = "org") -> Source:
+    if spec is None:
+        return (_AUTO, None)
+    return _source(spec, what, ("key", "path", "header"))
+
+
+def _caller_source(spec: object, what: str = "caller") -> Source:
+    return _source(spec, what, ("key", "ip", "header"))
+
+
+def _cost_of(spec: object, what: str = "cost") -> Any:
+    """None (the table price), a callable of the request, or a fixed amount (checked now)."""
+    if spec is None or callable(spec):
+        return spec
+    try:
+        to_micro(spec, what)
+    except InvalidAmountError as exc:
+        raise ConfigurationError(str(exc), what) from None
+    return spec
+
+
+_T = TypeVar("_T")
+
+
+def _per_operation(
+    spec: object, operations: Container[str], what: str, parse: Callable[[object, str], _T]
+) -> tuple[_T | None, dict[str, _T]]:
+    """An option given once, or per operation as a mapping (``"*"``: the others)."""
+    if not isinstance(spec, Mapping):
+        return parse(spec, what), {}
+    default = None
+    chosen: dict[str, _T] = {}
+    for name, value in spec.items():
+        if name == "*":
+            default = parse(value, f"{what}['*']")
+        elif isinstance(name, str) and name in operations:
+            chosen[name] = parse(value, f"{what}[{name!r}]")
+        else:
+            raise ConfigurationError(f"unknown operation {name!r}", what)
+    return default, chosen
+
+
+class Target:
+    """One metered operation as a request reaches it, compiled once: the operation and
+    its permission, where its organization and caller come from, and its cost."""
+
+    __slots__ = ("by_key", "caller", "cost", "operation", "org", "permission")
+
+    def __init__(
+        self, operation: str, permission: str | None, org: Source, caller: Source, cost: Any
+    ) -> None:
+        self.operation = operation
+        self.permission = permission
+        self.org = org
+        self.caller = caller
+        #: The caller is the bearer key, authenticated by the key store.
+        self.by_key = caller[0] == _KEY
+        self.cost = cost
+
+    def __repr__(self) -> str:
+        return f"Target({self.operation!r})"
+
+
+# -- the route table ---------------------------------------------------------------------
 
 
 class Route:
-    """One entry of ``policy.routes``: a method and path template, and its operation."""
+    """One entry of the route table: a method and path template, and its target."""
 
-    __slots__ = ("method", "operation", "org_index", "permission", "template")
+    __slots__ = ("method", "operation", "params", "permission", "target", "template")
 
     def __init__(
-        self, method: str, template: str, operation: str, permission: str | None, org_index: int
+        self, method: str, template: str, target: Target, params: Mapping[str, int]
     ) -> None:
         self.method = method
         self.template = template
-        self.operation = operation
-        self.permission = permission
-        #: Which ``/``-separated segment of the path (0 is the empty one before the
-        #: leading slash) holds the organization id.
-        self.org_index = org_index
+        self.target = target
+        self.operation = target.operation
+        self.permission = target.permission
+        #: Each path parameter and its place in ``path.split("/")``.
+        self.params = params
 
     def __repr__(self) -> str:
         return f"Route({self.method} {self.template} -> {self.operation})"
@@ -162,27 +382,40 @@ class _Node:
 
 
 class Router:
-    """``policy.routes`` compiled once into a trie of path segments.
+    """A route table compiled once into a trie of path segments.
 
     Matching splits the path on ``/`` and walks the trie, preferring a literal segment
     to a parameter (``/invoices/export`` before ``/invoices/{invoice_id}``). No regular
-    expression runs per request. ``HEAD`` falls back to the ``GET`` route.
+    expression runs per request. ``HEAD`` falls back to the ``GET`` route. The table
+    is checked as a :class:`~meterkit.core.policy.Policy` checks it (one validation).
     """
 
-    __slots__ = ("_org_prefixes", "_root", "routes")
+    __slots__ = ("_heads", "_org_prefixes", "_root", "routes")
 
-    def __init__(self, routes: Mapping[str, str], policy: Policy) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, str],
+        policy: Policy,
+        target: Callable[[str, Mapping[str, int]], Target] | None = None,
+    ) -> None:
         operations = policy.operations
+        check_routes(routes, operations)
         self._root = _Node()
         self.routes: list[Route] = []
         prefixes: set[tuple[str, ...]] = set()
+        heads: set[str] = set()
         for spec, operation in routes.items():
             method, template, segments = parse_route(spec)
-            op = operations.get(operation)
-            if op is None:
-                raise ConfigurationError(f"unknown operation {operation!r}", f"routes.{spec!r}")
-            org_index = segments.index("{" + ORG_PARAM + "}") + 1
-            prefixes.add(tuple(segments[: org_index - 1]))
+            params = route_params(segments)
+            if target is None:
+                org = (_SEGMENT, params[ORG_PARAM]) if ORG_PARAM in params else (_KEY, None)
+                found = Target(operation, operations[operation].permission, org, (_KEY, None), None)
+            else:
+                found = target(operation, params)
+            if ORG_PARAM in params:
+                prefixes.add(tuple(segments[: params[ORG_PARAM] - 1]))
+            # ("" stands for a route whose first segment is a parameter: every path)
+            heads.add("" if segments[0].startswith("{") else segments[0])
             node = self._root
             for seg in segments:
                 if seg.startswith("{"):
@@ -191,13 +424,13 @@ class Router:
                     node = node.param
                 else:
                     node = node.literal.setdefault(seg, _Node())
-            # (a method and template routed twice was refused by the Policy itself)
-            route = Route(method, template, operation, op.permission, org_index)
+            route = Route(method, template, found, params)
             node.routes[method] = route
             self.routes.append(route)
         # Where an organization id sits in paths of this API: ("organizations",) for
         # /organizations/{organization_id}/...; used for paths that match no route.
         self._org_prefixes = tuple(sorted(prefixes, key=len))
+        self._heads = frozenset(heads)
 
     def match(self, method: str, segments: list[str]) -> Route | None:
         """The route of ``method`` on this path (``segments`` = ``path.split("/")``)."""
@@ -243,6 +476,11 @@ class Router:
                 return segments[n + 1] or None
         return None
 
+    def owns(self, segments: list[str]) -> bool:
+        """Whether a path is under the API's routes (its first segment starts one)."""
+        heads = self._heads
+        return "" in heads or (len(segments) > 1 and segments[1] in heads)
+
 
 def _walk(node: _Node, segments: list[str], i: int, method: str | None) -> _Node | None:
     """The trie node of the path, for ``method`` (or for any method when None)."""
@@ -261,8 +499,11 @@ def _walk(node: _Node, segments: list[str], i: int, method: str | None) -> _Node
     return None
 
 
+# -- proxies and exclusions ------------------------------------------------------------
+
+
 class _Proxies:
-    """Addresses whose ``X-Forwarded-Proto`` is believed: IPs, networks, or ``*``."""
+    """Addresses whose ``X-Forwarded-*`` headers are believed: IPs, networks, or ``*``."""
 
     __slots__ = ("addresses", "anyone", "networks")
 
@@ -342,55 +583,27 @@ def _exclusions(exclude: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]
     return frozenset(exact), tuple(prefixes)
 
 
-class Pending:
-    """A request to authenticate and check: what the shell passes to the key store and meter."""
-
-    __slots__ = (
-        "authorization",
-        "idempotency_key",
-        "method",
-        "operation",
-        "org",
-        "permission",
-        "segments",
-    )
-
-    def __init__(
-        self,
-        org: str,
-        route: Route | None,
-        authorization: str | bytes | None,
-        idempotency_key: str | None,
-        method: str,
-        segments: list[str],
-    ) -> None:
-        self.org = org
-        self.authorization = authorization
-        self.idempotency_key = idempotency_key
-        self.method = method
-        self.segments = segments
-        #: None when no route matches: the caller is still authenticated, then refused.
-        self.operation = route.operation if route is not None else None
-        self.permission = route.permission if route is not None else None
-
-
 class Admission:
-    """What the middleware learnt about an admitted request, for the app to read.
+    """What the gate learnt about an admitted request, for the app to read.
 
-    The ASGI middleware puts it in ``scope["meterkit"]`` (and ``request.state.meterkit``
-    in Starlette and FastAPI); the WSGI one in ``environ["meterkit"]``.
+    The ASGI shells put it in ``scope["meterkit"]`` (and ``request.state.meterkit`` in
+    Starlette and FastAPI), the WSGI ones in ``environ["meterkit"]``, Django's in
+    ``request.meterkit``.
     """
 
-    __slots__ = ("decision", "key")
+    __slots__ = ("decision", "key", "refunded")
 
     def __init__(self, key: Any, decision: Decision) -> None:
-        #: The authenticated :class:`~meterkit.ApiKey` (id, org, mode, permissions, …).
+        #: The authenticated :class:`~meterkit.ApiKey` (id, org, mode, permissions, …);
+        #: None when a key function named the caller (``decision.key`` is its identity).
         self.key = key
         #: The meter's :class:`~meterkit.Decision`: operation, credits charged and left, …
         self.decision = decision
+        #: Its credits were returned (the app answered a status of ``refund_statuses``).
+        self.refunded = False
 
     def __repr__(self) -> str:
-        return f"Admission(key={self.key.id!r}, operation={self.decision.operation!r})"
+        return f"Admission(key={self.decision.key!r}, operation={self.decision.operation!r})"
 
 
 # Invalid marker for a header sent more than once where once is the rule.
@@ -401,24 +614,95 @@ DUPLICATE: Final = "\x00"
 #: method not allowed, 422 unreadable body: a framework's own answers) and its failures.
 REFUNDED: frozenset[int] = frozenset({404, 405, 422, *range(500, 600)})
 
+#: The header groups an admitted or refused response can carry (``headers=``).
+HEADER_GROUPS: Final = ("ietf", "x-ratelimit", "x-credits")
+
+# Placeholder values of a path parameter, to ask a framework whether it serves a route.
+_SAMPLES: Final = ("1", "x", "00000000-0000-4000-8000-000000000000")
+
+
+def blocking(step: Coroutine[Any, Any, _T]) -> _T:
+    """Run one of the gate's coroutines to its end without an event loop: for blocking
+    servers, whose meter and key store never wait."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    step.close()
+    raise ConfigurationError(
+        "a blocking server needs a synchronous meter and key store (meterkit.Meter)"
+    )
+
 
 class Gate:
-    """Everything the middlewares decide, for one policy and one set of options.
+    """Everything the shells decide, for one meter and one set of options.
 
-    ``trusted_proxies``: addresses (or networks, or ``"*"``) whose ``X-Forwarded-Proto``
-    is believed, for servers that do not rewrite the scheme themselves.
-    ``exclude``: paths that are not metered at all (``"/health"``, or ``"/docs*"`` for a
-    prefix); they skip HTTPS, authentication and metering.
-    ``refund_statuses``: app answers whose credits are returned (default
-    :data:`REFUNDED`: 404, 405 and 422, which the framework gives a request the app did
-    not serve or could not read, and every 5xx; ``()`` never refunds).
-    ``require_https=False`` is for local development only.
+    ``meter`` is a :class:`~meterkit.Meter` or :class:`~meterkit.AsyncMeter`; its policy
+    prices the operations. ``keystore`` authenticates bearer keys (not needed when
+    every caller comes from a key function). Options:
+
+    - ``routes``: the route table (default: the policy's ``[routes]``); ``{}`` for none,
+      when the framework's routes name their operations.
+    - ``operation``: a callable of the :class:`RequestView` returning an operation's
+      name, or None for a request that is not metered; asked for paths the table
+      does not route.
+    - ``org``: where the organization comes from: ``"key"`` (the authenticated key's
+      own), ``"path:<param>"``, ``"header:<name>"``, or a callable of the request.
+      Default: a route's ``{organization_id}`` when it has one, else the key's. When
+      the caller is a key, an organization read from the request is checked against
+      the key by the key store (``organization_not_found``).
+    - ``caller``: who is calling: ``"key"`` (the bearer key, default), ``"ip"`` (the
+      client's address: the connection's, or behind ``trusted_proxies`` the last
+      untrusted ``X-Forwarded-For`` hop), ``"header:<name>"`` or a callable returning
+      an identity. A caller that is not a key is metered as itself (its own key-scoped
+      tiers), in the organization ``org`` names, or its own.
+    - ``cost``: a callable of the request returning the price (a size-based price),
+      or a fixed amount; default the operation's table price.
+
+      ``org``, ``caller`` and ``cost`` may each be a mapping from operation names to
+      such values (``"*"`` for the rest): ``caller={"auth.login": "ip"}``.
+    - ``trusted_proxies``: addresses (or networks, or ``"*"``) whose ``X-Forwarded-Proto``
+      (and, for ``caller="ip"``, ``X-Forwarded-For``) are believed.
+    - ``exclude``: paths that are not metered at all (``"/health"``, or ``"/docs*"``).
+    - ``refund_statuses``: app answers whose credits are returned (default
+      :data:`REFUNDED`: 404, 405, 422 and every 5xx; ``()`` never refunds).
+    - ``require_https=False`` is for local development only.
+    - ``render``: ``render(status, code, message, retry_after, decision)`` returns
+      ``(status, headers, body)`` for every refusal; ``body`` is bytes, text or a
+      JSON-ready mapping; its headers are sent with meterkit's own (``RateLimit``,
+      ``Retry-After``, ``WWW-Authenticate``, ``Allow``), and a ``Content-Type`` among
+      them replaces ``application/json``. Default: the seed's bodies.
+    - ``headers``: the header groups sent, of :data:`HEADER_GROUPS` (``"ietf"``:
+      ``RateLimit``, ``RateLimit-Policy``; ``"x-ratelimit"``: ``X-RateLimit-*``;
+      ``"x-credits"``: ``X-Credits-*``). Default: all three, less ``x-credits`` when
+      the policy prices nothing (billing off).
+    - ``credits_retry_after=True`` sends ``Retry-After`` on a 402 too (the seconds
+      until the credits reset, often weeks).
     """
 
     __slots__ = (
+        "_authenticate",
+        "_authenticate_awaits",
+        "_check",
+        "_check_awaits",
+        "_credits",
+        "_credits_retry",
+        "_default",
         "_excluded",
         "_excluded_prefixes",
+        "_fixed",
+        "_ietf",
+        "_legacy",
+        "_operation",
+        "_org_from_path",
         "_proxies",
+        "_refund",
+        "_refund_awaits",
+        "_render",
+        "_targets",
+        "keystore",
+        "meter",
+        "policy",
         "refund_statuses",
         "require_https",
         "router",
@@ -426,134 +710,372 @@ class Gate:
 
     def __init__(
         self,
-        policy: Policy,
+        meter: Any,
+        keystore: Any = None,
         *,
+        routes: Mapping[str, str] | None = None,
+        operation: Callable[[RequestView], str | None] | None = None,
+        org: Any = None,
+        caller: Any = "key",
+        cost: Any = None,
         trusted_proxies: Iterable[str] = (),
         exclude: Iterable[str] = (),
         refund_statuses: Container[int] = REFUNDED,
         require_https: bool = True,
+        render: Renderer | None = None,
+        headers: Iterable[str] | None = None,
+        credits_retry_after: bool = False,
     ) -> None:
-        if not policy.routes:
-            raise ConfigurationError(
-                "the policy has no routes: add a [routes] table mapping "
-                "'METHOD /organizations/{organization_id}/…' to operations",
-                "routes",
-            )
-        if not isinstance(require_https, bool):
-            raise ConfigurationError("require_https is true or false", "require_https")
+        policy = getattr(meter, "policy", None)
+        if policy is None or not callable(getattr(meter, "check", None)):
+            raise ConfigurationError("is a meterkit.Meter or AsyncMeter", "meter")
+        self.meter = meter
+        self.policy = policy
+        self.keystore = keystore
+        for name, value in (("require_https", require_https), ("credits", credits_retry_after)):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{name} is true or false", name)
         if not isinstance(refund_statuses, Container):
             raise ConfigurationError(
                 "refund_statuses is a collection of HTTP statuses, such as range(500, 600)",
                 "refund_statuses",
             )
-        self.router = Router(policy.routes, policy)
+        if operation is not None and not callable(operation):
+            raise ConfigurationError("is a callable of the request, or None", "operation")
+        if render is not None and not callable(render):
+            raise ConfigurationError(
+                "is a callable (status, code, message, retry_after, decision)", "render"
+            )
+        operations = policy.operations
+        org_default, org_chosen = _per_operation(org, operations, "org", _org_source)
+        caller_default, caller_chosen = _per_operation(caller, operations, "caller", _caller_source)
+        cost_default, cost_chosen = _per_operation(cost, operations, "cost", _cost_of)
+        self._default = (
+            org_default or (_AUTO, None),
+            caller_default or (_KEY, None),
+            cost_default,
+            org_chosen,
+            caller_chosen,
+            cost_chosen,
+        )
+        if keystore is None:
+            self._authenticate: Any = None
+            self._authenticate_awaits = False
+            if operation is not None and self._default[1] == (_KEY, None):
+                raise ConfigurationError(
+                    "a key store authenticates bearer keys: pass keystore=, or a caller= "
+                    "other than 'key'",
+                    "keystore",
+                )
+        else:
+            authenticate = getattr(keystore, "authenticate", None)
+            if not callable(authenticate):
+                raise ConfigurationError("is a meterkit key store", "keystore")
+            self._authenticate = authenticate
+            self._authenticate_awaits = iscoroutinefunction(authenticate)
+        self._targets: dict[str, Target] = {}
+        table = policy.routes if routes is None else routes
+        if not isinstance(table, Mapping):
+            raise ConfigurationError("is a mapping of 'METHOD /path' to operations", "routes")
+        self.router = Router(table, policy, self._table_target) if table else None
+        self._operation = operation
+        self._org_from_path = self._default[0][0] in (_AUTO, _SEGMENT, _PARAM)
+        self._check = meter.check
+        self._check_awaits = iscoroutinefunction(meter.check)
+        self._refund = meter.refund
+        self._refund_awaits = iscoroutinefunction(meter.refund)
         self._proxies = _Proxies(trusted_proxies)
         self._excluded, self._excluded_prefixes = _exclusions(exclude)
         self.refund_statuses = refund_statuses
         self.require_https = require_https
+        self._render = render
+        groups = self._header_groups(headers)
+        self._ietf = "ietf" in groups
+        self._legacy = "x-ratelimit" in groups
+        self._credits = "x-credits" in groups
+        self._credits_retry = credits_retry_after
+        # The fixed refusals, built once.
+        self._fixed = {
+            spec: self._refusal(*spec)
+            for spec in (
+                _HTTPS_REQUIRED,
+                _NOT_FOUND,
+                _INVALID_IDEMPOTENCY_KEY,
+                _IDEMPOTENCY_KEY_REUSED,
+                _INVALID_REQUEST,
+                _ORGANIZATION_REQUIRED,
+                _CALLER_REQUIRED,
+            )
+        }
+        self._fixed[_UNAVAILABLE] = self._refusal(*_UNAVAILABLE, extra=[("Retry-After", "1")])
 
-    # -- before the key store -------------------------------------------------------------
+    def __repr__(self) -> str:
+        routes = len(self.router.routes) if self.router else 0
+        return f"Gate(policy={self.policy.name!r}, routes={routes})"
 
-    def begin(
+    # -- configuration -----------------------------------------------------------------
+
+    def _header_groups(self, headers: Iterable[str] | None) -> frozenset[str]:
+        if headers is None:
+            billing = any(op.price_micro for op in self.policy.costs.operations)
+            return frozenset(HEADER_GROUPS if billing else HEADER_GROUPS[:2])
+        if isinstance(headers, str) or not isinstance(headers, Iterable):
+            raise ConfigurationError(f"is a list of {', '.join(HEADER_GROUPS)}", "headers")
+        groups = frozenset(headers)
+        unknown = sorted(str(g) for g in groups - set(HEADER_GROUPS))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown header group {unknown[0]!r}; the groups are {', '.join(HEADER_GROUPS)}",
+                "headers",
+            )
+        return groups
+
+    def _all_targets(self) -> list[Target]:
+        return [r.target for r in self.router.routes] if self.router else []
+
+    def _table_target(self, operation: str, params: Mapping[str, int]) -> Target:
+        """The target of a route-table entry, whose path parameters are known."""
+        target = self.target(operation)
+        kind, argument = target.org
+        where = f"routes.'{operation}'"
+        if kind == _AUTO:
+            if ORG_PARAM in params:
+                org: Source = (_SEGMENT, params[ORG_PARAM])
+            elif target.by_key:
+                org = (_KEY, None)
+            else:
+                org = (_AUTO, None)  # the caller's own
+        elif kind == _PARAM:
+            if argument not in params:
+                raise ConfigurationError(
+                    f"org='path:{argument}', but a route of {operation!r} has no {{{argument}}}",
+                    where,
+                )
+            org = (_SEGMENT, params[argument])
+        else:
+            org = target.org
+        return Target(target.operation, target.permission, org, target.caller, target.cost)
+
+    def target(
         self,
-        method: str,
-        path: str,
-        scheme: str,
-        peer: str | None,
-        forwarded_proto: str | None,
-        authorization: str | bytes | None,
-        idempotency_key: str | None,
-    ) -> Response | Pending | None:
-        """Excluded (None), refused at once (a Response), or to authenticate (Pending)."""
-        if path in self._excluded or (
-            self._excluded_prefixes and path.startswith(self._excluded_prefixes)
-        ):
-            return None
+        operation: str,
+        *,
+        org: Any = _DEFAULT,
+        caller: Any = _DEFAULT,
+        cost: Any = _DEFAULT,
+    ) -> Target:
+        """The compiled target of ``operation``, with this gate's options unless given
+        here (a framework route that names its operation, and its own org, caller or
+        cost). Raises :class:`ConfigurationError` for an operation the policy does not
+        price or an option it cannot use."""
+        if org is _DEFAULT and caller is _DEFAULT and cost is _DEFAULT:
+            found = self._targets.get(operation)
+            if found is not None:
+                return found
+        op = self.policy.operations.get(operation) if isinstance(operation, str) else None
+        if op is None:
+            raise ConfigurationError(
+                f"unknown operation {operation!r}: it is not in the policy's cost table",
+                "operation",
+            )
+        org_d, caller_d, cost_d, org_by_op, caller_by_op, cost_by_op = self._default
+        org_src = _org_source(org) if org is not _DEFAULT else org_by_op.get(operation) or org_d
+        caller_src = (
+            _caller_source(caller)
+            if caller is not _DEFAULT
+            else caller_by_op.get(operation) or caller_d
+        )
+        price = _cost_of(cost) if cost is not _DEFAULT else cost_by_op.get(operation, cost_d)
+        if caller_src[0] == _KEY and self._authenticate is None:
+            raise ConfigurationError(
+                f"{operation!r} is metered by its bearer key: pass keystore= (or a caller= "
+                "other than 'key')",
+                "keystore",
+            )
+        built = Target(operation, op.permission, org_src, caller_src, price)
+        if org is _DEFAULT and caller is _DEFAULT and cost is _DEFAULT:
+            self._targets[operation] = built
+        return built
+
+    # -- the request --------------------------------------------------------------------
+
+    async def admit(
+        self, req: RequestView, target: Target | None = None
+    ) -> Response | Admission | None:
+        """Decide one request: None (not metered), a refusal, or an admission.
+
+        ``target`` is the operation a framework route named (see :meth:`target`); without
+        it the route table (then ``operation``) says which, and excluded paths pass.
+        """
+        if target is None:
+            path = req.path
+            if path in self._excluded or (
+                self._excluded_prefixes and path.startswith(self._excluded_prefixes)
+            ):
+                return None
         if (
-            scheme != "https"
+            req.scheme != "https"
             and self.require_https
             and not (
-                forwarded_proto is not None
-                and peer in self._proxies
-                and forwarded_https(forwarded_proto)
+                req.forwarded_proto is not None
+                and req.peer in self._proxies
+                and forwarded_https(req.forwarded_proto)
             )
         ):
-            return _fixed(403, HTTPS_REQUIRED_BODY)
-        segments = path.split("/")
-        route = self.router.match(method, segments)
-        if route is not None:
-            org = segments[route.org_index]
-        else:
-            found = self.router.org_of(segments)
-            if found is None:
-                return _fixed(404, NOT_FOUND_BODY)
-            org = found
-        return Pending(org, route, authorization, idempotency_key, method, segments)
-
-    # -- after the key store ----------------------------------------------------------------
-
-    def unrouted(self, pending: Pending) -> Response | None:
-        """For an authenticated caller: 404/405 when no operation matches, 400 for a bad
-        ``Idempotency-Key``; None when the meter may be asked."""
-        if pending.operation is None:
-            allowed = self.router.allowed(pending.segments)
-            if allowed:
-                return _fixed(405, METHOD_NOT_ALLOWED_BODY, ("Allow", ", ".join(allowed)))
-            return _fixed(404, NOT_FOUND_BODY)
-        idem = pending.idempotency_key
-        # (a comma too: WSGI servers fold two Idempotency-Key headers into "a, b", so
-        # a comma cannot be told from a duplicate there; both shells refuse it alike)
-        if idem is not None and not (
-            0 < len(idem) <= _MAX_IDEMPOTENCY_KEY and idem.isprintable() and "," not in idem
-        ):
-            return _fixed(400, INVALID_IDEMPOTENCY_KEY_BODY)
-        return None
-
-    def failure(self, exc: MeterkitError, pending: Pending) -> Response:
-        """The answer to an error from the key store or the meter; re-raises the others."""
-        if isinstance(exc, AuthenticationError):
-            body = _encode(exc.body)
-            if exc.status == 401:
-                # RFC 6750: a 401 names the scheme the client should use.
-                return _fixed(401, body, ("WWW-Authenticate", "Bearer"))
-            return _fixed(exc.status, body)
-        if isinstance(exc, BackendError):
-            # Every backend failure (unreachable, refused, out of memory, state meterkit
-            # did not write) is the documented 503, never a bare 500.
-            if isinstance(exc, BackendUnavailable):
-                logger.warning("meterkit: backend unavailable, answering 503: %s", exc)
+            return self._fixed[_HTTPS_REQUIRED]
+        if target is None:
+            segments = req.path.split("/")
+            route = self.router.match(req.method, segments) if self.router is not None else None
+            if route is not None:
+                target = route.target
+                req._segments = segments
+                req._route = route
             else:
-                logger.error("meterkit: backend failed, answering 503: %s", exc)
-            return _fixed(503, UNAVAILABLE_BODY, ("Retry-After", "1"))
-        if (
-            isinstance(exc, InvalidRequestError)
-            and not isinstance(exc, InvalidIdentifierError)
-            and pending.idempotency_key is not None
-        ):
-            # The meter's one refusal of valid arguments: an idempotency key first used
-            # for another operation, key or price.
-            return _fixed(422, IDEMPOTENCY_KEY_REUSED_BODY)
-        if isinstance(exc, InvalidRequestError):
-            return _fixed(400, INVALID_REQUEST_BODY)
-        raise exc
+                if self._operation is not None:
+                    named = self._operation(req)
+                    if named is not None:
+                        return await self._admit(req, self.target(named), None)
+                    if self.router is None:
+                        return None
+                elif self.router is None:
+                    return None
+                return await self._unrouted(req, segments)
+            return await self._admit(req, target, segments)
+        return await self._admit(req, target, None)
 
-    def refusal(self, decision: Decision) -> Response | None:
-        """The seed's 429 or 402 for a denied decision; None when it was admitted."""
-        if decision.allowed:
+    async def _admit(
+        self, req: RequestView, target: Target, segments: list[str] | None
+    ) -> Response | Admission:
+        kind, argument = target.org
+        if kind == _SEGMENT:
+            org = segments[argument] if segments is not None else None
+        elif kind == _KEY:
+            org = None
+        elif kind == _AUTO:
+            org = req.params.get(ORG_PARAM) if target.by_key else None
+        elif kind == _PARAM:
+            org = req.params.get(argument)
+        elif kind == _HEADER:
+            org = req.header(argument)
+        else:
+            org = argument(req)
+        if not org and kind not in (_KEY, _AUTO):
+            return self._fixed[_ORGANIZATION_REQUIRED]
+        try:
+            if target.by_key:
+                if self._authenticate_awaits:
+                    key = await self._authenticate(
+                        req.authorization, org=org, permission=target.permission
+                    )
+                else:
+                    key = self._authenticate(
+                        req.authorization, org=org, permission=target.permission
+                    )
+                caller = key
+                org = None  # (the key's, which the store just checked)
+            else:
+                key = None
+                caller = self._caller(target.caller, req)
+                if not caller:
+                    return self._fixed[_CALLER_REQUIRED]
+                if not org:
+                    org = caller
+            idem = req.idempotency_key
+            # (a comma too: WSGI servers fold two Idempotency-Key headers into "a, b", so
+            # a comma cannot be told from a duplicate there; every shell refuses it alike)
+            if idem is not None and not (
+                0 < len(idem) <= _MAX_IDEMPOTENCY_KEY and idem.isprintable() and "," not in idem
+            ):
+                return self._fixed[_INVALID_IDEMPOTENCY_KEY]
+            cost = target.cost
+            if cost is not None and callable(cost):
+                cost = cost(req)
+            if self._check_awaits:
+                decision = await self._check(
+                    caller, operation=target.operation, org=org, idempotency_key=idem, cost=cost
+                )
+            else:
+                decision = self._check(
+                    caller, operation=target.operation, org=org, idempotency_key=idem, cost=cost
+                )
+        except MeterkitError as exc:
+            return self._failure(exc, req.idempotency_key)
+        if not decision.allowed:
+            return self._denied(decision)
+        return Admission(key, decision)
+
+    def _caller(self, source: Source, req: RequestView) -> str | None:
+        kind, argument = source
+        if kind == _IP:
+            address = self.client_ip(req)
+            return None if address is None else "ip:" + address
+        if kind == _HEADER:
+            return req.header(argument)
+        value = argument(req)
+        return value if value is None or isinstance(value, str) else str(value)
+
+    def client_ip(self, req: RequestView) -> str | None:
+        """The client's address: the peer's, or, when the peer is a trusted proxy, the
+        last ``X-Forwarded-For`` hop that is not one (a client may prepend anything)."""
+        peer = req.peer
+        if peer is not None and peer in self._proxies:
+            forwarded = req.header("x-forwarded-for")
+            if forwarded:
+                for hop in reversed(forwarded.split(",")):
+                    hop = hop.strip()
+                    if hop not in self._proxies:
+                        peer = hop
+                        break
+        if peer is None:
             return None
-        body = _encode(decision.error)
-        headers = [JSON, ("Content-Length", str(len(body)))]
-        headers.extend(decision.headers.items())
-        return Response(decision.status, headers, body)
+        try:
+            return str(ipaddress.ip_address(peer))
+        except ValueError:
+            return None
 
-    def admitted_headers(self, decision: Decision, refunded: bool) -> dict[str, str]:
-        """Headers added to the app's response: rate limits, credits, a replay flag.
+    async def _unrouted(self, req: RequestView, segments: list[str]) -> Response:
+        """A path the table does not route: 404, or 405 with the methods it does route.
 
-        After a refund the credit headers say so: nothing charged, the balance as it
-        was before this request.
+        A path under the API is answered only to an authenticated caller (an anonymous
+        one learns nothing of which paths exist: 401); others get 404 at once."""
+        router = self.router
+        assert router is not None
+        org = router.org_of(segments)
+        if (org is None and self._org_from_path and router._org_prefixes) or not router.owns(
+            segments
+        ):
+            return self._fixed[_NOT_FOUND]
+        if self._default[1] == (_KEY, None) and self._authenticate is not None:
+            try:
+                if self._authenticate_awaits:
+                    await self._authenticate(req.authorization, org=org, permission=None)
+                else:
+                    self._authenticate(req.authorization, org=org, permission=None)
+            except MeterkitError as exc:
+                return self._failure(exc, None)
+        allowed = router.allowed(segments)
+        if allowed:
+            return self._refusal(*_METHOD_NOT_ALLOWED, extra=[("Allow", ", ".join(allowed))])
+        return self._fixed[_NOT_FOUND]
+
+    async def finish(self, admission: Admission, status: int) -> dict[str, str]:
+        """The app answered ``status``: refund when ``refund_statuses`` says so (once), and
+        the headers to add to its response.
+
+        A replayed decision is not refunded: its charge belongs to the first attempt,
+        which may have succeeded. After a refund the credit headers say so: nothing
+        charged, the balance as it was before this request.
         """
-        headers = decision.headers
-        if refunded:
+        decision = admission.decision
+        if (
+            not admission.refunded
+            and status in self.refund_statuses
+            and not decision.replayed
+            and not decision.degraded
+        ):
+            admission.refunded = await self._give_back(decision)
+        headers = decision.http_headers(ietf=self._ietf, legacy=self._legacy, credits=self._credits)
+        if admission.refunded and self._credits:
             headers["X-Credits-Charged"] = "0"
             outcome = decision.outcome
             headers["X-Credits-Remaining"] = str(from_micro(outcome.balance + outcome.charged))
@@ -561,10 +1083,135 @@ class Gate:
             headers["Idempotent-Replayed"] = "true"
         return headers
 
-    def refunds(self, status: int, decision: Decision) -> bool:
-        """Whether an app answer with ``status`` returns this decision's credits.
+    async def _give_back(self, decision: Decision) -> bool:
+        try:
+            if self._refund_awaits:
+                return bool(await self._refund(decision))
+            return bool(self._refund(decision))
+        except MeterkitError as exc:
+            # The app's answer matters more than the refund: log it and carry on.
+            logger.warning(
+                "meterkit: could not refund charge %s of %s (%s): %s",
+                decision.charge_id,
+                decision.key,
+                decision.operation,
+                exc,
+            )
+            return False
 
-        A replayed decision is not refunded: its charge belongs to the first attempt,
-        which may have succeeded.
-        """
-        return status in self.refund_statuses and not decision.replayed and not decision.degraded
+    # -- refusals ---------------------------------------------------------------------
+
+    def _refusal(
+        self,
+        status: int,
+        type_: str,
+        code: str,
+        message: str,
+        *,
+        extra: Iterable[tuple[str, str]] = (),
+        retry_after: int | None = None,
+        decision: Decision | None = None,
+        body: bytes | None = None,
+    ) -> Response:
+        """A refusal, through ``render`` when one was given, else in the seed's shape."""
+        headers = list(extra)
+        render = self._render
+        if render is None:
+            if body is None:
+                body = error_body(type_, code, message, status)
+            return Response(status, [JSON, ("Content-Length", str(len(body))), *headers], body)
+        status, given, content = render(status, code, message, retry_after, decision)
+        pairs = list(given.items()) if isinstance(given, Mapping) else list(given)
+        if isinstance(content, bytes):
+            data = content
+        elif isinstance(content, str):
+            data = content.encode("utf-8")
+        else:
+            data = _encode(content)
+        if not any(name.lower() == "content-type" for name, _ in pairs):
+            headers.insert(0, JSON)
+        headers.extend(pairs)
+        headers.append(("Content-Length", str(len(data))))
+        return Response(status, headers, data)
+
+    def _denied(self, decision: Decision) -> Response:
+        """The 429 or 402 of a denied decision, with its headers."""
+        headers = decision.http_headers(
+            ietf=self._ietf,
+            legacy=self._legacy,
+            credits=self._credits,
+            credits_retry_after=self._credits_retry,
+        )
+        error = decision.error
+        assert error is not None
+        fields = error["error"]
+        retry = headers.get("Retry-After")
+        return self._refusal(
+            decision.status,
+            fields["type"],
+            fields["code"],
+            fields["message"],
+            extra=headers.items(),
+            retry_after=None if retry is None else int(retry),
+            decision=decision,
+            body=_encode(error) if self._render is None else None,
+        )
+
+    def _failure(self, exc: MeterkitError, idempotency_key: str | None) -> Response:
+        """The answer to an error from the key store or the meter; re-raises the others."""
+        if isinstance(exc, AuthenticationError):
+            # RFC 6750: a 401 names the scheme the client should use.
+            extra = [("WWW-Authenticate", "Bearer")] if exc.status == 401 else []
+            return self._refusal(
+                exc.status, "authentication_error", exc.code, exc.message, extra=extra
+            )
+        if isinstance(exc, BackendError):
+            # Every backend failure (unreachable, refused, out of memory, state meterkit
+            # did not write) is the documented 503, never a bare 500.
+            if isinstance(exc, BackendUnavailable):
+                logger.warning("meterkit: backend unavailable, answering 503: %s", exc)
+            else:
+                logger.error("meterkit: backend failed, answering 503: %s", exc)
+            return self._fixed[_UNAVAILABLE]
+        if (
+            isinstance(exc, InvalidRequestError)
+            and not isinstance(exc, InvalidIdentifierError)
+            and not isinstance(exc, InvalidAmountError)
+            and idempotency_key is not None
+        ):
+            # The meter's one refusal of valid arguments: an idempotency key first used
+            # for another operation, key or price.
+            return self._fixed[_IDEMPOTENCY_KEY_REUSED]
+        if isinstance(exc, InvalidRequestError):
+            return self._fixed[_INVALID_REQUEST]
+        raise exc
+
+    # -- the framework's routes -----------------------------------------------------------
+
+    def unserved(self, serves: Callable[[str, str], bool]) -> list[str]:
+        """The table's routes that the app does not serve, asked of ``serves(method,
+        path)`` with placeholder values in each path parameter."""
+        missing = []
+        for route in self.router.routes if self.router is not None else ():
+            paths = [
+                "/".join(
+                    sample if seg.startswith("{") else seg for seg in route.template.split("/")
+                )
+                for sample in _SAMPLES
+            ]
+            if not any(serves(route.method, path) for path in paths):
+                missing.append(f"{route.method} {route.template}")
+        return missing
+
+    def refuse_drift(self, serves: Callable[[str, str], bool], framework: str) -> None:
+        """Raise :class:`ConfigurationError` when the table meters a route the app does
+        not serve: a request there would be charged for the framework's 404 or 405."""
+        missing = self.unserved(serves)
+        if missing:
+            raise ConfigurationError(
+                f"the route table meters {len(missing)} route(s) that the {framework} app "
+                f"does not serve: {', '.join(missing)}. Serve them or take them out of "
+                "[routes]; if the app defines them after meterkit wraps it, wrap it once "
+                "its routes are defined",
+                "routes",
+            )

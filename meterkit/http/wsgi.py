@@ -1,29 +1,35 @@
 """WSGI middleware: authenticate, rate-limit and charge every API request.
 
-Works with Flask, Django, Falcon and any WSGI application::
+Works with Flask, Falcon and any WSGI application::
 
     from meterkit.http.wsgi import MeterMiddleware
 
     app.wsgi_app = MeterMiddleware(app.wsgi_app, meter=meter, keystore=keystore)  # Flask
 
 ``meter`` is a :class:`~meterkit.Meter` and ``keystore`` a synchronous key store (WSGI
-servers run each request on a thread; both are thread-safe). What is decided, and in
-which order, lives in :class:`meterkit.http.gate.Gate`, shared with :mod:`meterkit.http.asgi`.
+servers run each request on a thread; both are thread-safe). Every option, and what is
+decided in which order, is :class:`meterkit.http.gate.Gate`'s; this module only reads
+WSGI environs and calls ``start_response``. Django has its own
+:class:`meterkit.django.MeterMiddleware`, for its ``MIDDLEWARE`` setting.
 
 HTTPS: ``wsgi.url_scheme`` is believed (a server such as waitress sets it from proxy
 headers when told to trust the proxy); ``X-Forwarded-Proto`` is believed only when
 ``REMOTE_ADDR`` is one of ``trusted_proxies``.
+
+Around a Flask app, the route table is compared with the app's own routes when the
+middleware is made (wrap the app once its routes are defined) and again at the first
+request: a metered route the app does not serve is a :class:`ConfigurationError`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from meterkit.errors import ConfigurationError, MeterkitError
-from meterkit.http.gate import REFUNDED, Admission, Gate, Response, logger
+from meterkit.errors import ConfigurationError
+from meterkit.http.gate import Admission, Gate, RequestView, Response, blocking
 
 __all__ = ["Admission", "MeterMiddleware"]
 
@@ -32,32 +38,108 @@ StartResponse = Callable[..., Callable[[bytes], object]]
 Environ = dict[str, Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
+#: Where a framework adapter finds the gate of the shell it runs under.
+GATE_KEY = "meterkit.gate"
 
-def _respond(start_response: StartResponse, response: Response) -> list[bytes]:
+
+class EnvironView(RequestView):
+    """A :class:`RequestView` of a WSGI environ (Django's ``request.META`` is one too)."""
+
+    __slots__ = ("_environ",)
+
+    def __init__(
+        self,
+        environ: Mapping[str, Any],
+        native: Any = None,
+        params: Any = None,
+        scheme: str | None = None,
+        path: str | None = None,
+    ) -> None:
+        get = environ.get
+        self.method = environ["REQUEST_METHOD"]
+        self.path = (get("PATH_INFO") or "/") if path is None else path
+        self.scheme = get("wsgi.url_scheme", "http") if scheme is None else scheme
+        self.peer = get("REMOTE_ADDR")
+        self.authorization = get("HTTP_AUTHORIZATION")
+        self.idempotency_key = get("HTTP_IDEMPOTENCY_KEY")
+        self.forwarded_proto = get("HTTP_X_FORWARDED_PROTO")
+        self._params = params
+        self._segments = None
+        self._route = None
+        self.native = environ if native is None else native
+        self._environ = environ
+
+    def header(self, name: str) -> str | None:
+        key = name.upper().replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        value = self._environ.get(key)
+        return value if value is None or isinstance(value, str) else str(value)
+
+    @property
+    def headers(self) -> dict[str, str]:  # type: ignore[override]
+        found = {}
+        for key, value in self._environ.items():
+            if key.startswith("HTTP_"):
+                found[key[5:].replace("_", "-").lower()] = value
+            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+                found[key.replace("_", "-").lower()] = value
+        return found
+
+
+def respond(start_response: StartResponse, response: Response) -> list[bytes]:
+    """Send the gate's refusal."""
     start_response(response.status_line, response.headers)
     return [response.body]
+
+
+def run_metered(
+    gate: Gate, app: WSGIApp, environ: Environ, start_response: StartResponse
+) -> Iterable[bytes]:
+    """Run the app; the response of a request that was admitted (``environ["meterkit"]``,
+    set before it runs or by a framework route while it runs) gets its headers, and
+    its refund when the status asks for one."""
+    call = _MeteredCall(gate, environ, start_response)
+    try:
+        result = app(environ, call.start_response)
+    except Exception:
+        call.failed()
+        raise
+    if call.started:
+        return result
+    # The app starts its response lazily, while its body is iterated.
+    return _Guarded(result, call)
+
+
+def flask_serves(app: Any) -> Callable[[str, str], bool] | None:
+    """Whether the Flask app behind ``app`` (its ``wsgi_app``) serves ``method path``;
+    None when ``app`` is not a Flask app's, or it has no routes of its own yet."""
+    owner = getattr(app, "__self__", app)
+    url_map = getattr(owner, "url_map", None)
+    if url_map is None or not hasattr(url_map, "bind"):
+        return None
+    if not any(rule.endpoint != "static" for rule in url_map.iter_rules()):
+        return None
+    adapter = url_map.bind("localhost")
+
+    def serves(method: str, path: str) -> bool:
+        try:
+            adapter.match(path, method=method)
+        except Exception:  # NotFound, MethodNotAllowed, RequestRedirect
+            return False
+        return True
+
+    return serves
 
 
 class MeterMiddleware:
     """Meter every request to the WSGI ``app``: HTTPS, API key, permission, limits, credits.
 
-    Options as for :class:`meterkit.http.asgi.MeterMiddleware`: ``trusted_proxies``,
-    ``exclude``, ``refund_statuses`` (404, 405, 422 and every 5xx by default), ``require_https``.
-    The admitted request's :class:`Admission` is in ``environ["meterkit"]``
-    (``flask.request.environ["meterkit"]``).
+    Options are those of :class:`meterkit.http.gate.Gate`. The admitted request's
+    :class:`Admission` is in ``environ["meterkit"]`` (``flask.request.environ["meterkit"]``).
     """
 
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        meter: Any,
-        keystore: Any,
-        trusted_proxies: Iterable[str] = (),
-        exclude: Iterable[str] = (),
-        refund_statuses: Container[int] = REFUNDED,
-        require_https: bool = True,
-    ) -> None:
+    def __init__(self, app: WSGIApp, *, meter: Any, keystore: Any = None, **options: Any) -> None:
         if inspect.iscoroutinefunction(getattr(meter, "check", None)):
             raise ConfigurationError("WSGI needs a synchronous meterkit.Meter", "meter")
         if inspect.iscoroutinefunction(getattr(keystore, "authenticate", None)):
@@ -65,87 +147,65 @@ class MeterMiddleware:
         self.app = app
         self.meter = meter
         self.keystore = keystore
-        self.gate = Gate(
-            meter.policy,
-            trusted_proxies=trusted_proxies,
-            exclude=exclude,
-            refund_statuses=refund_statuses,
-            require_https=require_https,
-        )
-        self._authenticate = keystore.authenticate
-        self._check = meter.check
+        self.gate = Gate(meter, keystore, **options)
+        if self.gate.router is None and options.get("operation") is None:
+            raise ConfigurationError(
+                "the middleware has no routes: add a [routes] table to the policy mapping "
+                "'METHOD /path' to operations (or pass routes= or operation=); to name "
+                "operations on the framework's routes, use meterkit.flask",
+                "routes",
+            )
+        # The route table against a Flask app's routes: now, if it has some, else at
+        # the first request.
+        serves = flask_serves(app)
+        self._compared = serves is not None
+        if serves is not None:
+            self.gate.refuse_drift(serves, "Flask")
 
     def __repr__(self) -> str:
         return f"MeterMiddleware(app={self.app!r}, meter={self.meter!r})"
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if not self._compared:
+            serves = flask_serves(self.app)
+            if serves is not None:
+                self.gate.refuse_drift(serves, "Flask")
+            self._compared = True
         gate = self.gate
-        step = gate.begin(
-            environ["REQUEST_METHOD"],
-            environ.get("PATH_INFO") or "/",
-            environ.get("wsgi.url_scheme", "http"),
-            environ.get("REMOTE_ADDR"),
-            environ.get("HTTP_X_FORWARDED_PROTO"),
-            environ.get("HTTP_AUTHORIZATION"),
-            environ.get("HTTP_IDEMPOTENCY_KEY"),
-        )
-        if step is None:
+        found = blocking(gate.admit(EnvironView(environ)))
+        if found is None:
             return self.app(environ, start_response)
-        if isinstance(step, Response):
-            return _respond(start_response, step)
-        try:
-            key = self._authenticate(step.authorization, org=step.org, permission=step.permission)
-            refused = gate.unrouted(step)
-            if refused is None:
-                decision = self._check(
-                    key, operation=step.operation, idempotency_key=step.idempotency_key
-                )
-                refused = gate.refusal(decision)
-        except MeterkitError as exc:
-            refused = gate.failure(exc, step)
-        if refused is not None:
-            return _respond(start_response, refused)
+        if found.__class__ is Response:
+            return respond(start_response, found)
+        environ["meterkit"] = found
+        return run_metered(gate, self.app, environ, start_response)
 
-        environ["meterkit"] = Admission(key, decision)
-        call = _MeteredCall(self, decision, start_response)
-        try:
-            result = self.app(environ, call.start_response)
-        except Exception:
-            call.failed()
-            raise
-        if call.started:
-            return result
-        # The app starts its response lazily, while its body is iterated.
-        return _Guarded(result, call)
 
-    def _give_back(self, decision: Any) -> bool:
-        try:
-            return bool(self.meter.refund(decision))
-        except MeterkitError as exc:
-            # The app's answer matters more than the refund: log it and carry on.
-            logger.warning(
-                "meterkit: could not refund charge %s of %s (%s): %s",
-                decision.charge_id,
-                decision.key,
-                decision.operation,
-                exc,
-            )
-            return False
+class Responder:
+    """The WSGI half of a framework adapter (:mod:`meterkit.http.flask`): marks each
+    request with its gate, and adds the headers (and refunds) of the requests a
+    framework route admitted."""
+
+    def __init__(self, app: WSGIApp, *, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        environ[GATE_KEY] = self.gate
+        return run_metered(self.gate, self.app, environ, start_response)
 
 
 class _MeteredCall:
-    """One admitted request: adds the headers; refunds on a status in refund_statuses."""
+    """One request: adds the headers of its admission; refunds on a status in
+    refund_statuses."""
 
-    __slots__ = ("_start_response", "decision", "middleware", "refunded", "started")
+    __slots__ = ("_start_response", "environ", "gate", "started")
 
-    def __init__(
-        self, middleware: MeterMiddleware, decision: Any, start_response: StartResponse
-    ) -> None:
-        self.middleware = middleware
-        self.decision = decision
+    def __init__(self, gate: Gate, environ: Environ, start_response: StartResponse) -> None:
+        self.gate = gate
+        self.environ = environ
         self._start_response = start_response
         self.started = False
-        self.refunded = False
 
     def start_response(
         self,
@@ -156,18 +216,17 @@ class _MeteredCall:
         # Called again (with exc_info) when the app fails after starting: the new
         # status is the one that counts.
         self.started = True
-        self._refund_if(int(status[:3]))
-        extra = self.middleware.gate.admitted_headers(self.decision, self.refunded)
-        return self._start_response(status, [*headers, *extra.items()], exc_info)
+        admission: Admission | None = self.environ.get("meterkit")
+        if admission is not None:
+            extra = blocking(self.gate.finish(admission, int(status[:3])))
+            headers = [*headers, *extra.items()]
+        return self._start_response(status, headers, exc_info)
 
     def failed(self) -> None:
         """The app raised before answering: the server will say 500."""
-        if not self.started:
-            self._refund_if(500)
-
-    def _refund_if(self, status: int) -> None:
-        if not self.refunded and self.middleware.gate.refunds(status, self.decision):
-            self.refunded = self.middleware._give_back(self.decision)
+        admission: Admission | None = self.environ.get("meterkit")
+        if not self.started and admission is not None:
+            blocking(self.gate.finish(admission, 500))
 
 
 class _Guarded:

@@ -213,8 +213,8 @@ BROKEN = [
     # What the middleware would refuse, refused here (issue 12: one validation)
     (
         '"GET /organizations/{organization_id}/usage" = "usage.get"',
-        '"GET /usage" = "usage.get"',
-        "invalid policy: routes.'GET /usage': every metered route names the organization",
+        '"GET /usage/{x}/{x}" = "usage.get"',
+        "invalid policy: routes.'GET /usage/{x}/{x}': parameter {x} appears twice",
     ),
     (
         '"GET /organizations/{organization_id}/usage" = "usage.get"',

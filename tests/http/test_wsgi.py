@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -14,7 +15,7 @@ import waitress  # type: ignore[import-untyped]
 
 import meterkit
 from examples.flask_app import ORG, RatesFeed, create_app
-from meterkit.errors import AuthenticationError
+from meterkit.errors import AuthenticationError, ConfigurationError
 from meterkit.keys.memory import MemoryKeyStore
 from meterkit.wsgi import MeterMiddleware
 from tests.conftest import FakeClock
@@ -227,13 +228,44 @@ def test_server_error_is_refunded(demo: Demo) -> None:
     assert demo.used() == 0
 
 
-def test_a_route_the_app_does_not_serve_is_not_charged(demo: Demo) -> None:
-    """The policy routes GET /invoices/{id}, which this Flask app does not serve: Flask's
-    404 is refunded by default (issue 12), though the key and its limits were checked."""
+def test_an_app_404_is_not_charged(demo: Demo) -> None:
+    """The app's own 404 (no such invoice) is refunded by default, though the key and its
+    limits were checked."""
     response = demo.call("GET", "/invoices/inv_000001")
     assert response.status_code == 404
     assert response.headers["x-credits-charged"] == "0"
     assert demo.used() == 0
+
+
+def test_the_example_serves_every_route_of_its_policy(demo: Demo) -> None:
+    """Each route of the seed's table reaches a Flask view (none answers Flask's own 404
+    or 405), charged at its price."""
+    created = demo.call("POST", "/invoices", json={"customer": "A", "amount": 5}).json()
+    invoice = f"/invoices/{created['id']}"
+    calls = [
+        ("GET", invoice, None, "0.01", 200),
+        ("PUT", invoice, {"status": "sent"}, "0.03", 200),
+        ("POST", f"{invoice}/pdf", None, "0.25", 200),
+        ("POST", "/payments", {"invoice_id": created["id"], "amount": 5}, "0.15", 201),
+        ("GET", "/reports/balance-sheet", None, "0.15", 200),
+        ("DELETE", invoice, None, "0.03", 200),
+    ]
+    for method, path, body, price, status in calls:
+        response = demo.call(method, path, json=body)
+        assert response.status_code == status, (method, path, response.text)
+        assert response.headers["x-credits-charged"] == price
+
+
+def test_route_drift_stops_the_app_from_starting(clock: FakeClock) -> None:
+    """A policy that meters a route the Flask app does not serve is refused when the
+    middleware wraps the app, naming the route."""
+    seed = meterkit.Policy.crane_ledger()
+    routes = {**seed.routes, "POST /organizations/{organization_id}/refunds": "payments.create"}
+    policy = meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=routes)
+    meter = meterkit.Meter(policy, meterkit.MemoryBackend(clock=clock))
+    refunds = re.escape("POST /organizations/{organization_id}/refunds")
+    with pytest.raises(ConfigurationError, match=refunds):
+        create_app(meter=meter, keystore=MemoryKeyStore(clock=clock))
 
 
 def test_idempotent_retry_is_charged_once(demo: Demo) -> None:
