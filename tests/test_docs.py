@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,21 +70,52 @@ def _page_id(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=_page_id)
-def test_every_python_example_runs(
-    page: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Each page's Python blocks run in order without error (no-run blocks excepted)."""
+def run_page(page: Path, redis: str | None = None, main: bool = False) -> None:
+    """Run a page's Python blocks in order, in one namespace (no-run blocks excepted);
+    ``main``: as the ``__main__`` module itself, as ``python page.py`` would."""
     namespace: dict[str, object] = {"__name__": "__main__"}
+    if main:
+        module = types.ModuleType("__main__")
+        sys.modules["__main__"] = module
+        namespace = module.__dict__
     for block in python_blocks(page):
         if not block.run:
             continue
         code = block.code
         if LOCAL_REDIS in code:
-            code = code.replace(LOCAL_REDIS, request.getfixturevalue("redis_url").rsplit("/", 1)[0])
+            assert redis is not None
+            code = code.replace(LOCAL_REDIS, redis)
         # Leading newlines make tracebacks point at the Markdown file's own lines.
         compiled = compile("\n" * (block.line - 1) + code, str(block.path), "exec")
         exec(compiled, namespace)
+
+
+#: A page that configures a process-wide framework (Django's settings, made once per
+#: process) runs in a fresh interpreter, as a reader's script would.
+ALONE = re.compile(r"^settings\.configure\(", re.MULTILINE)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=_page_id)
+def test_every_python_example_runs(
+    page: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each page's Python blocks run in order without error (no-run blocks excepted)."""
+    text = page.read_text("utf-8")
+    redis = request.getfixturevalue("redis_url").rsplit("/", 1)[0] if LOCAL_REDIS in text else None
+    if ALONE.search(text):
+        runner = "import sys, pathlib; from tests.test_docs import run_page; "
+        runner += "run_page(pathlib.Path(sys.argv[1]), sys.argv[2] or None, main=True)"
+        proc = subprocess.run(
+            [sys.executable, "-c", runner, str(page), redis or ""],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return
+    run_page(page, redis)
     capsys.readouterr()
 
 

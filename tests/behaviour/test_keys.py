@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from meterkit.errors import (
     AuthenticationError,
+    ConfigurationError,
     InvalidIdentifierError,
     InvalidRequestError,
     UnknownKeyError,
@@ -772,3 +773,31 @@ def test_a_revoked_key_presented_again_still_records_the_attempt(store: Any, clo
     clock.advance(30)
     refusal(lambda: store.authenticate(bearer(plaintext), org="org_1"))
     assert store.get(key.id).last_used_at == clock()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_store_takes_its_own_organization_id_rule(
+    kind: str, request: pytest.FixtureRequest, clock: Any
+) -> None:
+    """org_pattern replaces the seed's org_… rule for create, list and authenticate; ids
+    that break it (or the meter's: printable, at most 256) are refused, and a bad
+    pattern is a ConfigurationError."""
+    fixture = url_fixture(kind)
+    url = request.getfixturevalue(fixture) if fixture else None
+    opened = open_store(kind, clock, url, org_pattern=r"proj_[a-z0-9]{3,40}", token_prefix="acme")
+    try:
+        store = opened.handle.store
+        plaintext, key = store.create(org="proj_alpha", permissions=["*"])
+        assert plaintext.startswith("acme_live_")
+        assert store.authenticate(bearer(plaintext), org="proj_alpha").id == key.id
+        assert [k.id for k in store.list("proj_alpha")] == [key.id]
+        for bad in ("org_1", "proj_A", "proj_" + "a" * 300, "proj_ab\x00"):
+            with pytest.raises(InvalidIdentifierError):
+                store.create(org=bad)
+        with pytest.raises(InvalidIdentifierError):
+            store.list("org_1")
+        assert opened.handle.stored() > 0
+    finally:
+        opened.close()
+    with pytest.raises(ConfigurationError, match="org_pattern"):
+        MemoryKeyStore(org_pattern="(")

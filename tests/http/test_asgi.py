@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -34,6 +32,7 @@ from meterkit.errors import AuthenticationError, ConfigurationError
 from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
 from tests._servers import free_port
 from tests.conftest import FakeClock
+from tests.http._serve import serve_asgi as serve
 
 HTTPS = {"X-Forwarded-Proto": "https"}
 CONVERSION = {"amount": 1, "from": "USD", "to": "GBP"}
@@ -52,36 +51,6 @@ def burst_policy(limit: int) -> meterkit.Policy:
     seed = meterkit.Policy.crane_ledger()
     tier = meterkit.Tier("key-burst", "key", f"{limit}/minute", "sliding_log")
     return meterkit.Policy([tier], seed.costs, seed.credits, routes=seed.routes, name="burst")
-
-
-@contextmanager
-def serve(app: Any, *, proxy_headers: bool = True) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a free loopback port; yield its base URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        proxy_headers=proxy_headers,
-        forwarded_allow_ips="127.0.0.1",
-        ws="none",
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    # uvicorn binds the port itself: on sockets handed to it, it answers ~40 ms slower.
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 class Demo:

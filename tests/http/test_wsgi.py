@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
-import waitress  # type: ignore[import-untyped]
 
 import meterkit
 from examples.flask_app import ORG, RatesFeed, create_app
@@ -19,6 +17,7 @@ from meterkit.errors import AuthenticationError, ConfigurationError
 from meterkit.keys.memory import MemoryKeyStore
 from meterkit.wsgi import MeterMiddleware
 from tests.conftest import FakeClock
+from tests.http._serve import serve_wsgi as serve
 
 HTTPS = {"X-Forwarded-Proto": "https"}
 
@@ -28,27 +27,6 @@ def burst_policy(limit: int) -> meterkit.Policy:
     seed = meterkit.Policy.crane_ledger()
     tier = meterkit.Tier("key-burst", "key", f"{limit}/minute", "sliding_log")
     return meterkit.Policy([tier], seed.costs, seed.credits, routes=seed.routes, name="burst")
-
-
-@contextmanager
-def serve(app: Any, **adjustments: Any) -> Iterator[str]:
-    """Run the WSGI ``app`` under waitress on a free loopback port; yield its base URL.
-
-    By default waitress believes X-Forwarded-Proto from 127.0.0.1 and sets
-    ``wsgi.url_scheme`` from it, as behind a local TLS-terminating proxy.
-    """
-    options = {"trusted_proxy": "127.0.0.1", "trusted_proxy_headers": "x-forwarded-proto"}
-    options.update(adjustments)
-    options = {name: value for name, value in options.items() if value is not None}
-    server: Any = waitress.create_server(app, host="127.0.0.1", port=0, threads=4, **options)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.effective_port}"
-    finally:
-        # Closing from the server's own loop ends it at once (not at its next 1 s poll).
-        server.trigger.pull_trigger(server.close)
-        thread.join(10)
 
 
 class Demo:
