@@ -32,8 +32,10 @@ from meterkit.http.gate import (
     DUPLICATE,
     Admission,
     Gate,
+    Layer,
     RequestView,
     Response,
+    middleware_gate,
 )
 
 __all__ = ["Admission", "MeterMiddleware"]
@@ -88,18 +90,18 @@ class ScopeView(RequestView):
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
         client = scope.get("client")
-        self.method = scope["method"]
-        self.path = path
-        self.scheme = scope.get("scheme", "http")
-        self.peer = client[0] if client else None
-        self.authorization = authorization
-        self.idempotency_key = idempotency_key
-        self.forwarded_proto = forwarded_proto
-        self._params = params
-        self._segments = None
-        self._route = None
-        self.native = scope if native is None else native
         self._scope = scope
+        self._fill(
+            scope["method"],
+            path,
+            scope.get("scheme", "http"),
+            client[0] if client else None,
+            authorization,
+            idempotency_key,
+            forwarded_proto,
+            params,
+            scope if native is None else native,
+        )
 
     def header(self, name: str) -> str | None:
         wanted = name.lower().encode("latin-1")
@@ -226,14 +228,7 @@ class MeterMiddleware:
         self.app = app
         self.meter = meter
         self.keystore = keystore
-        self.gate = Gate(meter, keystore, **options)
-        if self.gate.router is None and options.get("operation") is None:
-            raise ConfigurationError(
-                "the middleware has no routes: add a [routes] table to the policy mapping "
-                "'METHOD /path' to operations (or pass routes= or operation=); to name "
-                "operations on the framework's routes, use meterkit.fastapi",
-                "routes",
-            )
+        self.gate = middleware_gate(meter, keystore, options, "meterkit.fastapi")
         # The route table against the framework's routes: at the first lifespan or
         # request, when the app's routes are all defined.
         self._drift: str | None = None
@@ -277,14 +272,8 @@ class MeterMiddleware:
             await run_metered(gate, self.app, scope, receive, send)
 
 
-class Responder:
-    """The ASGI half of a framework adapter (:mod:`meterkit.http.fastapi`): marks each
-    request with its gate, and adds the headers (and refunds) of the requests a
-    framework route admitted."""
-
-    def __init__(self, app: ASGIApp, *, gate: Gate) -> None:
-        self.app = app
-        self.gate = gate
+class Responder(Layer):
+    """The ASGI :class:`~meterkit.http.gate.Layer` (:mod:`meterkit.http.fastapi`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -36,7 +36,15 @@ from typing import Any, TypeVar
 import flask
 
 from meterkit.errors import ConfigurationError
-from meterkit.http.gate import _DEFAULT, Admission, Gate, Response, Target, blocking
+from meterkit.http.gate import (
+    _DEFAULT,
+    Admission,
+    Gate,
+    Response,
+    Target,
+    blocking,
+    require_blocking,
+)
 from meterkit.http.wsgi import GATE_KEY, EnvironView, Responder
 
 __all__ = ["Metered"]
@@ -50,10 +58,7 @@ class Metered:
     def __init__(
         self, app: flask.Flask | None = None, *, meter: Any, keystore: Any = None, **options: Any
     ) -> None:
-        if inspect.iscoroutinefunction(getattr(meter, "check", None)):
-            raise ConfigurationError("Flask needs a synchronous meterkit.Meter", "meter")
-        if inspect.iscoroutinefunction(getattr(keystore, "authenticate", None)):
-            raise ConfigurationError("Flask needs a synchronous key store", "keystore")
+        require_blocking(meter, keystore, "Flask")
         if "routes" in options or "operation" in options:
             raise ConfigurationError(
                 "views name their operations with @metered(...); for a route table use "

@@ -212,16 +212,42 @@ class RequestView:
         params: Mapping[str, str] | None = None,
         native: Any = None,
     ) -> None:
+        #: Lower-cased header names to values (shells read theirs in place instead).
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        get = self.headers.get
+        self._fill(
+            method,
+            path,
+            scheme,
+            peer,
+            get("authorization"),
+            get("idempotency-key"),
+            get("x-forwarded-proto"),
+            params,
+            native,
+        )
+
+    def _fill(
+        self,
+        method: str,
+        path: str,
+        scheme: str,
+        peer: str | None,
+        authorization: str | bytes | None,
+        idempotency_key: str | None,
+        forwarded_proto: str | None,
+        params: Mapping[str, str] | None,
+        native: Any,
+    ) -> None:
+        """Set what every view holds (shells read these their own way)."""
         self.method = method
         self.path = path
         self.scheme = scheme
         self.peer = peer
-        #: Lower-cased header names to values (shells read theirs in place instead).
-        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
-        self.authorization: str | bytes | None = self.headers.get("authorization")
-        self.idempotency_key: str | None = self.headers.get("idempotency-key")
-        self.forwarded_proto: str | None = self.headers.get("x-forwarded-proto")
-        self._params: Mapping[str, str] | None = params
+        self.authorization = authorization
+        self.idempotency_key = idempotency_key
+        self.forwarded_proto = forwarded_proto
+        self._params = params
         self._segments: list[str] | None = None
         self._route: Route | None = None
         self.native = native
@@ -619,6 +645,41 @@ HEADER_GROUPS: Final = ("ietf", "x-ratelimit", "x-credits")
 
 # Placeholder values of a path parameter, to ask a framework whether it serves a route.
 _SAMPLES: Final = ("1", "x", "00000000-0000-4000-8000-000000000000")
+
+
+class Layer:
+    """What a framework adapter puts in front of its app (ASGI or WSGI): it marks each
+    request with its gate, and gives the responses of the requests a framework route
+    admitted their headers (and refunds)."""
+
+    def __init__(self, app: Any, *, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.gate!r})"
+
+
+def middleware_gate(meter: Any, keystore: Any, options: dict[str, Any], adapter: str) -> Gate:
+    """The gate of a middleware that routes requests itself: it needs a route table (or
+    an ``operation`` callable); ``adapter`` names the per-route alternative."""
+    gate = Gate(meter, keystore, **options)
+    if gate.router is None and options.get("operation") is None:
+        raise ConfigurationError(
+            "the middleware has no routes: add a [routes] table to the policy mapping "
+            "'METHOD /path' to operations (or pass routes= or operation=); to name "
+            f"operations on the framework's routes, use {adapter}",
+            "routes",
+        )
+    return gate
+
+
+def require_blocking(meter: Any, keystore: Any, server: str) -> None:
+    """Refuse an asyncio meter or key store for a ``server`` that cannot await."""
+    if iscoroutinefunction(getattr(meter, "check", None)):
+        raise ConfigurationError(f"{server} needs a synchronous meterkit.Meter", "meter")
+    if iscoroutinefunction(getattr(keystore, "authenticate", None)):
+        raise ConfigurationError(f"{server} needs a synchronous key store", "keystore")
 
 
 def blocking(step: Coroutine[Any, Any, _T]) -> _T:

@@ -23,13 +23,20 @@ request: a metered route the app does not serve is a :class:`ConfigurationError`
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from meterkit.errors import ConfigurationError
-from meterkit.http.gate import Admission, Gate, RequestView, Response, blocking
+from meterkit.http.gate import (
+    Admission,
+    Gate,
+    Layer,
+    RequestView,
+    Response,
+    blocking,
+    middleware_gate,
+    require_blocking,
+)
 
 __all__ = ["Admission", "MeterMiddleware"]
 
@@ -56,18 +63,18 @@ class EnvironView(RequestView):
         path: str | None = None,
     ) -> None:
         get = environ.get
-        self.method = environ["REQUEST_METHOD"]
-        self.path = (get("PATH_INFO") or "/") if path is None else path
-        self.scheme = get("wsgi.url_scheme", "http") if scheme is None else scheme
-        self.peer = get("REMOTE_ADDR")
-        self.authorization = get("HTTP_AUTHORIZATION")
-        self.idempotency_key = get("HTTP_IDEMPOTENCY_KEY")
-        self.forwarded_proto = get("HTTP_X_FORWARDED_PROTO")
-        self._params = params
-        self._segments = None
-        self._route = None
-        self.native = environ if native is None else native
         self._environ = environ
+        self._fill(
+            environ["REQUEST_METHOD"],
+            (get("PATH_INFO") or "/") if path is None else path,
+            get("wsgi.url_scheme", "http") if scheme is None else scheme,
+            get("REMOTE_ADDR"),
+            get("HTTP_AUTHORIZATION"),
+            get("HTTP_IDEMPOTENCY_KEY"),
+            get("HTTP_X_FORWARDED_PROTO"),
+            params,
+            environ if native is None else native,
+        )
 
     def header(self, name: str) -> str | None:
         key = name.upper().replace("-", "_")
@@ -140,21 +147,11 @@ class MeterMiddleware:
     """
 
     def __init__(self, app: WSGIApp, *, meter: Any, keystore: Any = None, **options: Any) -> None:
-        if inspect.iscoroutinefunction(getattr(meter, "check", None)):
-            raise ConfigurationError("WSGI needs a synchronous meterkit.Meter", "meter")
-        if inspect.iscoroutinefunction(getattr(keystore, "authenticate", None)):
-            raise ConfigurationError("WSGI needs a synchronous key store", "keystore")
+        require_blocking(meter, keystore, "WSGI")
         self.app = app
         self.meter = meter
         self.keystore = keystore
-        self.gate = Gate(meter, keystore, **options)
-        if self.gate.router is None and options.get("operation") is None:
-            raise ConfigurationError(
-                "the middleware has no routes: add a [routes] table to the policy mapping "
-                "'METHOD /path' to operations (or pass routes= or operation=); to name "
-                "operations on the framework's routes, use meterkit.flask",
-                "routes",
-            )
+        self.gate = middleware_gate(meter, keystore, options, "meterkit.flask")
         # The route table against a Flask app's routes: now, if it has some, else at
         # the first request.
         serves = flask_serves(app)
@@ -181,14 +178,8 @@ class MeterMiddleware:
         return run_metered(gate, self.app, environ, start_response)
 
 
-class Responder:
-    """The WSGI half of a framework adapter (:mod:`meterkit.http.flask`): marks each
-    request with its gate, and adds the headers (and refunds) of the requests a
-    framework route admitted."""
-
-    def __init__(self, app: WSGIApp, *, gate: Gate) -> None:
-        self.app = app
-        self.gate = gate
+class Responder(Layer):
+    """The WSGI :class:`~meterkit.http.gate.Layer` (:mod:`meterkit.http.flask`)."""
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         environ[GATE_KEY] = self.gate
