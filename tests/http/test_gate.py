@@ -486,3 +486,18 @@ def test_a_blocking_server_cannot_run_an_async_store() -> None:
 
     with pytest.raises(ConfigurationError, match="synchronous"):
         blocking(waits())
+
+
+def test_a_402_says_when_credits_reset_only_when_asked() -> None:
+    """A 402 carries no Retry-After by default (the month may have weeks to run);
+    credits_retry_after=True adds it, and the renderer then receives it too."""
+    for asked in (False, True):
+        s = Setup(credits_retry_after=asked)
+        s.meter.set_allowance(ORG, 0)
+        refused = s.decide("GET", f"/organizations/{ORG}/invoices")
+        assert isinstance(refused, Response)
+        assert refused.status == 402
+        headers = dict(refused.headers)
+        assert ("Retry-After" in headers) is asked
+        if asked:
+            assert int(headers["Retry-After"]) == 31 * 24 * 3600  # the clock is at 1 January
