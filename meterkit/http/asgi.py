@@ -141,7 +141,10 @@ async def run_metered(gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, 
             started = True
             admission = scope.get("meterkit")
             if admission is not None:
-                extra = await gate.finish(admission, message["status"])
+                status = message["status"]
+                extra = gate.answered(admission, status)
+                if extra is None:
+                    extra = await gate.finish(admission, status)
                 headers = list(message.get("headers", ()))
                 headers.extend(raw_headers(extra.items()))
                 # A new message: the app may send the same dict again (a constant).

@@ -173,7 +173,10 @@ class MeterMiddleware:
         response = self.get_response(request)
         admission: Admission | None = getattr(request, "meterkit", None)
         if admission is not None:
-            for name, value in blocking(self.gate.finish(admission, response.status_code)).items():
+            extra = self.gate.answered(admission, response.status_code)
+            if extra is None:
+                extra = blocking(self.gate.finish(admission, response.status_code))
+            for name, value in extra.items():
                 response[name] = value
         return response
 

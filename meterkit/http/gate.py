@@ -984,6 +984,7 @@ class Gate:
             )
         ):
             return self._fixed[_HTTPS_REQUIRED]
+        segments = None
         if target is None:
             segments = req.path.split("/")
             route = self.router.match(req.method, segments) if self.router is not None else None
@@ -992,21 +993,14 @@ class Gate:
                 req._segments = segments
                 req._route = route
             else:
-                if self._operation is not None:
-                    named = self._operation(req)
-                    if named is not None:
-                        return await self._admit(req, self.target(named), None)
-                    if self.router is None:
-                        return None
+                named = self._operation(req) if self._operation is not None else None
+                if named is not None:
+                    target = self.target(named)
                 elif self.router is None:
                     return None
-                return await self._unrouted(req, segments)
-            return await self._admit(req, target, segments)
-        return await self._admit(req, target, None)
-
-    async def _admit(
-        self, req: RequestView, target: Target, segments: list[str] | None
-    ) -> Response | Admission:
+                else:
+                    return await self._unrouted(req, segments)
+        # (one coroutine from here on: the rest of the flow is no nested call)
         kind, argument = target.org
         if kind == _SEGMENT:
             org = segments[argument] if segments is not None else None
@@ -1119,6 +1113,14 @@ class Gate:
             return self._refusal(*_METHOD_NOT_ALLOWED, extra=[("Allow", ", ".join(allowed))])
         return self._fixed[_NOT_FOUND]
 
+    def answered(self, admission: Admission, status: int) -> dict[str, str] | None:
+        """The headers to add to the app's answer with ``status``, when it returns no
+        credits; None when it does (then :meth:`finish` refunds and gives them). The
+        common case, without a coroutine."""
+        if self._refunds(admission, status):
+            return None
+        return self._headers(admission)
+
     async def finish(self, admission: Admission, status: int) -> dict[str, str]:
         """The app answered ``status``: refund when ``refund_statuses`` says so (once), and
         the headers to add to its response.
@@ -1127,14 +1129,21 @@ class Gate:
         which may have succeeded. After a refund the credit headers say so: nothing
         charged, the balance as it was before this request.
         """
+        if self._refunds(admission, status):
+            admission.refunded = await self._give_back(admission.decision)
+        return self._headers(admission)
+
+    def _refunds(self, admission: Admission, status: int) -> bool:
         decision = admission.decision
-        if (
-            not admission.refunded
-            and status in self.refund_statuses
+        return (
+            status in self.refund_statuses
+            and not admission.refunded
             and not decision.replayed
             and not decision.degraded
-        ):
-            admission.refunded = await self._give_back(decision)
+        )
+
+    def _headers(self, admission: Admission) -> dict[str, str]:
+        decision = admission.decision
         headers = decision.http_headers(ietf=self._ietf, legacy=self._legacy, credits=self._credits)
         if admission.refunded and self._credits:
             headers["X-Credits-Charged"] = "0"

@@ -209,7 +209,10 @@ class _MeteredCall:
         self.started = True
         admission: Admission | None = self.environ.get("meterkit")
         if admission is not None:
-            extra = blocking(self.gate.finish(admission, int(status[:3])))
+            code = int(status[:3])
+            extra = self.gate.answered(admission, code)
+            if extra is None:
+                extra = blocking(self.gate.finish(admission, code))
             headers = [*headers, *extra.items()]
         return self._start_response(status, headers, exc_info)
 
