@@ -61,3 +61,21 @@ def test_version_is_a_string() -> None:
     """The package has a version string."""
     assert isinstance(meterkit.__version__, str)
     assert meterkit.__version__
+
+
+def test_framework_adapters_have_public_aliases() -> None:
+    """meterkit.fastapi, meterkit.flask and meterkit.django name the adapters that live in
+    meterkit.http, as meterkit.asgi and meterkit.wsgi name the middlewares."""
+    import meterkit.django
+    import meterkit.fastapi
+    import meterkit.flask
+    import meterkit.http.django
+    import meterkit.http.fastapi
+    import meterkit.http.flask
+
+    assert meterkit.fastapi.Metered is meterkit.http.fastapi.Metered
+    assert meterkit.flask.Metered is meterkit.http.flask.Metered
+    assert meterkit.django.MeterMiddleware is meterkit.http.django.MeterMiddleware
+    assert meterkit.django.metered is meterkit.http.django.metered
+    for module in (meterkit.fastapi, meterkit.flask, meterkit.django):
+        assert all(hasattr(module, name) for name in module.__all__)

@@ -709,9 +709,10 @@ class Gate:
       does not route.
     - ``org``: where the organization comes from: ``"key"`` (the authenticated key's
       own), ``"path:<param>"``, ``"header:<name>"``, or a callable of the request.
-      Default: a route's ``{organization_id}`` when it has one, else the key's. When
-      the caller is a key, an organization read from the request is checked against
-      the key by the key store (``organization_not_found``).
+      Default: a route's ``{organization_id}`` when it has one, else the key's (for a
+      caller that is not a key: its own). When the caller is a key, an organization
+      read from the request is checked against the key by the key store
+      (``organization_not_found``); for other callers it is taken as read.
     - ``caller``: who is calling: ``"key"`` (the bearer key, default), ``"ip"`` (the
       client's address: the connection's, or behind ``trusted_proxies`` the last
       untrusted ``X-Forwarded-For`` hop), ``"header:<name>"`` or a callable returning
@@ -900,12 +901,14 @@ class Gate:
         kind, argument = target.org
         where = f"routes.'{operation}'"
         if kind == _AUTO:
-            if ORG_PARAM in params:
-                org: Source = (_SEGMENT, params[ORG_PARAM])
-            elif target.by_key:
-                org = (_KEY, None)
+            if not target.by_key:
+                # The caller's own: a path's organization, unchecked without a key, would
+                # let any caller choose whom to charge.
+                org: Source = (_AUTO, None)
+            elif ORG_PARAM in params:
+                org = (_SEGMENT, params[ORG_PARAM])
             else:
-                org = (_AUTO, None)  # the caller's own
+                org = (_KEY, None)
         elif kind == _PARAM:
             if argument not in params:
                 raise ConfigurationError(

@@ -501,3 +501,18 @@ def test_a_402_says_when_credits_reset_only_when_asked() -> None:
         assert ("Retry-After" in headers) is asked
         if asked:
             assert int(headers["Retry-After"]) == 31 * 24 * 3600  # the clock is at 1 January
+
+
+def test_an_anonymous_caller_cannot_pick_the_organization_charged() -> None:
+    """A caller that is not a key, on a route naming {organization_id}, is metered in its
+    own organization by default, not in the one its path names."""
+    seed = meterkit.Policy.crane_ledger()
+    routes = {"POST /organizations/{organization_id}/login": "usage.get"}
+    policy = meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=routes)
+    meter = meterkit.Meter(policy, meterkit.MemoryBackend())
+    gate = Gate(meter, caller="ip")
+    view = RequestView("POST", f"/organizations/{ORG}/login", peer="192.0.2.9")
+    found = blocking(gate.admit(view))
+    assert isinstance(found, Admission)
+    assert found.decision.org == "ip:192.0.2.9"
+    assert meter.usage(ORG).requests == 0
