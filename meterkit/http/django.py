@@ -49,7 +49,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import Resolver404, get_resolver, resolve
 
 from meterkit.errors import ConfigurationError
-from meterkit.http.gate import _DEFAULT, Admission, Gate, Response, Target, blocking
+from meterkit.http.gate import _DEFAULT, Admission, Gate, Response, Target, require_blocking
 from meterkit.http.wsgi import EnvironView
 
 __all__ = ["MeterMiddleware", "metered"]
@@ -129,6 +129,7 @@ class MeterMiddleware:
         options = dict(config)
         meter = _load(options.pop("meter"), "meter")
         keystore = _load(options.pop("keystore", None), "keystore")
+        require_blocking(meter, keystore, "Django's MeterMiddleware")
         self.gate = Gate(meter, keystore, **options)
         # Checked now, at start-up: the table against the URLconf, the views' operations.
         if self.gate.router is not None:
@@ -155,7 +156,7 @@ class MeterMiddleware:
         view = EnvironView(
             request.META, request, params, scheme=request.scheme, path=request.path_info
         )
-        found = blocking(self.gate.admit(view, target))
+        found = self.gate.admit_blocking(view, target)
         if isinstance(found, Response):
             answer = HttpResponse(found.body, status=found.status)
             for name, value in found.headers:
@@ -175,7 +176,7 @@ class MeterMiddleware:
         if admission is not None:
             extra = self.gate.answered(admission, response.status_code)
             if extra is None:
-                extra = blocking(self.gate.finish(admission, response.status_code))
+                extra = self.gate.finish_blocking(admission, response.status_code)
             for name, value in extra.items():
                 response[name] = value
         return response

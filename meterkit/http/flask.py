@@ -42,7 +42,6 @@ from meterkit.http.gate import (
     Gate,
     Response,
     Target,
-    blocking,
     require_blocking,
 )
 from meterkit.http.wsgi import GATE_KEY, EnvironView, Responder
@@ -115,7 +114,7 @@ class Metered:
         if "meterkit" in environ:
             raise ConfigurationError("a request is metered once: one @metered(...) per view")
         params = {k: str(v) for k, v in (request.view_args or {}).items()}
-        found = blocking(self.gate.admit(EnvironView(environ, request, params), target))
+        found = self.gate.admit_blocking(EnvironView(environ, request, params), target)
         if isinstance(found, Response):
             return flask.Response(found.body, status=found.status, headers=found.headers)
         assert isinstance(found, Admission)

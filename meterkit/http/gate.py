@@ -18,8 +18,9 @@ comes from (``org``), who is calling (``caller``), which operation (the route ta
 a framework route naming it, or a callable), what it costs (``cost``), how refusals
 look (``render``) and which headers go out (``headers``). The gate does no I/O of its
 own: it calls the key store and the meter it was given. Its two entry points are
-coroutines; a blocking shell drives them with :func:`blocking` (they never wait when
-the meter and key store are synchronous), so the one flow serves both kinds of server.
+written once, as coroutines (:meth:`Gate.admit`, :meth:`Gate.finish`); blocking shells
+call their synchronous twins (:meth:`Gate.admit_blocking`, :meth:`Gate.finish_blocking`),
+made from the same source by :func:`meterkit._twins.blocking`.
 
 Per request, in this order: excluded paths pass; HTTPS is required; the operation is
 found (a trie compiled once from the route table, or given by the framework route);
@@ -35,13 +36,14 @@ import ipaddress
 import itertools
 import logging
 import re
-from collections.abc import Callable, Container, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from http import HTTPStatus
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
+from meterkit._twins import RENAMES, blocking
 from meterkit.core.credits import from_micro, to_micro
 from meterkit.core.routes import ORG_PARAM, check_routes, parse_route, route_params
 from meterkit.errors import (
@@ -69,7 +71,6 @@ __all__ = [
     "Route",
     "Router",
     "Target",
-    "blocking",
 ]
 
 logger = logging.getLogger("meterkit")
@@ -640,6 +641,15 @@ DUPLICATE: Final = "\x00"
 #: method not allowed, 422 unreadable body: a framework's own answers) and its failures.
 REFUNDED: frozenset[int] = frozenset({404, 405, 422, *range(500, 600)})
 
+# What the blocking twins of the gate's coroutines call in their place.
+_TWINS: Final = {
+    **RENAMES,
+    "_unrouted": "_unrouted_blocking",
+    "_give_back": "_give_back_blocking",
+    "admit": "admit_blocking",
+    "finish": "finish_blocking",
+}
+
 #: The header groups an admitted or refused response can carry (``headers=``).
 HEADER_GROUPS: Final = ("ietf", "x-ratelimit", "x-credits")
 
@@ -680,19 +690,6 @@ def require_blocking(meter: Any, keystore: Any, server: str) -> None:
         raise ConfigurationError(f"{server} needs a synchronous meterkit.Meter", "meter")
     if iscoroutinefunction(getattr(keystore, "authenticate", None)):
         raise ConfigurationError(f"{server} needs a synchronous key store", "keystore")
-
-
-def blocking(step: Coroutine[Any, Any, _T]) -> _T:
-    """Run one of the gate's coroutines to its end without an event loop: for blocking
-    servers, whose meter and key store never wait."""
-    try:
-        step.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    step.close()
-    raise ConfigurationError(
-        "a blocking server needs a synchronous meter and key store (meterkit.Meter)"
-    )
 
 
 class Gate:
@@ -1171,6 +1168,13 @@ class Gate:
                 exc,
             )
             return False
+
+    # The blocking shells' twins (WSGI, Flask, Django), made from the source above: the
+    # same flow without its awaits, for a synchronous meter and key store.
+    admit_blocking = blocking(admit, _TWINS)
+    finish_blocking = blocking(finish, _TWINS)
+    _unrouted_blocking = blocking(_unrouted, _TWINS)
+    _give_back_blocking = blocking(_give_back, _TWINS)
 
     # -- refusals ---------------------------------------------------------------------
 

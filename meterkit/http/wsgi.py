@@ -33,7 +33,6 @@ from meterkit.http.gate import (
     Layer,
     RequestView,
     Response,
-    blocking,
     middleware_gate,
     require_blocking,
 )
@@ -169,7 +168,7 @@ class MeterMiddleware:
                 self.gate.refuse_drift(serves, "Flask")
             self._compared = True
         gate = self.gate
-        found = blocking(gate.admit(EnvironView(environ)))
+        found = gate.admit_blocking(EnvironView(environ))
         if found is None:
             return self.app(environ, start_response)
         if found.__class__ is Response:
@@ -212,7 +211,7 @@ class _MeteredCall:
             code = int(status[:3])
             extra = self.gate.answered(admission, code)
             if extra is None:
-                extra = blocking(self.gate.finish(admission, code))
+                extra = self.gate.finish_blocking(admission, code)
             headers = [*headers, *extra.items()]
         return self._start_response(status, headers, exc_info)
 
@@ -220,7 +219,7 @@ class _MeteredCall:
         """The app raised before answering: the server will say 500."""
         admission: Admission | None = self.environ.get("meterkit")
         if not self.started and admission is not None:
-            blocking(self.gate.finish(admission, 500))
+            self.gate.finish_blocking(admission, 500)
 
 
 class _Guarded:

@@ -16,7 +16,6 @@ from meterkit.http.gate import (
     RequestView,
     Response,
     Router,
-    blocking,
     forwarded_https,
 )
 from meterkit.keys.memory import MemoryKeyStore
@@ -51,7 +50,7 @@ class Setup:
         if key:
             sent.setdefault("authorization", self.auth)
         view = RequestView(method, path, scheme=scheme, peer=peer, headers=sent)
-        return blocking(self.gate.admit(view))
+        return self.gate.admit_blocking(view)
 
 
 def status(found: Response | Admission | None) -> int | None:
@@ -207,7 +206,7 @@ def test_caller_by_ip_behind_trusted_proxies() -> None:
 
     def login(peer: str, forwarded: str | None = None) -> Response | Admission | None:
         headers = {"x-forwarded-for": forwarded} if forwarded else {}
-        return blocking(gate.admit(RequestView("POST", "/v1/login", peer=peer, headers=headers)))
+        return gate.admit_blocking(RequestView("POST", "/v1/login", peer=peer, headers=headers))
 
     first = login("203.0.113.9")
     assert isinstance(first, Admission)
@@ -258,10 +257,10 @@ def test_an_operation_callable_names_what_the_table_does_not() -> None:
 
     gate = Gate(meter, store, routes={}, operation=operation)
     view = RequestView("POST", "/graphql", headers={"authorization": f"Bearer {plaintext}"})
-    found = blocking(gate.admit(view))
+    found = gate.admit_blocking(view)
     assert isinstance(found, Admission)
     assert found.decision.operation == "reports.summary"
-    assert blocking(gate.admit(RequestView("GET", "/static/app.js"))) is None
+    assert gate.admit_blocking(RequestView("GET", "/static/app.js")) is None
 
 
 def test_a_renderer_shapes_every_refusal() -> None:
@@ -293,7 +292,7 @@ def test_header_groups_can_be_turned_off_and_billing_off_sends_no_credits() -> N
     s = Setup(headers=["x-ratelimit"])
     found = s.decide("GET", f"/organizations/{ORG}/invoices")
     assert isinstance(found, Admission)
-    sent = blocking(s.gate.finish(found, 200))
+    sent = s.gate.finish_blocking(found, 200)
     assert sorted(sent) == ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
     free = meterkit.Policy.from_toml(
         """
@@ -316,7 +315,7 @@ def test_header_groups_can_be_turned_off_and_billing_off_sends_no_credits() -> N
     s = Setup(free)
     found = s.decide("GET", "/v1/items")
     assert isinstance(found, Admission)
-    sent = blocking(s.gate.finish(found, 200))
+    sent = s.gate.finish_blocking(found, 200)
     assert "RateLimit" in sent
     assert not any(name.startswith("X-Credits") for name in sent)
 
@@ -469,23 +468,40 @@ def test_finish_refunds_once_and_says_so() -> None:
     s = Setup()
     found = s.decide("POST", f"/organizations/{ORG}/currency/convert")
     assert isinstance(found, Admission)
-    first = blocking(s.gate.finish(found, 503))
-    again = blocking(s.gate.finish(found, 500))
+    first = s.gate.finish_blocking(found, 503)
+    again = s.gate.finish_blocking(found, 500)
     assert first["X-Credits-Charged"] == again["X-Credits-Charged"] == "0"
     assert first["X-Credits-Remaining"] == "10000"
     assert s.meter.usage(ORG).credits_used == 0
 
 
-def test_a_blocking_server_cannot_run_an_async_store() -> None:
-    """blocking() refuses a coroutine that would wait: an async store in a WSGI server."""
+def test_the_blocking_twins_decide_as_the_coroutines_do() -> None:
+    """admit_blocking and finish_blocking (made from admit and finish) give a blocking
+    server the answers an asyncio server gets, request for request."""
+    import asyncio
 
-    async def waits() -> None:
-        import asyncio
-
-        await asyncio.sleep(0)
-
-    with pytest.raises(ConfigurationError, match="synchronous"):
-        blocking(waits())
+    s = Setup()
+    plaintext, _ = s.store.create(org=ORG, permissions=["invoices:read"])
+    # The same key store; each gate its own meter, on the same clock.
+    twin_gate = s.gate
+    meter = meterkit.Meter(s.policy, meterkit.MemoryBackend(clock=s.clock))
+    coroutine_gate = Gate(meter, s.store)
+    paths = [
+        ("GET", f"/organizations/{ORG}/invoices"),
+        ("POST", f"/organizations/{ORG}/invoices"),
+        ("GET", f"/organizations/{ORG}/nope"),
+        ("DELETE", f"/organizations/{ORG}/usage"),
+        ("GET", "/favicon.ico"),
+    ]
+    for method, path in paths * 2:
+        headers = {"authorization": f"Bearer {plaintext}"}
+        blocking = twin_gate.admit_blocking(RequestView(method, path, headers=headers))
+        awaited = asyncio.run(coroutine_gate.admit(RequestView(method, path, headers=headers)))
+        assert status(blocking) == status(awaited), (method, path)
+        if isinstance(blocking, Admission) and isinstance(awaited, Admission):
+            sent = twin_gate.finish_blocking(blocking, 500)
+            assert sent == asyncio.run(coroutine_gate.finish(awaited, 500))
+            assert sent["X-Credits-Charged"] == "0"
 
 
 def test_a_402_says_when_credits_reset_only_when_asked() -> None:
@@ -512,7 +528,7 @@ def test_an_anonymous_caller_cannot_pick_the_organization_charged() -> None:
     meter = meterkit.Meter(policy, meterkit.MemoryBackend())
     gate = Gate(meter, caller="ip")
     view = RequestView("POST", f"/organizations/{ORG}/login", peer="192.0.2.9")
-    found = blocking(gate.admit(view))
+    found = gate.admit_blocking(view)
     assert isinstance(found, Admission)
     assert found.decision.org == "ip:192.0.2.9"
     assert meter.usage(ORG).requests == 0
