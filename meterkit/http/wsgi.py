@@ -25,17 +25,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meterkit.http.gate import (
     Admission,
-    Gate,
     Layer,
     RequestView,
     Response,
     middleware_gate,
     require_blocking,
 )
+
+if TYPE_CHECKING:
+    from meterkit.http.gate import Gate
 
 __all__ = ["Admission", "MeterMiddleware"]
 
