@@ -154,6 +154,50 @@ def meterkit_side(
     return Side(name, run, fresh, denied)
 
 
+def planned_policy() -> Policy:
+    """The seed policy with a plan "pro" that raises every tier and the allowance."""
+    seed = Policy.crane_ledger()
+    pro = meterkit.CustomerPlan(
+        "pro",
+        {"key-hour": "5000/hour", "org-hour": "50000/hour", "key-burst": "300/minute"},
+        allowance="50000",
+    )
+    return Policy(
+        seed.tiers, seed.costs, seed.credits, name=seed.name, routes=seed.routes, plans=[pro]
+    )
+
+
+def plan_side(n_keys: int = KEYS, *, assigned: bool) -> Side:
+    """The seed policy with a plan, on MemoryBackend with the simulated clock: every
+    organization on the plan (``assigned``), or on the default plan while some other
+    organization is on the plan (so the backend looks each one up)."""
+    warm, timed = traffic(n_keys)
+    nxt = itertools.cycle(timed).__next__
+    denied = [0]
+    check: Callable[..., Any]
+    policy = planned_policy()
+
+    def fresh() -> None:
+        nonlocal check
+        meter = Meter(policy, MemoryBackend(clock=sim_clock(n_keys)))
+        meter.set_plan("org_elsewhere", "pro")
+        if assigned:
+            for org in sorted({org for _, org in warm}):
+                meter.set_plan(org, "pro")
+        check = meter.check
+        for key, org in warm:
+            check(key, org=org, operation=OPERATION)
+
+    fresh()
+
+    def run() -> None:
+        key, org = nxt()
+        if not check(key, org=org, operation=OPERATION).allowed:
+            denied[0] += 1
+
+    return Side("meterkit plan" if assigned else "meterkit default plan", run, fresh, denied)
+
+
 def limits_side(n_keys: int = KEYS) -> Side:
     """limits: three fixed windows on MemoryStorage, test all then hit all."""
     import limits
@@ -355,6 +399,40 @@ def test_ratio_interleaved(benchmark: Any, figures: Report) -> None:
     benchmark.extra_info["meterkit/floor"] = round(floor, 3)
     for name in result.names:
         benchmark.extra_info[f"{name} µs/check (median)"] = round(result.median_us(name), 3)
+    for side in sides:
+        _assert_admitted(side, figures)
+
+
+def run_plan_ratios(
+    rounds: int = ROUNDS, round_seconds: float = ROUND_SECONDS
+) -> tuple[Interleaved, list[Side]]:
+    """A check with no plans in the policy, under the default plan of a policy with
+    plans, and under an assigned plan, interleaved."""
+    sides = [meterkit_side(), plan_side(assigned=False), plan_side(assigned=True)]
+    result = interleave({s.name: s.run for s in sides}, rounds=rounds, round_seconds=round_seconds)
+    return result, sides
+
+
+def test_ratio_plans(benchmark: Any, figures: Report) -> None:
+    """Print what plans cost a check: under an assigned plan against the default plan
+    (target: within 1.15x), and the default plan of a policy with plans against a
+    policy without any."""
+    result, sides = benchmark.pedantic(run_plan_ratios, rounds=1, iterations=1)
+    figures(f"plans, interleaved rounds (µs per check), {'quick' if QUICK else 'full'} mode:")
+    figures(result.table())
+    plan = result.ratio("meterkit plan", "meterkit default plan")
+    met = "met" if plan <= 1.15 else "NOT met"
+    figures(
+        f"RATIO plan/default plan memory: {plan:.3f}x the time of a default-plan check "
+        f"(median of {result.rounds} rounds)  [target <= 1.15x: {met}]"
+    )
+    unused = result.ratio("meterkit default plan", "meterkit")
+    figures(
+        f"RATIO default plan/no plans memory: {unused:.3f}x the time of a check with no "
+        f"plans in the policy (median of {result.rounds} rounds)"
+    )
+    benchmark.extra_info["plan/default plan memory"] = round(plan, 3)
+    benchmark.extra_info["default plan/no plans memory"] = round(unused, 3)
     for side in sides:
         _assert_admitted(side, figures)
 
@@ -597,10 +675,10 @@ def profile(checks: int = 200_000) -> None:
         apply(next_plan())
 
     def decision_only() -> None:
-        Decision(decision.plan, outcome)
+        Decision(decision.request, outcome)
 
     def headers_only() -> None:
-        Decision(decision.plan, outcome).headers  # noqa: B018
+        Decision(decision.request, outcome).headers  # noqa: B018
 
     def full_check() -> None:
         key, org = nxt()

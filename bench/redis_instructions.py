@@ -2,6 +2,7 @@
 
     python bench/redis_instructions.py            # batched (check_many) and single checks
     python bench/redis_instructions.py --single 2000 --batches 50
+    python bench/redis_instructions.py --plans    # and single checks under customer plans
 
 Time on a shared machine wanders; instruction counts do not (the same binary, inputs
 and traffic give the same total to about 0.1%, whatever else the machine is doing).
@@ -13,6 +14,12 @@ seed policy and the server's clock (so the measured checks update state instead 
 creating it), zeroes the counters, runs the measured checks, dumps, and prints the
 server's instructions per check: everything the server did, network included. Needs
 ``valgrind`` (``apt install valgrind``); about a minute.
+
+With ``--plans`` it then measures single checks, each run on the emptied server warmed
+afresh: of the seed policy; of the seed policy with a plan "pro" added
+(bench_core.planned_policy) under the default plan, while another organization is on
+pro; with every organization on pro; and with every organization on pro and one key
+of each on the default plan (the script then reads that key's plan too).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis
 
+from bench.bench_core import planned_policy
 from meterkit import Meter, Policy
 from meterkit.connect import backend_from_url
 from tests._servers import free_port
@@ -51,7 +59,7 @@ def _total(path: Path) -> int:
     raise RuntimeError(f"no total in {path}")
 
 
-def measure(single: int, batches: int) -> dict[str, float]:
+def measure(single: int, batches: int, plans: bool = False) -> dict[str, float]:
     for tool in ("valgrind", "callgrind_control", "redis-server"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not on PATH")
@@ -116,6 +124,33 @@ def measure(single: int, batches: int) -> dict[str, float]:
             counted("per request of check_many(100)", batches * 100, batched)
             counted("per single check", single, one_by_one)
             meter.close()
+            if plans:
+                # Each on an emptied server (FLUSHALL), warmed the same way: a server
+                # whose key table is growing pays for rehashing it, which would fall on
+                # whichever run crosses a size.
+                orgs = sorted({org for _, _, org in requests})
+                for label, policy, assign in (
+                    ("per single check, the seed policy", Policy.crane_ledger(), "none"),
+                    ("per single check, default plan", planned_policy(), "none"),
+                    ("per single check under an assigned plan", planned_policy(), "orgs"),
+                    ("per single check under plans, keys with plans too", planned_policy(), "keys"),
+                ):
+                    client.flushall()
+                    meter = Meter(policy, backend_from_url(url, prefix="cg", timeout=60))
+                    if policy.plans:
+                        meter.set_plan("org_elsewhere", "pro")
+                    if assign != "none":
+                        for org in orgs:
+                            meter.set_plan(org, "pro")
+                    if assign == "keys":
+                        for key, _, org in requests[: len(orgs) * 2 : 2]:
+                            meter.set_plan(org, "default", key=key)
+                    for i in range(0, len(requests), 100):
+                        meter.check_many(requests[i : i + 100])
+                    key, operation, org = requests[0]  # (loads the one-check script)
+                    meter.check(key, org=org, operation=operation)
+                    counted(label, single, one_by_one)
+                    meter.close()
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -126,9 +161,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--single", type=int, default=5_000, help="single checks measured")
     parser.add_argument("--batches", type=int, default=100, help="check_many(100) measured")
+    parser.add_argument("--plans", action="store_true", help="also checks under plans")
     args = parser.parse_args()
-    for label, value in measure(args.single, args.batches).items():
+    figures = measure(args.single, args.batches, args.plans)
+    for label, value in figures.items():
         print(f"INSTRUCTIONS redis-server {label}: {value:,.0f}")
+    if args.plans:
+        default = figures["per single check, default plan"]
+        for label in (
+            "per single check under an assigned plan",
+            "per single check under plans, keys with plans too",
+        ):
+            ratio = figures[label] / default
+            met = "met" if ratio <= 1.15 else "NOT met"
+            print(f"RATIO {label} / default plan: {ratio:.3f}x  [target <= 1.15x: {met}]")
+        unused = default / figures["per single check, the seed policy"]
+        print(f"RATIO default plan of a policy with plans / the seed policy: {unused:.3f}x")
 
 
 if __name__ == "__main__":

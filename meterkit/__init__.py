@@ -19,9 +19,24 @@ from meterkit.connect import (
 )
 from meterkit.core.backend import AsyncBackend, Backend
 from meterkit.core.credits import from_micro, to_micro
-from meterkit.core.decision import Decision, KeyUsage, OperationUsage, TierState, Usage
+from meterkit.core.decision import (
+    Decision,
+    KeyUsage,
+    OperationUsage,
+    PlanAssignment,
+    TierState,
+    Usage,
+)
 from meterkit.core.plan import Plan
-from meterkit.core.policy import Category, CostTable, CreditPlan, Operation, Policy, Tier
+from meterkit.core.policy import (
+    Category,
+    CostTable,
+    CreditPlan,
+    CustomerPlan,
+    Operation,
+    Policy,
+    Tier,
+)
 from meterkit.errors import (
     AuthenticationError,
     BackendError,
@@ -34,6 +49,7 @@ from meterkit.errors import (
     StateError,
     UnknownKeyError,
     UnknownOperationError,
+    UnknownPlanError,
 )
 from meterkit.keys.cache import AsyncCachedKeyStore, CachedKeyStore
 from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
@@ -62,6 +78,7 @@ __all__ = [
     "ConfigurationError",
     "CostTable",
     "CreditPlan",
+    "CustomerPlan",
     "Decision",
     "InvalidAmountError",
     "InvalidIdentifierError",
@@ -77,6 +94,7 @@ __all__ = [
     "OperationUsage",
     "PlaintextKey",
     "Plan",
+    "PlanAssignment",
     "Policy",
     "RedisBackend",
     "RedisKeyStore",
@@ -87,6 +105,7 @@ __all__ = [
     "TraceError",
     "UnknownKeyError",
     "UnknownOperationError",
+    "UnknownPlanError",
     "Usage",
     "async_backend_from_url",
     "async_keystore_from_url",

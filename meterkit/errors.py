@@ -6,6 +6,7 @@
     ├── ConfigurationError (ValueError)     a policy, rate, price or file is wrong
     ├── InvalidRequestError (ValueError)    one call's arguments are wrong; nothing changed
     │   ├── UnknownOperationError           the operation is not in the cost table
+    │   ├── UnknownPlanError                the plan is not one of the policy's plans
     │   ├── InvalidIdentifierError          an empty, over-long or control-character id
     │   ├── InvalidAmountError              NaN, infinite, negative or over-precise credits
     │   └── UnknownKeyError                 no API key has this (well-formed) id
@@ -36,6 +37,7 @@ __all__ = [
     "StateError",
     "UnknownKeyError",
     "UnknownOperationError",
+    "UnknownPlanError",
     "looks_like_secret",
     "redact",
 ]
@@ -107,6 +109,10 @@ class InvalidRequestError(MeterkitError, ValueError):
 
 class UnknownOperationError(InvalidRequestError):
     """The operation is not priced in the policy's cost table."""
+
+
+class UnknownPlanError(InvalidRequestError):
+    """The plan is not one of the policy's plans (nor ``"default"``)."""
 
 
 class InvalidIdentifierError(InvalidRequestError):

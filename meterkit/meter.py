@@ -15,9 +15,17 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from meterkit._twins import blocking
 from meterkit.core.credits import to_micro
-from meterkit.core.decision import Decision, Usage, _Issued, build_usage
+from meterkit.core.decision import (
+    Decision,
+    PlanAssignment,
+    Usage,
+    _Issued,
+    build_assignment,
+    build_usage,
+)
 from meterkit.core.outcome import Outcome
 from meterkit.core.plan import Plan
+from meterkit.core.policy import DEFAULT_PLAN, deal_of
 from meterkit.errors import (
     AuthenticationError,
     BackendUnavailable,
@@ -112,7 +120,16 @@ class _MeterCore:
             # An authenticated ApiKey: its id meters, its org and mode scope.
             if org is not None and org != key.org:
                 raise AuthenticationError("organization_not_found")
+            key_plan = getattr(key, "plan", None)
             key, org, mode = key.id, key.org, getattr(key, "mode", "live")
+            if key_plan is not None:
+                # The key store's plan for the key wins over the backend's (a name this
+                # policy does not know is the default plan, as everywhere).
+                plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+                if key_plan not in self.policy.plans:
+                    key_plan = DEFAULT_PLAN
+                plan.op = self.policy.keyed(plan.op, key_plan)
+                return plan
         # check_id inlined: its two calls cost a few % of a whole check.
         if not (type(key) is str and 0 < len(key) <= _MAX_ID and key.isprintable()):
             raise _bad_id(key, "key")
@@ -374,7 +391,7 @@ class AsyncMeter(_MeterCore):
         decision = self._refundable(decision)
         if decision.degraded:
             return False
-        return bool(await self._backend.refund(decision.plan, decision.outcome))
+        return bool(await self._backend.refund(decision.request, decision.outcome))
 
     async def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage:
         """This period's requests and credits for ``org`` (or one ``key`` of it)."""
@@ -393,6 +410,42 @@ class AsyncMeter(_MeterCore):
         check_id(org, "org")
         check_mode(mode)
         await self._backend.top_up(org, mode, to_micro(credits, "top-up"))
+
+    async def set_plan(
+        self, org: str, plan: str | None, *, key: str | None = None, mode: Mode = "live"
+    ) -> None:
+        """Put ``org`` on ``plan`` (one of the policy's plans, or ``"default"``), or with
+        ``key``, only that key of it (a key's plan wins over its organization's for
+        the key-scoped tiers). ``None`` takes the plan away. The next check follows
+        it; the counts of the current windows are kept (see docs/plans.md). An unknown
+        plan raises :class:`UnknownPlanError` and changes nothing."""
+        self._usage_args(org, key, mode)
+        if plan is not None:
+            self.policy.check_plan(plan)
+        set_plan = self._able("set_plan")
+        await set_plan(org, mode, plan, key)
+
+    async def set_limits(
+        self, org: str, limits: Mapping[str, Any] | None, *, mode: Mode = "live"
+    ) -> None:
+        """Give ``org`` its negotiated limits, over whatever plan it is on: tier names to
+        rates (``{"org-hour": "50000/hour"}``), tables ``{"rate": ..., "burst": ...}``
+        or ``"off"``. They replace the organization's limits before; ``None`` (or
+        ``{}``) takes them away. A tier the policy does not have, a malformed rate or
+        another window raises :class:`InvalidRequestError` and changes nothing."""
+        self._usage_args(org, None, mode)
+        deal = () if limits is None else deal_of(self.policy, limits)
+        set_limits = self._able("set_limits")
+        await set_limits(org, mode, deal)
+
+    async def plan_of(
+        self, org: str, key: str | None = None, mode: Mode = "live"
+    ) -> PlanAssignment:
+        """The plans ``org`` (and its ``key``) are on, its negotiated limits, and the
+        tiers and allowance they give."""
+        self._usage_args(org, key, mode)
+        assignment = self._able("assignment")
+        return build_assignment(self.policy, org, key, await assignment(org, mode, key))
 
     async def aclose(self) -> None:
         """Close the backend (``aclose()`` of an asyncio backend, ``close()`` of a
@@ -436,6 +489,9 @@ class Meter(_MeterCore):
     usage = blocking(AsyncMeter.usage)
     set_allowance = blocking(AsyncMeter.set_allowance)
     top_up = blocking(AsyncMeter.top_up)
+    set_plan = blocking(AsyncMeter.set_plan)
+    set_limits = blocking(AsyncMeter.set_limits)
+    plan_of = blocking(AsyncMeter.plan_of)
     close = blocking(AsyncMeter.aclose)
 
     def __enter__(self) -> Meter:

@@ -3,9 +3,15 @@
 A trace is a sequence of requests ``(timestamp, key, org, operation)``, read from
 CSV (header ``timestamp,key,org,operation``) or JSON Lines with the same fields.
 Timestamps are UNIX seconds or ISO 8601 (a naive ISO time is UTC). Replaying sets
-the virtual clock to each request's timestamp and applies its plan: nothing sleeps,
-so a day of traffic replays in seconds, and the same trace always gives the same
-report.
+the virtual clock to each request's timestamp and applies it: nothing sleeps, so a
+day of traffic replays in seconds, and the same trace always gives the same report.
+
+Customer plans: ``simulate(..., plan="pro")`` puts every organization on a plan of
+the policy; an optional ``plan`` column (field) moves the request's organization to
+the plan it names from that request on (an empty one leaves it where it is), with the
+rules of a switch in the middle of a window (docs/plans.md). The report counts
+requests per plan in force, so replaying the same trace with ``plan="free"`` and
+``plan="pro"`` shows what moving customers from one to the other would have admitted.
 
 Requests are replayed in file order. A timestamp earlier than one before it is
 replayed at the latest time seen so far, as a server's clock that never runs
@@ -33,18 +39,20 @@ from meterkit.backends.memory.backend import MemoryBackend
 from meterkit.core.credits import from_micro
 from meterkit.core.outcome import REASON_CREDITS, REASON_RATE
 from meterkit.core.plan import Plan
-from meterkit.core.policy import Policy
+from meterkit.core.policy import DEFAULT_PLAN, OperationPlan, Policy
 from meterkit.errors import InvalidRequestError, MeterkitError
 from meterkit.meter import check_id
 
 __all__ = [
     "KeyCounts",
     "OrgCredits",
+    "PlanCounts",
     "SimulationReport",
     "TierCounts",
     "Timeline",
     "TraceError",
     "VirtualClock",
+    "read_planned_trace",
     "read_trace",
     "simulate",
 ]
@@ -55,6 +63,8 @@ _PLAN_CACHE_MAX = 200_000
 
 #: One request of a trace: (line number, UNIX seconds, key, org, operation).
 TraceRow = tuple[int, float, str, str, str]
+#: One request with the plan its row names (None: no plan column, or an empty one).
+PlannedRow = tuple[int, float, str, str, str, "str | None"]
 TraceSource = Union[str, "os.PathLike[str]", IO[str]]
 
 
@@ -125,9 +135,10 @@ class _JsonRow(msgspec.Struct):
     key: str
     org: str
     operation: str
+    plan: str | None = None
 
 
-def _csv_rows(lines: Iterable[str], bad: Callable[[int, str], None]) -> Iterator[TraceRow]:
+def _csv_rows(lines: Iterable[str], bad: Callable[[int, str], None]) -> Iterator[PlannedRow]:
     reader = csv.reader(lines)
     header: list[str] | None = None
     for row in reader:
@@ -146,6 +157,7 @@ def _csv_rows(lines: Iterable[str], bad: Callable[[int, str], None]) -> Iterator
         )
     t, k, o, p = (header.index(name) for name in _FIELDS)
     width = max(t, k, o, p) + 1
+    n = header.index("plan") if "plan" in header else -1
     stamp = _timestamp
     for row in reader:
         if len(row) < width:
@@ -165,10 +177,11 @@ def _csv_rows(lines: Iterable[str], bad: Callable[[int, str], None]) -> Iterator
             if not 0 <= ts < math.inf:
                 bad(reader.line_num, f"timestamp {row[t]!r} is not a time")
                 continue
-        yield reader.line_num, ts, row[k], row[o], row[p]
+        plan = row[n].strip() or None if 0 <= n < len(row) else None
+        yield reader.line_num, ts, row[k], row[o], row[p], plan
 
 
-def _json_rows(lines: Iterable[str], bad: Callable[[int, str], None]) -> Iterator[TraceRow]:
+def _json_rows(lines: Iterable[str], bad: Callable[[int, str], None]) -> Iterator[PlannedRow]:
     decode = msgspec.json.Decoder(_JsonRow).decode
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -183,7 +196,7 @@ def _json_rows(lines: Iterable[str], bad: Callable[[int, str], None]) -> Iterato
         except (msgspec.DecodeError, ValueError) as exc:
             bad(number, str(exc))
             continue
-        yield number, ts, row.key, row.org, row.operation
+        yield number, ts, row.key, row.org, row.operation, row.plan or None
 
 
 def _is_json(path: str, first: str) -> bool:
@@ -202,13 +215,23 @@ def _raise(line: int, message: str) -> None:
 def read_trace(
     source: TraceSource, *, bad: Callable[[int, str], None] = _raise
 ) -> Iterator[TraceRow]:
-    """Rows ``(line, timestamp, key, org, operation)`` of a CSV or JSON Lines trace.
+    """Rows ``(line, timestamp, key, org, operation)`` of a CSV or JSON Lines trace
+    (:func:`read_planned_trace`: with the plan each row names).
 
     ``source`` is a path (``"-"`` for standard input) or an open text file. The format
     follows the file's suffix (``.csv``; ``.jsonl``, ``.ndjson``, ``.json``), otherwise
     its first line. A row that cannot be read calls ``bad(line, message)``, which raises
     :class:`TraceError` unless another callable is given (to skip and count instead).
     """
+    for row in read_planned_trace(source, bad=bad):
+        yield row[:5]
+
+
+def read_planned_trace(
+    source: TraceSource, *, bad: Callable[[int, str], None] = _raise
+) -> Iterator[PlannedRow]:
+    """:func:`read_trace`'s rows with a sixth item: the plan the row's ``plan`` column
+    (field) names, or None."""
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         if name == "-":
@@ -224,7 +247,7 @@ def read_trace(
         yield from _read(source, getattr(source, "name", ""), bad)
 
 
-def _read(handle: IO[str], name: str, bad: Callable[[int, str], None]) -> Iterator[TraceRow]:
+def _read(handle: IO[str], name: str, bad: Callable[[int, str], None]) -> Iterator[PlannedRow]:
     label = "standard input" if name == "-" else name or "the trace"
     try:
         first = handle.readline()
@@ -297,6 +320,14 @@ class KeyCounts:
 
 
 @dataclass
+class PlanCounts:
+    """Requests checked under one plan over a replay (the plan in force for each)."""
+
+    admitted: int = 0
+    denied: int = 0
+
+
+@dataclass
 class Timeline:
     """Requests per second of the replay, for plots.
 
@@ -328,6 +359,10 @@ class SimulationReport:
     orgs: dict[str, OrgCredits] = field(default_factory=dict)
     keys: dict[str, KeyCounts] = field(default_factory=dict)
     timeline: Timeline | None = None
+    plan: str = DEFAULT_PLAN
+    """The plan every organization started on."""
+    plans: dict[str, PlanCounts] = field(default_factory=dict)
+    """Requests per plan in force (the key's own, else its organization's)."""
 
     @property
     def denied_by_tier(self) -> dict[str, int]:
@@ -344,6 +379,7 @@ class SimulationReport:
         """A JSON-ready dict (credits as strings, times as ISO 8601 UTC)."""
         return {
             "policy": self.policy,
+            "plan": self.plan,
             "requests": self.requests,
             "admitted": self.admitted,
             "denied": self.denied,
@@ -356,6 +392,9 @@ class SimulationReport:
             "tiers": {
                 name: {"admitted": c.admitted, "denied": c.denied, "would_deny": c.would_deny}
                 for name, c in self.tiers.items()
+            },
+            "plans": {
+                name: {"admitted": c.admitted, "denied": c.denied} for name, c in self.plans.items()
             },
             "orgs": {
                 org: {
@@ -398,25 +437,33 @@ class _Tally:
 
 
 def simulate(
-    trace: TraceSource | Iterable[TraceRow] | Iterable[tuple[float, str, str, str]],
+    trace: TraceSource
+    | Iterable[tuple[float, str, str, str]]
+    | Iterable[tuple[float, str, str, str, str | None]],
     policy: Policy | None = None,
     *,
     skip_bad: bool = False,
     timeline: bool = False,
     progress: Callable[[int], None] | None = None,
+    plan: str | None = None,
 ) -> SimulationReport:
     """Replay ``trace`` through ``policy`` (default: the seed's) and report what happened.
 
     ``trace`` is a path or open file (see :func:`read_trace`), or an iterable of
-    ``(timestamp, key, org, operation)`` tuples. Every request runs on a fresh
-    :class:`MemoryBackend` whose clock is set to the request's timestamp. A bad row
-    raises :class:`TraceError` naming its line, or with ``skip_bad`` is counted in
-    ``skipped``. ``timeline`` keeps per-second counts for plots; ``progress`` is called
-    now and then with the number of the line reached.
+    ``(timestamp, key, org, operation)`` tuples (with a fifth item, the plan that
+    request's organization moves to, or None). Every request runs on a fresh
+    :class:`MemoryBackend` whose clock is set to the request's timestamp. ``plan``
+    puts every organization on that plan of the policy at its first request
+    (:class:`~meterkit.errors.UnknownPlanError` if the policy has no such plan). A bad
+    row (a plan the policy does not have, too) raises :class:`TraceError` naming its
+    line, or with ``skip_bad`` is counted in ``skipped``. ``timeline`` keeps
+    per-second counts for plots; ``progress`` is called now and then with the number
+    of the line reached.
     """
     if policy is None:
         policy = Policy.crane_ledger()
-    report = SimulationReport(policy=policy.name)
+    start_plan = DEFAULT_PLAN if plan is None else policy.check_plan(plan)
+    report = SimulationReport(policy=policy.name, plan=start_plan)
     skipped = 0
 
     def bad(line: int, message: str) -> None:
@@ -425,11 +472,11 @@ def simulate(
             raise TraceError(message, line)
         skipped += 1
 
-    rows: Iterable[TraceRow]
+    rows: Iterable[PlannedRow]
     if isinstance(trace, (str, os.PathLike, io.IOBase)) or hasattr(trace, "readline"):
-        rows = read_trace(trace, bad=bad)  # type: ignore[arg-type]
+        rows = read_planned_trace(trace, bad=bad)  # type: ignore[arg-type]
     else:
-        rows = _numbered(trace)  # type: ignore[arg-type]
+        rows = _numbered(trace)
 
     clock = VirtualClock()
     backend = MemoryBackend(clock=clock)
@@ -443,7 +490,14 @@ def simulate(
     shadow = [policy.shadow or t.shadow for t in tiers]
     watch_shadow = any(shadow)
     by_reason = [0, 0, 0]
-    tl_admitted: dict[tuple[int, str], int] = {}
+    tl_admitted: dict[tuple[int, OperationPlan], int] = {}
+    # The plan each organization is on; admitted requests by the tiers in force; denied
+    # requests by plan.
+    org_plans: dict[str, str] = {}
+    set_plan = backend.set_plan
+    plans = policy.plans
+    admitted_by: dict[OperationPlan, int] = {}
+    denied_by: dict[str, int] = {}
     tl_denied: dict[tuple[int, int], int] = {}
     tl_all_denied: dict[int, int] = {}
     latest = -math.inf
@@ -452,7 +506,7 @@ def simulate(
     seq = 0
     next_progress = _PROGRESS_EVERY
 
-    for line, ts, key, org, op in rows:
+    for line, ts, key, org, op, row_plan in rows:
         ident = (key, org, op)
         tally = tallies.get(ident)
         if tally is None:
@@ -466,8 +520,21 @@ def simulate(
             if len(tallies) >= _PLAN_CACHE_MAX:
                 finished.append(tallies)
                 tallies = {}
-            plan = Plan(policy, opplan, key, org, "live", opplan.price, None)
-            tally = tallies[ident] = _Tally(plan)
+            request = Plan(policy, opplan, key, org, "live", opplan.price, None)
+            tally = tallies[ident] = _Tally(request)
+        current = org_plans.get(org)
+        if current is None or (row_plan is not None and row_plan != current):
+            wanted = start_plan if row_plan is None else row_plan
+            if wanted != DEFAULT_PLAN and wanted not in plans:
+                bad(
+                    line,
+                    f"unknown plan {wanted!r}: the policy's plans are "
+                    + ", ".join([DEFAULT_PLAN, *plans]),
+                )
+                continue
+            if wanted != (current or DEFAULT_PLAN):
+                set_plan(org, "live", wanted)
+            org_plans[org] = wanted
         if ts < latest:
             out_of_order += 1
             ts = latest
@@ -480,21 +547,24 @@ def simulate(
         seq += 1
         tally.last = seq
         tally.balance = out.balance
+        limits = out.limits or tally.plan.op
         if out.allowed:
             tally.admitted += 1
             tally.charged += out.charged
+            admitted_by[limits] = admitted_by.get(limits, 0) + 1
             if watch_shadow:
-                index = tally.plan.op.tier_index
+                index = limits.tier_index
                 for i, tier_out in enumerate(out.tiers):
                     if tier_out[2]:
                         would_deny[index[i]] += 1
             if timeline:
-                slot = (int(ts), op)
+                slot = (int(ts), limits)
                 tl_admitted[slot] = tl_admitted.get(slot, 0) + 1
         else:
             tally.denied += 1
             by_reason[out.reason] += 1
-            index = tally.plan.op.tier_index
+            denied_by[limits.plan] = denied_by.get(limits.plan, 0) + 1
+            index = limits.tier_index
             second = int(ts)
             for i, tier_out in enumerate(out.tiers):
                 if tier_out[2]:
@@ -520,15 +590,20 @@ def simulate(
         "rate_limited": by_reason[REASON_RATE],
         "insufficient_credits": by_reason[REASON_CREDITS],
     }
-    _summarize(report, policy, finished, tier_denied, would_deny)
+    _summarize(report, policy, finished, tier_denied, would_deny, admitted_by)
+    named = sorted({*denied_by, *(limits.plan for limits in admitted_by)})
+    report.plans = {name: PlanCounts(0, denied_by.get(name, 0)) for name in named}
+    for limits, n in admitted_by.items():
+        report.plans[limits.plan].admitted += n
     if timeline:
         report.timeline = _timeline(policy, tl_admitted, tl_denied, tl_all_denied)
     return report
 
 
-def _numbered(rows: Iterable[tuple[float, str, str, str]]) -> Iterator[TraceRow]:
-    for number, (ts, key, org, op) in enumerate(rows, 1):
-        yield number, float(ts), key, org, op
+def _numbered(rows: Iterable[tuple[Any, ...]]) -> Iterator[PlannedRow]:
+    for number, row in enumerate(rows, 1):
+        ts, key, org, op, *rest = row
+        yield number, float(ts), key, org, op, rest[0] if rest else None
 
 
 def _summarize(
@@ -537,6 +612,7 @@ def _summarize(
     finished: list[dict[tuple[str, str, str], _Tally]],
     tier_denied: list[int],
     would_deny: list[int],
+    admitted_by: dict[OperationPlan, int],
 ) -> None:
     op_admitted: dict[str, int] = {}
     orgs: dict[str, list[int]] = {}  # admitted, denied, charged µ, last seq, balance µ
@@ -558,11 +634,13 @@ def _summarize(
             else:
                 counts.admitted += t.admitted
                 counts.denied += t.denied
+    # (a request counts for the tiers in force for it: a plan may turn tiers off)
+    tier_admitted = [0] * len(policy.tiers)
+    for limits, n in admitted_by.items():
+        for i in limits.tier_index:
+            tier_admitted[i] += n
     for i, tier in enumerate(policy.tiers):
-        admitted = sum(
-            n for op, n in op_admitted.items() if tier.operations is None or op in tier.operations
-        )
-        report.tiers[tier.name] = TierCounts(admitted, tier_denied[i], would_deny[i])
+        report.tiers[tier.name] = TierCounts(tier_admitted[i], tier_denied[i], would_deny[i])
     report.admitted = sum(op_admitted.values())
     report.denied = sum(a[1] for a in orgs.values())
     report.requests = report.admitted + report.denied
@@ -580,15 +658,15 @@ def _signed_credits(micro: int) -> Decimal:
 
 def _timeline(
     policy: Policy,
-    admitted: dict[tuple[int, str], int],
+    admitted: dict[tuple[int, OperationPlan], int],
     denied: dict[tuple[int, int], int],
     all_denied: dict[int, int],
 ) -> Timeline:
     per_tier_admitted: dict[str, dict[int, int]] = {t.name: {} for t in policy.tiers}
     all_admitted: dict[int, int] = {}
-    for (second, op), n in admitted.items():
+    for (second, limits), n in admitted.items():
         all_admitted[second] = all_admitted.get(second, 0) + n
-        for tier in policy.plan_for(op).tiers:
+        for tier in limits.tiers:
             series = per_tier_admitted[tier.name]
             series[second] = series.get(second, 0) + n
     per_tier_denied: dict[str, dict[int, int]] = {t.name: {} for t in policy.tiers}

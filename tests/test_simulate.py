@@ -380,3 +380,85 @@ def test_iso_times_read_the_same_on_every_python(text: str, seconds: float) -> N
     line = json.dumps({"timestamp": text, "key": "k", "org": "o", "operation": "x"})
     rows = list(read_trace(io.StringIO(line + "\n")))
     assert rows[0][1] == pytest.approx(seconds, abs=1e-6)
+
+
+# -- plans --------------------------------------------------------------------------------
+
+PLANS_POLICY = """
+name = "planned"
+[credits]
+allowance = "100"
+[[tiers]]
+name = "key-hour"
+scope = "key"
+rate = "5/hour"
+[[tiers]]
+name = "org-hour"
+scope = "org"
+rate = "8/hour"
+[categories.read]
+min = "0.01"
+max = "0.01"
+[operations."items.list"]
+category = "read"
+price = "0.01"
+[plans.free.tiers]
+"key-hour" = "2/hour"
+[plans.pro.tiers]
+"key-hour" = "50/hour"
+"org-hour" = "off"
+"""
+
+
+def _twenty(plan_at: dict[int, str] | None = None) -> list[tuple[float, str, str, str, str | None]]:
+    """Twenty requests of one key in a minute; ``plan_at`` names a plan on some rows."""
+    plans = plan_at or {}
+    return [(HOUR + i, "key_a", "org_a", "items.list", plans.get(i)) for i in range(20)]
+
+
+def test_simulate_with_a_plan_replays_every_organization_on_it() -> None:
+    """The same trace under free, the default plan and pro admits 2, 5 and 20, and the
+    report counts the requests per plan in force."""
+    policy = meterkit.Policy.from_toml(PLANS_POLICY)
+    admitted = {}
+    for plan in ("free", None, "pro"):
+        report = simulate(_twenty(), policy, plan=plan)
+        admitted[plan] = report.admitted
+        name = plan or "default"
+        assert report.plan == name
+        assert {n: (c.admitted, c.denied) for n, c in report.plans.items()} == {
+            name: (report.admitted, report.denied)
+        }
+    assert admitted == {"free": 2, None: 5, "pro": 20}
+    pro = simulate(_twenty(), policy, plan="pro")
+    assert (pro.tiers["key-hour"].admitted, pro.tiers["org-hour"].admitted) == (20, 0)
+    assert pro.to_dict()["plans"] == {"pro": {"admitted": 20, "denied": 0}}
+
+
+def test_a_plan_column_moves_the_organization_mid_window(tmp_path: Path) -> None:
+    """A row naming pro moves its organization from then on, keeping the count of the
+    window: 2 under free, then pro admits the rest (and a CSV column says so too)."""
+    policy = meterkit.Policy.from_toml(PLANS_POLICY)
+    report = simulate(_twenty({10: "pro"}), policy, plan="free")
+    assert (report.admitted, report.denied) == (12, 8)
+    assert {n: (c.admitted, c.denied) for n, c in report.plans.items()} == {
+        "free": (2, 8),
+        "pro": (10, 0),
+    }
+    path = tmp_path / "planned.csv"
+    lines = ["timestamp,key,org,operation,plan"]
+    lines += [f"{t!r},{k},{o},{op},{p or ''}" for t, k, o, op, p in _twenty({10: "pro"})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    again = simulate(path, policy, plan="free")
+    assert (again.admitted, again.plans) == (report.admitted, report.plans)
+    assert next(iter(read_trace(path))) == (2, float(HOUR), "key_a", "org_a", "items.list")
+
+
+def test_a_plan_the_policy_lacks_is_refused() -> None:
+    """--plan of an unknown plan raises UnknownPlanError; a row naming one is a bad row."""
+    policy = meterkit.Policy.from_toml(PLANS_POLICY)
+    with pytest.raises(meterkit.UnknownPlanError, match="gold"):
+        simulate(_twenty(), policy, plan="gold")
+    with pytest.raises(TraceError, match="line 4: unknown plan 'gold'"):
+        simulate(_twenty({3: "gold"}), policy)
+    assert simulate(_twenty({3: "gold"}), policy, skip_bad=True).skipped == 1

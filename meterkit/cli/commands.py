@@ -1,5 +1,5 @@
 """The ``meterkit`` commands but the demo: policy check, simulate, usage, reset-limits,
-keys."""
+plans, keys."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from meterkit.core.decision import Usage
+    from meterkit.core.decision import PlanAssignment, Usage
     from meterkit.simulate import SimulationReport
 from meterkit.cli.common import (
     EXIT_BACKEND,
@@ -76,12 +76,36 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
     _out()
     allowance = _credits(_dec(policy.credits.allowance_micro))
     _out(f"credits: {allowance} per organization per calendar month (UTC), no rollover")
+    if policy.plans:
+        _out()
+        _out(f"plans ({len(policy.plans)}, besides default):")
+        plan_rows: list[list[object]] = [["plan", "allowance", "changes"]]
+        own = {t.name: t for t in policy.tiers}
+        for name in policy.plans:
+            under = {t.name: t for t in policy.tiers_under(name)}
+            changes = [f"{tier} off" for tier in own if tier not in under]
+            changes += [
+                f"{tier} {_rate_text(t.limit, t.window)}"
+                + (f" burst {t.burst}" if t.algorithm == "gcra" else "")
+                for tier, t in under.items()
+                if t is not own[tier]
+            ]
+            allowance = _credits(_dec(policy.allowance_of(name)))
+            plan_rows.append([name, allowance, ", ".join(changes) or "(the default tiers)"])
+        for line in _table(plan_rows, right=(1,)):
+            _out(line)
     if policy.routes:
         _out()
         _out(f"routes ({len(policy.routes)}):")
         for line in _table([[r, "->", op] for r, op in policy.routes.items()]):
             _out(line)
     return EXIT_OK
+
+
+def _rate_text(limit: int, window: int) -> str:
+    from meterkit.core.policy import _rate_text as rate_text
+
+    return rate_text(limit, window)
 
 
 def _dec(micro: int) -> Decimal:
@@ -146,7 +170,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             bar = None  # reading it will report the problem
     try:
         report = simulate(
-            args.trace, policy, skip_bad=args.skip_bad, timeline=bool(args.plot), progress=bar
+            args.trace,
+            policy,
+            skip_bad=args.skip_bad,
+            timeline=bool(args.plot),
+            progress=bar,
+            plan=args.plan,
         )
     except TraceError as exc:
         raise _Failure(f"{args.trace}: {exc}" if exc.line else str(exc), EXIT_USAGE) from None
@@ -177,6 +206,8 @@ def _pct(part: int, whole: int) -> str:
 def _print_report(report: SimulationReport, args: argparse.Namespace) -> None:
     total = report.requests
     _out(f"replayed {args.trace} through policy {report.policy!r} (in-memory, virtual clock)")
+    if report.plan != "default":
+        _out(f"  every organization starting on plan {report.plan!r}")
     if report.start is not None and report.end is not None:
         _out(
             f"  {total:,} requests from {_utc(report.start)} to {_utc(report.end)} "
@@ -201,6 +232,13 @@ def _print_report(report: SimulationReport, args: argparse.Namespace) -> None:
         rows.append([name, f"{c.admitted:,}", f"{c.denied:,}", *extra])
     for line in _table(rows, right=(1, 2, 3)):
         _out(line)
+    if set(report.plans) - {"default"}:
+        _out()
+        plan_rows: list[list[str]] = [["plan in force", "admitted", "denied"]]
+        for name, p in report.plans.items():
+            plan_rows.append([name, f"{p.admitted:,}", f"{p.denied:,}"])
+        for line in _table(plan_rows, right=(1, 2)):
+            _out(line)
     _out()
     _out("denied by reason:")
     for line in _table([[r, f"{n:,}"] for r, n in report.denied_by_reason.items()], right=(1,)):
@@ -307,6 +345,99 @@ def _cmd_reset_limits(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- meterkit plans ---------------------------------------------------------------------
+
+
+def _limits(texts: list[str]) -> dict[str, str]:
+    limits = {}
+    for text in texts:
+        tier, sep, rate = text.partition("=")
+        if not sep or not tier.strip() or not rate.strip():
+            raise _Failure(
+                f"--limit {text!r}: write TIER=RATE, e.g. org-hour=50000/hour", EXIT_USAGE
+            )
+        limits[tier.strip()] = rate.strip()
+    return limits
+
+
+def _cmd_plans_set(args: argparse.Namespace) -> int:
+    limits = _limits(args.limit)
+    if args.plan is None and not limits:
+        raise _Failure("name a PLAN, or give --limit TIER=RATE", EXIT_USAGE)
+    if args.key is not None and limits:
+        raise _Failure("negotiated limits are the organization's: drop --key", EXIT_USAGE)
+    meter = _meter_of(args)
+    try:
+        # (both are checked before either is written)
+        if args.plan is not None:
+            meter.policy.check_plan(args.plan)
+        if limits:
+            from meterkit.core.policy import deal_of
+
+            deal_of(meter.policy, limits)
+        if args.plan is not None:
+            meter.set_plan(args.org, args.plan, key=args.key, mode=args.mode)
+        if limits:
+            meter.set_limits(args.org, limits, mode=args.mode)
+        assigned = meter.plan_of(args.org, key=args.key, mode=args.mode)
+    finally:
+        meter.close()
+    return _show_plans(assigned, args)
+
+
+def _cmd_plans_show(args: argparse.Namespace) -> int:
+    meter = _meter_of(args)
+    try:
+        assigned = meter.plan_of(args.org, key=args.key, mode=args.mode)
+    finally:
+        meter.close()
+    return _show_plans(assigned, args)
+
+
+def _cmd_plans_clear(args: argparse.Namespace) -> int:
+    if args.key is not None and args.limits:
+        raise _Failure("negotiated limits are the organization's: drop --key", EXIT_USAGE)
+    meter = _meter_of(args)
+    try:
+        if args.key is not None:
+            meter.set_plan(args.org, None, key=args.key, mode=args.mode)
+        else:
+            if not args.limits:
+                meter.set_plan(args.org, None, mode=args.mode)
+            meter.set_limits(args.org, None, mode=args.mode)
+        assigned = meter.plan_of(args.org, key=args.key, mode=args.mode)
+    finally:
+        meter.close()
+    return _show_plans(assigned, args)
+
+
+def _show_plans(assigned: PlanAssignment, args: argparse.Namespace) -> int:
+    if args.json:
+        _json(assigned.to_dict())
+        return EXIT_OK
+    who = assigned.org if assigned.key is None else f"{assigned.key} of {assigned.org}"
+    _out(f"{who} ({args.mode}) is on plan {assigned.plan!r}")
+    _out(f"  organization's plan  {assigned.org_plan}")
+    if assigned.key is not None:
+        _out(f"  key's own plan       {assigned.key_plan or '(none: its organization’s)'}")
+    deal = ", ".join(
+        f"{tier}={limit}"
+        if isinstance(limit, str)
+        else f"{tier}={limit['rate']} (burst {limit['burst']})"
+        for tier, limit in assigned.limits.items()
+    )
+    _out(f"  negotiated limits    {deal or '(none)'}")
+    _out(f"  monthly allowance    {_credits(assigned.allowance)} (unless set_allowance gave one)")
+    _out()
+    rows: list[list[object]] = [["tier", "scope", "limit", "window", "algorithm"]]
+    for t in assigned.tiers:
+        algorithm = t.algorithm + (f", burst {t.burst}" if t.algorithm == "gcra" else "")
+        rows.append([t.name, t.scope, t.limit, f"{t.window}s", algorithm])
+    for line in _table(rows, right=(2, 3)):
+        _out(line)
+    return EXIT_OK
+
+
 def _connect(factory: Callable[[str], Any], url: str) -> Any:
     try:
         return factory(url)
@@ -320,6 +451,8 @@ def _print_usage(usage: Usage, indent: str = "") -> None:
         f"{indent}usage of {who}, {usage.period_start.date()} to {usage.period_end.date()} (UTC, "
         "credits reset monthly, no rollover)"
     )
+    if usage.plan != "default":
+        _out(f"{indent}  plan {usage.plan}")
     _out(
         f"{indent}  allowance {_credits(usage.allowance)}   used {_credits(usage.credits_used)}   "
         f"left {_credits(usage.credits_left)}   requests {usage.requests:,}"

@@ -1,4 +1,4 @@
-"""The ``meterkit`` command: demo, policy check, simulate, usage, keys.
+"""The ``meterkit`` command: demo, policy check, simulate, usage, plans, keys.
 
 ``main(argv)`` parses, runs one command and returns its exit code; it never calls
 ``sys.exit`` itself, so tests run it in-process. Exit codes are a contract:
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     pass
 from meterkit.cli.commands import (
     _backend_arguments,
+    _cmd_plans_clear,
+    _cmd_plans_set,
+    _cmd_plans_show,
     _cmd_policy_check,
     _cmd_reset_limits,
     _cmd_simulate,
@@ -119,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Replay a trace through a policy on the in-memory backend, with a virtual "
         "clock set to each request's timestamp (nothing sleeps). The trace is CSV with the "
         "header timestamp,key,org,operation or JSON Lines with those fields; timestamps are "
-        "UNIX seconds or ISO 8601 (naive means UTC). '-' reads standard input.",
+        "UNIX seconds or ISO 8601 (naive means UTC); an optional column plan moves the "
+        "request's organization to that plan. '-' reads standard input.",
         **common,
     )
     sim.add_argument("trace", metavar="TRACE", help="the trace file (.csv or .jsonl), or -")
@@ -127,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         "--policy",
         metavar="FILE",
         help="a policy file (default: $METERKIT_POLICY, else the seed's; the report names it)",
+    )
+    sim.add_argument(
+        "--plan",
+        metavar="NAME",
+        help="put every organization on this plan of the policy (default: the default "
+        "plan); a trace's plan column, where it names one, moves the request's "
+        "organization to that plan from then on",
     )
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.add_argument(
@@ -175,6 +186,57 @@ def _parser() -> argparse.ArgumentParser:
         policy="the policy whose tiers to clear (required, or $METERKIT_POLICY)",
     )
     reset.set_defaults(run=_cmd_reset_limits)
+
+    plans = commands.add_parser(
+        "plans",
+        help="put organizations and keys on plans, give negotiated limits",
+        description="Read and change the plans a backend keeps: an organization's plan, "
+        "a key's own plan, and an organization's negotiated limits. A check uses them "
+        "from its next request on, and keeps the counts of the current windows.",
+        **common,
+    )
+    plan_commands = plans.add_subparsers(dest="plans_command", metavar="COMMAND", required=True)
+    plans_policy = "the policy whose plans to use (required, or $METERKIT_POLICY)"
+    plan_set = plan_commands.add_parser(
+        "set",
+        help="put an organization (or a key) on a plan, or give it negotiated limits",
+        description="Put the organization (or with --key, one of its keys) on PLAN, and/or "
+        "give the organization negotiated limits with --limit (they replace its limits "
+        "before; a key has no limits of its own).",
+        **common,
+    )
+    plan_set.add_argument("plan", metavar="PLAN", nargs="?", help="a plan of the policy")
+    _backend_arguments(plan_set, key="put only this key on PLAN", policy=plans_policy)
+    plan_set.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="TIER=RATE",
+        help="a negotiated limit, e.g. org-hour=50000/hour or trial=off (repeat)",
+    )
+    plan_set.set_defaults(run=_cmd_plans_set)
+    plan_show = plan_commands.add_parser(
+        "show",
+        help="the plans, limits, tiers and allowance in force",
+        description="Print the plan an organization (or one of its keys) is on, its "
+        "negotiated limits, and the tiers and allowance they give.",
+        **common,
+    )
+    _backend_arguments(plan_show, key="and this key's own plan", policy=plans_policy)
+    plan_show.set_defaults(run=_cmd_plans_show)
+    plan_clear = plan_commands.add_parser(
+        "clear",
+        help="take an organization (or a key) off its plan",
+        description="Take the organization off its plan and its negotiated limits (the "
+        "default plan again), or with --key, the key off its own plan (its "
+        "organization's again), or with --limits, only the negotiated limits.",
+        **common,
+    )
+    _backend_arguments(plan_clear, key="take only this key off its plan", policy=plans_policy)
+    plan_clear.add_argument(
+        "--limits", action="store_true", help="take away only the negotiated limits"
+    )
+    plan_clear.set_defaults(run=_cmd_plans_clear)
 
     keys_epilog = (
         "The server's pepper, if it uses one, is read from the METERKIT_PEPPER environment "

@@ -5,14 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from meterkit.core.credits import from_micro
 from meterkit.core.outcome import REASON_CREDITS, REASON_RATE, Outcome
 from meterkit.core.plan import Plan
 from meterkit.core.policy import ALGORITHMS
 
-__all__ = ["Decision", "KeyUsage", "OperationUsage", "TierState", "Usage"]
+if TYPE_CHECKING:
+    from meterkit.core.policy import Deal, OperationPlan, Policy, Tier
+
+__all__ = ["Decision", "KeyUsage", "OperationUsage", "PlanAssignment", "TierState", "Usage"]
 
 _US = 1_000_000
 _GCRA = ALGORITHMS["gcra"]
@@ -64,7 +67,8 @@ class Decision:
         return (
             f"Decision(allowed={self.allowed}, reason={self.reason!r}, "
             f"retry_after={self.retry_after}, charged={self.charged}, balance={self.balance}, "
-            f"operation={self._plan.op.name!r}, key={self._plan.key!r}, org={self._plan.org!r})"
+            f"operation={self._plan.op.name!r}, key={self._plan.key!r}, org={self._plan.org!r}, "
+            f"plan={self.plan!r})"
         )
 
     def __bool__(self) -> bool:
@@ -77,9 +81,23 @@ class Decision:
         return _REASONS[self._out.reason]
 
     @property
-    def plan(self) -> Plan:
-        """The plan this decision answered (operation, key, org, cost)."""
+    def request(self) -> Plan:
+        """The request this decision answered, as the backend saw it (operation, key,
+        org, cost)."""
         return self._plan
+
+    @property
+    def plan(self) -> str:
+        """The customer plan in force for this check: the key's plan if it has one, else
+        its organization's (``"default"`` when neither was put on a plan)."""
+        limits = self._out.limits
+        return "default" if limits is None else limits.plan
+
+    @property
+    def limits(self) -> OperationPlan:
+        """The operation's tiers as they applied, under the plan in force."""
+        limits = self._out.limits
+        return self._plan.op if limits is None else limits
 
     @property
     def outcome(self) -> Outcome:
@@ -135,7 +153,7 @@ class Decision:
         policy_shadow = self._plan.policy.shadow
         return tuple(
             TierState(t.name, t.capacity, rem, reset / _US, bool(den), t.shadow or policy_shadow)
-            for t, (rem, reset, den) in zip(self._plan.op.tiers, self._out.tiers, strict=True)
+            for t, (rem, reset, den) in zip(self.limits.tiers, self._out.tiers, strict=True)
         )
 
     @property
@@ -144,7 +162,7 @@ class Decision:
         policy_shadow = self._plan.policy.shadow
         names = [
             t.name
-            for t, (_, _, den) in zip(self._plan.op.tiers, self._out.tiers, strict=True)
+            for t, (_, _, den) in zip(self.limits.tiers, self._out.tiers, strict=True)
             if den and (t.shadow or policy_shadow)
         ]
         if policy_shadow and self._out.balance < 0:
@@ -183,7 +201,7 @@ class Decision:
         away) only with ``credits_retry_after=True``.
         """
         out = self._out
-        op = self._plan.op
+        op = out.limits or self._plan.op
         headers: dict[str, str] = {}
         retry_s = (out.retry_after + 999_999) // _US
         rate_denied = out.reason == REASON_RATE
@@ -302,6 +320,8 @@ class Usage:
     ``requests`` and ``credits_used`` cover the organization, or only ``key`` when
     one was asked for; ``allowance`` and ``credits_left`` are always the
     organization's. ``credits_used`` is charges minus refunds, to the micro-credit.
+    ``plan`` is the organization's plan, which gives the allowance (unless
+    ``set_allowance`` gave the organization one of its own).
     """
 
     org: str
@@ -314,12 +334,14 @@ class Usage:
     requests: int
     operations: dict[str, OperationUsage]
     keys: dict[str, KeyUsage]
+    plan: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (Decimals as strings, datetimes as ISO 8601)."""
         return {
             "org": self.org,
             "key": self.key,
+            "plan": self.plan,
             "period_start": self.period_start.isoformat(),
             "period_end": self.period_end.isoformat(),
             "allowance": str(self.allowance),
@@ -336,13 +358,79 @@ class Usage:
         }
 
 
-def build_usage(
+@dataclass(frozen=True)
+class PlanAssignment:
+    """What :meth:`Meter.plan_of` reports: the plans an organization (and one of its
+    keys) was put on, its negotiated deal, and the tiers and allowance in force.
+
+    ``plan`` is the plan a check of ``key`` (or, without one, of the organization) is
+    under; ``org_plan`` is ``"default"`` when the organization was put on no plan;
+    ``key_plan`` is None when the key has no plan of its own (or no key was asked
+    about). ``limits`` is the deal as it was given (``{"org-hour": "50000/hour"}``).
+    ``tiers`` are the policy's tiers as they apply (key-scoped ones under the key's
+    plan, if it has one), a tier turned off left out; ``allowance`` is the monthly
+    allowance the organization's plan gives (``set_allowance`` may override it).
+    """
+
+    org: str
+    key: str | None
+    plan: str
+    org_plan: str
+    key_plan: str | None
+    limits: dict[str, Any]
+    tiers: tuple[Tier, ...]
+    allowance: Decimal
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "org": self.org,
+            "key": self.key,
+            "plan": self.plan,
+            "org_plan": self.org_plan,
+            "key_plan": self.key_plan,
+            "limits": self.limits,
+            "tiers": [
+                {
+                    "name": t.name,
+                    "scope": t.scope,
+                    "limit": t.limit,
+                    "window_seconds": t.window,
+                    "algorithm": t.algorithm,
+                    "burst": t.burst,
+                }
+                for t in self.tiers
+            ],
+            "allowance": str(self.allowance),
+        }
+
+
+def build_assignment(
+    policy: Policy,
     org: str,
     key: str | None,
-    raw: tuple[int, int, int, int, int, dict[tuple[str, str], list[int]]],
-) -> Usage:
+    assigned: tuple[str | None, str | None, Deal],
+) -> PlanAssignment:
+    """Turn a backend's ``(org plan, key plan, deal)`` into a :class:`PlanAssignment`."""
+    from meterkit.core.policy import deal_text
+
+    org_plan, key_plan, deal = assigned
+    return PlanAssignment(
+        org=org,
+        key=key,
+        plan=policy.plan_in_force(org_plan, key_plan),
+        org_plan=org_plan or "default",
+        key_plan=key_plan,
+        limits=deal_text(deal),
+        tiers=policy.tiers_under(org_plan, key_plan, deal),
+        allowance=from_micro(policy.allowance_of(org_plan)),
+    )
+
+
+def build_usage(org: str, key: str | None, raw: tuple[Any, ...]) -> Usage:
     """Turn a backend's raw usage into a :class:`Usage` for ``org`` (or one ``key``)."""
-    start, end, allowance, used, requests, pairs = raw
+    start, end, allowance, used, requests, pairs = raw[:6]
+    plan = raw[6] if len(raw) > 6 else "default"
     ops: dict[str, list[int]] = {}
     keys: dict[str, list[int]] = {}
     for (k, op), (n, micro) in pairs.items():
@@ -370,4 +458,5 @@ def build_usage(
         requests=requests,
         operations={k: OperationUsage(n, from_micro(m)) for k, (n, m) in sorted(ops.items())},
         keys={k: KeyUsage(n, from_micro(m)) for k, (n, m) in sorted(keys.items())},
+        plan=plan,
     )

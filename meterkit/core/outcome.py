@@ -16,6 +16,7 @@ from meterkit.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from meterkit.core.plan import Plan
+    from meterkit.core.policy import OperationPlan
 
 __all__ = [
     "REASON_CREDITS",
@@ -46,7 +47,7 @@ class Outcome(NamedTuple):
     now: int
     #: 0 when allowed
     retry_after: int
-    #: one per tier of the plan, in policy order
+    #: one per tier that applied (see ``limits``), in policy order
     tiers: tuple[TierOutcome, ...]
     charged: int
     #: after the charge; may go below 0 in shadow mode
@@ -56,11 +57,16 @@ class Outcome(NamedTuple):
     charge_id: str
     #: an idempotent retry answered from the first decision
     replayed: bool
+    #: the operation's tiers as they applied: under the plan in force (``tiers`` has one
+    #: result per tier of it), from :meth:`Policy.limits_for`; None for the plan's own
+    #: operation plan (the default plan, and hand-made outcomes)
+    limits: OperationPlan | None = None
 
 
 #: Usage as a backend reports it: (period start µs, period end µs, allowance µ-credits
-#: (plan or override, plus top-ups), used µ-credits, requests, {(key, op): [requests, µ]}).
-RawUsage = tuple[int, int, int, int, int, dict[tuple[str, str], list[int]]]
+#: (plan or override, plus top-ups), used µ-credits, requests, {(key, op): [requests, µ]},
+#: the organization's plan). A backend written before plans may leave the plan off.
+RawUsage = tuple[int, int, int, int, int, dict[tuple[str, str], list[int]], str]
 
 #: What an idempotency record keeps: (expires µs, key id, operation, cost, first outcome).
 IdempotencyRecord = tuple[int, str, str, int, Outcome]

@@ -1,9 +1,19 @@
-"""Policies: rate tiers, a cost table and a credit plan, validated and compiled once.
+"""Policies: rate tiers, a cost table, a credit plan and customer plans, validated and
+compiled once.
 
 A :class:`Policy` is data. Building one validates everything and precomputes what
 the hot path needs — windows and emission intervals in integer microseconds, prices
 in micro-credits, the tiers that apply to each operation — so a check only looks
 things up.
+
+The top-level tiers and credits are the plan named ``"default"``. A
+:class:`CustomerPlan` changes, for the customers put on it, the amount (and a gcra
+tier's burst) of named tiers, turns tiers off, and sets the monthly allowance. It
+never changes a tier's window or algorithm: the tier's state (its counts, its
+bucket) is the same state under every plan, so that a customer moved from one plan
+to another keeps what it spent in the current window (see docs/plans.md).
+:meth:`Policy.limits_for` gives an operation's tiers under a plan (and a
+per-organization deal, see :func:`deal_of`), compiled once and cached.
 """
 
 from __future__ import annotations
@@ -24,17 +34,24 @@ from meterkit.core.routes import check_routes
 from meterkit.errors import (
     ConfigurationError,
     InvalidAmountError,
+    InvalidRequestError,
     UnknownOperationError,
+    UnknownPlanError,
 )
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_PLAN",
     "Category",
     "CostTable",
     "CreditPlan",
+    "CustomerPlan",
+    "Deal",
     "Operation",
     "Policy",
     "Tier",
+    "deal_of",
+    "deal_text",
 ]
 
 Algorithm = Literal["fixed_window", "sliding_window", "gcra", "sliding_log"]
@@ -53,6 +70,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _OP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _ZERO_WINDOW = re.compile(r"(?:/|per)\s*0+\s*[a-z]", re.IGNORECASE)
 Amount = str | int | float
+#: The plan of every customer not put on another: the policy's top-level tiers and credits.
+DEFAULT_PLAN = "default"
+#: How a plan (or a deal) changes one tier: a rate (``"5000/hour"``), a table
+#: ``{"rate": ..., "burst": ..., "algorithm": ...}``, or ``"off"``.
+TierChange = str | limits.RateLimitItem | Mapping[str, object]
+#: An organization's negotiated deal as backends keep it: per tier, sorted by name,
+#: ``(tier name, algorithm code, window µs, limit, burst)``; a limit of 0 is "off", a
+#: burst of 0 "the limit" (and any algorithm but gcra).
+Deal = tuple[tuple[str, int, int, int, int], ...]
+_CACHE_MAX = 65_536
 
 
 def _parse_rate(rate: object) -> limits.RateLimitItem:
@@ -291,13 +318,24 @@ def enforces(tier: Tier, policy_shadow: bool) -> bool:
 
 
 class OperationPlan:
-    """What a check of one operation needs, precomputed: price, tiers, header text."""
+    """What a check of one operation needs, precomputed: price, tiers, header text.
+
+    The policy's own (:meth:`Policy.plan_for`) has the default plan's tiers; one of
+    :meth:`Policy.limits_for` has the tiers in force under a plan and a deal. ``on``
+    lists the positions, in ``base.tiers``, of the tiers that apply (a plan may turn
+    tiers off), and ``allowance`` is the monthly allowance the plan gives.
+    """
 
     __slots__ = (
+        "allowance",
+        "base",
         "category",
         "header_limits",
         "header_names",
+        "key_plan",
         "name",
+        "on",
+        "plan",
         "policy_header",
         "price",
         "price_text",
@@ -305,12 +343,28 @@ class OperationPlan:
         "tiers",
     )
 
-    def __init__(self, op: Operation, tiers: tuple[Tier, ...], indexes: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        op: Operation,
+        tiers: tuple[Tier, ...],
+        indexes: tuple[int, ...],
+        *,
+        allowance: int = 0,
+        plan: str = DEFAULT_PLAN,
+        base: OperationPlan | None = None,
+        on: tuple[int, ...] | None = None,
+    ) -> None:
         self.name = op.name
         self.category = op.category
         self.price = op.price_micro
         self.tiers = tiers
         self.tier_index = indexes
+        self.plan = plan
+        self.allowance = allowance
+        self.base = self if base is None else base
+        self.on = tuple(range(len(tiers))) if on is None else on
+        #: The key's plan, when the request names it (see :meth:`Policy.keyed`).
+        self.key_plan: str | None = None
         # Each tier's real quota and window; a gcra tier's bucket is a vendor parameter
         # (draft-ietf-httpapi-ratelimit-headers asks for a prefix on those).
         self.policy_header = ", ".join(
@@ -323,6 +377,170 @@ class OperationPlan:
         self.header_limits = tuple(str(t.limit) for t in tiers)
         self.price_text = str(from_micro(op.price_micro))
 
+    def __repr__(self) -> str:
+        return f"OperationPlan({self.name!r}, plan={self.plan!r}, tiers={list(self.tiers)!r})"
+
+
+def _rate_text(limit: int, window: int) -> str:
+    """``5000/hour`` (or ``5000 per 7200 seconds``): a rate as people write it."""
+    unit = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}.get(window)
+    return f"{limit}/{unit}" if unit else f"{limit} per {window} seconds"
+
+
+def _changed(base: Tier, change: object, where: str) -> Tier | None:
+    """``base`` as ``change`` makes it under a plan or a deal (None: turned off).
+
+    A plan may change the amount of a tier (and a gcra tier's burst) but neither its
+    window nor its algorithm: the tier keeps one state under every plan, and a count
+    kept in one window or algorithm means nothing in another."""
+    if change == "off":
+        return None
+    algorithm: object = None
+    burst: object = None
+    if isinstance(change, (str, limits.RateLimitItem)):
+        rate: object = change
+        rate_at = where
+    elif isinstance(change, Mapping):
+        unknown = sorted(str(k) for k in change if k not in ("rate", "burst", "algorithm"))
+        if unknown:
+            raise ConfigurationError(
+                f"a tier change takes rate, burst and algorithm, not {', '.join(unknown)}", where
+            )
+        if "rate" not in change:
+            raise ConfigurationError("a tier change needs its rate", where)
+        rate, burst, algorithm = change["rate"], change.get("burst"), change.get("algorithm")
+        rate_at = f"{where}.rate"
+    else:
+        raise ConfigurationError(
+            "a tier change is a rate such as '5000/hour', a table with rate (and burst), "
+            f"or 'off', not {type(change).__name__}",
+            where,
+        )
+    if algorithm is not None and algorithm != base.algorithm:
+        raise ConfigurationError(
+            f"a plan keeps each tier's algorithm ({base.name!r} is {base.algorithm}): its "
+            "state would not carry over from one algorithm to another; define another tier "
+            "and turn this one off in the plan",
+            f"{where}.algorithm",
+        )
+    try:
+        item = _parse_rate(rate)
+    except ConfigurationError as exc:
+        raise ConfigurationError(exc.detail, rate_at) from None
+    if burst is not None and base.algorithm != "gcra":
+        raise ConfigurationError("burst applies to the gcra algorithm only", f"{where}.burst")
+    try:
+        tier = Tier(
+            base.name,
+            base.scope,
+            item,
+            base.algorithm,
+            burst,  # type: ignore[arg-type]
+            base.shadow,
+            base.operations,
+        )
+    except ConfigurationError as exc:
+        raise exc.at(where) from None
+    if tier.window_us != base.window_us:
+        raise ConfigurationError(
+            f"a plan keeps each tier's window ({base.name!r} counts per {base.window} s, "
+            f"not {tier.window} s): a count kept in one window means nothing in another; "
+            "define another tier and turn this one off in the plan",
+            rate_at,
+        )
+    return tier
+
+
+def _from_numbers(base: Tier, limit: int, burst: int) -> Tier:
+    """``base`` with a deal's numbers (checked when the deal was made)."""
+    item = limits.RateLimitItemPerSecond(limit, base.window)
+    gcra_burst = burst if base.algorithm == "gcra" and burst else None
+    return Tier(
+        base.name, base.scope, item, base.algorithm, gcra_burst, base.shadow, base.operations
+    )
+
+
+@dataclass(frozen=True)
+class CustomerPlan:
+    """A plan customers are put on at run time (``meter.set_plan``): ``Pro``, ``Free``.
+
+    ``tiers`` changes named tiers of the policy, each to a rate (``"5000/hour"``), a
+    table ``{"rate": ..., "burst": ...}`` or ``"off"``; a tier not named keeps the
+    policy's rate. A change keeps the tier's window and algorithm (see
+    docs/plans.md). ``allowance`` is the monthly credit allowance, by default the
+    policy's. Checked against the tiers when the :class:`Policy` is made.
+    """
+
+    name: str
+    tiers: Mapping[str, TierChange] = field(default_factory=dict)
+    allowance: Amount | object | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ConfigurationError(
+                f"a plan name is 1-64 letters, digits, '_', '.', '-', got {self.name!r}", "name"
+            )
+        if self.name == DEFAULT_PLAN:
+            raise ConfigurationError(
+                "the plan named 'default' is the policy's top-level tiers and credits", "name"
+            )
+        if not isinstance(self.tiers, Mapping):
+            raise ConfigurationError("tiers maps tier names to rates or 'off'", "tiers")
+        object.__setattr__(self, "tiers", dict(self.tiers))
+
+
+class _PlanLimits:
+    """A plan, compiled: each tier's change by name (None: off), and the allowance."""
+
+    __slots__ = ("allowance", "changes", "name")
+
+    def __init__(self, name: str, changes: dict[str, Tier | None], allowance: int) -> None:
+        self.name = name
+        self.changes = changes
+        self.allowance = allowance
+
+
+def deal_of(policy: Policy, limits_: Mapping[str, object]) -> Deal:
+    """An organization's negotiated deal (``meter.set_limits``), checked against
+    ``policy``: tier names to rates, tables or ``"off"``, as in a plan. Raises
+    :class:`~meterkit.errors.InvalidRequestError` naming the tier."""
+    if not isinstance(limits_, Mapping):
+        raise InvalidRequestError(
+            "limits maps tier names to rates such as '50000/hour', tables or 'off', "
+            f"not {type(limits_).__name__}"
+        )
+    tiers = {t.name: t for t in policy.tiers}
+    deal = []
+    for name, change in limits_.items():
+        base = tiers.get(name) if isinstance(name, str) else None
+        if base is None:
+            raise InvalidRequestError(
+                f"unknown tier {name!r}: the policy's tiers are {', '.join(tiers) or 'none'}"
+            )
+        try:
+            tier = _changed(base, change, name)
+        except ConfigurationError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        if tier is None:
+            deal.append((name, base.code, base.window_us, 0, 0))
+        else:
+            burst = tier.capacity if tier.algorithm == "gcra" else 0
+            deal.append((name, base.code, base.window_us, tier.limit, burst))
+    return tuple(sorted(deal))
+
+
+def deal_text(deal: Deal) -> dict[str, str | dict[str, object]]:
+    """A deal as people write it: ``{"org-hour": "50000/hour", "trial": "off"}`` (a gcra
+    tier with a burst of its own: ``{"rate": ..., "burst": ...}``)."""
+    out: dict[str, str | dict[str, object]] = {}
+    for name, _, window_us, limit, burst in deal:
+        if not limit:
+            out[name] = "off"
+            continue
+        rate = _rate_text(limit, window_us // _US)
+        out[name] = {"rate": rate, "burst": burst} if burst and burst != limit else rate
+    return out
+
 
 class Policy:
     """Rate tiers, a cost table and a credit plan, validated and compiled once.
@@ -331,7 +549,18 @@ class Policy:
     :meth:`crane_ledger`. A policy is immutable; the meter and its backends share it.
     """
 
-    __slots__ = ("_plans", "costs", "credits", "name", "routes", "shadow", "tiers")
+    __slots__ = (
+        "_limits",
+        "_plan_limits",
+        "_plans",
+        "costs",
+        "credits",
+        "name",
+        "plans",
+        "routes",
+        "shadow",
+        "tiers",
+    )
 
     def __init__(
         self,
@@ -342,6 +571,7 @@ class Policy:
         shadow: bool = False,
         name: str = "custom",
         routes: Mapping[str, str] | None = None,
+        plans: Iterable[CustomerPlan] = (),
     ) -> None:
         tiers = tuple(tiers)
         for i, t in enumerate(tiers):
@@ -368,22 +598,56 @@ class Policy:
         self.shadow = shadow
         self.name = name
         self.routes = routes
-        plans: dict[str, OperationPlan] = {}
+        ops: dict[str, OperationPlan] = {}
         for op in costs.operations:
             applies = [
                 (i, t)
                 for i, t in enumerate(tiers)
                 if t.operations is None or op.name in t.operations
             ]
-            plans[op.name] = OperationPlan(
-                op, tuple(t for _, t in applies), tuple(i for i, _ in applies)
+            ops[op.name] = OperationPlan(
+                op,
+                tuple(t for _, t in applies),
+                tuple(i for i, _ in applies),
+                allowance=credits.allowance_micro,
             )
-        self._plans = plans
+        self._plans = ops
+        self.plans: dict[str, CustomerPlan] = {}
+        self._plan_limits: dict[str, _PlanLimits] = {}
+        if isinstance(plans, (str, Mapping)) or not isinstance(plans, Iterable):
+            raise ConfigurationError("plans is a list of meterkit.CustomerPlan", "plans")
+        by_name = {t.name: t for t in tiers}
+        for plan in plans:
+            if not isinstance(plan, CustomerPlan):
+                raise ConfigurationError("each plan is a meterkit.CustomerPlan", "plans")
+            where = f"plans.{plan.name}"
+            if plan.name in self.plans:
+                raise ConfigurationError(f"two plans are named {plan.name!r}", where)
+            changes: dict[str, Tier | None] = {}
+            for tier_name, change in plan.tiers.items():
+                base = by_name.get(tier_name)
+                if base is None:
+                    raise ConfigurationError(
+                        f"unknown tier {tier_name!r}: a plan changes the policy's tiers "
+                        f"({', '.join(by_name) or 'none'})",
+                        f"{where}.tiers.{tier_name}",
+                    )
+                changes[tier_name] = _changed(base, change, f"{where}.tiers.{tier_name}")
+            allowance = (
+                credits.allowance_micro
+                if plan.allowance is None
+                else _micro(plan.allowance, f"{where}.allowance")
+            )
+            self.plans[plan.name] = plan
+            self._plan_limits[plan.name] = _PlanLimits(plan.name, changes, allowance)
+        self._limits: dict[tuple[object, ...], OperationPlan] = {}
 
     def __repr__(self) -> str:
         return (
             f"Policy(name={self.name!r}, tiers={[t.name for t in self.tiers]}, "
-            f"operations={len(self._plans)}, allowance={from_micro(self.credits.allowance_micro)})"
+            f"operations={len(self._plans)}, allowance={from_micro(self.credits.allowance_micro)}"
+            + (f", plans={list(self.plans)}" if self.plans else "")
+            + ")"
         )
 
     # -- lookups ---------------------------------------------------------------
@@ -396,6 +660,129 @@ class Policy:
             raise UnknownOperationError(
                 f"unknown operation {operation!r}: it is not in the policy's cost table"
             ) from None
+
+    def check_plan(self, plan: object) -> str:
+        """``plan`` if it names one of the policy's plans (or ``"default"``), else
+        :class:`~meterkit.errors.UnknownPlanError`."""
+        if plan == DEFAULT_PLAN or (isinstance(plan, str) and plan in self._plan_limits):
+            return plan
+        known = ", ".join([DEFAULT_PLAN, *self._plan_limits])
+        raise UnknownPlanError(f"unknown plan {plan!r}: this policy's plans are {known}")
+
+    def allowance_of(self, plan: str | None) -> int:
+        """The monthly allowance (µ-credits) ``plan`` gives; the default plan's for
+        ``None`` or a name this policy does not know."""
+        found = self._plan_limits.get(plan) if plan is not None else None
+        return self.credits.allowance_micro if found is None else found.allowance
+
+    def _under(
+        self,
+        tier: Tier,
+        org_plan: str | None,
+        key_plan: str | None,
+        dealt: Mapping[str, tuple[int, int, int, int]],
+    ) -> Tier | None:
+        """``tier`` under the plans and deal in force (None: off): see :meth:`limits_for`."""
+        known = self._plan_limits
+        source = known.get(key_plan if tier.scope == "key" and key_plan is not None else org_plan)  # type: ignore[arg-type]
+        now: Tier | None = tier
+        if source is not None and tier.name in source.changes:
+            now = source.changes[tier.name]
+        terms = dealt.get(tier.name)
+        if terms is not None and terms[:2] == (tier.code, tier.window_us):
+            limit, burst = terms[2], terms[3]
+            now = _from_numbers(tier, limit, burst) if limit else None
+        return now
+
+    def keyed(self, op: OperationPlan, key_plan: str) -> OperationPlan:
+        """``op`` for a request that names its key's plan (an ``ApiKey`` from a key store
+        that keeps one), which then wins over the plan a backend keeps for the key:
+        backends find it in ``op.key_plan``. Cached."""
+        slot = (op, "keyed", key_plan)
+        found = self._limits.get(slot)
+        if found is None:
+            base = op.base
+            found = OperationPlan(
+                self.operations.get(base.name)
+                or Operation(base.name, base.category, from_micro(base.price)),
+                base.tiers,
+                base.tier_index,
+                allowance=base.allowance,
+                base=base,
+            )
+            found.key_plan = key_plan
+            self._limits[slot] = found
+        return found
+
+    def plan_in_force(self, org_plan: str | None, key_plan: str | None = None) -> str:
+        """The plan a check is under: the key's if it has one, else the organization's;
+        ``"default"`` for none, or for a name this policy does not know."""
+        name = key_plan if key_plan is not None else org_plan
+        return name if name is not None and name in self._plan_limits else DEFAULT_PLAN
+
+    def tiers_under(
+        self, org_plan: str | None = None, key_plan: str | None = None, deal: Deal = ()
+    ) -> tuple[Tier, ...]:
+        """Every tier of the policy as it applies under these plans and this deal (the
+        rule of :meth:`limits_for`); a tier turned off is left out."""
+        dealt = {name: (code, window, limit, burst) for name, code, window, limit, burst in deal}
+        under = (self._under(t, org_plan, key_plan, dealt) for t in self.tiers)
+        return tuple(t for t in under if t is not None)
+
+    def limits_for(
+        self,
+        op: OperationPlan,
+        org_plan: str | None = None,
+        key_plan: str | None = None,
+        deal: Deal = (),
+    ) -> OperationPlan:
+        """``op`` as it applies under the organization's plan, the key's plan and the
+        organization's deal: the rule every backend follows (docs/plans.md).
+
+        Key-scoped tiers follow the key's plan when it has one, else the organization's;
+        organization-scoped tiers and the allowance follow the organization's plan (they
+        count the whole organization); a deal changes any tier on top of both, and
+        applies only while the tier has the algorithm and window it was made for. A plan
+        name the policy does not know (one removed since it was assigned) counts as
+        ``"default"``. ``Decision.plan`` names the key's plan if it has one, else the
+        organization's. Cached: the same arguments give the same object.
+        """
+        if org_plan is None and key_plan is None and not deal:
+            return op
+        slot = (op, org_plan, key_plan, deal)
+        found = self._limits.get(slot)
+        if found is not None:
+            return found
+        known = self._plan_limits
+        dealt = {name: (code, window, limit, burst) for name, code, window, limit, burst in deal}
+        tiers: list[Tier] = []
+        indexes: list[int] = []
+        on: list[int] = []
+        base = op.base
+        for position, tier in enumerate(base.tiers):
+            now = self._under(tier, org_plan, key_plan, dealt)
+            if now is not None:
+                tiers.append(now)
+                indexes.append(base.tier_index[position])
+                on.append(position)
+        org = known.get(org_plan) if org_plan is not None else None
+        name = self.plan_in_force(org_plan, key_plan)
+        operation = self.operations.get(base.name) or Operation(
+            base.name, base.category, from_micro(base.price)
+        )
+        found = OperationPlan(
+            operation,
+            tuple(tiers),
+            tuple(indexes),
+            allowance=org.allowance if org is not None else self.credits.allowance_micro,
+            plan=name,
+            base=base,
+            on=tuple(on),
+        )
+        if len(self._limits) >= _CACHE_MAX:
+            self._limits.clear()
+        self._limits[slot] = found
+        return found
 
     @property
     def operations(self) -> Mapping[str, Operation]:
@@ -478,6 +865,18 @@ class Policy:
                 "period": self.credits.period,
             },
             "routes": dict(self.routes),
+            "plans": {
+                name: {
+                    "allowance": str(from_micro(compiled.allowance)),
+                    "tiers": {
+                        tier: "off"
+                        if t is None
+                        else {"limit": t.limit, "window_seconds": t.window, "burst": t.burst}
+                        for tier, t in compiled.changes.items()
+                    },
+                }
+                for name, compiled in self._plan_limits.items()
+            },
         }
 
 
@@ -516,6 +915,31 @@ class _CreditsSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     period: Literal["month"] = "month"
 
 
+class _TierChangeSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    rate: str
+    burst: int | None = None
+    algorithm: Algorithm | None = None
+
+
+class _PlanSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
+    allowance: str | int | float | None = None
+    tiers: dict[str, str | _TierChangeSpec] = {}
+
+    def build(self, name: str) -> CustomerPlan:
+        changes: dict[str, TierChange] = {}
+        for tier, change in self.tiers.items():
+            if isinstance(change, str):
+                changes[tier] = change
+            else:
+                table: dict[str, object] = {"rate": change.rate}
+                if change.burst is not None:
+                    table["burst"] = change.burst
+                if change.algorithm is not None:
+                    table["algorithm"] = change.algorithm
+                changes[tier] = table
+        return CustomerPlan(name, changes, self.allowance)
+
+
 class _PolicySpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     name: str = "custom"
     shadow: bool = False
@@ -524,6 +948,7 @@ class _PolicySpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     categories: dict[str, _CategorySpec]
     operations: dict[str, _OperationSpec]
     routes: dict[str, str] = {}
+    plans: dict[str, _PlanSpec] = {}
 
     def build(self) -> Policy:
         tiers = [_located(f"tiers[{i}]", _tier, t) for i, t in enumerate(self.tiers)]
@@ -541,7 +966,16 @@ class _PolicySpec(_Spec, kw_only=True, forbid_unknown_fields=True):
             # CostTable counts operations by position; the file names them.
             raise _renamed(exc, [o.name for o in operations]) from None
         credits = _located("credits", lambda: CreditPlan(self.credits.allowance))
-        return Policy(tiers, costs, credits, shadow=self.shadow, name=self.name, routes=self.routes)
+        plans = [_located(f"plans.{name}", p.build, name) for name, p in self.plans.items()]
+        return Policy(
+            tiers,
+            costs,
+            credits,
+            shadow=self.shadow,
+            name=self.name,
+            routes=self.routes,
+            plans=plans,
+        )
 
 
 def _tier(t: _TierSpec) -> Tier:

@@ -237,7 +237,9 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     presented to ``authenticate``, admitted or not: a revoked or expired key that is
     still being presented shows up here. ``last_four`` is the end of the plaintext, for
     people to recognise a key by. ``Meter.check(key=api_key)`` reads ``id``, ``org`` and
-    ``mode``.
+    ``mode``, and ``plan``: the key's customer plan, when a store keeps one (meterkit's
+    own stores do not yet; ``Meter.set_plan(org, plan, key=...)`` keeps it in the
+    backend instead), which wins over the plan the backend keeps for the key.
     """
 
     id: str
@@ -251,6 +253,7 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     last_used_at: float | None = None
     secret_hash: str
     last_four: str
+    plan: str | None = None
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={value!r}" for name, value in self.__rich_repr__())

@@ -1,13 +1,15 @@
 """Conformance: the Lua scripts do exactly what the memory backend (the reference) does.
 
 Hypothesis draws a random policy (all four algorithms, key and org scopes, bursts,
-shadow tiers, operation-limited tiers, policy-level shadow, small allowances) and a
-random trace (checks with idempotency keys, cost overrides and test mode; time steps
-from one microsecond to a month; peeks; refunds; top-ups; allowance overrides; usage
-reports), and plays it against ``MemoryBackend`` and ``RedisBackend`` (standalone and
-Cluster) on the same fake clock. Every step must agree: the whole ``Outcome`` tuple
-(only the charge ids differ, by design), each refund's result, each usage report and
-each error.
+shadow tiers, operation-limited tiers, policy-level shadow, small allowances, customer
+plans that change or turn off tiers and change the allowance) and a random trace
+(checks with idempotency keys, cost overrides and test mode; time steps from one
+microsecond to a month; peeks; refunds; top-ups; allowance overrides; usage reports;
+organizations and keys moved between plans, negotiated limits, keys that carry a plan
+of their own, plan reports), and plays it against ``MemoryBackend`` and
+``RedisBackend`` (standalone and Cluster) on the same fake clock. Every step must
+agree: the whole ``Outcome`` tuple (only the charge ids differ, by design) with the
+tiers in force, each refund's result, each usage and plan report and each error.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterkit import (
+    ApiKey,
     Category,
     CostTable,
     CreditPlan,
+    CustomerPlan,
     InvalidRequestError,
     MemoryBackend,
     Meter,
@@ -60,6 +64,8 @@ STARTS = (
     1_798_761_599.0,  # 2026-12-31T23:59:59Z, a year's last second
 )
 COSTS = (None, "0", "0.000001", "0.07", "1.5")
+#: Plan names: a policy has the first 0 to 2 of them; "p3" is never one of its plans.
+PLANS = ("p1", "p2", "p3", "default")
 AMOUNTS = ("0", "0.01", "0.2", "5")
 
 
@@ -82,8 +88,9 @@ def tiers(draw: st.DrawFn, index: int) -> Tier:
 
 
 @st.composite
-def policies(draw: st.DrawFn) -> Policy:
-    n = draw(st.integers(0, 4))
+def policies(draw: st.DrawFn, *, planned: bool = False) -> Policy:
+    """A random policy; ``planned``: one with tiers and at least one customer plan."""
+    n = draw(st.integers(1 if planned else 0, 4))
     costs = CostTable(
         (
             Category("read", "0.01", "0.01"),
@@ -98,7 +105,40 @@ def policies(draw: st.DrawFn) -> Policy:
     )
     allowance = draw(st.sampled_from(("0", "0.05", "0.3", "2", "10000")))
     shadow = draw(st.integers(0, 5)) == 0
-    return Policy([draw(tiers(i)) for i in range(n)], costs, CreditPlan(allowance), shadow=shadow)
+    drawn = [draw(tiers(i)) for i in range(n)]
+    plans = []
+    for name in PLANS[: draw(st.integers(1 if planned else 0, 2))]:
+        changes: dict[str, object] = {}
+        for tier in drawn:
+            kind = draw(st.integers(0, 3))
+            if kind == 1:
+                changes[tier.name] = "off"
+            elif kind >= 2:
+                rate = f"{draw(st.integers(1, 6))} per {tier.window} seconds"
+                burst = draw(st.none() | st.integers(1, 6)) if tier.algorithm == "gcra" else None
+                changes[tier.name] = rate if burst is None else {"rate": rate, "burst": burst}
+        plan_allowance = draw(st.none() | st.sampled_from(("0", "0.05", "0.3", "2")))
+        plans.append(CustomerPlan(name, changes, plan_allowance))  # type: ignore[arg-type]
+    return Policy(drawn, costs, CreditPlan(allowance), shadow=shadow, plans=plans)
+
+
+def deal(policy: Policy, seed: int) -> dict[str, object] | None:
+    """Negotiated limits made from ``seed`` for ``policy``'s tiers, three bits a tier:
+    none, "off", or 1 to 6 per the tier's window (for gcra, some with a burst of 2);
+    seed 0 takes them away (None)."""
+    if seed == 0:
+        return None
+    limits: dict[str, object] = {}
+    for i, tier in enumerate(policy.tiers):
+        kind = (seed >> (3 * i)) % 8
+        rate = f"{kind - 1} per {tier.window} seconds"
+        if kind == 1:
+            limits[tier.name] = "off"
+        elif kind % 2 and tier.algorithm == "gcra":
+            limits[tier.name] = {"rate": rate, "burst": 2}
+        elif kind >= 2:
+            limits[tier.name] = rate
+    return limits
 
 
 modes = st.sampled_from(("live", "live", "test"))
@@ -133,12 +173,64 @@ steps = st.one_of(
         st.sampled_from(COSTS),
         modes,
     ),
+    st.tuples(st.just("plan"), st.sampled_from(ORGS), st.none() | st.sampled_from(PLANS), modes),
+    st.tuples(
+        st.just("key_plan"),
+        st.integers(0, len(KEYS) - 1),
+        st.none() | st.sampled_from(PLANS),
+        modes,
+    ),
+    st.tuples(st.just("limits"), st.sampled_from(ORGS), st.integers(0, 4095), modes),
+    st.tuples(
+        st.just("key_check"),
+        st.integers(0, len(KEYS) - 1),
+        st.sampled_from(OPERATIONS),
+        st.sampled_from(PLANS),
+    ),
+    st.tuples(st.just("plan_of"), st.integers(0, len(KEYS) - 1), modes),
+)
+
+
+# Traces that move organizations and keys between plans often, with checks in between.
+plan_steps = st.one_of(
+    st.tuples(
+        st.just("check"),
+        st.integers(0, len(KEYS) - 1),
+        st.sampled_from(OPERATIONS),
+        st.none() | st.sampled_from(("i1", "i2")),
+        st.none(),
+        st.just("live"),
+    ),
+    st.tuples(st.just("advance"), st.sampled_from(STEPS_US[:9])),
+    st.tuples(
+        st.just("plan"), st.sampled_from(ORGS[:2]), st.none() | st.sampled_from(PLANS), modes
+    ),
+    st.tuples(st.just("key_plan"), st.integers(0, 2), st.none() | st.sampled_from(PLANS), modes),
+    st.tuples(st.just("limits"), st.sampled_from(ORGS[:2]), st.integers(0, 4095), modes),
+    st.tuples(
+        st.just("key_check"),
+        st.integers(0, len(KEYS) - 1),
+        st.sampled_from(OPERATIONS),
+        st.sampled_from(PLANS),
+    ),
+    st.tuples(
+        st.just("peek"),
+        st.integers(0, len(KEYS) - 1),
+        st.sampled_from(OPERATIONS),
+        st.none(),
+        st.just("live"),
+    ),
+    st.tuples(st.just("usage"), st.sampled_from(ORGS[:2]), modes),
+    st.tuples(st.just("plan_of"), st.integers(0, len(KEYS) - 1), modes),
 )
 
 
 def _comparable(outcome: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The outcome without its charge id (random by design), but with whether it has one."""
-    return (*outcome[:8], bool(outcome[8]), outcome[9])
+    """The outcome without its charge id (random by design), but with whether it has one,
+    and the tiers in force as numbers."""
+    limits = outcome[10]
+    applied = (limits.plan, limits.on, limits.allowance, [t.describe() for t in limits.tiers])
+    return (*outcome[:8], bool(outcome[8]), outcome[9], applied)
 
 
 def _run(meter: Meter, call: str, *args: Any, **kwargs: Any) -> Any:
@@ -240,6 +332,39 @@ def play(
                 _, org, amount, mode = step
                 memory.set_allowance(org, amount, mode=mode)
                 redis.set_allowance(org, amount, mode=mode)
+            elif kind == "plan":
+                _, org, name, mode = step
+                a = _run(memory, "set_plan", org, name, mode=mode)
+                _same(a, _run(redis, "set_plan", org, name, mode=mode), where)
+            elif kind == "key_plan":
+                _, k, name, mode = step
+                args = (ORGS[KEYS[k][1]], name)
+                a = _run(memory, "set_plan", *args, key=KEYS[k][0], mode=mode)
+                _same(a, _run(redis, "set_plan", *args, key=KEYS[k][0], mode=mode), where)
+            elif kind == "limits":
+                _, org, seed, mode = step
+                limits = deal(policy, seed)
+                a = _run(memory, "set_limits", org, limits, mode=mode)
+                _same(a, _run(redis, "set_limits", org, limits, mode=mode), where)
+            elif kind == "key_check":
+                _, k, operation, name = step
+                key = ApiKey(
+                    id=KEYS[k][0],
+                    org=ORGS[KEYS[k][1]],
+                    mode="live",
+                    created_at=0.0,
+                    secret_hash="",
+                    last_four="",
+                    plan=name,
+                )
+                a = _run(memory, "check", key, operation=operation)
+                b = _run(redis, "check", key, operation=operation)
+                if _agree(a, b, where):
+                    admitted.append((a, b))
+            elif kind == "plan_of":
+                _, k, mode = step
+                args = (ORGS[KEYS[k][1]], KEYS[k][0], mode)
+                assert memory.plan_of(*args) == redis.plan_of(*args), where
             else:
                 _, org, mode = step
                 assert memory.usage(org, mode=mode) == redis.usage(org, mode=mode), where
@@ -247,6 +372,8 @@ def play(
             for mode in ("live", "test"):
                 final = f"final usage of {org} ({mode})"
                 assert memory.usage(org, mode=mode) == redis.usage(org, mode=mode), final
+                final = f"final plans of {org} ({mode})"
+                assert memory.plan_of(org, "key_1", mode) == redis.plan_of(org, "key_1", mode)
     finally:
         delete_prefix(client, prefix)
 
@@ -270,6 +397,21 @@ def test_redis_matches_memory_step_by_step(
 ) -> None:
     """Random policies and traces give the same outcomes, refunds, usage and errors on
     both, whether Redis gets each check alone or runs of checks as one batch."""
+    play(policy, start, trace, client, batched)
+
+
+@settings(max_examples=150)
+@given(
+    policy=policies(planned=True),
+    start=st.sampled_from(STARTS),
+    trace=st.lists(plan_steps, min_size=20, max_size=60),
+    batched=st.booleans(),
+)
+def test_plans_are_decided_alike_step_by_step(
+    client: Any, policy: Policy, start: float, trace: list[tuple[Any, ...]], batched: bool
+) -> None:
+    """Policies with customer plans, and traces that switch plans, deals and key plans
+    between checks: the same outcomes (tiers in force included), reports and errors."""
     play(policy, start, trace, client, batched)
 
 
@@ -322,6 +464,61 @@ def test_a_hand_written_trace_covers_every_feature(client: Any) -> None:
     ]
     play(policy, STARTS[1], trace, client)
     play(policy, STARTS[1], trace, client, batched=True)
+
+
+def test_a_hand_written_trace_through_plans_agrees(client: Any) -> None:
+    """A fixed trace that moves organizations and keys between plans mid-window, gives
+    and takes deals, and names plans from a key store agrees on both."""
+    base = Policy(
+        [
+            Tier("fw", "key", "3/second"),
+            Tier("sw", "org", "4/5 seconds", "sliding_window"),
+            Tier("gc", "key", "2/second", "gcra", burst=3),
+            Tier("sl", "key", "3/minute", "sliding_log"),
+        ],
+        CostTable(
+            (Category("read", "0.01", "0.01"), Category("write", "0.03", "0.15")),
+            (Operation("items.list", "read", "0.01"), Operation("items.create", "write", "0.05")),
+        ),
+        CreditPlan("0.3"),
+        plans=[
+            CustomerPlan("p1", {"fw": "1/second", "gc": {"rate": "4/second", "burst": 1}}, "0.1"),
+            CustomerPlan("p2", {"sw": "off", "sl": "6/minute", "fw": "off"}, "5"),
+        ],
+    )
+    check = ("check", 0, "items.list", None, None, "live")
+    trace: list[tuple[Any, ...]] = [
+        check,
+        check,
+        ("plan", ORGS[0], "p1", "live"),
+        check,  # fw: 2 spent of p1's 1
+        ("check", 0, "items.create", "i1", None, "live"),
+        ("advance", 1_000_000),
+        check,
+        ("plan", ORGS[0], "p2", "live"),
+        check,
+        check,
+        ("key_plan", 0, "p1", "live"),
+        check,
+        ("limits", ORGS[0], 0o5450, "live"),  # sw 4, gc 3 (a 333,334 µs interval), sl 4
+        check,
+        ("check", 0, "items.create", "i1", None, "live"),  # replayed under p1's limits
+        ("key_check", 0, "items.list", "p2"),
+        ("key_check", 1, "items.list", "default"),
+        ("plan_of", 0, "live"),
+        ("usage", ORGS[0], "live"),
+        ("advance", 61_000_000),
+        ("plan", ORGS[0], "p3", "live"),  # an unknown plan: the same error on both
+        ("key_plan", 0, None, "live"),
+        ("limits", ORGS[0], 0, "live"),
+        check,
+        ("advance", 31 * 86_400_000_000),
+        ("plan", ORGS[0], None, "live"),
+        check,
+        ("plan_of", 0, "live"),
+    ]
+    play(base, STARTS[1], trace, client)
+    play(base, STARTS[1], trace, client, batched=True)
 
 
 def test_the_month_in_lua_is_the_calendar_month_in_python(redis_url: str, request: Any) -> None:

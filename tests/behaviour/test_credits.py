@@ -167,9 +167,9 @@ def test_a_refund_returns_only_what_the_backend_recorded(
     real = meter.check("key_1", org="org_1", operation="invoices.list")
     before = meter.usage("org_1")
     forgeries = [
-        Decision(real.plan, real.outcome._replace(charged=4_990_000)),
-        Decision(real.plan, real.outcome._replace(charge_id="made-up", charged=1)),
-        Decision(real.plan, real.outcome),  # even a copy of a real one
+        Decision(real.request, real.outcome._replace(charged=4_990_000)),
+        Decision(real.request, real.outcome._replace(charge_id="made-up", charged=1)),
+        Decision(real.request, real.outcome),  # even a copy of a real one
     ]
     for forged in forgeries:
         with pytest.raises(InvalidRequestError, match="built by hand"):

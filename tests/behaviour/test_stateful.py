@@ -230,7 +230,7 @@ class MeterMachine(RuleBasedStateMachine):
         assert self.meter.refund(d) is expected
         if charge is not None and expected:
             charge.refunded = True
-            where = (charge.mode, charge.org, d.plan.idem)
+            where = (charge.mode, charge.org, d.request.idem)
             record = self.records.get(where)  # type: ignore[arg-type]
             if record is not None and record.decision.charge_id == d.charge_id:
                 del self.records[where]  # type: ignore[arg-type]

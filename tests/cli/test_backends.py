@@ -306,3 +306,50 @@ def test_policy_given_on_the_command_line_wins_over_the_environment(
     code, _, err = run(capsys, "usage", "--url", "memory://", "--org", "org_1")
     assert code == EXIT_USAGE
     assert "missing.toml" in err
+
+
+# -- plans ----------------------------------------------------------------------------------
+
+
+def test_plans_set_show_and_clear_on_redis(
+    capsys: pytest.CaptureFixture[str], backend_url: str, tmp_path: Path
+) -> None:
+    """`plans set|show|clear` keep an organization's plan, a key's plan and negotiated
+    limits in the backend, where checks find them; bad input exits 1 or 2."""
+    policy = tmp_path / "plans.toml"
+    policy.write_text(
+        Path(SEED_POLICY).read_text("utf-8")
+        + '\n[plans.pro]\nallowance = "50000"\n[plans.pro.tiers]\n"key-hour" = "5000/hour"\n',
+        encoding="utf-8",
+    )
+    org = "org_cli_plans"
+    base = ("--url", backend_url, "--prefix", "mk-cli-plans", "--org", org, "--policy", str(policy))
+    data = run_json(capsys, "plans", "set", "pro", *base)
+    assert (data["plan"], data["org_plan"], data["allowance"]) == ("pro", "pro", "50000")
+    data = run_json(capsys, "plans", "set", *base, "--limit", "org-hour=20000/hour")
+    assert data["limits"] == {"org-hour": "20000/hour"}
+    assert {t["name"]: t["limit"] for t in data["tiers"]} == {
+        "key-hour": 5000,
+        "org-hour": 20000,
+        "key-burst": 100,
+    }
+    data = run_json(capsys, "plans", "set", "default", *base, "--key", "key_x")
+    assert (data["plan"], data["key_plan"]) == ("default", "default")
+    meter = meterkit.Meter(
+        meterkit.Policy.from_toml(policy), backend_from_url(backend_url, prefix="mk-cli-plans")
+    )
+    assert meter.check("key_a", org=org, operation="invoices.list").plan == "pro"
+    assert meter.check("key_x", org=org, operation="invoices.list").plan == "default"
+    code, out, _ = run(capsys, "plans", "show", *base, "--key", "key_x")
+    assert code == EXIT_OK
+    assert out.splitlines()[0] == f"key_x of {org} (live) is on plan 'default'"
+    assert "  negotiated limits    org-hour=20000/hour" in out.splitlines()
+    run_json(capsys, "plans", "clear", *base, "--key", "key_x")
+    data = run_json(capsys, "plans", "clear", *base)
+    assert (data["plan"], data["limits"]) == ("default", {})
+    assert meter.check("key_a", org=org, operation="invoices.list").plan == "default"
+    meter.close()
+    assert run(capsys, "plans", "set", "gold", *base)[0] == EXIT_INVALID
+    assert run(capsys, "plans", "set", *base, "--limit", "nope=1/hour")[0] == EXIT_INVALID
+    assert run(capsys, "plans", "set", *base, "--limit", "org-hour")[0] == EXIT_USAGE
+    assert run(capsys, "plans", "set", *base)[0] == EXIT_USAGE

@@ -458,3 +458,83 @@ def test_simulate_plot_that_cannot_be_drawn_exits_2(
     code, out, err = run(capsys, "simulate", str(path), "--plot", str(tmp_path / out_name))
     assert (code, out) == (EXIT_USAGE, "")
     assert message in err
+
+
+PLANS_TEXT = """
+[plans.pro]
+allowance = "50000"
+[plans.pro.tiers]
+"key-hour" = "5000/hour"
+"key-burst" = { rate = "300/minute" }
+"""
+
+BROKEN_PLANS = [
+    # (old, new, the error after "file:line: ")
+    (
+        '"key-hour" = "5000/hour"',
+        '"key-day" = "5/day"',
+        "invalid policy: plans.pro.tiers.key-day: unknown tier 'key-day'",
+    ),
+    (
+        '"key-hour" = "5000/hour"',
+        '"key-hour" = "0/hour"',
+        "invalid policy: plans.pro.tiers.key-hour: a rate of 0 admits nothing",
+    ),
+    (
+        '"key-hour" = "5000/hour"',
+        '"key-hour" = "5000/day"',
+        "invalid policy: plans.pro.tiers.key-hour: a plan keeps each tier's window",
+    ),
+    (
+        '{ rate = "300/minute" }',
+        '{ rate = "often" }',
+        "invalid policy: plans.pro.tiers.key-burst.rate: malformed rate 'often'",
+    ),
+    (
+        '{ rate = "300/minute" }',
+        '{ rate = "300/minute", algorithm = "gcra" }',
+        "invalid policy: plans.pro.tiers.key-burst.algorithm: a plan keeps each tier's algorithm",
+    ),
+    (
+        'allowance = "50000"',
+        'allowance = "10000000000"',
+        "invalid policy: plans.pro.allowance: plans.pro.allowance is too large",
+    ),
+    (
+        'allowance = "50000"',
+        "burst = 3",
+        "invalid policy: plans.pro: Object contains unknown field `burst`",
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), BROKEN_PLANS)
+def test_policy_check_names_the_line_of_a_plans_mistake(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    """A plan's unknown tier, zero or malformed rate, other window or algorithm, huge
+    allowance or unknown field exits 1 naming the file, line and field."""
+    path = tmp_path / "policy.toml"
+    text = SEED_TEXT + PLANS_TEXT
+    assert old in PLANS_TEXT
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    line = next(n for n, t in enumerate(path.read_text("utf-8").splitlines(), 1) if new in t)
+    code, out, err = run(capsys, "policy", "check", str(path))
+    assert out == ""
+    assert code == EXIT_INVALID
+    assert err.startswith(f"meterkit: error: {path}:{line}: {expected}"), err
+
+
+def test_policy_check_lists_the_plans(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A valid policy's plans are printed with their allowance and changes."""
+    path = tmp_path / "policy.toml"
+    path.write_text(SEED_TEXT + PLANS_TEXT, encoding="utf-8")
+    code, out, _ = run(capsys, "policy", "check", str(path))
+    assert code == EXIT_OK
+    assert "  pro    50000.00  key-hour 5000/hour, key-burst 300/minute" in out.splitlines()
+    data = json.loads(run(capsys, "policy", "check", str(path), "--json")[1])
+    assert data["plans"]["pro"]["tiers"]["key-hour"] == {
+        "limit": 5000,
+        "window_seconds": 3600,
+        "burst": None,
+    }

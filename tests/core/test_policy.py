@@ -190,6 +190,7 @@ def test_to_dict_describes_the_compiled_policy() -> None:
         },
         "credits": {"allowance": "0.5", "period": "month"},
         "routes": {"GET /orgs/{organization_id}/items": "items.list"},
+        "plans": {},
     }
     assert "small" in repr(policy)
 

@@ -16,14 +16,24 @@ faster. The source is kept on the function (``fn.__source__``) and in
 :mod:`linecache` under a filename such as ``<meterkit apply invoices.list>``, so
 tracebacks show the line that failed; :meth:`MemoryBackend.source` returns it.
 
+Customer plans (docs/plans.md): an organization's plan, its negotiated deal and its
+keys' plans are kept in ``_assigned``, looked up by the operation's function under
+the same lock. A check of an organization on no plan goes on in that function, as
+before plans (one look in a dict that is empty until some organization is put on a
+plan). One on a plan runs the function written for the tiers in force for it: the
+same source (``_BODY``) with that plan's numbers as constants, compiled once per
+distinct set of tiers and kept by the organization for its next check.
+
 State per tier lives in plain dicts keyed by identity (a key id or an org id), in
 slotted containers shared by every operation (and every policy) that uses a tier of
-the same name and parameters. Fixed and sliding windows keep only the current (and
-previous) window's dict and drop the older ones whole when the window turns, so
-eviction costs nothing per request. A sliding log is an ``array('q')`` of admission
-times per identity, 8 bytes each (times only grow, the clock being held monotonic,
-so the log is sorted and trimmed by bisection; a time past 2**63 µs cannot reach it:
-``month_bounds`` refuses years past 9999 before anything is consumed).
+the same name and parameters: those of the policy's own tier, under every plan, so
+that a customer moved to another plan keeps what it spent. Fixed and sliding windows
+keep only the current (and previous) window's dict and drop the older ones whole when
+the window turns, so eviction costs nothing per request. A sliding log is an
+``array('q')`` of admission times per identity, 8 bytes each (times only grow, the
+clock being held monotonic, so the log is sorted and trimmed by bisection; a time past
+2**63 µs cannot reach it: ``month_bounds`` refuses years past 9999 before anything is
+consumed).
 
 No check pauses for long, whatever the number of identities: every tier's state is
 split in :data:`_SHARDS` dicts by the identity's hash, so that a dict that grows
@@ -68,12 +78,14 @@ from meterkit.core.plan import Plan, bad_clock, clock_us, month_bounds
 from meterkit.core.policy import enforces
 
 if TYPE_CHECKING:
-    from meterkit.core.policy import OperationPlan, Policy, Tier
+    from meterkit.core.policy import Deal, OperationPlan, Policy, Tier
 
 __all__ = ["MemoryBackend"]
 
 Clock = Callable[[], float]
 Apply = Callable[[Plan], Outcome]
+#: A check under a plan: (plan, organization's identity, idempotency key, now µs).
+Variant = Callable[[Plan, str, "str | None", int], Outcome]
 _US = 1_000_000
 _SWEEP_MIN = 4096
 _SWEEP_EVERY = 8
@@ -85,6 +97,9 @@ _IDEM_TTL_US = 24 * 3600 * _US
 # Charge ids of memory backends: a counter, unique in this process, whose state
 # (and so whose refunds) is the process's own (Redis's carry a random prefix too).
 _CHARGES = itertools.count(1)
+#: Functions of checks under plans kept for sharing between organizations (each
+#: organization also keeps its own).
+_VARIANTS_MAX = 4096
 # Ids cannot hold control characters, so this separator cannot be forged by a caller.
 _TEST_NS = "\x1ftest\x1f"
 
@@ -205,7 +220,8 @@ _State = _FixedWindow | _SlidingWindow | _Gcra | _SlidingLog
 
 def _state_id(tier: Tier) -> tuple[object, ...]:
     """What a tier's state is kept under: tiers with the same name and parameters share
-    counters across operations and policies."""
+    counters across operations and policies. ``tier`` is the policy's own (the default
+    plan's): under every other plan the tier keeps this state, with other numbers."""
     return (tier.name, tier.scope, tier.algorithm, tier.limit, tier.window_us, tier.burst)
 
 
@@ -355,11 +371,14 @@ if wait$i > retry:
 """
 _SHADOW = "pass  # shadow: reported, never denies\n"
 
-# The function written for one operation. $name is the operation's name, $tiers the
-# tiers' check snippets, $commits their commit snippets; a shadow policy never
-# denies for credits ($credits empty), a policy without enforcing tiers never for rate.
+# The function written for one operation. $name is the operation's name, $body the
+# check itself under the default plan (_BODY); a shadow policy never denies for
+# credits, a policy without enforcing tiers never for rate. An organization put on a
+# plan (or given a deal, or whose keys have plans) is found in b._assigned, under the
+# same lock, and its check runs in the function written for the tiers in force for
+# it (_VARIANT: the same body with that plan's numbers); $dispatch finds it.
 _APPLY = '''\
-def bind(b, policy, lock, clock, $states):
+def bind(b, policy, limits, lock, clock, $states):
     acquire = lock.acquire
     release = lock.release
     shard_of = hash  # (a closure's variable: read faster than a builtin)
@@ -367,6 +386,8 @@ def bind(b, policy, lock, clock, $states):
     accounts = b._accounts
     allowances = b._allowances
     idempotency = b._idem
+    assigned = b._assigned
+    variant = b._variant
 
     def apply(plan):
         """Check every tier and the credits of one $name request; consume all or none."""
@@ -387,28 +408,69 @@ def bind(b, policy, lock, clock, $states):
                 record = idempotency.get((org, idem))
                 if record is not None and record[0] > now:
                     return _replay(plan, record)
-            # -- this month's account, and the key's identity in it
-            start, end = b._period
-            if not start <= now < end:
-                start, end = b._period_of(now)
-            acct = accounts.get(org)
-            if acct is None or acct.period != start:
-                $open
-            $ident
-            $shards
-            $init
-            $tiers
-            # -- credits, checked after the tiers
-            balance = allowances.get(org, $ALLOWANCE) + acct.topup - acct.used
-            cost = plan.cost
-            $credits
-            $denials
-            $admit
+            $dispatch
+            $body
         finally:
             release()
 
     return apply
 '''
+# The dispatch of the usual function: an organization's functions by operation (when
+# none of its keys has a plan of its own), else the backend's lookup.
+_DISPATCH = """\
+if assigned:  # (empty until some organization is put on a plan)
+    a = assigned.get(org)
+    if a is not None:  # its plan, its deal or its keys' plans
+        fn = a.fns.get(plan.op) if not a.keys else None
+        if fn is None:
+            fn = variant(a, plan, False, True)
+        return fn(plan, org, idem, now)
+"""
+# The dispatch of a peek's function (and of a stray pairing's): the backend's lookup.
+_DISPATCH_SLOW = """\
+if assigned:
+    a = assigned.get(org)
+    if a is not None:
+        return variant(a, plan, $PEEK, False)(plan, org, idem, now)
+"""
+# The dispatch of an operation whose requests name their key's plan (Policy.keyed).
+_DISPATCH_KEYED = """\
+return variant(assigned.get(org), plan, $PEEK, False)(plan, org, idem, now)
+"""
+# The function written for one operation under one plan: called by the operation's
+# function, which holds the lock and has read the clock.
+_VARIANT = '''\
+def bind(b, policy, limits, $states):
+    shard_of = hash
+    accounts = b._accounts
+    allowances = b._allowances
+
+    def run(plan, org, idem, now):
+        """Check every tier and the credits of one $name request under plan $plan."""
+        $body
+
+    return run
+'''
+# One check, once the time is known and the lock held.
+_BODY = """\
+# -- this month's account, and the key's identity in it
+start, end = b._period
+if not start <= now < end:
+    start, end = b._period_of(now)
+acct = accounts.get(org)
+if acct is None or acct.period != start:
+    $open
+$ident
+$shards
+$init
+$tiers
+# -- credits, checked after the tiers
+balance = allowances.get(org, $ALLOWANCE) + acct.topup - acct.used
+cost = plan.cost
+$credits
+$denials
+$admit
+"""
 # What an admitted request does: consume every tier and the credits.
 _ADMIT = """\
 # -- admitted: consume every tier and the credits
@@ -421,7 +483,7 @@ if by_key is None:
     by_key = acct.pairs[$OP] = {}
 by_key[plan.key] = by_key.get(plan.key, 0) + $ONE + cost
 outcome = _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
-               str(_next_charge()), False))
+               str(_next_charge()), False, limits))
 if idem is not None:
     b._remember(org, idem, plan, now, outcome)
 return outcome
@@ -429,7 +491,8 @@ return outcome
 # What a peek does instead: say so, consume nothing (and keep no new account).
 _PEEK = """\
 # -- a peek: what check would answer now, and nothing consumed
-return _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end, "", False))
+return _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end, "", False,
+                       limits))
 """
 # Only for operations with key-scoped tiers.
 _IDENT = """\
@@ -461,12 +524,12 @@ if fresh:
 _CREDITS = """\
 if cost > balance:
     return _new(_Outcome, (False, $CREDITS, now, max(end - now, retry), _unspent(($outcomes)),
-                           0, balance, end, "", False))
+                           0, balance, end, "", False, limits))
 """
 _DENIALS = """\
 if denied:
     return _new(_Outcome, (False, $RATE, now, retry, _unspent(($outcomes)), 0, balance, end,
-                           "", False))
+                           "", False, limits))
 """
 
 
@@ -517,12 +580,9 @@ def _tier_source(i: int, tier: Tier, enforce: bool) -> tuple[str, str]:
     return check_src, f"# tier {i}: {tier.name!r}\n" + commit_src
 
 
-def apply_source(
-    op: OperationPlan, policy: Policy, *, peek: bool = False, system_clock: bool = True
-) -> str:
-    """The Python source of the function that applies ``op`` of ``policy`` (with
-    ``peek``, of the one that answers the same without consuming anything), for a
-    backend on the system clock or on a clock of its own."""
+def _body_source(op: OperationPlan, policy: Policy, *, peek: bool) -> tuple[str, str]:
+    """The check of ``op``'s tiers (as given: the default plan's or another's) and
+    credits, once the time is known and the lock held; and its tiers' state names."""
     checks, commits = [], []
     enforcing = False
     for i, tier in enumerate(op.tiers):
@@ -537,10 +597,11 @@ def apply_source(
     outcomes = ", ".join(f"t{i}" for i in range(n)) + ("," if n == 1 else "")
     states = ", ".join(f"s{i}" for i in range(n)) or "*_"
     init = "denied = False\nretry = 0" if enforcing else "retry = 0"
-    return _fill(
-        _APPLY,
-        name=op.name,
-        states=states,
+    # The policy's own allowance for its own operations (a stray pairing follows the
+    # policy it is paired with); a plan's for the operation under that plan.
+    allowance = policy.credits.allowance_micro if op.base is op else op.allowance
+    body = _fill(
+        _BODY,
         init=init,
         tiers="".join(checks) or "# no tiers",
         credits=""
@@ -567,10 +628,44 @@ def apply_source(
             )
             if needed
         ).replace("$MASK", str(_MASK)),
+        ALLOWANCE=str(allowance),
+    )
+    return body, states
+
+
+def apply_source(
+    op: OperationPlan,
+    policy: Policy,
+    *,
+    peek: bool = False,
+    stray: bool = False,
+    system_clock: bool = True,
+) -> str:
+    """The Python source of the function that applies ``op`` of ``policy`` (with
+    ``peek``, of the one that answers the same without consuming anything), for a
+    backend on the system clock or on a clock of its own."""
+    body, states = _body_source(op, policy, peek=peek)
+    return _fill(
+        _APPLY,
+        name=op.name,
+        states=states,
+        body=body,
+        dispatch=_fill(
+            _DISPATCH_KEYED
+            if op.key_plan is not None
+            else (_DISPATCH_SLOW if peek or stray else _DISPATCH),
+            PEEK=str(peek),
+        ),
         clock=_SYSTEM_CLOCK if system_clock else _USER_CLOCK,
-        ALLOWANCE=str(policy.credits.allowance_micro),
         END=str(_END_OF_TIME),
     )
+
+
+def variant_source(limits: OperationPlan, policy: Policy, *, peek: bool = False) -> str:
+    """The Python source of the function that applies ``limits`` (an operation under
+    a plan, see :meth:`Policy.limits_for`) once the lock is held and the time known."""
+    body, states = _body_source(limits, policy, peek=peek)
+    return _fill(_VARIANT, name=limits.name, plan=repr(limits.plan), states=states, body=body)
 
 
 # Compiled binders, by source: backends (and policies) with the same operations
@@ -636,6 +731,33 @@ class _Account:
         self.refunded: set[str] = set()
 
 
+def _set_plan(a: _Assignment, plan: str | None, key: str | None) -> None:
+    if key is None:
+        # (the default plan is no plan at all: the organization's checks stay on the
+        # operation's own function)
+        a.plan = None if plan == "default" else plan
+    elif plan is None:
+        a.keys.pop(key, None)
+    else:
+        a.keys[key] = plan
+
+
+class _Assignment:
+    """What one organization (of one mode) was put on: its plan, its deal, its keys'
+    plans; and the functions of its checks, by operation (while no key has a plan)."""
+
+    __slots__ = ("deal", "fns", "keys", "plan")
+
+    def __init__(self) -> None:
+        self.plan: str | None = None
+        self.deal: Deal = ()
+        self.keys: dict[str, str] = {}
+        self.fns: dict[OperationPlan, Variant] = {}
+
+    def empty(self) -> bool:
+        return self.plan is None and not self.deal and not self.keys
+
+
 class MemoryBackend:
     """All state in this process's memory, guarded by one lock. Thread-safe.
 
@@ -665,6 +787,10 @@ class MemoryBackend:
         # Records in the order they were written, which is the order they expire in.
         self._idem_order: deque[tuple[int, tuple[str, str]]] = deque()
         self._period = (0, 0)
+        # Plans, deals and key plans by organization's identity (see set_plan); the
+        # functions of checks under a plan, by (tiers in force, policy, peek).
+        self._assigned: dict[str, _Assignment] = {}
+        self._variants: dict[tuple[OperationPlan, Policy, bool], Variant] = {}
 
     def __repr__(self) -> str:
         return f"MemoryBackend(identities={self.size()})"
@@ -690,30 +816,75 @@ class MemoryBackend:
 
     # -- state ---------------------------------------------------------------------
 
-    def _bind(self, op: OperationPlan, policy: Policy, *, peek: bool = False) -> Apply:
+    def _states(self, op: OperationPlan) -> list[_State]:
+        """The state of each tier of ``op`` (under the lock): the policy's own tier's,
+        whatever plan ``op`` has the numbers of."""
+        states = []
+        base = op.base.tiers
+        for position in op.on:
+            tier = base[position]
+            ident = _state_id(tier)
+            state = self._tiers.get(ident)
+            if state is None:
+                state = self._tiers[ident] = _new_state(tier)
+            states.append(state)
+        return states
+
+    def _bind(
+        self, op: OperationPlan, policy: Policy, *, peek: bool = False, stray: bool = False
+    ) -> Apply:
         """Write, compile (once per distinct source) and bind the function of ``op``
         (``peek``: the one that consumes nothing)."""
-        states = []
         with self._lock:
-            for tier in op.tiers:
-                ident = _state_id(tier)
-                state = self._tiers.get(ident)
-                if state is None:
-                    state = self._tiers[ident] = _new_state(tier)
-                states.append(state)
-        source = apply_source(op, policy, peek=peek, system_clock=self._clock is time.time)
+            states = self._states(op)
+        system_clock = self._clock is time.time
+        source = apply_source(op, policy, peek=peek, stray=stray, system_clock=system_clock)
         name = f"{op.name} peek" if peek else op.name
-        fn = _binder(source, name)(self, policy, self._lock, self._clock, *states)
+        fn = _binder(source, name)(self, policy, op, self._lock, self._clock, *states)
         fn.__qualname__ = f"MemoryBackend.{'peek' if peek else 'apply'}[{op.name}]"
         fn.__source__ = source  # type: ignore[attr-defined]
         return fn
 
+    def _variant(self, a: _Assignment | None, plan: Plan, peek: bool, fast: bool) -> Variant:
+        """The function of ``plan``'s check under the tiers in force for its key in the
+        organization ``a`` describes (called with the lock held); kept in ``a.fns``
+        for the next check when ``fast``."""
+        key_plan = plan.op.key_plan
+        org_plan: str | None = None
+        deal: Deal = ()
+        if a is not None:
+            org_plan, deal = a.plan, a.deal
+            if key_plan is None and a.keys:
+                key_plan = a.keys.get(plan.key)
+        limits = plan.policy.limits_for(plan.op, org_plan, key_plan, deal)
+        slot = (limits, plan.policy, peek)
+        fn = self._variants.get(slot)
+        if fn is None:
+            source = variant_source(limits, plan.policy, peek=peek)
+            name = f"{limits.name} {limits.plan}" + (" peek" if peek else "")
+            bind = cast("Callable[..., Variant]", _binder(source, name))
+            fn = bind(self, plan.policy, limits, *self._states(limits))
+            fn.__source__ = source  # type: ignore[attr-defined]
+            if len(self._variants) >= _VARIANTS_MAX:
+                self._variants.clear()  # (only shared functions go: each org keeps its own)
+            self._variants[slot] = fn
+        if fast and a is not None and not a.keys:
+            a.fns[plan.op] = fn
+        return fn
+
     @staticmethod
-    def source(policy: Policy, operation: str, *, system_clock: bool = True) -> str:
+    def source(
+        policy: Policy, operation: str, plan: str | None = None, *, system_clock: bool = True
+    ) -> str:
         """The Python source a backend writes and runs for ``operation`` of ``policy``:
         the four algorithms, the credits and idempotency, as one check executes them
-        (on the default clock; ``system_clock=False``: on a clock given to it)."""
-        return apply_source(policy.plan_for(operation), policy, system_clock=system_clock)
+        (on the default clock; ``system_clock=False``: on a clock given to it); with
+        ``plan``, the function a check under that plan runs (once the operation's own
+        function has read the clock, taken the lock and found the organization's plan)."""
+        op = policy.plan_for(operation)
+        if plan is None:
+            return apply_source(op, policy, system_clock=system_clock)
+        return variant_source(policy.limits_for(op, policy.check_plan(plan)), policy)
 
     def _account(self, org: str, period: int) -> _Account:
         acct = self._accounts.get(org)
@@ -779,7 +950,7 @@ class MemoryBackend:
         pair = (plan.op, plan.policy)
         fn = self._strays.get(pair)
         if fn is None:
-            fn = self._strays[pair] = self._bind(plan.op, plan.policy)
+            fn = self._strays[pair] = self._bind(plan.op, plan.policy, stray=True)
         return fn(plan)
 
     def _remember(self, org: str, idem: str, plan: Plan, now: int, outcome: Outcome) -> None:
@@ -840,13 +1011,17 @@ class MemoryBackend:
             acct = self._accounts.get(ident)
             if acct is None or acct.period != start:
                 acct = _Account(start)
-            allowance = self._allowances.get(ident, policy.credits.allowance_micro) + acct.topup
+            assigned = self._assigned.get(ident)
+            org_plan = assigned.plan if assigned is not None else None
+            plan_allowance = policy.allowance_of(org_plan)
+            allowance = self._allowances.get(ident, plan_allowance) + acct.topup
             pairs = {
                 (key, op): [pair >> _REQUEST_SHIFT, pair & _MICRO_MASK]
                 for op, by_key in acct.pairs.items()
                 for key, pair in by_key.items()
             }
-            return start, end, allowance, acct.used, acct.requests, pairs
+            named = org_plan if org_plan is not None and org_plan in policy.plans else "default"
+            return start, end, allowance, acct.used, acct.requests, pairs, named
 
     def set_allowance(self, org: str, mode: str, micro: int | None) -> None:
         """Set ``org``'s monthly allowance (None: back to the policy's)."""
@@ -856,6 +1031,44 @@ class MemoryBackend:
                 self._allowances.pop(ident, None)
             else:
                 self._allowances[ident] = micro
+
+    def set_plan(self, org: str, mode: str, plan: str | None, key: str | None = None) -> None:
+        """Put ``org`` (or, with ``key``, one of its keys) on ``plan`` (None: take it
+        off; the organization then has the policy's default plan, the key its
+        organization's). The next check of the organization follows it."""
+        self._assign(org, mode, lambda a: _set_plan(a, plan, key))
+
+    def set_limits(self, org: str, mode: str, deal: Deal) -> None:
+        """Give ``org`` its negotiated deal (see :func:`meterkit.core.policy.deal_of`),
+        replacing any before; ``()`` takes it away."""
+        self._assign(org, mode, lambda a: setattr(a, "deal", tuple(deal)))
+
+    def _assign(self, org: str, mode: str, change: Callable[[_Assignment], None]) -> None:
+        ident = org if mode == "live" else _TEST_NS + org
+        with self._lock:
+            a = self._assigned.get(ident)
+            if a is None:
+                a = _Assignment()
+            else:
+                # A new object: a check that found the old one keeps its functions.
+                old, a = a, _Assignment()
+                a.plan, a.deal, a.keys = old.plan, old.deal, dict(old.keys)
+            change(a)
+            if a.empty():
+                self._assigned.pop(ident, None)
+            else:
+                self._assigned[ident] = a
+
+    def assignment(
+        self, org: str, mode: str, key: str | None = None
+    ) -> tuple[str | None, str | None, Deal]:
+        """``org``'s plan, ``key``'s plan (None when not given or not set) and deal."""
+        ident = org if mode == "live" else _TEST_NS + org
+        with self._lock:
+            a = self._assigned.get(ident)
+            if a is None:
+                return None, None, ()
+            return a.plan, a.keys.get(key) if key is not None else None, a.deal
 
     def top_up(self, org: str, mode: str, micro: int) -> None:
         """Add credits to ``org``'s current month only (no rollover)."""

@@ -34,7 +34,7 @@ from meterkit.core.plan import Plan
 from meterkit.errors import BackendUnavailable, ConfigurationError, MeterkitError, _deprecated
 
 if TYPE_CHECKING:
-    from meterkit.core.policy import Policy
+    from meterkit.core.policy import Deal, Policy
 
 __all__ = ["AsyncRedisBackend", "RedisBackend", "refuse_eviction", "refuse_eviction_async"]
 
@@ -258,6 +258,21 @@ class AsyncRedisBackend(_RedisBackendBase):
         if not await self._run(self._codec.top_up(org, mode, micro)):
             raise top_up_too_large()
 
+    async def set_plan(self, org: str, mode: str, plan: str | None, key: str | None = None) -> None:
+        """See :meth:`MemoryBackend.set_plan` (one ``EVALSHA``; kept without TTL)."""
+        await self._run(self._codec.set_plan(org, mode, plan, key))
+
+    async def set_limits(self, org: str, mode: str, deal: Deal) -> None:
+        """See :meth:`MemoryBackend.set_limits` (one ``EVALSHA``; kept without TTL)."""
+        await self._run(self._codec.set_limits(org, mode, deal))
+
+    async def assignment(
+        self, org: str, mode: str, key: str | None = None
+    ) -> tuple[str | None, str | None, Deal]:
+        """See :meth:`MemoryBackend.assignment` (one ``HMGET``)."""
+        reply = await self._run(self._codec.assignment(org, mode, key))
+        return self._codec.parse_assignment(reply, key)
+
     async def close(self) -> None:
         """Deprecated: :meth:`aclose`."""
         _deprecated("AsyncRedisBackend.close()", "AsyncRedisBackend.aclose()")
@@ -345,4 +360,7 @@ class RedisBackend(_RedisBackendBase):
     usage = blocking(AsyncRedisBackend.usage)
     set_allowance = blocking(AsyncRedisBackend.set_allowance)
     top_up = blocking(AsyncRedisBackend.top_up)
+    set_plan = blocking(AsyncRedisBackend.set_plan)
+    set_limits = blocking(AsyncRedisBackend.set_limits)
+    assignment = blocking(AsyncRedisBackend.assignment)
     close = blocking(AsyncRedisBackend.aclose)

@@ -24,14 +24,17 @@ Cluster hash tag, with ``%``, ``{`` and ``}`` percent-encoded; test mode inserts
     mk:{org}:sl:<tier>.<limit>.<window s>[:<key id>]     sliding log: STRING, 8 B per µs
     mk:{org}:cr                                          the month's account: HASH
     mk:{org}:al                                          allowance override (no TTL)
+    mk:{org}:pl                                          plans and deal: HASH (no TTL)
     mk:{org}:id:<idempotency key>                        first decision, 24 h
 
 A window is 8-byte little-endian integers: its id, its count and (sliding) the
 count of the window before. Tier names hold no ``:``; the key id, when the tier
-counts keys, is the last part. Org-scoped tiers end after the tier part. Every key
-but the allowance override expires when its state can no longer matter (window end,
-TAT, last log entry plus the window, month end, 24 h), padded by ``clock_skew`` when
-``clock=`` is given. See docs/redis.md.
+counts keys, is the last part. Org-scoped tiers end after the tier part. A tier's key
+is named after the policy's own tier (the default plan's numbers) under every
+customer plan: a customer moved to another plan keeps its counts. Every key but the
+allowance override and the plans expires when its state can no longer matter (window
+end, TAT, last log entry plus the window, month end, 24 h), padded by ``clock_skew``
+when ``clock=`` is given. See docs/redis.md and docs/plans.md.
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ from meterkit.backends.redis.errors import translate
 from meterkit.backends.redis.scripts import Command, script
 from meterkit.core.outcome import Outcome, RawUsage, replay, unspent
 from meterkit.core.plan import Plan, clock_us, month_bounds
-from meterkit.core.policy import enforces
+from meterkit.core.policy import DEFAULT_PLAN, enforces
 from meterkit.errors import ConfigurationError, MeterkitError, StateError
 
 if TYPE_CHECKING:
-    from meterkit.core.policy import OperationPlan, Policy, Tier
+    from meterkit.core.policy import Deal, OperationPlan, Policy, Tier
 
 __all__ = ["BATCH", "Clock", "Codec", "Sent"]
 
@@ -83,17 +86,27 @@ def _text(value: Any) -> str:
 class _Compiled:
     """What one operation's checks share: key suffixes, the check script (whose first
     lines hold the operation's fixed parameters, see check.lua), and the policy's
-    batch script with the operation's tier set in it."""
+    batch script with the operation's tier set in it; the length of a reply under the
+    default plan, and the tiers in force under each plan a reply names."""
 
-    __slots__ = ("batch", "sha", "suffixes", "tier_set")
+    __slots__ = ("batch", "key_plan", "sha", "size", "suffixes", "tier_set", "variants")
 
     def __init__(
-        self, sha: str, suffixes: tuple[tuple[str, bool], ...], batch: str, tier_set: str
+        self,
+        sha: str,
+        suffixes: tuple[tuple[str, bool], ...],
+        batch: str,
+        tier_set: str,
+        key_plan: str | None = None,
     ) -> None:
         self.sha = sha
         self.suffixes = suffixes
         self.batch = batch
         self.tier_set = tier_set
+        #: the key's plan that the operation's requests name (see Policy.keyed)
+        self.key_plan = key_plan
+        self.size = _HEAD.size + _TIER.size * len(suffixes)
+        self.variants: dict[bytes, OperationPlan] = {}
 
 
 class Codec:
@@ -155,28 +168,66 @@ class Codec:
         scoped = tier.scope == "key"
         return (sig + ":" if scoped else sig), scoped
 
+    def _params(self, policy: Policy, tier: Tier) -> list[str]:
+        """A tier's four numbers in check.lua's ``P`` (Lua text)."""
+        code = int(tier.code) + (0 if enforces(tier, policy.shadow) else 10)
+        params = [str(code)]
+        if tier.algorithm == "gcra":
+            params += [str(int(tier.interval_us)), str(int(tier.tau_us)), "0"]
+        else:
+            params += [str(int(tier.limit)), str(int(tier.window_us))]
+            # The log lives until its newest entry leaves the window (text: it goes to
+            # SET ... PX as it is).
+            params.append(
+                f"'{int(-(-tier.window_us // 1000) + self._grace)}'"
+                if tier.algorithm == "sliding_log"
+                else "0"
+            )
+        return params
+
     def _tiers(self, policy: Policy, op: OperationPlan) -> tuple[str, tuple[tuple[str, bool], ...]]:
-        """An operation's tiers as check.lua's ``n, P, R`` (Lua text) and its key suffixes."""
+        """An operation's tiers as check.lua's ``n, P, R, I, V, S, M, F`` (Lua text) and
+        its key suffixes."""
         params: list[str] = []
         suffixes = []
         for tier in op.tiers:
-            suffix = self._suffix(tier)
-            suffixes.append(suffix)
-            params.append(str(int(tier.code) + (0 if enforces(tier, policy.shadow) else 10)))
-            if tier.algorithm == "gcra":
-                params += [str(int(tier.interval_us)), str(int(tier.tau_us)), "0"]
-            else:
-                params += [str(int(tier.limit)), str(int(tier.window_us))]
-                # The log lives until its newest entry leaves the window (text: it
-                # goes to SET ... PX as it is).
-                params.append(
-                    f"'{int(-(-tier.window_us // 1000) + self._grace)}'"
-                    if tier.algorithm == "sliding_log"
-                    else "0"
-                )
+            suffixes.append(self._suffix(tier))
+            params += self._params(policy, tier)
         # The reply's format: 8-byte integers, 7 of the head and 3 per tier.
         reply = "i8" * (7 + 3 * len(op.tiers))
-        return f"{len(op.tiers)}, {{{', '.join(params)}}}, '<{reply}'", tuple(suffixes)
+        # The customer plans (see check.lua): their numbers packed in V (Lua text: every
+        # byte escaped), where each starts in I, the tiers' scopes in S and windows in M.
+        # Names and numbers only: nothing from outside reaches the scripts' text.
+        index: list[str] = []
+        packed = b""
+        for name in policy.plans:
+            limits = policy.limits_for(op, name)
+            on = dict(zip(limits.on, limits.tiers, strict=True))
+            numbers: list[int] = []
+            for position, tier in enumerate(op.tiers):
+                numbers += self._numbers(policy, on.get(position, tier), position not in on)
+            numbers.append(limits.allowance)
+            index.append(f"{name} {len(packed) + 1}")
+            packed += struct.pack(f"<{len(numbers)}q", *numbers)
+        plans = "'" + "".join(f"\\{b:03d}" for b in packed) + "'"
+        lines = "\\n".join(index)
+        scoped = "".join("1" if t.scope == "key" else "0" for t in op.tiers)
+        windows = "\\n".join(f"{t.name} {int(t.window_us)}" for t in op.tiers)
+        return (
+            f"{len(op.tiers)}, {{{', '.join(params)}}}, '<{reply}', '\\n{lines}\\n', "
+            f"{plans}, '{scoped}', '{windows}', '<{'i8' * (4 * len(op.tiers) + 1)}'",
+            tuple(suffixes),
+        )
+
+    def _numbers(self, policy: Policy, tier: Tier, off: bool) -> list[int]:
+        """A tier's four numbers in a customer plan's record of V (see check.lua)."""
+        code = int(tier.code) + (0 if enforces(tier, policy.shadow) else 10) + (20 if off else 0)
+        if tier.algorithm == "gcra":
+            return [code, int(tier.interval_us), int(tier.tau_us), 0]
+        ttl = (
+            int(-(-tier.window_us // 1000) + self._grace) if tier.algorithm == "sliding_log" else 0
+        )
+        return [code, int(tier.limit), int(tier.window_us), ttl]
 
     def _compile(self, plan: Plan) -> _Compiled:
         """Compile every operation of ``plan``'s policy: a check script per distinct
@@ -196,8 +247,8 @@ class Codec:
         batch = script("check+check_many", f"{head}local T = {{{table}}}\n").sha
         compiled = None
         for op, (lua, suffixes) in tiers.items():
-            sha = script("check+check_one", f"{head}local n, P, R = {lua}\n").sha
-            self._compiled[op] = _Compiled(sha, suffixes, batch, sets[lua])
+            sha = script("check+check_one", f"{head}local n, P, R, I, V, S, M, F = {lua}\n").sha
+            self._compiled[op] = _Compiled(sha, suffixes, batch, sets[lua], op.key_plan)
             if op is plan.op:
                 compiled = self._compiled[op]
         assert compiled is not None
@@ -229,6 +280,7 @@ class Codec:
         keys = [base + s + key if scoped else base + s for s, scoped in compiled.suffixes]
         keys.append(base + "cr")
         keys.append(base + "al")
+        keys.append(base + "pl")
         if plan.idem is not None:
             keys.append(base + "id:" + plan.idem)
         charge = "" if dry else new_charge_id()
@@ -246,30 +298,54 @@ class Codec:
             start,
             end,
         ]
+        if compiled.key_plan is not None or dry:
+            cmd.append(compiled.key_plan or "")
         if dry:
             cmd.append("1")
         return cmd, charge
 
     def outcome(self, plan: Plan, reply: Any, charge: str) -> Outcome:
         """The :data:`Outcome` of one check's reply (raises on an idempotency conflict):
-        8-byte integers packed in one string (see check.lua), or a replay's table."""
+        8-byte integers packed in one string (see check.lua), then the plans in force
+        if any; or a replay's table."""
         if not isinstance(reply, bytes):
             return self._replay(plan, reply[1])
+        limits = plan.op
         try:
             head, retry, now, reset, charged, balance, end = _HEAD.unpack_from(reply)
-            # (each tier's three integers as one tuple, straight from the bytes)
-            tiers = tuple(_TIER.iter_unpack(reply[56:]))
-        except struct.error:
+            size = _HEAD.size + _TIER.size * len(limits.tiers)
+            if len(reply) == size:
+                # (each tier's three integers as one tuple, straight from the bytes)
+                tiers = tuple(_TIER.iter_unpack(reply[56:]))
+            else:
+                limits = self._limits(plan, reply[size + 1 :])
+                every = tuple(_TIER.iter_unpack(reply[56:size]))
+                tiers = tuple([every[i] for i in limits.on])
+        except (struct.error, ValueError):
             raise StateError(
                 "redis answered a check with something meterkit did not write"
             ) from None
         if head == 1:
-            return Outcome(True, 0, now, 0, tiers, charged, balance, end, charge, False)
-        return Outcome(False, retry, now, reset, unspent(tiers), 0, balance, end, "", False)
+            return Outcome(True, 0, now, 0, tiers, charged, balance, end, charge, False, limits)
+        return Outcome(False, retry, now, reset, unspent(tiers), 0, balance, end, "", False, limits)
+
+    def _limits(self, plan: Plan, named: bytes) -> OperationPlan:
+        """The tiers in force that a reply names (``<key plan>\\n<plan>[\\n<deal>]``)."""
+        compiled = self._compiled.get(plan.op)
+        if compiled is None:
+            compiled = self._compile(plan)
+        found = compiled.variants.get(named)
+        if found is None:
+            key_plan, org_plan, deal = parse_plans(_text(named))
+            found = plan.policy.limits_for(plan.op, org_plan, key_plan, deal)
+            if len(compiled.variants) >= 4096:
+                compiled.variants.clear()
+            compiled.variants[named] = found
+        return found
 
     def _replay(self, plan: Plan, record: Any) -> Outcome:
         try:
-            head, charge, pair = _text(record).split("\n", 2)
+            head, charge, pair, *named = _text(record).split("\n", 3)
             operation, key = pair.split("|", 1)
             nums = [int(x) for x in head.split()]
             expires, now, cost, balance, end = nums[:5]
@@ -279,8 +355,17 @@ class Codec:
         except ValueError:
             raise StateError("redis holds an idempotency record meterkit did not write") from None
         tiers = tuple(zip(t[0::3], t[1::3], t[2::3], strict=False))
-        first = Outcome(True, 0, now, 0, tiers, cost, balance, end, charge, False)
-        return replay(plan, (expires, key, operation, cost, first))
+        first = Outcome(True, 0, now, 0, tiers, cost, balance, end, charge, False, plan.op)
+        # (raises if this is another request: then the plans it names are not this one's)
+        outcome = replay(plan, (expires, key, operation, cost, first))
+        if not named:
+            return outcome
+        try:
+            limits = self._limits(plan, named[0].encode("utf-8"))
+            tiers = tuple([tiers[i] for i in limits.on])
+        except IndexError:
+            raise StateError("redis holds an idempotency record meterkit did not write") from None
+        return outcome._replace(tiers=tiers, limits=limits)
 
     def check_many(
         self, plans: Sequence[Plan], slot: Callable[[str], int] | None = None
@@ -343,6 +428,7 @@ class Codec:
             keys += [base + s + key if scoped else base + s for s, scoped in op.suffixes]
             keys.append(base + "cr")
             keys.append(base + "al")
+            keys.append(base + "pl")
             charge = new_charge_id()
             charges.append(charge)
             if plan.idem is None:
@@ -350,6 +436,8 @@ class Codec:
             else:
                 keys.append(base + "id:" + plan.idem)
                 tier_set, sent_charge = "-" + op.tier_set, charge
+            if op.key_plan is not None:
+                tier_set += " " + op.key_plan
             if i != run[0]:
                 now = self._now()
             args += (tier_set, now, plan.cost, sent_charge, f"q|{plan.op.name}|{key}")
@@ -429,27 +517,29 @@ class Codec:
 
     def usage(self, org: str, mode: str) -> Command:
         base = self.base(org, mode)
-        return ["EVALSHA", _USAGE.sha, 2, base + "cr", base + "al", self._now()]
+        return ["EVALSHA", _USAGE.sha, 3, base + "cr", base + "al", base + "pl", self._now()]
 
     def raw_usage(self, policy: Policy, reply: Any) -> RawUsage:
         """The usage tuple of a usage script's reply (see :data:`RawUsage`)."""
-        start, end, override, flat = reply
+        start, end, override, flat, record = reply
         try:
+            org_plan = None if record is None else parse_record(_text(record))[0]
+            plan = org_plan if org_plan is not None and org_plan in policy.plans else DEFAULT_PLAN
             fields = dict(zip(flat[0::2], flat[1::2], strict=False))
-            allowance = policy.credits.allowance_micro if override is None else int(override)
+            allowance = policy.allowance_of(org_plan) if override is None else int(override)
             head = fields.get(b"h")
             if head is None:
-                return start, end, allowance, 0, 0, {}
-            period, used, topup, _ = _ACCOUNT_HEAD.unpack(head)
+                return start, end, allowance, 0, 0, {}, plan
+            period, used, topup, _ = _ACCOUNT_HEAD.unpack_from(head)
             if period != start:
-                return start, end, allowance, 0, 0, {}
+                return start, end, allowance, 0, 0, {}, plan
             pairs: dict[tuple[str, str], list[int]] = {}
             for name, value in fields.items():
                 if name[:2] == b"q|":
                     operation, key = _text(name[2:]).split("|", 1)
                     pairs[(key, operation)] = list(_ACCOUNT_PAIR.unpack(value))
             requests = sum(r for r, _ in pairs.values())
-            return start, end, allowance + topup, used, requests, pairs
+            return start, end, allowance + topup, used, requests, pairs, plan
         except (ValueError, struct.error):
             raise StateError("redis holds an account meterkit did not write") from None
 
@@ -460,10 +550,68 @@ class Codec:
 
     def top_up(self, org: str, mode: str, micro: int) -> Command:
         base = self.base(org, mode)
-        return ["EVALSHA", _TOPUP.sha, 2, base + "cr", base + "al", self._now(), micro, self._grace]
+        cmd = ["EVALSHA", _TOPUP.sha, 3, base + "cr", base + "al", base + "pl"]
+        return [*cmd, self._now(), micro, self._grace]
+
+    # -- plans -----------------------------------------------------------------------------
+
+    def set_plan(self, org: str, mode: str, plan: str | None, key: str | None) -> Command:
+        """Put ``org`` (or its ``key``) on ``plan``; None takes it off (see assign.lua)."""
+        base = self.base(org, mode)
+        if key is None:
+            value = "" if plan is None or plan == DEFAULT_PLAN else plan
+            return ["EVALSHA", _ASSIGN.sha, 2, base + "pl", base + "cr", "plan", value]
+        value = plan or ""
+        return ["EVALSHA", _ASSIGN.sha, 2, base + "pl", base + "cr", "key", value, key]
+
+    def set_limits(self, org: str, mode: str, deal: Deal) -> Command:
+        """Give ``org`` its deal (``()`` takes it away)."""
+        base = self.base(org, mode)
+        lines = "\n".join(" ".join(map(str, terms)) for terms in deal)
+        return ["EVALSHA", _ASSIGN.sha, 2, base + "pl", base + "cr", "deal", lines]
+
+    def assignment(self, org: str, mode: str, key: str | None) -> Command:
+        """The ``HMGET`` of ``org``'s plan record and ``key``'s plan."""
+        base = self.base(org, mode)
+        return ["HMGET", base + "pl", "o", "k|" + (key or "")]
+
+    @staticmethod
+    def parse_assignment(reply: Any, key: str | None) -> tuple[str | None, str | None, Deal]:
+        """``(org plan, key plan, deal)`` from :meth:`assignment`'s reply."""
+        record, key_plan = reply
+        org_plan, deal = (None, ()) if record is None else parse_record(_text(record))
+        return org_plan, _text(key_plan) if key is not None and key_plan else None, deal
+
+
+def parse_record(record: str) -> tuple[str | None, Deal]:
+    """An organization's plan and deal from its plan record (see assign.lua)."""
+    plan, _, lines = record[1:].partition("\n")
+    return plan or None, parse_deal(lines)
+
+
+def parse_plans(named: str) -> tuple[str | None, str | None, Deal]:
+    """``(key plan, org plan, deal)`` from what a check's reply names (see check.lua)."""
+    key_plan, _, rest = named.partition("\n")
+    plan, _, lines = rest.partition("\n")
+    return key_plan or None, plan or None, parse_deal(lines)
+
+
+def parse_deal(lines: str) -> Deal:
+    """A deal from its lines ``<tier> <algorithm> <window µs> <limit> <burst>``."""
+    if not lines:
+        return ()
+    try:
+        deal = []
+        for line in lines.split("\n"):
+            name, code, window, limit, burst = line.split(" ")
+            deal.append((name, int(code), int(window), int(limit), int(burst)))
+    except ValueError:
+        raise StateError("redis holds a plan record meterkit did not write") from None
+    return tuple(deal)
 
 
 _REFUND = script("refund")
 _USAGE = script("usage")
 _TOPUP = script("topup")
 _ALLOWANCE = script("allowance")
+_ASSIGN = script("assign")

@@ -27,6 +27,7 @@ from meterkit import (
     ConfigurationError,
     CostTable,
     CreditPlan,
+    CustomerPlan,
     MemoryBackend,
     MemoryKeyStore,
     Meter,
@@ -324,7 +325,7 @@ def test_driver_errors_never_leak_from_any_call() -> None:
         lambda: meter.usage("o"),
         lambda: meter.set_allowance("o", "1"),
         lambda: meter.top_up("o", "1"),
-        lambda: backend.refund(decision.plan, decision.outcome),
+        lambda: backend.refund(decision.request, decision.outcome),
         lambda: meter.peek("k", org="o", operation="items.list"),
         lambda: meter.reset_limits("o", "k"),
         lambda: Meter(_policy(), backend, fail_open=True).peek(
@@ -494,6 +495,7 @@ def test_a_batch_is_one_evalsha_per_fifty_requests(own_server: _servers.RedisSer
             "cmdstat_set",
             "cmdstat_setrange",
             "cmdstat_hmget",
+            "cmdstat_hget",  # (an organization's plan record, before its month's account)
             "cmdstat_hset",
             "cmdstat_pexpire",
             "cmdstat_del",
@@ -831,3 +833,33 @@ def test_a_peek_writes_nothing_to_redis(client: redis.Redis, prefix: str) -> Non
     before = snapshot()
     assert not meter.peek("k", org="o", operation="items.list").allowed
     assert snapshot() == before
+
+
+def test_a_check_under_plans_is_still_one_evalsha(own_server: _servers.RedisServer) -> None:
+    """INFO commandstats: with organizations on plans, keys on plans of their own and a
+    negotiated deal, every check is one EVALSHA and nothing else reaches the server
+    (the script reads the plans itself)."""
+    base = _policy()
+    policy = Policy(
+        base.tiers,
+        base.costs,
+        base.credits,
+        plans=[CustomerPlan("pro", {"fw": "9/minute", "sw": "off"}, allowance="500")],
+    )
+    client = redis.Redis(port=own_server.port)
+    meter = Meter(policy, RedisBackend(client, prefix=new_prefix()))
+    meter.check("warm", org="o0", operation="items.list")  # registers the script
+    meter.set_plan("o1", "pro")
+    meter.set_plan("o2", "pro", key="k2")
+    meter.set_limits("o3", {"gc": "7/minute"})
+    meter.set_plan("o3", "pro")
+    requests = [(f"k{i % 3}", f"o{i % 4}") for i in range(40)]
+    client.config_resetstat()
+    decisions = [meter.check(key, org=org, operation="items.list") for key, org in requests]
+    stats = client.info("commandstats")
+    assert {d.plan for d in decisions} == {"default", "pro"}
+    assert stats["cmdstat_evalsha"]["calls"] == len(requests)
+    from_lua = {f"cmdstat_{name}" for name in ("get", "set", "setrange", "hmget", "hget")}
+    from_lua |= {"cmdstat_hset", "cmdstat_pexpire", "cmdstat_del", "cmdstat_time"}
+    assert set(stats) - from_lua == {"cmdstat_evalsha", "cmdstat_config|resetstat"}
+    client.close()

@@ -81,12 +81,14 @@ def test_a_check_is_one_evalsha_of_its_operations_script_with_every_key_in_one_s
         "mk:{org_1}:gc:org-burst.100.60.10",
         "mk:{org_1}:cr",
         "mk:{org_1}:al",
+        "mk:{org_1}:pl",
     ]
     args = cmd[3 + numkeys :]
     assert args[0] == ""  # no clock: the script reads the server's TIME
     assert args[1] == 10_000  # µ-credits
     assert args[2] == ""  # no idempotency key: the charge id is not stored
     assert args[3] == "q|items.list|key_1"
+    assert len(args) == 6  # (and the month: no key plan, no peek)
     assert charge  # a fresh charge id, carried by the outcome if admitted
     assert len(cmd[1]) == 40  # (the SHA-1 of the operation's own check script)
 
@@ -208,7 +210,7 @@ def test_usage_replies_decode_the_months_account() -> None:
     start = NOW
     head = struct.pack("<4q", start, 30_000, 5_000_000, -1)
     pair = struct.pack("<2q", 3, 30_000)
-    reply = [start, MONTH_END, None, [b"h", head, b"q|items.list|key_1", pair]]
+    reply = [start, MONTH_END, None, [b"h", head, b"q|items.list|key_1", pair], None]
     assert codec.raw_usage(_policy(), reply) == (
         start,
         MONTH_END,
@@ -216,12 +218,13 @@ def test_usage_replies_decode_the_months_account() -> None:
         30_000,
         3,
         {("key_1", "items.list"): [3, 30_000]},
+        "default",
     )
     # An account of an earlier month counts as empty; an override replaces the allowance.
-    old = [start, MONTH_END, b"7", [b"h", struct.pack("<4q", start - 1, 9, 9, -1)]]
-    assert codec.raw_usage(_policy(), old) == (start, MONTH_END, 7, 0, 0, {})
+    old = [start, MONTH_END, b"7", [b"h", struct.pack("<4q", start - 1, 9, 9, -1)], None]
+    assert codec.raw_usage(_policy(), old) == (start, MONTH_END, 7, 0, 0, {}, "default")
     with pytest.raises(StateError):
-        codec.raw_usage(_policy(), [start, MONTH_END, None, [b"h", b"short"]])
+        codec.raw_usage(_policy(), [start, MONTH_END, None, [b"h", b"short"], None])
 
 
 def test_a_script_call_refused_with_noscript_goes_again_with_its_text() -> None:

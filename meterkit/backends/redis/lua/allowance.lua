@@ -16,6 +16,7 @@ else
 end
 if head then
   local override = ARGV[1] == '' and -1 or tonumber(ARGV[1])
-  redis.call('HSET', KEYS[2], 'h', struct.pack(HEAD, period, used, topup, override))
+  local totals = struct.pack(HEAD, period, used, topup, override)
+  redis.call('HSET', KEYS[2], 'h', totals .. string.sub(head, 33))
 end
 return 1

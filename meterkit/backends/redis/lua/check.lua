@@ -10,26 +10,38 @@
 -- file (one script per distinct text, loaded by SHA),
 --
 --   local grace, allowance, shadow = <TTL grace ms>, <policy allowance>, <true/false>
---   local n, P, R = <tier count>, {<per tier: algorithm, a, b, c>...}, <reply format>
---                                                                     (check_one)
---   local T = {{<tier count>, {<per tier: ...>}, <reply format>}, ...}
+--   local n, P, R, I, V, S, M, F = <tier count>, {<per tier: algorithm, a, b, c>...},
+--                                  <reply format>, <plans>...            (check_one)
+--   local T = {{<tier count>, {<per tier: ...>}, <reply format>, <plans>...}, ...}
 --                                                    (check_many: every tier set)
 --
 -- where a tier's algorithm is +10 when soft (a shadow tier never denies) and a, b, c
 -- are: fixed and sliding window: limit, window µs, 0; gcra: emission interval µs,
 -- tau µs, 0; sliding log: limit, window µs, TTL ms of the log (as text).
 -- That saves Redis turning a dozen arguments into numbers on every check.
+-- P is the default plan's. The customer plans are strings, so that a check under the
+-- default plan makes nothing of them: V holds each plan's P (a tier it turns off has
+-- +20) and allowance as 8-byte little-endian integers, I says where ('\n<plan>
+-- <offset in V>', a line per plan); S has a '1' for each key-scoped tier, '0' for each
+-- other; M a line per tier, '<tier> <window µs>'; F the format of a plan's numbers in V.
+-- A plan I does not name (the default plan, or one the policy no longer has) has the
+-- numbers of P.
 --
--- check(n, P, R, k, now, now_text, cost, charge, field, start, finish, idem, dry)
--- finds its keys at KEYS[k + 1...]:
+-- check(n, P, R, I, V, S, M, F, k, now, now_text, cost, charge, field, start, finish,
+-- idem, dry, kp) finds its keys at KEYS[k + 1...]:
 --
--- KEYS[k+1..k+n]  one state key per tier, in policy order
+-- KEYS[k+1..k+n]  one state key per tier, in policy order: the same key under every
+--                 plan (a customer who changes plan keeps what it spent)
 -- KEYS[k+n+1]     the organization's account (HASH: 'h' the month's totals, 'q|<op>|<key>'
---                 each pair's requests and credits, 'x|<charge>' refunds; see
+--                 each pair's requests and credits, 'x|<charge>' refunds; after 'h''s
+--                 totals, a copy of the organization's plan record, if it has one; see
 --                 common.lua's head_of and pair_of)
 -- KEYS[k+n+2]     the organization's allowance override (STRING, optional)
+-- KEYS[k+n+3]     the organization's plans (HASH, optional: 'o' its plan record,
+--                 'k|<key>' each key's plan; see assign.lua)
 -- idem            the idempotency record's key (STRING), or nil
 -- dry             true for a peek: decide as a check would, write nothing
+-- kp              the key's plan as the request names it (from a key store), or nil
 --
 -- and takes as text (as it came in ARGV): the cost in µ-credits, the charge id ('' when
 -- there is no idempotency record to keep it), and the account's field of the request's
@@ -38,9 +50,11 @@
 --
 -- Reply: allowed 0/1, reason, now, retry, charged, balance, period end, then per
 --        tier remaining, reset, denied — remaining as if admitted (the caller adds
---        back what a denied request did not take) — packed in one string as
---        8-byte little-endian integers (R: '<' and 'i8' once per number), which
---        saves Redis a reply element per number;
+--        back what a denied request did not take; a tier off under the plan in force
+--        says 0, 0, 0) — packed in one string as 8-byte little-endian integers (R:
+--        '<' and 'i8' once per number), which saves Redis a reply element per number;
+--        under a customer plan, followed by '\n', the key's plan and '\n', the
+--        organization's plan record without its first character (the plans in force);
 --        or {-1, record} to replay the first decision of an idempotency key.
 --
 -- Hot path (each of these costs Redis more than a line of Lua): as few commands as
@@ -51,6 +65,7 @@
 local call = redis.call
 local spread = unpack
 local pack, unpack, sub = struct.pack, struct.unpack, string.sub
+local byte, find, gmatch = string.byte, string.find, string.gmatch
 local IDEM_US = 86400000000
 -- A sliding log entry, and each number of a window, is an 8-byte little-endian
 -- integer, exact below 2^53.
@@ -76,8 +91,8 @@ local function entry(log, i, key)
   return t
 end
 
-local function check(n, P, R, k, now, now_text, cost_text, charge, field, start, finish,
-                     idem, dry)
+local function check(n, P, R, I, V, S, M, F, k, now, now_text, cost_text, charge, field,
+                     start, finish, idem, dry, kp)
   if idem then
     local record = call('GET', idem)
     if record then
@@ -89,6 +104,118 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, field, start,
         return {-1, record}
       end
     end
+  end
+
+  -- The organization's account: this month's totals (with the copy of its plan record
+  -- after them, if it has one) and this key's and operation's (one HMGET).
+  local account = KEYS[k + n + 1]
+  if not (start <= now and now < finish) then
+    start, finish = month(now)
+  end
+  local v = call('HMGET', account, 'h', field)
+  local used, topup, requests, spent = 0, 0, 0, 0
+  local current, stale = false, false
+  local override = false
+  local head = v[1]
+  local rec = false
+  if head then
+    local period, u, t, a = head_of(head, account)
+    if period == start then
+      current = true
+      used, topup = u, t
+      if a >= 0 then
+        override = a
+      end
+      if #head > 32 then
+        rec = sub(head, 33)
+      end
+      if v[2] then
+        requests, spent = pair_of(v[2], account)
+      end
+    else
+      stale = true
+    end
+  end
+  -- The plans in force: none (the default plan: P as it came) unless the organization
+  -- has a plan record, or the request names its key's plan.
+  local plans = KEYS[k + n + 3]
+  if not current then
+    -- (no account this month yet: the record itself, which the account will copy)
+    rec = call('HGET', plans, 'o')
+  end
+  if rec and not kp and byte(rec) == 49 then
+    -- ('1': some key of the organization has a plan; is it this one?)
+    kp = call('HGET', plans, 'k|' .. sub(field, find(field, '|', 3, true) + 1))
+  end
+  local plan_allowance = allowance
+  local named  -- (what the reply adds under a customer plan: the plans in force)
+  local ttls = P  -- (a sliding log's TTL, as text: the same under every plan)
+  if rec or kp then
+    -- The tiers' numbers and the allowance under the plans in force, by the rule of
+    -- meterkit.core.policy.Policy.limits_for: key-scoped tiers follow the key's plan if
+    -- it has one, the rest (and the allowance) the organization's; a deal changes a
+    -- tier while it has the algorithm and window it was made for. The record after
+    -- its first character is '<plan>', then a line per tier of the deal: '<tier>
+    -- <algorithm> <window µs> <limit, 0: off> <burst>' (see assign.lua).
+    named = rec and sub(rec, 2) or ''
+    local plan, deal = named, nil
+    local cut = find(named, '\n', 1, true)
+    if cut then
+      plan, deal = sub(named, 1, cut - 1), sub(named, cut + 1)
+    end
+    local params = P
+    local at = plan ~= '' and find(I, '\n' .. plan .. ' ', 1, true)
+    if at then
+      params = {unpack(F, V, tonumber(match(I, '^%d+', at + #plan + 2)))}
+      plan_allowance = params[4 * n + 1]
+    end
+    if kp then
+      local keyed = P
+      at = find(I, '\n' .. kp .. ' ', 1, true)
+      if at then
+        keyed = {unpack(F, V, tonumber(match(I, '^%d+', at + #kp + 2)))}
+      end
+      if keyed ~= params then
+        local merged = {}
+        for i = 1, n do
+          local from = byte(S, i) == 49 and keyed or params  -- ('1': key-scoped)
+          local a = i * 4 - 3
+          merged[a], merged[a + 1], merged[a + 2], merged[a + 3] =
+            from[a], from[a + 1], from[a + 2], from[a + 3]
+        end
+        params = merged
+      end
+    end
+    if deal then
+      if params == P then  -- (P is the script's: change a copy)
+        params = {spread(P)}
+      end
+      -- M: a line per tier, '<tier> <window µs>'
+      local positions, windows, i = {}, {}, 0
+      for name, w in gmatch(M, '([^ \n]+) (%d+)') do
+        i = i + 1
+        positions[name], windows[i] = i, tonumber(w)
+      end
+      for name, code, w, limit, burst in gmatch(deal, '([^ \n]+) (%d+) (%d+) (%d+) (%d+)') do
+        i = positions[name]
+        local a = i and i * 4 - 3
+        if i and P[a] % 10 == tonumber(code) and windows[i] == tonumber(w) then
+          limit = tonumber(limit)
+          if limit == 0 then
+            params[a] = P[a] + 20
+          else
+            params[a] = P[a]
+            if code == '2' then
+              local interval = idiv(windows[i] + limit - 1, limit)
+              params[a + 1], params[a + 2] = interval, tonumber(burst) * interval
+            else
+              params[a + 1] = limit
+            end
+          end
+        end
+      end
+    end
+    P = params
   end
 
   -- Look at every tier first; write nothing until all of them and the credits agree.
@@ -103,170 +230,153 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, field, start,
   local a = 1
   for i = 1, n do
     local code = P[a]
-    local soft = code >= 10
-    if soft then
-      code = code - 10
-    end
-    local key = KEYS[k + i]
-    local ok, wait, remaining, reset
-    if code == 0 or code == 1 then
-      -- fixed window (UTC-aligned) and sliding window (weighted two-counter): a STRING
-      -- of 8-byte little-endian integers: the window id, the count in it and, sliding,
-      -- the count in the window before (one GET, one SET or SETRANGE when admitted)
-      local limit, w = P[a + 1], P[a + 2]
-      local wid = idiv(now, w)
-      local cur, prev = 0, 0
-      local v = call('GET', key)
-      local sw
-      if v then
-        if #v ~= 16 + code * 8 then
-          corrupt(key)
-        end
-        local sc, sp
-        sw, sc, sp = unpack(code == 0 and '<i8i8' or '<i8i8i8', v)
-        -- (counts are written as computed here: integers from 0, exact as doubles)
-        if not (sw < ENTRY_MAX and sw > -ENTRY_MAX and sc >= 0 and sc < ENTRY_MAX)
-          or code == 1 and not (sp >= 0 and sp < ENTRY_MAX) then
-          corrupt(key)
-        end
-        if sw == wid then
-          cur = sc
-          if code == 1 then
-            prev = sp
-          end
-        elseif sw == wid - 1 and code == 1 then
-          prev = sc
-        end
+    if code >= 20 then
+      -- off under the plan in force: not looked at, not counted
+      local r = i * 3 + 4
+      results[r + 1], results[r + 2], results[r + 3] = 0, 0, 0
+      a = a + 4
+    else
+      local soft = code >= 10
+      if soft then
+        code = code - 10
       end
-      local start = wid * w
-      reset = start + w - now
-      if code == 0 then
-        if cur < limit then
-          ok, remaining = true, limit - cur - 1
+      local key = KEYS[k + i]
+      local ok, wait, remaining, reset
+      if code == 0 or code == 1 then
+        -- fixed window (UTC-aligned) and sliding window (weighted two-counter): a STRING
+        -- of 8-byte little-endian integers: the window id, the count in it and, sliding,
+        -- the count in the window before (one GET, one SET or SETRANGE when admitted)
+        local limit, w = P[a + 1], P[a + 2]
+        local wid = idiv(now, w)
+        local cur, prev = 0, 0
+        local v = call('GET', key)
+        local sw
+        if v then
+          if #v ~= 16 + code * 8 then
+            corrupt(key)
+          end
+          local sc, sp
+          sw, sc, sp = unpack(code == 0 and '<i8i8' or '<i8i8i8', v)
+          -- (counts are written as computed here: integers from 0, exact as doubles)
+          if not (sw < ENTRY_MAX and sw > -ENTRY_MAX and sc >= 0 and sc < ENTRY_MAX)
+            or code == 1 and not (sp >= 0 and sp < ENTRY_MAX) then
+            corrupt(key)
+          end
+          if sw == wid then
+            cur = sc
+            if code == 1 then
+              prev = sp
+            end
+          elseif sw == wid - 1 and code == 1 then
+            prev = sc
+          end
+        end
+        local start = wid * w
+        reset = start + w - now
+        if code == 0 then
+          if cur < limit then
+            ok, remaining = true, limit - cur - 1
+          else
+            ok, wait = false, reset
+          end
         else
-          ok, wait = false, reset
+          local used = prev * (w - (now - start)) + (cur + 1) * w
+          if used <= limit * w then
+            ok, remaining = true, idiv(limit * w - used, w)
+          elseif cur + 1 <= limit then
+            ok, wait = false, start + w - idiv((limit - 1 - cur) * w, prev) - now
+          else
+            ok, wait = false, start + w + w - idiv((limit - 1) * w, cur) - now
+          end
+        end
+        if ok then
+          if sw == wid then
+            plan[i], new[i] = 1, cur + 1
+          else
+            -- a new window: its TTL ends with it (sliding: with the next, where it is "prev")
+            plan[i], new[i] = 2 + code, wid
+            extra[i] = code == 0 and reset or reset + w
+            extra[-i] = prev
+          end
+        end
+      elseif code == 2 then
+        -- gcra: the theoretical arrival time (STRING)
+        local interval, tau = P[a + 1], P[a + 2]
+        local tat = now
+        local v = call('GET', key)
+        if v then
+          local t = tonumber(v)
+          if not t then
+            corrupt(key)
+          end
+          if t > now then
+            tat = t
+          end
+        end
+        local ahead = tat + interval - now
+        if ahead <= tau then
+          ok, remaining, reset = true, idiv(tau - ahead, interval), ahead
+          plan[i], new[i], extra[i] = 4, tat + interval, ahead
+        else
+          ok, wait, reset = false, ahead - tau, tat - now
         end
       else
-        local used = prev * (w - (now - start)) + (cur + 1) * w
-        if used <= limit * w then
-          ok, remaining = true, idiv(limit * w - used, w)
-        elseif cur + 1 <= limit then
-          ok, wait = false, start + w - idiv((limit - 1 - cur) * w, prev) - now
+        -- sliding log: a STRING of admission times, 8 bytes each, oldest first (equal
+        -- times count twice); one GET, and one SET when admitted, whatever its length.
+        local limit, w = P[a + 1], P[a + 2]
+        local log = call('GET', key)
+        local len, oldest, drop = 0, now, 0
+        if log then
+          len = #log / 8
+          if len % 1 ~= 0 then
+            corrupt(key)
+          end
+          -- entries at or before the cutoff have left the window: skip them here and
+          -- cut them off once, when the request is admitted (nothing is written before)
+          local cutoff = now - w
+          while drop < len do
+            oldest = entry(log, drop, key)
+            if oldest > cutoff then
+              break
+            end
+            drop = drop + 1
+          end
+          if drop == len then
+            oldest = now
+          end
+          len = len - drop
+        end
+        if len < limit then
+          ok, remaining, reset = true, limit - len - 1, oldest + w - now
+          plan[i], new[i], extra[i] = 5, log, drop
         else
-          ok, wait = false, start + w + w - idiv((limit - 1) * w, cur) - now
+          wait = entry(log, drop + len - limit, key) + w - now
+          ok, reset = false, wait
         end
       end
+      a = a + 4
+      local r = i * 3 + 4
       if ok then
-        if sw == wid then
-          plan[i], new[i] = 1, cur + 1
-        else
-          -- a new window: its TTL ends with it (sliding: with the next, where it is "prev")
-          plan[i], new[i] = 2 + code, wid
-          extra[i] = code == 0 and reset or reset + w
-          extra[-i] = prev
-        end
-      end
-    elseif code == 2 then
-      -- gcra: the theoretical arrival time (STRING)
-      local interval, tau = P[a + 1], P[a + 2]
-      local tat = now
-      local v = call('GET', key)
-      if v then
-        local t = tonumber(v)
-        if not t then
-          corrupt(key)
-        end
-        if t > now then
-          tat = t
-        end
-      end
-      local ahead = tat + interval - now
-      if ahead <= tau then
-        ok, remaining, reset = true, idiv(tau - ahead, interval), ahead
-        plan[i], new[i], extra[i] = 4, tat + interval, ahead
+        results[r + 1], results[r + 2], results[r + 3] = remaining, reset, 0
       else
-        ok, wait, reset = false, ahead - tau, tat - now
-      end
-    else
-      -- sliding log: a STRING of admission times, 8 bytes each, oldest first (equal
-      -- times count twice); one GET, and one SET when admitted, whatever its length.
-      local limit, w = P[a + 1], P[a + 2]
-      local log = call('GET', key)
-      local len, oldest, drop = 0, now, 0
-      if log then
-        len = #log / 8
-        if len % 1 ~= 0 then
-          corrupt(key)
-        end
-        -- entries at or before the cutoff have left the window: skip them here and
-        -- cut them off once, when the request is admitted (nothing is written before)
-        local cutoff = now - w
-        while drop < len do
-          oldest = entry(log, drop, key)
-          if oldest > cutoff then
-            break
+        results[r + 1], results[r + 2], results[r + 3] = 0, reset, 1
+        plan[i] = false
+        if not soft then
+          denied = true
+          if wait > retry then
+            retry = wait
           end
-          drop = drop + 1
-        end
-        if drop == len then
-          oldest = now
-        end
-        len = len - drop
-      end
-      if len < limit then
-        ok, remaining, reset = true, limit - len - 1, oldest + w - now
-        plan[i], new[i], extra[i] = 5, log, drop
-      else
-        wait = entry(log, drop + len - limit, key) + w - now
-        ok, reset = false, wait
-      end
-    end
-    a = a + 4
-    local r = i * 3 + 4
-    if ok then
-      results[r + 1], results[r + 2], results[r + 3] = remaining, reset, 0
-    else
-      results[r + 1], results[r + 2], results[r + 3] = 0, reset, 1
-      plan[i] = false
-      if not soft then
-        denied = true
-        if wait > retry then
-          retry = wait
         end
       end
     end
   end
 
-  -- Credits: one account per organization and calendar month.
-  local account = KEYS[k + n + 1]
-  if not (start <= now and now < finish) then
-    start, finish = month(now)
-  end
+  -- Credits: one account per organization and calendar month (read above).
   local cost = tonumber(cost_text)
-  local v = call('HMGET', account, 'h', field)
-  local used, topup, requests, spent = 0, 0, 0, 0
-  local current, stale = false, false
-  local override = false
-  local head = v[1]
-  if head then
-    local period, u, t, a = head_of(head, account)
-    if period == start then
-      current = true
-      used, topup = u, t
-      if a >= 0 then
-        override = a
-      end
-      if v[2] then
-        requests, spent = pair_of(v[2], account)
-      end
-    else
-      stale = true
-    end
-  end
   if not current then
     override = allowance_of(KEYS[k + n + 2])
   end
-  local allowed_micro = override or allowance
+  local allowed_micro = override or plan_allowance
   local balance = allowed_micro + topup - used
 
   local broke = cost > balance and not shadow
@@ -282,18 +392,21 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, field, start,
       end
       results[1], results[2], results[3], results[4] = 0, 2, now, wait
       results[6], results[7] = balance, finish
-      return pack(R, spread(results))
+      return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named
+      or pack(R, spread(results))
     end
     results[1], results[2], results[3], results[4] = 0, 1, now, retry
     results[6], results[7] = balance, finish
-    return pack(R, spread(results))
+    return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named
+      or pack(R, spread(results))
   end
 
   if dry then
     -- A peek: the decision a check would get now, and nothing written.
     results[1], results[3], results[5] = 1, now, cost
     results[6], results[7] = balance - cost, finish
-    return pack(R, spread(results))
+    return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named
+      or pack(R, spread(results))
   end
 
   -- Admitted: consume every tier, debit the credits, remember the decision.
@@ -321,12 +434,16 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, field, start,
         else
           log = sub(log, drop * 8 + 1) .. entry_now
         end
-        call('SET', key, log, 'PX', P[i * 4])
+        call('SET', key, log, 'PX', ttls[i * 4])
       end
     end
   end
-  -- One write for the account: the totals were read above, and nothing ran since.
+  -- One write for the account: the totals were read above, and nothing ran since;
+  -- the plan record's copy goes after them (see assign.lua).
   local totals = pack(HEAD, start, used + cost, topup, override or -1)
+  if rec then
+    totals = totals .. rec
+  end
   if current then
     call('HSET', account, 'h', totals, field, pack(PAIR, requests + 1, spent + cost))
   else
@@ -342,8 +459,12 @@ local function check(n, P, R, k, now, now_text, cost_text, charge, field, start,
       parts[j + 5] = int(results[j + 7])
     end
     local record = concat(parts, ' ') .. '\n' .. charge .. '\n' .. sub(field, 3)
+    if named then
+      record = record .. '\n' .. (kp or '') .. '\n' .. named
+    end
     call('SET', idem, record, 'PX', ttl(IDEM_US, grace))
   end
   results[1], results[3], results[5], results[6], results[7] = 1, now, cost, balance - cost, finish
-  return pack(R, spread(results))
+  return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named
+      or pack(R, spread(results))
 end

@@ -5,7 +5,8 @@
 -- KEYS  per request in turn: check.lua's keys, then its idempotency record if any
 -- ARGV  1, 2 the month the caller expects (start, end µs; checked), then 5 per
 --       request: its tier set (an index into T; negative if the request has an
---       idempotency key), now µs ('' = server TIME, read once for the batch), cost
+--       idempotency key; followed by ' ' and the key's plan when the request names
+--       one), now µs ('' = server TIME, read once for the batch), cost
 --       µ-credits, charge id ('' without an idempotency key: only its record keeps
 --       it), the account's field of its key and operation ('q|<op>|<key>')
 --
@@ -19,6 +20,11 @@ local server_now, server_text
 local k, b = 0, 3
 for r = 1, (#ARGV - 2) / 5 do
   local index = tonumber(ARGV[b])
+  local kp
+  if not index then
+    index, kp = match(ARGV[b], '^(%-?%d+) (.+)$')
+    index = tonumber(index)
+  end
   local idem
   if index < 0 then
     index = -index
@@ -27,7 +33,7 @@ for r = 1, (#ARGV - 2) / 5 do
   local set = T[index]
   local n = set[1]
   if idem then
-    idem = KEYS[k + n + 3]
+    idem = KEYS[k + n + 4]
   end
   local now, now_text
   if ARGV[b + 1] == '' then
@@ -38,14 +44,15 @@ for r = 1, (#ARGV - 2) / 5 do
   else
     now, now_text = clock_text(ARGV[b + 1])
   end
-  local ok, reply = pcall(check, n, set[2], set[3], k, now, now_text, ARGV[b + 2], ARGV[b + 3],
-                          ARGV[b + 4], start, finish, idem)
+  local ok, reply = pcall(check, n, set[2], set[3], set[4], set[5], set[6], set[7], set[8],
+                          k, now, now_text, ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], start, finish,
+                          idem, false, kp)
   if not ok then
     -- (Redis hands a script's error to pcall as its text)
     reply = {err = type(reply) == 'table' and reply.err or tostring(reply)}
   end
   replies[r] = reply
-  k = k + n + (idem and 3 or 2)
+  k = k + n + (idem and 4 or 3)
   b = b + 5
 end
 return replies

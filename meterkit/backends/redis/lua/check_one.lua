@@ -6,11 +6,16 @@
 -- ARGV  1 now µs ('' = server TIME)  2 cost µ-credits  3 charge id ('' without an
 --       idempotency key: only its record keeps it)  4 the account's field of the key
 --       and operation ('q|<op>|<key>')  5, 6 the month the caller expects (start, end
---       µs; checked)  7 '1' for a peek (decide, write nothing), absent for a check
+--       µs; checked)  7 the key's plan as the request names it ('' or absent: none)
+--       8 '1' for a peek (decide, write nothing), absent for a check
 
 local k = 0
 local now, now_text = clock_text(ARGV[1])
 local cost_text, charge, field = ARGV[2], ARGV[3], ARGV[4]
-local idem = KEYS[n + 3]
+local idem = KEYS[n + 4]
 local start, finish = tonumber(ARGV[5]), tonumber(ARGV[6])
-local dry = ARGV[7] == '1'
+local kp = ARGV[7]
+if kp == '' then
+  kp = nil
+end
+local dry = ARGV[8] == '1'

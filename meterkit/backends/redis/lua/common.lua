@@ -37,15 +37,17 @@ end
 -- The organization's account (a HASH per month): 'h' holds the month's totals as four
 -- 8-byte little-endian integers (HEAD): the month's start µs, µ-credits used, µ-credits
 -- topped up, and the allowance override (a copy of the override key made when the
--- month's account starts, kept by set_allowance; -1 for none); 'q|<op>|<key>' holds
--- each pair's requests and µ-credits (PAIR). Binary, so that a check parses and prints
--- no number of the account's.
+-- month's account starts, kept by set_allowance; -1 for none), then a copy of the
+-- organization's plan record if it has one (made when the month's account starts, kept
+-- by assign.lua: a check reads it with the totals); 'q|<op>|<key>' holds each pair's
+-- requests and µ-credits (PAIR). Binary, so that a check parses and prints no number of
+-- the account's. Whatever rewrites 'h' keeps what follows the totals.
 local HEAD, PAIR = '<i8i8i8i8', '<i8i8'
 local EXACT = 9007199254740992  -- 2^53: every integer below it is exact as a double
 
 -- The totals of an account's 'h', checked.
 local function head_of(head, account)
-  if #head ~= 32 then
+  if #head < 32 then
     corrupt(account)
   end
   local period, used, topup, override = struct.unpack(HEAD, head)

@@ -30,7 +30,7 @@ end
 if redis.call('HSETNX', account, 'x|' .. ARGV[3], 1) == 0 then
   return 0
 end
-local head = struct.pack(HEAD, period, used - amount, topup, override)
+local head = struct.pack(HEAD, period, used - amount, topup, override) .. string.sub(a[1], 33)
 redis.call('HSET', account, 'h', head, ARGV[5], struct.pack(PAIR, requests, spent - amount))
 local idem = KEYS[2]
 if idem then

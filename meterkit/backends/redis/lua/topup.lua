@@ -1,6 +1,6 @@
 -- meterkit top-up: add credits to the organization's current month only.
 --
--- KEYS[1] the organization's account  KEYS[2] its allowance override
+-- KEYS[1] the organization's account  KEYS[2] its allowance override  KEYS[3] its plans
 -- ARGV    1 now µs ('' = server TIME)  2 amount µ-credits  3 TTL grace ms
 -- Reply   1 added; 0 refused, nothing written (the month's top-ups would pass 2^53 - 1)
 
@@ -17,12 +17,15 @@ if period == start then
   if topup + amount >= EXACT then
     return 0
   end
-  redis.call('HSET', account, 'h', struct.pack(HEAD, period, used, topup + amount, override))
+  local totals = struct.pack(HEAD, period, used, topup + amount, override)
+  redis.call('HSET', account, 'h', totals .. string.sub(head, 33))
 else
-  -- A new month's account starts with a copy of the allowance override (see check.lua).
+  -- A new month's account starts with a copy of the allowance override and of the
+  -- plan record (see check.lua).
   override = allowance_of(KEYS[2]) or -1
   redis.call('DEL', account)
-  redis.call('HSET', account, 'h', struct.pack(HEAD, start, 0, amount, override))
+  local rec = redis.call('HGET', KEYS[3], 'o') or ''
+  redis.call('HSET', account, 'h', struct.pack(HEAD, start, 0, amount, override) .. rec)
   redis.call('PEXPIRE', account, ttl(finish - now, tonumber(ARGV[3])))
 end
 return 1
