@@ -30,18 +30,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 import meterkit
 from meterkit.asgi import MeterMiddleware
+from meterkit.http import openapi
 
 ORG = "org_demo"
 READ_ONLY = ["invoices:read", "currency:read", "reports:read", "usage:read"]
-REPORTS = ("balance_sheet", "profit_and_loss", "summary")
+Report = Literal["balance_sheet", "profit_and_loss", "summary"]
+Currency = Literal["USD", "EUR", "GBP", "JPY"]
 # Paths that are not metered: the health check and FastAPI's own documentation.
 UNMETERED = ["/health", "/docs*", "/redoc", "/openapi.json"]
 
@@ -54,6 +56,64 @@ def error(status: int, code: str, message: str, type_: str = "invalid_request_er
     )
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    code: str
+    message: str
+    status: int
+
+
+class ErrorBody(BaseModel):
+    """The shape of every error this API answers, meterkit's and the app's alike."""
+
+    error: ErrorDetail
+
+
+class UnreadableBody(BaseModel):
+    """FastAPI's own answer (400) to a JSON body that is not UTF-8 text."""
+
+    detail: str
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The app's own error answers, for a route's OpenAPI ``responses``."""
+    described: dict[int, tuple[type[BaseModel], str]] = {
+        400: (UnreadableBody, "FastAPI: the body is not UTF-8 text."),
+        404: (ErrorBody, "No such invoice."),
+        503: (ErrorBody, "The exchange-rate provider is down (the request is refunded)."),
+    }
+    return {s: {"model": described[s][0], "description": described[s][1]} for s in statuses}
+
+
+# An amount of money: positive, at most 12 digits before the point and 2 after, as a
+# JSON number or a string. The schema says exactly that, so that a client (or
+# schemathesis) that follows it is never refused: pydantic's own schema for a Decimal
+# admits any string, "" included.
+Amount = Annotated[
+    Decimal,
+    Field(gt=0, max_digits=14, decimal_places=2),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": 999_999_999_999,
+                    "multipleOf": 0.01,
+                },
+                {
+                    "type": "string",
+                    "pattern": "^([1-9][0-9]{0,11}(\\.[0-9]{1,2})?|0\\.([1-9][0-9]?|0[1-9]))$",
+                },
+            ],
+            "title": "Amount",
+            "examples": ["50.00"],
+        }
+    ),
+]
+Customer = Annotated[str, Field(min_length=1, max_length=200)]
+
+
 class RatesUnavailable(Exception):
     """The exchange-rate provider did not answer."""
 
@@ -64,12 +124,13 @@ class RatesFeed:
 
     def __init__(self) -> None:
         self.available = True
-        self.per_usd = {
+        self.per_usd: dict[str, Decimal] = {
             "USD": Decimal("1"),
             "EUR": Decimal("0.92"),
             "GBP": Decimal("0.79"),
             "JPY": Decimal("151.20"),
         }
+        assert set(self.per_usd) == set(get_args(Currency))
 
     def convert(self, amount: Decimal, source: str, target: str) -> Decimal:
         if not self.available:
@@ -78,28 +139,46 @@ class RatesFeed:
 
 
 class InvoiceIn(BaseModel):
-    customer: str = Field(min_length=1, max_length=200)
-    amount: Decimal = Field(gt=0, max_digits=14, decimal_places=2)
-    currency: str = "USD"
+    customer: Customer
+    amount: Amount
+    currency: Currency = "USD"
+
+
+def _changes_only(schema: dict[str, Any]) -> None:
+    # A field left out is not changed, and null is no value of any field; at least one.
+    for field in schema["properties"].values():
+        options = [o for o in field.pop("anyOf", []) if o.get("type") != "null"]
+        if options:
+            field.update(options[0])
+        field.pop("default", None)
+    schema["minProperties"] = 1
 
 
 class InvoiceChange(BaseModel):
-    """A PUT: the fields to change (at least one)."""
+    """A PUT: the fields to change (at least one; unknown fields are refused)."""
 
-    customer: str | None = Field(default=None, min_length=1, max_length=200)
-    amount: Decimal | None = Field(default=None, gt=0, max_digits=14, decimal_places=2)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_changes_only)
+
+    customer: Customer | None = None
+    amount: Amount | None = None
     status: Literal["open", "paid", "void"] | None = None
+
+    @model_validator(mode="after")
+    def _something_changes(self) -> InvoiceChange:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("give customer, amount or status")
+        return self
 
 
 class PaymentIn(BaseModel):
     invoice_id: str
-    amount: Decimal = Field(gt=0, max_digits=14, decimal_places=2)
+    amount: Amount
 
 
 class ConversionIn(BaseModel):
-    amount: Decimal = Field(gt=0, max_digits=14, decimal_places=2)
-    source: str = Field(alias="from")
-    target: str = Field(alias="to")
+    amount: Amount
+    source: Currency = Field(alias="from")
+    target: Currency = Field(alias="to")
 
 
 class Ledger:
@@ -216,12 +295,18 @@ def create_app(
     app.state.keystore = keystore
     app.state.rates = feed
     app.state.ledger = ledger
+    exclude = middleware_options.pop("exclude", UNMETERED)
     app.add_middleware(
-        MeterMiddleware,
-        meter=meter,
+        MeterMiddleware, meter=meter, keystore=keystore, exclude=exclude, **middleware_options
+    )
+    # /openapi.json shows what the middleware does: the bearer scheme, its refusals
+    # (401, 402, 403, 429, …) with their bodies, and its headers on every answer.
+    openapi.document(
+        app,
+        meter.policy,
         keystore=keystore,
-        exclude=middleware_options.pop("exclude", UNMETERED),
-        **middleware_options,
+        exclude=exclude,
+        require_https=middleware_options.get("require_https", True),
     )
 
     def mode(request: Request) -> Literal["live", "test"]:
@@ -238,21 +323,19 @@ def create_app(
         invoices = list(ledger.book(organization_id, mode(request)).values())
         return {"data": invoices, "count": len(invoices)}
 
-    @app.post("/organizations/{organization_id}/invoices", status_code=201)
+    @app.post("/organizations/{organization_id}/invoices", status_code=201, responses=errors(400))
     async def create_invoice(organization_id: str, invoice: InvoiceIn, request: Request) -> Any:
-        if invoice.currency not in feed.per_usd:
-            return error(400, "unsupported_currency", f"Unknown currency {invoice.currency!r}.")
         idem = request.headers.get("idempotency-key")
         return ledger.create(organization_id, mode(request), invoice, idem)
 
-    @app.get("/organizations/{organization_id}/invoices/{invoice_id}")
+    @app.get("/organizations/{organization_id}/invoices/{invoice_id}", responses=errors(404))
     async def get_invoice(organization_id: str, invoice_id: str, request: Request) -> Any:
         invoice = ledger.book(organization_id, mode(request)).get(invoice_id)
         if invoice is None:
             return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
         return invoice
 
-    @app.put("/organizations/{organization_id}/invoices/{invoice_id}")
+    @app.put("/organizations/{organization_id}/invoices/{invoice_id}", responses=errors(400, 404))
     async def update_invoice(
         organization_id: str, invoice_id: str, change: InvoiceChange, request: Request
     ) -> Any:
@@ -260,19 +343,19 @@ def create_app(
         if invoice is None:
             return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
         fields = change.model_dump(exclude_none=True)
-        if not fields:
-            return error(400, "nothing_to_change", "Give customer, amount or status.")
         invoice.update({k: str(v) if isinstance(v, Decimal) else v for k, v in fields.items()})
         return invoice
 
-    @app.delete("/organizations/{organization_id}/invoices/{invoice_id}")
+    @app.delete("/organizations/{organization_id}/invoices/{invoice_id}", responses=errors(404))
     async def delete_invoice(organization_id: str, invoice_id: str, request: Request) -> Any:
         invoice = ledger.book(organization_id, mode(request)).pop(invoice_id, None)
         if invoice is None:
             return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
         return {"id": invoice_id, "deleted": True}
 
-    @app.post("/organizations/{organization_id}/payments", status_code=201)
+    @app.post(
+        "/organizations/{organization_id}/payments", status_code=201, responses=errors(400, 404)
+    )
     async def create_payment(organization_id: str, payment: PaymentIn, request: Request) -> Any:
         invoice = ledger.book(organization_id, mode(request)).get(payment.invoice_id)
         if invoice is None:
@@ -283,18 +366,22 @@ def create_app(
             invoice["status"] = "paid"
         return {"invoice_id": payment.invoice_id, "amount": str(payment.amount), "invoice": invoice}
 
-    @app.post("/organizations/{organization_id}/invoices/{invoice_id}/pdf")
+    @app.post(
+        "/organizations/{organization_id}/invoices/{invoice_id}/pdf",
+        response_class=Response,
+        responses={
+            200: {"content": {"application/pdf": {}}, "description": "The invoice as a PDF."},
+            **errors(404),
+        },
+    )
     async def invoice_pdf(organization_id: str, invoice_id: str, request: Request) -> Any:
         invoice = ledger.book(organization_id, mode(request)).get(invoice_id)
         if invoice is None:
             return error(404, "invoice_not_found", f"No invoice {invoice_id}.")
         return Response(pdf_of(invoice), media_type="application/pdf")
 
-    @app.post("/organizations/{organization_id}/currency/convert")
+    @app.post("/organizations/{organization_id}/currency/convert", responses=errors(400, 503))
     async def convert(organization_id: str, conversion: ConversionIn) -> Any:
-        for currency in (conversion.source, conversion.target):
-            if currency not in feed.per_usd:
-                return error(400, "unsupported_currency", f"Unknown currency {currency!r}.")
         try:
             result = feed.convert(conversion.amount, conversion.source, conversion.target)
         except RatesUnavailable:
@@ -312,9 +399,7 @@ def create_app(
         }
 
     @app.get("/organizations/{organization_id}/reports/{name}")
-    async def report(organization_id: str, name: str, request: Request) -> Any:
-        if name not in REPORTS:
-            return error(404, "report_not_found", f"No report {name!r}; try {', '.join(REPORTS)}.")
+    async def report(organization_id: str, name: Report, request: Request) -> Any:
         invoices = ledger.book(organization_id, mode(request)).values()
         receivable = sum(
             (Decimal(i["amount"]) for i in invoices if i["currency"] == "USD"), Decimal(0)
