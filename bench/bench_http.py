@@ -309,6 +309,10 @@ def servers(sides: tuple[Side, ...], folder: Path, redis_url: str | None) -> Ite
                 server.process.wait()
 
 
+def _keys() -> str:
+    return os.environ.get("METERKIT_BENCH_HTTP_KEYS", "4000")
+
+
 def available(sides: tuple[Side, ...] = SIDES) -> tuple[tuple[Side, ...], list[str]]:
     """The sides this machine can run, and why any other is left out."""
     missing = []
@@ -395,7 +399,7 @@ def test_http_overhead(benchmark: Any, figures: Callable[[str], None]) -> None:
     )
     figures(
         f"HTTP wrk -t1 -c{CONNECTIONS}, {rounds} interleaved rounds of {seconds:g} s "
-        "per server (medians):"
+        f"per server, {_keys()} API keys (medians):"
     )
     for line in results.lines(sides):
         figures(line)
@@ -456,11 +460,11 @@ def profile(names: list[str], seconds: int, top: int = 25) -> None:
         for server in stack.enter_context(servers(chosen, folder, redis_url)):
             wrk(server, 3, script, CONNECTIONS)  # warm-up: every key seen once
             raw = folder / f"{server.side.name}.raw"
-            # --nonblocking: py-spy reads the server's memory without pausing it.
+            # (py-spy pauses the server for each sample, ~1% at 250 Hz: exact stacks.)
             sampler = subprocess.Popen(
                 [
                     *[spy, "record", "--pid", str(server.process.pid), "--rate", "250"],
-                    *["--duration", str(seconds), "--nonblocking", "--idle", "--format", "raw"],
+                    *["--duration", str(seconds), "--idle", "--format", "raw"],
                     *["--output", str(raw)],
                 ],
                 stdout=subprocess.DEVNULL,
@@ -478,7 +482,14 @@ def profile(names: list[str], seconds: int, top: int = 25) -> None:
     for name in names[1:]:
         ours, own, total, us = profiles[name]
         spent = sum(ours.values()) / total * us
-        print(f"\n{name}: meterkit's own time, {spent:.1f} µs per request, by line")
+        print(f"\n{name}: meterkit's own time, {spent:.1f} µs per request, by function")
+        functions: dict[str, int] = {}
+        for frame, n in ours.items():
+            function = re.sub(r":\d+\)$", ")", frame)
+            functions[function] = functions.get(function, 0) + n
+        for frame, n in sorted(functions.items(), key=lambda item: -item[1])[:top]:
+            print(f"{n / total * us:8.1f}  {frame}")
+        print(f"\n{name}: the same by line")
         for frame, n in sorted(ours.items(), key=lambda item: -item[1])[:top]:
             print(f"{n / total * us:8.1f}  {frame}")
         print(f"\n{name} against {base_name}: own time per function, µs per request")
@@ -500,12 +511,19 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--only", nargs="*", help="side names (default: all)")
     parser.add_argument(
+        "--keys",
+        type=int,
+        help="API keys wrk cycles through (default 4000); fewer may reach the limits",
+    )
+    parser.add_argument(
         "--profile",
         nargs="+",
         metavar="SIDE",
         help="instead: sample these uvicorn sides with py-spy and compare each to the first",
     )
     args = parser.parse_args()
+    if args.keys:
+        os.environ["METERKIT_BENCH_HTTP_KEYS"] = str(args.keys)  # (the servers read it)
     if args.profile:
         profile(args.profile, max(5, round(args.seconds * 3)))
         return
@@ -515,7 +533,7 @@ def main() -> None:
     results = run(args.rounds, args.seconds, args.connections, sides)
     print(
         f"wrk -t1 -c{args.connections}, {args.rounds} interleaved rounds of "
-        f"{args.seconds:g} s per server (medians):"
+        f"{args.seconds:g} s per server, {_keys()} API keys (medians):"
     )
     for line in results.lines(sides):
         print(line)
