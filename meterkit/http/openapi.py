@@ -59,7 +59,7 @@ from meterkit.keys.model import CODES, KeyFormat
 if TYPE_CHECKING:
     from meterkit.core.policy import Policy
 
-__all__ = ["SECURITY_SCHEME", "document", "extend"]
+__all__ = ["MARK", "SECURITY_SCHEME", "document", "extend"]
 
 #: The name of the bearer security scheme in ``components.securitySchemes``.
 SECURITY_SCHEME: Final = "meterkitBearer"
