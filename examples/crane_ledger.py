@@ -295,19 +295,11 @@ def create_app(
     app.state.keystore = keystore
     app.state.rates = feed
     app.state.ledger = ledger
-    exclude = middleware_options.pop("exclude", UNMETERED)
-    app.add_middleware(
-        MeterMiddleware, meter=meter, keystore=keystore, exclude=exclude, **middleware_options
-    )
+    options = {"exclude": UNMETERED, **middleware_options}
+    app.add_middleware(MeterMiddleware, meter=meter, keystore=keystore, **options)
     # /openapi.json shows what the middleware does: the bearer scheme, its refusals
     # (401, 402, 403, 429, …) with their bodies, and its headers on every answer.
-    openapi.document(
-        app,
-        meter.policy,
-        keystore=keystore,
-        exclude=exclude,
-        require_https=middleware_options.get("require_https", True),
-    )
+    openapi.document(app, meter, keystore=keystore, **options)
 
     def mode(request: Request) -> Literal["live", "test"]:
         # The authenticated key, as the middleware admitted it.

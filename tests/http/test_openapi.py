@@ -30,7 +30,8 @@ from meterkit.errors import AuthenticationError, BackendUnavailable
 from meterkit.http import gate, openapi
 from meterkit.keys.memory import AsyncMemoryKeyStore
 from tests.conftest import FakeClock
-from tests.http.test_asgi import HTTPS, burst_policy, serve
+from tests.http._serve import serve_asgi as serve
+from tests.http.test_asgi import HTTPS, burst_policy
 
 METERED = "/organizations/{organization_id}/invoices"
 #: 2026-01-15T12:00:00Z: mid-month, so no credit period turns while a test runs.
@@ -39,6 +40,10 @@ MID_MONTH = 1_768_478_400.0
 
 def body_of(raw: bytes) -> Any:
     return json.loads(raw)
+
+
+def seed_body(status: int, type_: str, code: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "code": code, "message": message, "status": status}}
 
 
 class Example:
@@ -149,10 +154,20 @@ def test_metered_operations_list_every_refusal_with_the_gate_s_own_bodies() -> N
         .items()
     }
     assert shown["https_required"] == body_of(gate.HTTPS_REQUIRED_BODY)
-    assert shown["service_unavailable"] == body_of(gate.UNAVAILABLE_BODY)
-    assert shown["idempotency_key_reused"] == body_of(gate.IDEMPOTENCY_KEY_REUSED_BODY)
-    assert shown["invalid_idempotency_key"] == body_of(gate.INVALID_IDEMPOTENCY_KEY_BODY)
+    assert shown["service_unavailable"] == seed_body(
+        503,
+        "api_error",
+        "service_unavailable",
+        "The API is temporarily unavailable. Try again shortly.",
+    )
+    assert shown["idempotency_key_reused"] == seed_body(
+        422,
+        "invalid_request_error",
+        "idempotency_key_reused",
+        "This Idempotency-Key was already used for a different request.",
+    )
     assert shown["expired_api_key"] == AuthenticationError("expired_api_key").body
+    assert shown["rate_limit_exceeded"]["error"]["code"] == "rate_limit_exceeded"
 
 
 def test_excluded_routes_are_left_as_fastapi_wrote_them() -> None:
@@ -204,11 +219,17 @@ def test_routes_outside_the_route_table_document_the_gate_s_404_and_405(
     """An app route the policy does not route is answered by the middleware (404 after
     authentication, 405 where another method is routed, 404 at once without an
     organization in the path); the schema says so, and the real answers conform."""
-    policy = meterkit.Policy.crane_ledger()
+    seed = meterkit.Policy.crane_ledger()
+    routes = {f"GET {METERED}": "invoices.list"}
+    policy = meterkit.Policy(seed.tiers, seed.costs, seed.credits, routes=routes)
     meter = meterkit.AsyncMeter(policy, meterkit.MemoryBackend(clock=clock))
     store = AsyncMemoryKeyStore(clock=clock)
     app = FastAPI()
     app.add_middleware(MeterMiddleware, meter=meter, keystore=store)
+
+    @app.get(METERED)
+    async def invoices(organization_id: str) -> dict[str, str]:
+        return {}
 
     @app.get("/organizations/{organization_id}/archive")
     async def archive(organization_id: str) -> dict[str, str]:
@@ -222,7 +243,7 @@ def test_routes_outside_the_route_table_document_the_gate_s_404_and_405(
     async def status() -> dict[str, str]:
         return {}
 
-    openapi.document(app, policy, keystore=store)
+    openapi.document(app, meter, keystore=store)
     paths = app.openapi()["paths"]
     assert codes(paths["/organizations/{organization_id}/archive"]["get"]["responses"]["404"]) == {
         "not_found"
@@ -231,7 +252,7 @@ def test_routes_outside_the_route_table_document_the_gate_s_404_and_405(
     assert codes(patch["405"]) == {"method_not_allowed"}
     assert patch["405"]["headers"]["Allow"]["required"] is True
     assert "security" not in paths["/status"]["get"]
-    assert set(paths["/status"]["get"]["responses"]) == {"200", "404"}
+    assert set(paths["/status"]["get"]["responses"]) == {"200", "403", "404"}  # (HTTPS first)
 
     schema = schemathesis.openapi.from_dict(app.openapi())
     plaintext, _ = store.sync.create(org=ORG, permissions=["*"])
