@@ -504,7 +504,7 @@ class _Extension:
         if response is None:
             response = responses[key] = {
                 "description": f"Refused by meterkit:{line}",
-                "content": {"application/json": {"schema": ref, "examples": {}}},
+                "content": {refusal.media: {"schema": ref, "examples": {}}},
                 MARK: [refusal.code],
             }
             self.headers(response, refusal.headers)
@@ -516,7 +516,7 @@ class _Extension:
             if not joined:
                 description += "\n\nOr refused by meterkit:"
             response["description"] = (description + line).strip()
-            media = response.setdefault("content", {}).setdefault("application/json", {})
+            media = response.setdefault("content", {}).setdefault(refusal.media, {})
             present = media.get("schema")
             if present is None:
                 media["schema"] = ref
@@ -531,7 +531,7 @@ class _Extension:
                 if name not in refusal.headers and isinstance(header, dict):
                     header["required"] = False
             self.headers(response, {n: (t, s, False) for n, (t, s, _) in refusal.headers.items()})
-        response["content"]["application/json"]["examples"][refusal.code] = {
+        response["content"][refusal.media]["examples"][refusal.code] = {
             "summary": refusal.summary,
             "value": refusal.body,
         }

@@ -213,6 +213,28 @@ def test_authentication_statuses_follow_the_key_store() -> None:
     assert "WWW-Authenticate" not in responses["403"].get("headers", {})
 
 
+def test_a_render_hook_and_header_groups_are_documented_as_they_answer() -> None:
+    """With a render hook answering problem+json and only the IETF headers, the schema
+    shows problem+json bodies of that shape and no X-RateLimit or X-Credits header."""
+
+    def render(
+        status: int, code: str, message: str, retry_after: int | None, decision: Any
+    ) -> tuple[int, dict[str, str], dict[str, Any]]:
+        return status, {"Content-Type": "application/problem+json"}, {"title": code}
+
+    meter = meterkit.AsyncMeter(meterkit.Policy.crane_ledger(), meterkit.MemoryBackend())
+    app = create_app(meter=meter, keystore=AsyncMemoryKeyStore(), render=render, headers=["ietf"])
+    responses = app.openapi()["paths"][METERED]["get"]["responses"]
+    limited = responses["429"]["content"]["application/problem+json"]
+    assert limited["examples"]["rate_limit_exceeded"]["value"] == {"title": "rate_limit_exceeded"}
+    assert set(responses["200"]["headers"]) == {
+        "RateLimit",
+        "RateLimit-Policy",
+        "Idempotent-Replayed",
+    }
+    assert "X-RateLimit-Limit" not in responses["429"]["headers"]
+
+
 def test_routes_outside_the_route_table_document_the_gate_s_404_and_405(
     clock: FakeClock,
 ) -> None:
