@@ -72,6 +72,18 @@ def from_micro(micro: int) -> Decimal:
     return _DIVIDE(Decimal(micro), _MICRO_DEC)
 
 
+def credits_text(micro: int) -> str:
+    r"""``str(from_micro(micro))``, from integers alone (a header per request needs it:
+    a ``Decimal`` division costs several times more): ``"0.01"``, ``"10000"``,
+    ``"-0.5"``, no trailing zeros, never an exponent (\|micro\| < 2**63)."""
+    if micro < 0:
+        return "-" + credits_text(-micro)
+    whole, fraction = divmod(micro, MICRO)
+    if not fraction:
+        return str(whole)
+    return f"{whole}.{fraction:06d}".rstrip("0")
+
+
 def top_up_too_large() -> InvalidAmountError:
     """The error for a top-up that would take a month's top-ups past :data:`MAX_MICRO`
     (every backend checks before it writes anything)."""

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from meterkit.core.credits import from_micro
+from meterkit.core.credits import credits_text, from_micro
 from meterkit.core.outcome import REASON_CREDITS, REASON_RATE, Outcome
 from meterkit.core.plan import Plan
 from meterkit.core.policy import ALGORITHMS
@@ -252,9 +252,9 @@ class Decision:
         if credits:
             charged = out.charged
             headers["X-Credits-Charged"] = (
-                op.price_text if charged == op.price else str(from_micro(charged))
+                op.price_text if charged == op.price else credits_text(charged)
             )
-            headers["X-Credits-Remaining"] = str(from_micro(out.balance))
+            headers["X-Credits-Remaining"] = credits_text(out.balance)
         return headers
 
     @property

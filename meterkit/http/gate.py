@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import msgspec
 
 from meterkit._twins import RENAMES, blocking
-from meterkit.core.credits import from_micro, to_micro
+from meterkit.core.credits import credits_text, to_micro
 from meterkit.core.routes import ORG_PARAM, check_routes, parse_route, route_params
 from meterkit.errors import (
     AuthenticationError,
@@ -56,6 +56,7 @@ from meterkit.errors import (
     InvalidRequestError,
     MeterkitError,
 )
+from meterkit.keys.memory import AsyncMemoryKeyStore
 
 if TYPE_CHECKING:
     from meterkit.core.decision import Decision
@@ -830,6 +831,11 @@ class Gate:
             authenticate = getattr(keystore, "authenticate", None)
             if not callable(authenticate):
                 raise ConfigurationError("is a meterkit key store", "keystore")
+            if type(keystore) is AsyncMemoryKeyStore:
+                # An asyncio face over a store that never blocks: its blocking side
+                # answers the same without a coroutine per request. (Not a subclass's:
+                # it may do otherwise.)
+                authenticate = keystore.sync.authenticate
             self._authenticate = authenticate
             self._authenticate_awaits = iscoroutinefunction(authenticate)
         self._targets: dict[str, Target] = {}
@@ -1148,7 +1154,7 @@ class Gate:
         if admission.refunded and self._credits:
             headers["X-Credits-Charged"] = "0"
             outcome = decision.outcome
-            headers["X-Credits-Remaining"] = str(from_micro(outcome.balance + outcome.charged))
+            headers["X-Credits-Remaining"] = credits_text(outcome.balance + outcome.charged)
         if decision.replayed:
             headers["Idempotent-Replayed"] = "true"
         return headers

@@ -11,6 +11,7 @@ import msgspec
 from meterkit._twins import awaitable
 from meterkit.errors import UnknownKeyError
 from meterkit.keys.model import (
+    USE_RESOLUTION,
     ApiKey,
     DurationLike,
     PlaintextKey,
@@ -103,7 +104,9 @@ class MemoryKeyStore(RuledStore):
         record = rules.verified(found, digests)
         now = rules.clock()
         last = record.last_used_at
-        if last is None or now > last or record is not found:
+        # The use is recorded to the second (USE_RESOLUTION): a write per request would
+        # take the lock and copy the record on every request of a busy key.
+        if last is None or now >= last + USE_RESOLUTION or record is not found:
             with self._lock:
                 record = self._records[key_id]
                 changes: dict[str, Any] = {}
@@ -112,7 +115,7 @@ class MemoryKeyStore(RuledStore):
                     # changed meanwhile keeps its own)
                     changes["secret_hash"] = digests[0]
                 last = record.last_used_at
-                if last is None or now > last:
+                if last is None or now >= last + USE_RESOLUTION:
                     changes["last_used_at"] = now
                 record = msgspec.structs.replace(record, **changes)
                 self._records[key_id] = record

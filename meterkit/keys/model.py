@@ -92,6 +92,9 @@ _PERMISSION_RE: Final = re.compile(rf"\*|{_SEGMENT}:(?:\*|{_SEGMENT})")
 _MAX_NAME: Final = 200
 _MAX_ORG: Final = 256  # the meter's bound on any id
 _CACHE_LIMIT: Final = 4096
+#: Seconds: a key's ``last_used_at`` moves when at least this long has passed since the
+#: use it holds (a store writes once a second per busy key, not on every request).
+USE_RESOLUTION: Final = 1.0
 
 
 class NewKey(TypedDict, total=False):

@@ -61,6 +61,7 @@ from meterkit.errors import (
     UnknownKeyError,
 )
 from meterkit.keys.model import (
+    USE_RESOLUTION,
     ApiKey,
     DurationLike,
     Mode,
@@ -109,13 +110,13 @@ if v[1] and v[2] ~= ARGV[1] then
 end
 if v[1] and v[2] == ARGV[1] then
   local used = tonumber(v[5])
-  if not used or tonumber(ARGV[2]) > used then
+  if not used or tonumber(ARGV[2]) >= used + $RESOLUTION then  -- (the use, to the second)
     redis.call('HSET', KEYS[1], 'used', ARGV[2])
     v[5] = ARGV[2]
   end
 end
 return v
-"""
+""".replace("$RESOLUTION", repr(USE_RESOLUTION))
 
 _CREATE: Final = """
 -- KEYS[1] the new record, KEYS[2] the organization's index.
