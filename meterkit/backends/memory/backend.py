@@ -51,6 +51,7 @@ state that can no longer matter, so they never change an outcome. Measured by
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import linecache
 import textwrap
@@ -64,6 +65,7 @@ from string import Template
 from typing import TYPE_CHECKING, Any, cast
 
 from meterkit.core.credits import MAX_MICRO, top_up_too_large
+from meterkit.core.idempotency import Claim, Held, claim, keep
 from meterkit.core.outcome import (
     REASON_CREDITS,
     REASON_NONE,
@@ -786,6 +788,10 @@ class MemoryBackend:
         self._idem: dict[tuple[str, str], tuple[int, str, str, int, Outcome]] = {}
         # Records in the order they were written, which is the order they expire in.
         self._idem_order: deque[tuple[int, tuple[str, str]]] = deque()
+        # The HTTP gate's response records (meterkit.core.idempotency), by (org, key,
+        # idempotency key), and their expiries, soonest first.
+        self._responses: dict[tuple[str, str, str], Held] = {}
+        self._response_expiries: list[tuple[int, tuple[str, str, str]]] = []
         self._period = (0, 0)
         # Plans, deals and key plans by organization's identity (see set_plan); the
         # functions of checks under a plan, by (tiers in force, policy, peek).
@@ -908,7 +914,10 @@ class MemoryBackend:
         """How many identity-tier states, accounts and idempotency records are held."""
         with self._lock:
             return (
-                sum(s.size() for s in self._tiers.values()) + len(self._accounts) + len(self._idem)
+                sum(s.size() for s in self._tiers.values())
+                + len(self._accounts)
+                + len(self._idem)
+                + len(self._responses)
             )
 
     # -- the one atomic step ---------------------------------------------------------
@@ -966,6 +975,64 @@ class MemoryBackend:
         expires = now + _IDEM_TTL_US
         records[(org, idem)] = (expires, plan.key, plan.op.name, plan.cost, outcome)
         order.append((expires, (org, idem)))
+
+    # -- the HTTP gate's responses of idempotency keys ------------------------------
+
+    def claim_response(
+        self, plan: Plan, outcome: Outcome, fingerprint: str, token: str, lock_us: int
+    ) -> Claim:
+        """A retry of ``plan`` (its idempotency key replayed ``outcome``) asks to run:
+        see :func:`meterkit.core.idempotency.claim`."""
+        name = self._response_name(plan)
+        now = self._read_clock()
+        with self._lock:
+            now = self._hold(now)
+            answer, new = claim(
+                self._responses.get(name),
+                outcome.charge_id,
+                outcome.now,
+                fingerprint,
+                token,
+                lock_us,
+                now,
+            )
+            if new is not None:
+                self._put_response(name, new, now)
+            return answer
+
+    def keep_response(
+        self, plan: Plan, outcome: Outcome, fingerprint: str, token: str, payload: bytes | None
+    ) -> None:
+        """A run of ``plan`` ended with ``payload`` to keep for its retries (None:
+        nothing): see :func:`meterkit.core.idempotency.keep`."""
+        name = self._response_name(plan)
+        now = self._read_clock()
+        with self._lock:
+            now = self._hold(now)
+            held = self._responses.get(name)
+            new = keep(held, outcome.charge_id, outcome.now, fingerprint, token, payload, now)
+            if new is not None:
+                self._put_response(name, new, now)
+
+    @staticmethod
+    def _response_name(plan: Plan) -> tuple[str, str, str]:
+        org = plan.org if plan.mode == "live" else _TEST_NS + plan.org
+        return (org, plan.key, plan.idem or "")
+
+    def _put_response(self, name: tuple[str, str, str], held: Held, now: int) -> None:
+        records, expiries = self._responses, self._response_expiries
+        # Expired records go soonest first, up to two per record written.
+        for _ in range(2):
+            if not expiries or expiries[0][0] > now:
+                break
+            expires, gone = heapq.heappop(expiries)
+            found = records.get(gone)
+            if found is not None and found.expires == expires:
+                del records[gone]
+        old = records.get(name)
+        if old is None or old.expires != held.expires:
+            heapq.heappush(expiries, (held.expires, name))
+        records[name] = held
 
     # -- refunds, usage, allowances ------------------------------------------------
 

@@ -29,6 +29,7 @@ from meterkit.backends.redis.transport import (
     sync_transport,
 )
 from meterkit.core.credits import top_up_too_large
+from meterkit.core.idempotency import Claim
 from meterkit.core.outcome import Outcome, RawUsage
 from meterkit.core.plan import Plan
 from meterkit.errors import BackendUnavailable, ConfigurationError, MeterkitError, _deprecated
@@ -249,6 +250,19 @@ class AsyncRedisBackend(_RedisBackendBase):
         """This month's credits and requests of ``org``, per (key, operation)."""
         return self._codec.raw_usage(policy, await self._run(self._codec.usage(org, mode)))
 
+    async def claim_response(
+        self, plan: Plan, outcome: Outcome, fingerprint: str, token: str, lock_us: int
+    ) -> Claim:
+        """See :meth:`MemoryBackend.claim_response` (one ``EVALSHA``)."""
+        cmd = self._codec.claim_response(plan, outcome, fingerprint, token, lock_us)
+        return self._codec.claimed(await self._run(cmd))
+
+    async def keep_response(
+        self, plan: Plan, outcome: Outcome, fingerprint: str, token: str, payload: bytes | None
+    ) -> None:
+        """See :meth:`MemoryBackend.keep_response` (one ``EVALSHA``)."""
+        await self._run(self._codec.keep_response(plan, outcome, fingerprint, token, payload))
+
     async def set_allowance(self, org: str, mode: str, micro: int | None) -> None:
         """Set ``org``'s monthly allowance (None: back to the policy's). Kept without TTL."""
         await self._run(self._codec.set_allowance(org, mode, micro))
@@ -358,6 +372,8 @@ class RedisBackend(_RedisBackendBase):
     reset_limits = blocking(AsyncRedisBackend.reset_limits)
     refund = blocking(AsyncRedisBackend.refund)
     usage = blocking(AsyncRedisBackend.usage)
+    claim_response = blocking(AsyncRedisBackend.claim_response)
+    keep_response = blocking(AsyncRedisBackend.keep_response)
     set_allowance = blocking(AsyncRedisBackend.set_allowance)
     top_up = blocking(AsyncRedisBackend.top_up)
     set_plan = blocking(AsyncRedisBackend.set_plan)

@@ -26,6 +26,8 @@ Cluster hash tag, with ``%``, ``{`` and ``}`` percent-encoded; test mode inserts
     mk:{org}:al                                          allowance override (no TTL)
     mk:{org}:pl                                          plans and deal: HASH (no TTL)
     mk:{org}:id:<idempotency key>                        first decision, 24 h
+    mk:{org}:rs:<n>:<key id>:<idempotency key>           the HTTP gate's response record
+                                                         (n: the key id's length), 24 h
 
 A window is 8-byte little-endian integers: its id, its count and (sliding) the
 count of the window before. Tier names hold no ``:``; the key id, when the tier
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from meterkit.backends.charge_ids import new_charge_id
 from meterkit.backends.redis.errors import translate
 from meterkit.backends.redis.scripts import Command, script
+from meterkit.core.idempotency import BUSY, DONE, REUSED, RUN, Claim
 from meterkit.core.outcome import Outcome, RawUsage, replay, unspent
 from meterkit.core.plan import Plan, clock_us, month_bounds
 from meterkit.core.policy import DEFAULT_PLAN, enforces
@@ -504,6 +507,69 @@ class Codec:
             field,
         ]
 
+    # -- the HTTP gate's responses of idempotency keys ------------------------------------
+
+    def response_key(self, plan: Plan) -> str:
+        """The key of ``plan``'s response record: per organization, mode, caller and
+        idempotency key (the caller's id is prefixed by its length, so that no pair of
+        ids can make another pair's name)."""
+        key = plan.key
+        return f"{self.base(plan.org, plan.mode)}rs:{len(key)}:{key}:{plan.idem}"
+
+    def claim_response(
+        self, plan: Plan, outcome: Outcome, fingerprint: str, token: str, lock_us: int
+    ) -> Command:
+        """The ``EVALSHA`` of a retry's claim (see ``lua/response.lua``)."""
+        return [
+            "EVALSHA",
+            _RESPONSE.sha,
+            1,
+            self.response_key(plan),
+            "claim",
+            self._now(),
+            outcome.charge_id,
+            outcome.now,
+            fingerprint,
+            token,
+            self._grace,
+            lock_us,
+        ]
+
+    def keep_response(
+        self, plan: Plan, outcome: Outcome, fingerprint: str, token: str, payload: bytes | None
+    ) -> Command:
+        """The ``EVALSHA`` that keeps a run's response (None: nothing) for its retries."""
+        return [
+            "EVALSHA",
+            _RESPONSE.sha,
+            1,
+            self.response_key(plan),
+            "keep",
+            self._now(),
+            outcome.charge_id,
+            outcome.now,
+            fingerprint,
+            token,
+            self._grace,
+            "0" if payload is None else "1",
+            b"" if payload is None else payload,
+        ]
+
+    @staticmethod
+    def claimed(reply: Any) -> Claim:
+        """The verdict of a claim's reply."""
+        try:
+            verdict = int(reply[0])
+            if verdict == BUSY:
+                return BUSY, int(reply[1])
+            if verdict == DONE and isinstance(reply[1], bytes):
+                return DONE, reply[1]
+            if verdict in (RUN, REUSED) and len(reply) == 1:
+                return verdict, None
+        except (TypeError, ValueError, IndexError):
+            pass
+        raise StateError("redis answered a response claim with something meterkit did not write")
+
     def reset_limits(self, policy: Policy, org: str, mode: str, key: str | None) -> Command | None:
         """The ``DEL`` of the state keys :meth:`RedisBackend.reset_limits` forgets (all
         in the organization's slot), or None when no tier has that scope."""
@@ -611,6 +677,7 @@ def parse_deal(lines: str) -> Deal:
 
 
 _REFUND = script("refund")
+_RESPONSE = script("response")
 _USAGE = script("usage")
 _TOPUP = script("topup")
 _ALLOWANCE = script("allowance")
