@@ -32,6 +32,7 @@ from meterkit.http.gate import (
     DUPLICATE,
     Admission,
     Gate,
+    Keeping,
     Layer,
     RequestView,
     Response,
@@ -67,11 +68,24 @@ def raw_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]
 
 
 class ScopeView(RequestView):
-    """A :class:`RequestView` of an ASGI scope; other headers are read when asked."""
+    """A :class:`RequestView` of an ASGI scope; other headers are read when asked.
 
-    __slots__ = ("_scope",)
+    The body is read when the gate asks (an Idempotency-Key's fingerprint): with
+    ``read`` (a framework's cached reader, such as Starlette's ``request.body``), or
+    from ``receive``, whose messages the app then gets from :attr:`receive`.
+    """
 
-    def __init__(self, scope: Scope, native: Any = None, params: Any = None) -> None:
+    __slots__ = ("_read", "_receive", "_scope", "_taken")
+
+    def __init__(
+        self,
+        scope: Scope,
+        native: Any = None,
+        params: Any = None,
+        *,
+        receive: Receive | None = None,
+        read: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> None:
         # One pass over the headers for the three the gate always reads.
         authorization: bytes | None = None
         idempotency_key: str | None = None
@@ -91,6 +105,9 @@ class ScopeView(RequestView):
             path = path[len(root) :] or "/"
         client = scope.get("client")
         self._scope = scope
+        self._receive = receive
+        self._read = read
+        self._taken: list[Message] = []
         self._fill(
             scope["method"],
             path,
@@ -116,6 +133,35 @@ class ScopeView(RequestView):
             found[name] = f"{found[name]}, {value}" if name in found else value
         return found
 
+    async def read_body(self) -> bytes:
+        if self._read is not None:
+            return await self._read()
+        receive = self._receive
+        chunks = []
+        while receive is not None:
+            message = await receive()
+            self._taken.append(message)
+            if message["type"] != "http.request":
+                break  # (the client left: the app will hear it too)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    @property
+    def receive(self) -> Receive:
+        """What the app receives from: the messages read for the body first, if any."""
+        receive = self._receive
+        assert receive is not None
+        taken = self._taken
+        if not taken:
+            return receive
+
+        async def replay() -> Message:
+            return taken.pop(0) if taken else await receive()
+
+        return replay
+
 
 async def respond(send: Send, response: Response) -> None:
     """Send the gate's refusal."""
@@ -134,9 +180,10 @@ async def run_metered(gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, 
     set before it runs or by a framework route while it runs) gets its headers, and
     its refund when the status asks for one."""
     started = False
+    keeping: Keeping | None = None
 
     async def send_metered(message: Message) -> None:
-        nonlocal started
+        nonlocal started, keeping
         if message["type"] == "http.response.start" and not started:
             started = True
             admission = scope.get("meterkit")
@@ -149,6 +196,15 @@ async def run_metered(gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, 
                 headers.extend(raw_headers(extra.items()))
                 # A new message: the app may send the same dict again (a constant).
                 message = {**message, "headers": headers}
+                keeping = admission.keeping
+                if keeping is not None:
+                    keeping.start(status, headers)
+        elif keeping is not None and message["type"] == "http.response.body":
+            # Kept as it streams; stored before its last piece, for the client's next retry.
+            last = not message.get("more_body", False)
+            keeping.add(message.get("body", b""), last)
+            if last:
+                await gate.keep(scope["meterkit"])
         await send(message)
 
     try:
@@ -159,6 +215,11 @@ async def run_metered(gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, 
         if not started and admission is not None:
             await gate.finish(admission, 500)
         raise
+    finally:
+        # A response that failed or was cut short frees its Idempotency-Key (once).
+        admission = scope.get("meterkit")
+        if admission is not None and admission.keeping is not None:
+            await gate.keep(admission)
 
 
 def admitted(scope: Scope, admission: Admission) -> None:
@@ -265,14 +326,15 @@ class MeterMiddleware:
         if self._drift is not None:
             raise ConfigurationError(self._drift)
         gate = self.gate
-        found = await gate.admit(ScopeView(scope))
+        view = ScopeView(scope, receive=receive)
+        found = await gate.admit(view)
         if found is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, view.receive, send)
         elif found.__class__ is Response:
             await respond(send, found)
         else:
             admitted(scope, found)  # type: ignore[arg-type]
-            await run_metered(gate, self.app, scope, receive, send)
+            await run_metered(gate, self.app, scope, view.receive, send)
 
 
 class Responder(Layer):

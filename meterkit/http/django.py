@@ -154,7 +154,12 @@ class MeterMiddleware:
 
     def _decide(self, request: HttpRequest, target: Target | None, params: Any = None) -> Any:
         view = EnvironView(
-            request.META, request, params, scheme=request.scheme, path=request.path_info
+            request.META,
+            request,
+            params,
+            scheme=request.scheme,
+            path=request.path_info,
+            read=lambda: request.body,
         )
         found = self.gate.admit_blocking(view, target)
         if isinstance(found, Response):
@@ -179,7 +184,24 @@ class MeterMiddleware:
                 extra = self.gate.finish_blocking(admission, response.status_code)
             for name, value in extra.items():
                 response[name] = value
+            if admission.keeping is not None:
+                self._keep(admission, response)
         return response
+
+    def _keep(self, admission: Admission, response: HttpResponse) -> None:
+        """Keep the response for the retries of its Idempotency-Key: now, or as it
+        streams (before its last piece goes out, for the client's next retry)."""
+        keeping = admission.keeping
+        assert keeping is not None
+        keeping.start(response.status_code, list(response.items()))
+        if response.streaming:
+            streaming: Any = response
+            streaming.streaming_content = self.gate.kept_chunks(
+                admission, streaming.streaming_content
+            )
+        else:
+            keeping.add(response.content, last=True)
+            self.gate.keep_blocking(admission)
 
     def process_view(
         self,

@@ -45,8 +45,9 @@ __all__ = ["Metered", "Refusal"]
 
 
 class Refusal(Exception):
-    """A metered route refused: answered with :attr:`response` by the handler that
-    :class:`Metered` installs."""
+    """A metered route answered in the handler's place (a refusal, or an Idempotency-Key's
+    kept response): sent as :attr:`response` by the handler that :class:`Metered`
+    installs."""
 
     def __init__(self, response: Response) -> None:
         super().__init__(f"meterkit refused the request: {response.status}")
@@ -99,7 +100,8 @@ class Metered:
                 )
             if "meterkit" in scope:
                 raise ConfigurationError("a request is metered once: one metered(...) per route")
-            found = await gate.admit(ScopeView(scope, request, request.path_params), target)
+            view = ScopeView(scope, request, request.path_params, read=request.body)
+            found = await gate.admit(view, target)
             if isinstance(found, Response):
                 raise Refusal(found)
             assert found is not None  # (a named operation is always decided)

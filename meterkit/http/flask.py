@@ -114,7 +114,8 @@ class Metered:
         if "meterkit" in environ:
             raise ConfigurationError("a request is metered once: one @metered(...) per view")
         params = {k: str(v) for k, v in (request.view_args or {}).items()}
-        found = self.gate.admit_blocking(EnvironView(environ, request, params), target)
+        view = EnvironView(environ, request, params, read=request.get_data)
+        found = self.gate.admit_blocking(view, target)
         if isinstance(found, Response):
             return flask.Response(found.body, status=found.status, headers=found.headers)
         assert isinstance(found, Admission)

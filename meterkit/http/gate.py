@@ -32,11 +32,13 @@ admits and charges, or refuses.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import logging
+import os
 import re
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -45,6 +47,7 @@ import msgspec
 
 from meterkit._twins import RENAMES, blocking
 from meterkit.core.credits import credits_text, to_micro
+from meterkit.core.idempotency import BUSY, DONE, REUSED, RUN
 from meterkit.core.routes import ORG_PARAM, check_routes, parse_route, route_params
 from meterkit.errors import (
     AuthenticationError,
@@ -55,6 +58,7 @@ from meterkit.errors import (
     InvalidIdentifierError,
     InvalidRequestError,
     MeterkitError,
+    StateError,
 )
 from meterkit.keys.memory import AsyncMemoryKeyStore
 
@@ -64,9 +68,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEADER_GROUPS",
+    "IDEMPOTENCY_METHODS",
+    "KEPT",
+    "MAX_IDEMPOTENCY_KEY",
     "REFUNDED",
+    "REFUSALS",
     "Admission",
     "Gate",
+    "Keeping",
     "RequestView",
     "Response",
     "Route",
@@ -76,7 +85,8 @@ __all__ = [
 
 logger = logging.getLogger("meterkit")
 
-_MAX_IDEMPOTENCY_KEY: Final = 256
+#: The longest Idempotency-Key accepted (Stripe's limit); a longer one is a 400.
+MAX_IDEMPOTENCY_KEY: Final = 255
 _encode = msgspec.json.Encoder().encode
 JSON: Final = ("Content-Type", "application/json")
 
@@ -111,13 +121,26 @@ _INVALID_IDEMPOTENCY_KEY = (
     400,
     "invalid_request_error",
     "invalid_idempotency_key",
-    "The Idempotency-Key header must be 1 to 256 printable characters without commas, sent once.",
+    "The Idempotency-Key header must be 1 to 255 printable characters without commas, sent once.",
 )
 _IDEMPOTENCY_KEY_REUSED = (
     422,
     "invalid_request_error",
     "idempotency_key_reused",
     "This Idempotency-Key was already used for a different request.",
+)
+_IDEMPOTENCY_KEY_IN_USE = (
+    409,
+    "invalid_request_error",
+    "idempotency_key_in_use",
+    "A request with this Idempotency-Key is still being processed. Retry it shortly.",
+)
+_IDEMPOTENCY_RESPONSE_TOO_LARGE = (
+    409,
+    "invalid_request_error",
+    "idempotency_response_too_large",
+    "The request with this Idempotency-Key was processed, but its response was too large "
+    "to keep for a retry. Read the result through the API.",
 )
 _INVALID_REQUEST = (
     400,
@@ -142,6 +165,23 @@ _UNAVAILABLE = (
     "api_error",
     "service_unavailable",
     "The API is temporarily unavailable. Try again shortly.",
+)
+
+#: Every refusal of the gate's own, as ``(status, type, code, message)``: the table
+#: its fixed answers are rendered from (and documentation tools, such as the OpenAPI
+#: writer, read). 401s come from the key store, 402 and 429 from the meter.
+REFUSALS: Final = (
+    _HTTPS_REQUIRED,
+    _NOT_FOUND,
+    _METHOD_NOT_ALLOWED,
+    _INVALID_IDEMPOTENCY_KEY,
+    _IDEMPOTENCY_KEY_REUSED,
+    _IDEMPOTENCY_KEY_IN_USE,
+    _IDEMPOTENCY_RESPONSE_TOO_LARGE,
+    _INVALID_REQUEST,
+    _ORGANIZATION_REQUIRED,
+    _CALLER_REQUIRED,
+    _UNAVAILABLE,
 )
 
 HTTPS_REQUIRED_BODY: Final = error_body(*_HTTPS_REQUIRED[1:], 403)
@@ -185,10 +225,12 @@ class RequestView:
     own), ``native`` (the framework's request: an ASGI scope or Starlette ``Request``, a
     WSGI environ, a ``flask.Request``, a Django ``HttpRequest``) and :meth:`header`.
     Shells fill one per request from what they read anyway; the rest is read only when
-    a callable or an option asks.
+    a callable or an option asks. The body is read (:meth:`read_body`) only for a
+    request whose Idempotency-Key is honoured, for its fingerprint.
     """
 
     __slots__ = (
+        "_body",
         "_params",
         "_route",
         "_segments",
@@ -213,9 +255,11 @@ class RequestView:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
         native: Any = None,
+        body: bytes = b"",
     ) -> None:
         #: Lower-cased header names to values (shells read theirs in place instead).
         self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self._body = body
         get = self.headers.get
         self._fill(
             method,
@@ -260,6 +304,14 @@ class RequestView:
     def header(self, name: str) -> str | None:
         """The value of header ``name`` (any case), or None."""
         return self.headers.get(name.lower())
+
+    async def read_body(self) -> bytes:
+        """The whole request body, read so that the app can still read it (ASGI shells)."""
+        return self._body
+
+    def read_body_blocking(self) -> bytes:
+        """:meth:`read_body` for the blocking shells (what the gate's twins call)."""
+        return self._body
 
     @property
     def params(self) -> Mapping[str, str]:
@@ -619,9 +671,9 @@ class Admission:
     ``request.meterkit``.
     """
 
-    __slots__ = ("decision", "key", "refunded")
+    __slots__ = ("decision", "keeping", "key", "refunded")
 
-    def __init__(self, key: Any, decision: Decision) -> None:
+    def __init__(self, key: Any, decision: Decision, keeping: Keeping | None = None) -> None:
         #: The authenticated :class:`~meterkit.ApiKey` (id, org, mode, permissions, …);
         #: None when a key function named the caller (``decision.key`` is its identity).
         self.key = key
@@ -629,9 +681,123 @@ class Admission:
         self.decision = decision
         #: Its credits were returned (the app answered a status of ``refund_statuses``).
         self.refunded = False
+        #: The response to keep for the retries of its Idempotency-Key (None: none).
+        self.keeping = keeping
 
     def __repr__(self) -> str:
         return f"Admission(key={self.decision.key!r}, operation={self.decision.operation!r})"
+
+
+class Keeping:
+    """The response of an admitted request with an Idempotency-Key, as it goes out: the
+    shells hand it the status and headers (:meth:`start`) and the body (:meth:`add`),
+    and :meth:`Gate.keep` stores it for the key's retries (or frees the key for the
+    next one) once the response ended or failed."""
+
+    __slots__ = (
+        "_gate",
+        "chunks",
+        "complete",
+        "fingerprint",
+        "headers",
+        "settled",
+        "size",
+        "status",
+        "storing",
+        "token",
+    )
+
+    def __init__(self, gate: Gate, fingerprint: str, token: str) -> None:
+        self._gate = gate
+        #: What the request was: method, path, operation, body digest.
+        self.fingerprint = fingerprint
+        #: Who holds the key's mark ("" for the first attempt, whose mark is its charge).
+        self.token = token
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        #: The status is one to keep (and the response is still within the size limit).
+        self.storing = False
+        #: The whole body went out.
+        self.complete = False
+        #: :meth:`Gate.keep` has run.
+        self.settled = False
+
+    def __repr__(self) -> str:
+        return f"Keeping(status={self.status}, size={self.size}, complete={self.complete})"
+
+    def start(self, status: int, headers: Iterable[tuple[str | bytes, str | bytes]]) -> None:
+        """The response's status and headers, as sent (the gate's own among them)."""
+        gate = self._gate
+        self.status = status
+        self.storing = status in gate.idempotency_statuses and status not in gate.refund_statuses
+        if self.storing:
+            self.headers = kept_headers(headers)
+
+    def add(self, chunk: bytes, last: bool = False) -> None:
+        """A piece of the body as sent; ``last``: the body ends with it."""
+        if self.storing and not self.complete:
+            self.size += len(chunk)
+            if self.size <= self._gate.idempotency_max_body:
+                self.chunks.append(chunk)
+            else:
+                self.chunks = []  # too large to keep: only its size is remembered
+        if last:
+            self.complete = True
+
+    def payload(self) -> bytes | None:
+        """What to keep: the encoded response; ``b""`` for one too large to keep; None
+        for nothing (a status not kept, or a response that did not end)."""
+        if not (self.storing and self.complete):
+            return None
+        if self.size > self._gate.idempotency_max_body:
+            return b""
+        return _encode_response((self.status, self.headers, b"".join(self.chunks)))
+
+
+#: Headers never kept with a response: those of one connection (RFC 9110 section 7.6.1)
+#: and cookies, which are one client's.
+_NOT_KEPT: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "set-cookie",
+    }
+)
+
+
+def kept_headers(headers: Iterable[tuple[str | bytes, str | bytes]]) -> list[tuple[str, str]]:
+    """The headers of a response that are kept for its replay (as text)."""
+    pairs = [
+        (
+            name.decode("latin-1") if isinstance(name, bytes) else name,
+            value.decode("latin-1") if isinstance(value, bytes) else value,
+        )
+        for name, value in headers
+    ]
+    dropped = set(_NOT_KEPT)
+    for name, value in pairs:
+        if name.lower() == "connection":  # and the headers it names
+            dropped.update(part.strip().lower() for part in value.split(","))
+    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+
+
+_encode_response = msgspec.msgpack.Encoder().encode
+_decode_response = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str]], bytes]).decode
+
+
+def fingerprint(method: str, path: str, operation: str, body: bytes) -> str:
+    """What a request with an Idempotency-Key was: its method, path, operation and body."""
+    head = f"{method}\x00{path}\x00{operation}\x00".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(head + body).hexdigest()[:32]
 
 
 # Invalid marker for a header sent more than once where once is the rule.
@@ -642,6 +808,15 @@ DUPLICATE: Final = "\x00"
 #: method not allowed, 422 unreadable body: a framework's own answers) and its failures.
 REFUNDED: frozenset[int] = frozenset({404, 405, 422, *range(500, 600)})
 
+#: The methods whose Idempotency-Key is honoured by default; GET, HEAD and OPTIONS
+#: (safe methods, whose retries need no key) ignore it.
+IDEMPOTENCY_METHODS: frozenset[str] = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+#: The app statuses whose responses are kept for an Idempotency-Key's retries by
+#: default: every answer but a failure (5xx) and a refusal a retry may find otherwise
+#: (401, 402, 403, 429). A refunded status (``refund_statuses``) is never kept.
+KEPT: frozenset[int] = frozenset(range(200, 500)) - {401, 402, 403, 429}
+
 # What the blocking twins of the gate's coroutines call in their place.
 _TWINS: Final = {
     **RENAMES,
@@ -649,6 +824,8 @@ _TWINS: Final = {
     "_give_back": "_give_back_blocking",
     "admit": "admit_blocking",
     "finish": "finish_blocking",
+    "keep": "keep_blocking",
+    "read_body": "read_body_blocking",
 }
 
 #: The header groups an admitted or refused response can carry (``headers=``).
@@ -738,6 +915,22 @@ class Gate:
       the policy prices nothing (billing off).
     - ``credits_retry_after=True`` sends ``Retry-After`` on a 402 too (the seconds
       until the credits reset, often weeks).
+
+    An ``Idempotency-Key`` makes a retry safe (see :mod:`meterkit.core.idempotency`):
+    the first response is kept with the charge's record and replayed to the key's
+    retries (``Idempotent-Replayed: true``), a different request under the key gets 422
+    ``idempotency_key_reused``, a retry while the first runs 409
+    ``idempotency_key_in_use``. Options:
+
+    - ``idempotency_methods``: the methods whose key is honoured (default
+      :data:`IDEMPOTENCY_METHODS`: POST, PUT, PATCH, DELETE); others ignore the header.
+      ``()`` ignores it everywhere (then the meter's backend need not keep responses).
+    - ``idempotency_statuses``: the app statuses whose responses are kept (default
+      :data:`KEPT`); a status of ``refund_statuses`` never is.
+    - ``idempotency_max_body``: the largest body kept, in bytes (default 1 MiB); a
+      retry of a larger response gets 409 ``idempotency_response_too_large``.
+    - ``idempotency_lock``: seconds a run holds its key before another retry may take it
+      over (default 60): the bound on a mark whose process died.
     """
 
     __slots__ = (
@@ -745,21 +938,28 @@ class Gate:
         "_authenticate_awaits",
         "_check",
         "_check_awaits",
+        "_claim",
         "_credits",
         "_credits_retry",
         "_default",
         "_excluded",
         "_excluded_prefixes",
         "_fixed",
+        "_idem_methods",
         "_ietf",
+        "_keep",
         "_legacy",
+        "_lock_us",
         "_operation",
         "_org_from_path",
         "_proxies",
         "_refund",
         "_refund_awaits",
         "_render",
+        "_store_awaits",
         "_targets",
+        "idempotency_max_body",
+        "idempotency_statuses",
         "keystore",
         "meter",
         "policy",
@@ -785,6 +985,10 @@ class Gate:
         render: Renderer | None = None,
         headers: Iterable[str] | None = None,
         credits_retry_after: bool = False,
+        idempotency_methods: Iterable[str] = IDEMPOTENCY_METHODS,
+        idempotency_statuses: Container[int] = KEPT,
+        idempotency_max_body: int = 1 << 20,
+        idempotency_lock: float = 60,
     ) -> None:
         policy = getattr(meter, "policy", None)
         if policy is None or not callable(getattr(meter, "check", None)):
@@ -859,26 +1063,71 @@ class Gate:
         self._legacy = "x-ratelimit" in groups
         self._credits = "x-credits" in groups
         self._credits_retry = credits_retry_after
-        # The fixed refusals, built once.
+        self._idempotency(
+            meter, idempotency_methods, idempotency_statuses, idempotency_max_body, idempotency_lock
+        )
+        # The fixed refusals, built once (a 409 and a 503 say when to try again).
+        waits = {_IDEMPOTENCY_KEY_IN_USE, _UNAVAILABLE}
         self._fixed = {
             spec: self._refusal(*spec)
-            for spec in (
-                _HTTPS_REQUIRED,
-                _NOT_FOUND,
-                _INVALID_IDEMPOTENCY_KEY,
-                _IDEMPOTENCY_KEY_REUSED,
-                _INVALID_REQUEST,
-                _ORGANIZATION_REQUIRED,
-                _CALLER_REQUIRED,
-            )
+            for spec in REFUSALS
+            if spec not in waits and spec is not _METHOD_NOT_ALLOWED  # (its Allow varies)
         }
-        self._fixed[_UNAVAILABLE] = self._refusal(*_UNAVAILABLE, extra=[("Retry-After", "1")])
+        for spec in waits:
+            self._fixed[spec] = self._refusal(*spec, extra=[("Retry-After", "1")], retry_after=1)
 
     def __repr__(self) -> str:
         routes = len(self.router.routes) if self.router else 0
         return f"Gate(policy={self.policy.name!r}, routes={routes})"
 
     # -- configuration -----------------------------------------------------------------
+
+    def _idempotency(
+        self, meter: Any, methods: Iterable[str], statuses: Container[int], size: int, lock: float
+    ) -> None:
+        if isinstance(methods, str) or not isinstance(methods, Iterable):
+            raise ConfigurationError(
+                "idempotency_methods is a list of HTTP methods, such as ['POST']",
+                "idempotency_methods",
+            )
+        self._idem_methods = frozenset(m.upper() if isinstance(m, str) else m for m in methods)
+        if any(not isinstance(m, str) or not m.isalpha() for m in self._idem_methods):
+            raise ConfigurationError(
+                "idempotency_methods is a list of HTTP methods", "idempotency_methods"
+            )
+        if not isinstance(statuses, Container) or isinstance(statuses, str):
+            raise ConfigurationError(
+                "idempotency_statuses is a collection of HTTP statuses, such as range(200, 300)",
+                "idempotency_statuses",
+            )
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigurationError(
+                "idempotency_max_body is a number of bytes", "idempotency_max_body"
+            )
+        if isinstance(lock, bool) or not isinstance(lock, (int, float)) or not 0 < lock <= 86_400:
+            raise ConfigurationError(
+                "idempotency_lock is 0 to 86400 seconds (more than 0)", "idempotency_lock"
+            )
+        self.idempotency_statuses = statuses
+        self.idempotency_max_body = size
+        self._lock_us = round(lock * 1_000_000)
+        # The responses live where the charges' records do: on the meter's backend.
+        backend = getattr(meter, "backend", None)
+        self._claim: Any = getattr(backend, "claim_response", None)
+        self._keep: Any = getattr(backend, "keep_response", None)
+        if self._idem_methods and (not callable(self._claim) or not callable(self._keep)):
+            raise ConfigurationError(
+                f"{type(backend).__name__} cannot keep the responses of idempotency keys "
+                "(claim_response, keep_response): pass idempotency_methods=() to ignore "
+                "Idempotency-Key",
+                "idempotency_methods",
+            )
+        self._store_awaits = iscoroutinefunction(self._claim)
+
+    @property
+    def refusals(self) -> dict[str, Response]:
+        """The gate's own fixed refusals, by code, as it sends them (for documentation)."""
+        return {spec[2]: response for spec, response in self._fixed.items()}
 
     def _header_groups(self, headers: Iterable[str] | None) -> frozenset[str]:
         if headers is None:
@@ -1022,6 +1271,7 @@ class Gate:
             org = argument(req)
         if not org and kind not in (_KEY, _AUTO):
             return self._fixed[_ORGANIZATION_REQUIRED]
+        idem = None
         try:
             if target.by_key:
                 if self._authenticate_awaits:
@@ -1041,13 +1291,17 @@ class Gate:
                     return self._fixed[_CALLER_REQUIRED]
                 if not org:
                     org = caller
-            idem = req.idempotency_key
-            # (a comma too: WSGI servers fold two Idempotency-Key headers into "a, b", so
-            # a comma cannot be told from a duplicate there; every shell refuses it alike)
-            if idem is not None and not (
-                0 < len(idem) <= _MAX_IDEMPOTENCY_KEY and idem.isprintable() and "," not in idem
-            ):
-                return self._fixed[_INVALID_IDEMPOTENCY_KEY]
+            fp = None  # the request's fingerprint, when its Idempotency-Key counts
+            if req.idempotency_key is not None and req.method in self._idem_methods:
+                idem = req.idempotency_key
+                # (a comma too: WSGI servers fold two Idempotency-Key headers into "a, b",
+                # so a comma cannot be told from a duplicate there; every shell refuses it)
+                if not (
+                    0 < len(idem) <= MAX_IDEMPOTENCY_KEY and idem.isprintable() and "," not in idem
+                ):
+                    return self._fixed[_INVALID_IDEMPOTENCY_KEY]
+                body = await req.read_body()
+                fp = fingerprint(req.method, req.path, target.operation, body)
             cost = target.cost
             if cost is not None and callable(cost):
                 cost = cost(req)
@@ -1059,11 +1313,28 @@ class Gate:
                 decision = self._check(
                     caller, operation=target.operation, org=org, idempotency_key=idem, cost=cost
                 )
+            if not decision.allowed:
+                return self._denied(decision)
+            if fp is None or decision.degraded:
+                return Admission(key, decision)
+            if not decision.replayed:
+                # The first attempt: its mark is the charge's own record (no round trip).
+                return Admission(key, decision, Keeping(self, fp, ""))
+            # A retry: the meter replayed the charge; the key's response record says the rest.
+            token = os.urandom(8).hex()
+            if self._store_awaits:
+                verdict, detail = await self._claim(
+                    decision.plan, decision.outcome, fp, token, self._lock_us
+                )
+            else:
+                verdict, detail = self._claim(
+                    decision.plan, decision.outcome, fp, token, self._lock_us
+                )
+            if verdict == RUN:
+                return Admission(key, decision, Keeping(self, fp, token))
+            return self._retried(verdict, detail)
         except MeterkitError as exc:
-            return self._failure(exc, req.idempotency_key)
-        if not decision.allowed:
-            return self._denied(decision)
-        return Admission(key, decision)
+            return self._failure(exc, idem)
 
     def _caller(self, source: Source, req: RequestView) -> str | None:
         kind, argument = source
@@ -1119,6 +1390,22 @@ class Gate:
             return self._refusal(*_METHOD_NOT_ALLOWED, extra=[("Allow", ", ".join(allowed))])
         return self._fixed[_NOT_FOUND]
 
+    def _retried(self, verdict: int, detail: Any) -> Response:
+        """The answer to a retry that does not run: the kept response, or a refusal."""
+        if verdict == BUSY:
+            return self._fixed[_IDEMPOTENCY_KEY_IN_USE]
+        if verdict == REUSED:
+            return self._fixed[_IDEMPOTENCY_KEY_REUSED]
+        assert verdict == DONE
+        if not detail:
+            return self._fixed[_IDEMPOTENCY_RESPONSE_TOO_LARGE]
+        try:
+            status, headers, body = _decode_response(detail)
+        except msgspec.DecodeError:
+            raise StateError("the backend holds a kept response meterkit did not write") from None
+        headers.append(("Idempotent-Replayed", "true"))
+        return Response(status, headers, body)
+
     def answered(self, admission: Admission, status: int) -> dict[str, str] | None:
         """The headers to add to the app's answer with ``status``, when it returns no
         credits; None when it does (then :meth:`finish` refunds and gives them). The
@@ -1155,8 +1442,6 @@ class Gate:
             headers["X-Credits-Charged"] = "0"
             outcome = decision.outcome
             headers["X-Credits-Remaining"] = credits_text(outcome.balance + outcome.charged)
-        if decision.replayed:
-            headers["Idempotent-Replayed"] = "true"
         return headers
 
     async def _give_back(self, decision: Decision) -> bool:
@@ -1175,10 +1460,59 @@ class Gate:
             )
             return False
 
+    async def keep(self, admission: Admission) -> None:
+        """The response of an admission with an Idempotency-Key ended (or failed, or was
+        not sent whole): keep it for the key's retries, or free the key for the next
+        one. Once; nothing for an admission without one. The shells call it before the
+        response's last piece goes out, so that a client's next retry finds it."""
+        keeping = admission.keeping
+        if keeping is None or keeping.settled:
+            return
+        keeping.settled = True
+        decision = admission.decision
+        payload = keeping.payload()
+        try:
+            if self._store_awaits:
+                await self._keep(
+                    decision.plan, decision.outcome, keeping.fingerprint, keeping.token, payload
+                )
+            else:
+                self._keep(
+                    decision.plan, decision.outcome, keeping.fingerprint, keeping.token, payload
+                )
+        except MeterkitError as exc:
+            # The app's answer matters more: the key's mark expires after the lock time.
+            logger.warning(
+                "meterkit: could not keep the response of %s (%s) for its retries: %s",
+                decision.key,
+                decision.operation,
+                exc,
+            )
+
+    def kept_chunks(self, admission: Admission, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """A blocking response body, passed on as it is, and kept (:meth:`keep_blocking`)
+        before its last piece goes out; freed if it fails or is closed early."""
+        keeping = admission.keeping
+        assert keeping is not None
+        try:
+            held = None
+            for chunk in chunks:
+                if held is not None:
+                    keeping.add(held)
+                    yield held
+                held = chunk
+            keeping.add(held or b"", last=True)
+            self.keep_blocking(admission)
+            if held:
+                yield held
+        finally:
+            self.keep_blocking(admission)
+
     # The blocking shells' twins (WSGI, Flask, Django), made from the source above: the
     # same flow without its awaits, for a synchronous meter and key store.
     admit_blocking = blocking(admit, _TWINS)
     finish_blocking = blocking(finish, _TWINS)
+    keep_blocking = blocking(keep, _TWINS)
     _unrouted_blocking = blocking(_unrouted, _TWINS)
     _give_back_blocking = blocking(_give_back, _TWINS)
 

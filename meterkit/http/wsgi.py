@@ -23,6 +23,7 @@ request: a metered route the app does not serve is a :class:`ConfigurationError`
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -51,9 +52,14 @@ GATE_KEY = "meterkit.gate"
 
 
 class EnvironView(RequestView):
-    """A :class:`RequestView` of a WSGI environ (Django's ``request.META`` is one too)."""
+    """A :class:`RequestView` of a WSGI environ (Django's ``request.META`` is one too).
 
-    __slots__ = ("_environ",)
+    The body is read when the gate asks (an Idempotency-Key's fingerprint): with
+    ``read`` (a framework's cached reader: Flask's ``request.get_data``), or from
+    ``wsgi.input``, which the app then reads again from the start.
+    """
+
+    __slots__ = ("_environ", "_read")
 
     def __init__(
         self,
@@ -62,9 +68,11 @@ class EnvironView(RequestView):
         params: Any = None,
         scheme: str | None = None,
         path: str | None = None,
+        read: Callable[[], bytes] | None = None,
     ) -> None:
         get = environ.get
         self._environ = environ
+        self._read = read
         self._fill(
             environ["REQUEST_METHOD"],
             (get("PATH_INFO") or "/") if path is None else path,
@@ -94,6 +102,26 @@ class EnvironView(RequestView):
                 found[key.replace("_", "-").lower()] = value
         return found
 
+    def read_body_blocking(self) -> bytes:
+        if self._read is not None:
+            return self._read()
+        environ: Any = self._environ
+        stream = environ.get("wsgi.input")
+        if stream is None:
+            return b""
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError:
+            length = -1
+        if length >= 0:
+            body: bytes = stream.read(length)
+        elif environ.get("wsgi.input_terminated"):
+            body = stream.read()  # (a chunked body the server ends for us)
+        else:
+            body = b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        return body
+
 
 def respond(start_response: StartResponse, response: Response) -> list[bytes]:
     """Send the gate's refusal."""
@@ -113,6 +141,10 @@ def run_metered(
     except Exception:
         call.failed()
         raise
+    admission: Admission | None = environ.get("meterkit")
+    if admission is not None and admission.keeping is not None:
+        # Kept as it streams; stored before its last piece, for the client's next retry.
+        return _Guarded(result, call, gate.kept_chunks(admission, result))
     if call.started:
         return result
     # The app starts its response lazily, while its body is iterated.
@@ -215,22 +247,39 @@ class _MeteredCall:
             if extra is None:
                 extra = self.gate.finish_blocking(admission, code)
             headers = [*headers, *extra.items()]
+            if admission.keeping is not None:
+                admission.keeping.start(code, headers)
         return self._start_response(status, headers, exc_info)
 
     def failed(self) -> None:
-        """The app raised before answering: the server will say 500."""
+        """The app raised (before answering, the server will say 500)."""
         admission: Admission | None = self.environ.get("meterkit")
-        if not self.started and admission is not None:
-            self.gate.finish_blocking(admission, 500)
+        if admission is not None:
+            if not self.started:
+                self.gate.finish_blocking(admission, 500)
+            self.ended()
+
+    def ended(self) -> None:
+        """The response is over: one cut short frees its Idempotency-Key (once)."""
+        admission: Admission | None = self.environ.get("meterkit")
+        if admission is not None and admission.keeping is not None:
+            self.gate.keep_blocking(admission)
 
 
 class _Guarded:
-    """A lazily started response body: a failure before the start is refunded."""
+    """A response body that is lazily started (a failure before the start is refunded)
+    or kept for an Idempotency-Key's retries (``chunks``: the body, as it is kept)."""
 
-    __slots__ = ("_call", "_iterator", "_result")
+    __slots__ = ("_call", "_chunks", "_iterator", "_result")
 
-    def __init__(self, result: Iterable[bytes], call: _MeteredCall) -> None:
+    def __init__(
+        self,
+        result: Iterable[bytes],
+        call: _MeteredCall,
+        chunks: Iterator[bytes] | None = None,
+    ) -> None:
         self._result = result
+        self._chunks = chunks
         self._iterator: Iterator[bytes] | None = None
         self._call = call
 
@@ -239,7 +288,7 @@ class _Guarded:
 
     def __next__(self) -> bytes:
         if self._iterator is None:
-            self._iterator = iter(self._result)
+            self._iterator = self._chunks or iter(self._result)
         try:
             return next(self._iterator)
         except StopIteration:
@@ -249,6 +298,9 @@ class _Guarded:
             raise
 
     def close(self) -> None:
-        close: Callable[[], object] | None = getattr(self._result, "close", None)
-        if close is not None:
-            close()
+        try:
+            close: Callable[[], object] | None = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._call.ended()

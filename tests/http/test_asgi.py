@@ -457,22 +457,29 @@ def test_idempotent_retry_is_charged_once(demo: Demo) -> None:
 
 
 def test_idempotency_key_reused_for_another_operation_is_422(demo: Demo) -> None:
-    """An Idempotency-Key first used to create an invoice cannot be reused to list them."""
+    """An Idempotency-Key first used to create an invoice cannot be reused to convert a
+    currency; a GET ignores the header (and is charged as any GET)."""
     key = {"Idempotency-Key": "k-1"}
     created = demo.call("POST", "/invoices", json={"customer": "A", "amount": 1}, headers=key)
     assert created.status_code == 201
-    response = demo.call("GET", "/invoices", headers=key)
+    response = demo.call("POST", "/currency/convert", json=CONVERSION, headers=key)
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "idempotency_key_reused"
-    assert demo.used() == Decimal("0.05")
+    listed = demo.call("GET", "/invoices", headers=key)
+    assert (listed.status_code, listed.json()["count"]) == (200, 1)
+    assert "idempotent-replayed" not in listed.headers
+    assert demo.used() == Decimal("0.06")
 
 
 def test_malformed_idempotency_key_is_400(demo: Demo) -> None:
-    """An Idempotency-Key longer than 256 characters is refused before anything is charged."""
-    response = demo.call("GET", "/invoices", headers={"Idempotency-Key": "k" * 257})
+    """An Idempotency-Key longer than 255 characters is refused before anything is
+    charged; a GET ignores the header, malformed or not."""
+    long_key = {"Idempotency-Key": "k" * 256}
+    response = demo.call("POST", "/invoices", json={"customer": "A", "amount": 1}, headers=long_key)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_idempotency_key"
     assert demo.used() == 0
+    assert demo.call("GET", "/invoices", headers=long_key).status_code == 200
 
 
 def test_refunded_request_is_charged_again_on_retry(demo: Demo) -> None:
