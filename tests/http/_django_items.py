@@ -3,9 +3,11 @@ operations with meterkit.django.metered."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, JsonResponse, StreamingHttpResponse
 from django.urls import path
 
 from meterkit.django import metered
@@ -46,6 +48,26 @@ def login(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"caller": request.meterkit.decision.key})  # type: ignore[attr-defined]
 
 
+#: How often the views that make something ran.
+RUNS: Counter[str] = Counter()
+
+
+@metered("items.create")
+def create(request: HttpRequest) -> JsonResponse:
+    RUNS["create"] += 1
+    n = RUNS["create"]
+    made = JsonResponse({"id": f"it_{n}", "name": json.loads(request.body)["name"]}, status=201)
+    made.set_cookie("session", f"s{n}")
+    return made
+
+
+@metered("items.export")
+def stream(request: HttpRequest) -> StreamingHttpResponse:
+    RUNS["stream"] += 1
+    pieces = (b"%d:" % RUNS["stream"] + b"x" * 1000 for _ in range(5))
+    return StreamingHttpResponse(pieces, content_type="application/octet-stream")
+
+
 def broken(request: HttpRequest) -> JsonResponse:
     raise RuntimeError("the report generator crashed")
 
@@ -54,6 +76,8 @@ urlpatterns = [
     path("health", health),
     path("v1/projects/<str:project_id>/items", project_items),
     path("v1/items", items),
+    path("v1/items/new", create),
+    path("v1/items/stream", stream),
     path("v1/items/export", export),
     path("v1/items/<str:item_id>", item),
     path("v1/login", login),

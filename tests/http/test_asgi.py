@@ -456,6 +456,27 @@ def test_idempotent_retry_is_charged_once(demo: Demo) -> None:
     assert demo.call("GET", "/invoices").json()["count"] == 1
 
 
+def test_the_middleware_reads_a_keyed_body_and_the_app_still_gets_it(demo: Demo) -> None:
+    """A keyed request's body, sent in chunks, is read by the middleware for its
+    fingerprint and still reaches the app whole; the key with another body gets 422."""
+    key = {"Idempotency-Key": "body-1", "Content-Type": "application/json"}
+
+    def chunks(text: bytes) -> Iterator[bytes]:
+        yield from (text[i : i + 7] for i in range(0, len(text), 7))
+
+    body = json.dumps({"customer": "Acme Chunked Ltd", "amount": "12.50"}).encode()
+    first = demo.call("POST", "/invoices", content=chunks(body), headers=key)
+    assert first.status_code == 201
+    assert first.json()["customer"] == "Acme Chunked Ltd"
+    replayed = demo.call("POST", "/invoices", content=body, headers=key)
+    assert replayed.content == first.content
+    assert replayed.headers["idempotent-replayed"] == "true"
+    other = demo.call("POST", "/invoices", json={"customer": "Other", "amount": "1"}, headers=key)
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert demo.call("GET", "/invoices").json()["count"] == 1
+
+
 def test_idempotency_key_reused_for_another_operation_is_422(demo: Demo) -> None:
     """An Idempotency-Key first used to create an invoice cannot be reused to convert a
     currency; a GET ignores the header (and is charged as any GET)."""

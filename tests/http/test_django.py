@@ -3,6 +3,7 @@ waitress over HTTP."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from django.conf import settings
 
 from meterkit.errors import ConfigurationError
+from tests.http._django_items import RUNS
 from tests.http._items import OTHER, PROJECT, SERVED, UNSERVED, Stack, problem
 from tests.http._serve import serve_wsgi
 
@@ -130,6 +132,48 @@ def test_django_refusals_and_failures_are_not_charged(client: Client, stack: Sta
     assert get(client, "/v1/nowhere", stack.writer).status_code == 404
     assert stack.used() == 0
     assert stack.view.usage(PROJECT).requests == 2
+
+
+def test_a_retried_post_gets_the_first_response(client: Client, stack: Stack) -> None:
+    """The same POST with the same Idempotency-Key: the first response again, marked as
+    a replay, without its cookie; the view ran once; another body gets 422."""
+    RUNS.clear()
+    headers = {"authorization": f"Bearer {stack.writer}", "idempotency-key": "dj-1"}
+
+    def post(name: str) -> Any:
+        body = json.dumps({"name": name})
+        return client.post(
+            "/v1/items/new", body, content_type="application/json", secure=True, headers=headers
+        )
+
+    first, again = post("anvil"), post("anvil")
+    assert (first.status_code, first.json()) == (201, {"id": "it_1", "name": "anvil"})
+    assert "session" in first.cookies
+    assert (again.status_code, again.content) == (201, first.content)
+    assert again["Idempotent-Replayed"] == "true"
+    assert "session" not in again.cookies
+    assert again["X-Credits-Charged"] == first["X-Credits-Charged"] == "0.05"
+    assert post("hammer").status_code == 422
+    assert RUNS["create"] == 1
+    assert stack.view.usage(PROJECT).requests == 1
+
+
+def test_a_streamed_response_is_kept_under_a_real_server(stack: Stack) -> None:
+    """A StreamingHttpResponse under waitress reaches the client whole and is replayed
+    whole; the view ran once."""
+    RUNS.clear()
+    headers = {
+        "X-Forwarded-Proto": "https",
+        "Authorization": f"Bearer {stack.writer}",
+        "Idempotency-Key": "dj-stream",
+    }
+    with serve_wsgi(WSGIHandler()) as url, httpx.Client(base_url=url, timeout=10) as http:
+        first = http.post("/v1/items/stream", headers=headers)
+        again = http.post("/v1/items/stream", headers=headers)
+    assert first.content == (b"1:" + b"x" * 1000) * 5
+    assert (again.status_code, again.content) == (200, first.content)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert RUNS["stream"] == 1
 
 
 def test_a_route_table_meters_by_path_before_django_resolves() -> None:

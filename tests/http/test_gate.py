@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import meterkit
 from meterkit.errors import ConfigurationError
 from meterkit.http.gate import (
+    REFUSALS,
     Admission,
     Gate,
     RequestView,
@@ -19,6 +20,7 @@ from meterkit.http.gate import (
     forwarded_https,
 )
 from meterkit.keys.memory import MemoryKeyStore
+from tests._servers import free_port
 from tests.conftest import FakeClock
 
 ORG = "org_a"
@@ -403,6 +405,13 @@ def test_a_table_is_accepted_by_the_gate_exactly_when_the_policy_takes_it(
         {"headers": ["ietf", "x-nope"]},
         {"render": "json"},
         {"routes": ["GET /x"]},
+        {"idempotency_methods": "POST"},
+        {"idempotency_methods": ["POST", 1]},
+        {"idempotency_statuses": 200},
+        {"idempotency_max_body": -1},
+        {"idempotency_max_body": 1.5},
+        {"idempotency_lock": 0},
+        {"idempotency_lock": True},
     ],
 )
 def test_bad_options_are_configuration_errors(options: dict[str, Any]) -> None:
@@ -532,3 +541,125 @@ def test_an_anonymous_caller_cannot_pick_the_organization_charged() -> None:
     assert isinstance(found, Admission)
     assert found.decision.org == "ip:192.0.2.9"
     assert meter.usage(ORG).requests == 0
+
+
+# -- Idempotency-Key ----------------------------------------------------------------------
+
+
+def keyed(
+    s: Setup, idem: str, body: bytes, request: str = "POST /invoices"
+) -> Response | Admission | None:
+    """A request (a create of an invoice) under Idempotency-Key ``idem`` with ``body``."""
+    method, path = request.split(" ")
+    headers = {"authorization": s.auth, "idempotency-key": idem}
+    view = RequestView(method, f"/organizations/{ORG}{path}", headers=headers, body=body)
+    return s.gate.admit_blocking(view)
+
+
+def answer(s: Setup, found: Any, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+    """What a blocking shell does with the app's answer."""
+    assert isinstance(found, Admission)
+    assert found.keeping is not None
+    extra = s.gate.finish_blocking(found, status)
+    found.keeping.start(status, [*headers, *extra.items()])
+    found.keeping.add(body, last=True)
+    s.gate.keep_blocking(found)
+
+
+def test_a_replay_keeps_no_hop_by_hop_header_and_no_cookie() -> None:
+    """The kept response drops Connection and what it names, Keep-Alive,
+    Transfer-Encoding, Upgrade and Set-Cookie; the rest (meterkit's headers too) is
+    replayed as sent, and Idempotent-Replayed is added only to the replay."""
+    s = Setup()
+    first = keyed(s, "i-1", b"{}")
+    sent = [
+        ("Content-Type", "application/json"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("X-Hop", "one hop"),
+        ("Keep-Alive", "timeout=5"),
+        ("Transfer-Encoding", "chunked"),
+        ("Set-Cookie", "session=1"),
+        ("X-App", "kept"),
+    ]
+    answer(s, first, 201, sent, b'{"id": 1}')
+    replay = keyed(s, "i-1", b"{}")
+    assert isinstance(replay, Response)
+    assert (replay.status, replay.body) == (201, b'{"id": 1}')
+    names = [name for name, _ in replay.headers]
+    assert names[:2] == ["Content-Type", "X-App"]
+    assert "X-Credits-Charged" in names
+    assert names[-1] == "Idempotent-Replayed"
+    assert not {"Connection", "X-Hop", "Keep-Alive", "Transfer-Encoding", "Set-Cookie"} & set(names)
+
+
+def test_idempotency_refusals_go_through_the_renderer() -> None:
+    """409 idempotency_key_in_use (with Retry-After), 422 idempotency_key_reused and
+    409 idempotency_response_too_large are rendered like every refusal, and listed in
+    the gate's table of refusals."""
+    seen: list[tuple[int, str, Any]] = []
+
+    def render(status: int, code: str, message: str, retry: Any, decision: Any) -> Any:
+        seen.append((status, code, retry))
+        return status, {"Content-Type": "application/problem+json"}, {"title": code}
+
+    s = Setup(render=render, idempotency_max_body=4)
+    running = keyed(s, "i-1", b"{}")
+    busy = keyed(s, "i-1", b"{}")
+    assert isinstance(busy, Response)
+    assert ("Retry-After", "1") in busy.headers
+    assert keyed(s, "i-1", b"{}") is busy  # (built once)
+    answer(s, running, 201, [], b"12345")
+    assert status(keyed(s, "i-1", b"{}")) == 409
+    assert status(keyed(s, "i-1", b"[]")) == 422
+    codes = {(status_, code, retry) for status_, code, retry in seen}
+    assert codes >= {
+        (409, "idempotency_key_in_use", 1),
+        (409, "idempotency_response_too_large", None),
+        (422, "idempotency_key_reused", None),
+    }
+    table = s.gate.refusals
+    for code in ("idempotency_key_in_use", "idempotency_response_too_large"):
+        assert table[code].status == 409
+    assert table["idempotency_key_reused"].status == 422
+    assert {spec[2] for spec in REFUSALS} >= set(table)
+
+
+def test_ignored_methods_and_a_backend_that_cannot_keep_responses() -> None:
+    """Methods outside idempotency_methods ignore the header (not even checked); a
+    backend without claim_response/keep_response is refused unless the header is
+    ignored everywhere."""
+    s = Setup(idempotency_methods=["put"])
+    posted = keyed(s, "x" * 300, b"{}")  # (too long, but ignored)
+    assert isinstance(posted, Admission)
+    assert posted.keeping is None
+    assert status(keyed(s, "x" * 300, b"{}", "PUT /invoices/inv_1")) == 400
+    assert status(keyed(s, "x" * 255, b"{}", "PUT /invoices/inv_1")) == 200
+
+    class Bare:
+        def __init__(self) -> None:
+            self.memory = meterkit.MemoryBackend()
+
+        def apply(self, plan: Any) -> Any:
+            return self.memory.apply(plan)
+
+        def refund(self, plan: Any, outcome: Any) -> bool:
+            return self.memory.refund(plan, outcome)
+
+    meter = meterkit.Meter(meterkit.Policy.crane_ledger(), Bare())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"idempotency_methods=\(\)"):
+        Gate(meter, s.store)
+    Gate(meter, s.store, idempotency_methods=())
+
+
+def test_a_degraded_admission_keeps_nothing() -> None:
+    """A request admitted without the backend (fail_open while Redis is down) keeps no
+    response: there is nowhere to keep it, and no charge to keep it with."""
+    s = Setup()
+    backend = meterkit.backend_from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    gate = Gate(meterkit.Meter(s.policy, backend, fail_open=True), s.store)
+    headers = {"authorization": s.auth, "idempotency-key": "i-1"}
+    view = RequestView("POST", f"/organizations/{ORG}/invoices", headers=headers, body=b"{}")
+    found = gate.admit_blocking(view)
+    assert isinstance(found, Admission)
+    assert found.decision.degraded
+    assert found.keeping is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -254,6 +255,25 @@ def test_idempotent_retry_is_charged_once(demo: Demo) -> None:
     assert first.json() == second.json()
     assert second.headers["idempotent-replayed"] == "true"
     assert demo.used() == Decimal("0.05")
+
+
+def test_the_middleware_reads_a_keyed_body_and_the_app_still_gets_it(demo: Demo) -> None:
+    """A keyed request's body, sent in chunks, is read by the middleware (from
+    wsgi.input) for its fingerprint and still reaches the app whole; the key with
+    another body gets 422."""
+    key = {"Idempotency-Key": "body-1", "Content-Type": "application/json"}
+    body = json.dumps({"customer": "Acme Chunked Ltd", "amount": "12.50"}).encode()
+    first = demo.call(
+        "POST", "/invoices", content=iter([body[:9], body[9:20], body[20:]]), headers=key
+    )
+    assert first.status_code == 201
+    assert first.json()["customer"] == "Acme Chunked Ltd"
+    replayed = demo.call("POST", "/invoices", content=body, headers=key)
+    assert replayed.content == first.content
+    assert replayed.headers["idempotent-replayed"] == "true"
+    other = demo.call("POST", "/invoices", json={"customer": "Other", "amount": "1"}, headers=key)
+    assert other.status_code == 422
+    assert demo.call("GET", "/invoices").json()["count"] == 1
 
 
 @pytest.mark.parametrize(
