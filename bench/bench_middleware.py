@@ -29,6 +29,7 @@ the two (``bench/_interleave.py``); it is printed and recorded, never asserted.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import statistics
@@ -243,6 +244,166 @@ def test_middleware_overhead(benchmark: Any, figures: Callable[[str], None], sha
     benchmark(metered)
     # Every request was admitted and charged: a denial would flatter the figure.
     assert set(metered.statuses) == {admitted}, metered.statuses
+
+
+# -- Idempotency-Key ---------------------------------------------------------------------------
+
+POST_BODY = b'{"customer":"Acme Ltd","amount":"1200.00"}'
+
+
+class PostDriver:
+    """POSTs an invoice (``invoices.create``) once per call, round-robin over the keys:
+    without an Idempotency-Key, with a new one each time (a first request: the body is
+    read for its fingerprint and the response kept), or with one already answered (a
+    retry: the response replayed). Every call builds its scope or environ alike."""
+
+    def __init__(self, app: Any, keys: list[tuple[str, bytes]], kind: str, wsgi: bool) -> None:
+        self.app = app
+        self.keys = itertools.cycle(enumerate(keys))
+        self.kind = kind
+        self.wsgi = wsgi
+        self.numbers = itertools.count()
+        self.statuses: dict[object, int] = {}
+        self.replayed = 0
+
+    def key_header(self, number: int) -> bytes | None:
+        if self.kind == "no key":
+            return None
+        if self.kind == "first":
+            return b"first-%d" % next(self.numbers)
+        # A retry repeats its API key's first request (an idempotency key is one key's).
+        return b"answered-%d" % number
+
+    def __call__(self) -> None:
+        number, (org, header) = next(self.keys)
+        idem = self.key_header(number)
+        if self.wsgi:
+            self.call_wsgi(org, header, idem)
+        else:
+            self.call_asgi(org, header, idem)
+
+    def call_asgi(self, org: str, header: bytes, idem: bytes | None) -> None:
+        headers = [
+            (b"host", b"api.example.test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(POST_BODY)),
+            (b"authorization", header),
+        ]
+        if idem is not None:
+            headers.append((b"idempotency-key", idem))
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "https",
+            "path": f"/organizations/{org}/invoices",
+            "root_path": "",
+            "query_string": b"",
+            "headers": headers,
+            "client": ("203.0.113.7", 50000),
+        }
+        coroutine = self.app(scope, self.receive, self.send)
+        try:
+            coroutine.send(None)
+        except StopIteration:
+            return
+        raise RuntimeError("the app waited for something: not an in-process call")
+
+    async def receive(self) -> dict[str, Any]:
+        return {"type": "http.request", "body": POST_BODY, "more_body": False}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if (b"idempotent-replayed", b"true") in message["headers"]:
+                self.replayed += 1
+
+    def call_wsgi(self, org: str, header: bytes, idem: bytes | None) -> None:
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "SCRIPT_NAME": "",
+            "PATH_INFO": f"/organizations/{org}/invoices",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "api.example.test",
+            "SERVER_PORT": "443",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "203.0.113.7",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(POST_BODY)),
+            "HTTP_AUTHORIZATION": header.decode("latin-1"),
+            "wsgi.url_scheme": "https",
+            "wsgi.input": io.BytesIO(POST_BODY),
+        }
+        if idem is not None:
+            environ["HTTP_IDEMPOTENCY_KEY"] = idem.decode("latin-1")
+        for _ in self.app(environ, self.start_response):
+            pass
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc: Any = None) -> Any:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if ("Idempotent-Replayed", "true") in headers:
+            self.replayed += 1
+        return None
+
+
+async def created_asgi(scope: Any, receive: Any, send: Any) -> None:
+    """Reads the body (as an app that creates something does) and answers 201."""
+    while (await receive()).get("more_body", False):
+        pass
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 201,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"21")],
+        }
+    )
+    await send({"type": "http.response.body", "body": BODY})
+
+
+def created_wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    environ["wsgi.input"].read()
+    start_response("201 Created", [("Content-Type", "application/json"), ("Content-Length", "21")])
+    return [BODY]
+
+
+@pytest.mark.parametrize("shape", ["asgi", "wsgi"])
+def test_idempotency_key_cost(benchmark: Any, figures: Callable[[str], None], shape: str) -> None:
+    """What an Idempotency-Key costs a metered POST (memory stores): a first request
+    (the body's fingerprint, the response recorded and kept) and a retry (the response
+    replayed, the app not run) against the same POST without a key."""
+    policy = meterkit.Policy.crane_ledger()
+    keystore = MemoryKeyStore()
+    keys = make_keys(keystore)
+    meter = meterkit.Meter(policy, meterkit.MemoryBackend(clock=sim_clock()))
+    wsgi = shape == "wsgi"
+    if wsgi:
+        app: Any = WsgiMiddleware(created_wsgi, meter=meter, keystore=keystore)
+    else:
+        app = AsgiMiddleware(created_asgi, meter=meter, keystore=keystore)
+    drivers = {kind: PostDriver(app, keys, kind, wsgi) for kind in ("no key", "first", "retry")}
+    answer = PostDriver(app, keys, "retry", wsgi)
+    for _ in range(len(keys)):  # every retry's first request, answered and kept
+        answer()
+    result = interleave(drivers, rounds=7 if QUICK else 41, round_seconds=0.02)
+    plain = result.us_per_op["no key"]
+    lines = [f"IDEMPOTENCY-KEY {shape} (a metered POST, memory stores):"]
+    for kind in ("first", "retry"):
+        diffs = sorted(k - p for k, p in zip(result.us_per_op[kind], plain, strict=True))
+        lines.append(
+            f"  {kind}: {statistics.median(diffs):+.2f} µs/request over no key "
+            f"(median of {len(diffs)} interleaved rounds; quartiles {diffs[len(diffs) // 4]:.2f}"
+            f" to {diffs[3 * len(diffs) // 4]:.2f}); {result.median_us(kind):.2f} µs vs "
+            f"{result.median_us('no key'):.2f} µs"
+        )
+    figures("\n".join(lines))
+    benchmark(drivers["first"])
+    created: Any = "201 Created" if wsgi else 201
+    # Every request was admitted (and every retry replayed): a refusal would flatter it.
+    assert all(set(d.statuses) == {created} for d in drivers.values()), drivers
+    assert drivers["retry"].replayed == sum(drivers["retry"].statuses.values())
+    assert drivers["first"].replayed == drivers["no key"].replayed == 0
 
 
 def test_bare_asgi_app(benchmark: Any) -> None:

@@ -192,13 +192,14 @@ async def run_metered(gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, 
                 extra = gate.answered(admission, status)
                 if extra is None:
                     extra = await gate.finish(admission, status)
-                headers = list(message.get("headers", ()))
+                sent = message.get("headers", ())
+                headers = list(sent)
                 headers.extend(raw_headers(extra.items()))
                 # A new message: the app may send the same dict again (a constant).
                 message = {**message, "headers": headers}
                 keeping = admission.keeping
                 if keeping is not None:
-                    keeping.start(status, headers)
+                    keeping.start(status, sent, extra)
         elif keeping is not None and message["type"] == "http.response.body":
             # Kept as it streams; stored before its last piece, for the client's next retry.
             last = not message.get("more_body", False)

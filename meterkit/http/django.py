@@ -193,7 +193,7 @@ class MeterMiddleware:
         streams (before its last piece goes out, for the client's next retry)."""
         keeping = admission.keeping
         assert keeping is not None
-        keeping.start(response.status_code, list(response.items()))
+        keeping.start(response.status_code, response.items(), {})  # (the gate's are in it)
         if response.streaming:
             streaming: Any = response
             streaming.streaming_content = self.gate.kept_chunks(

@@ -727,13 +727,19 @@ class Keeping:
     def __repr__(self) -> str:
         return f"Keeping(status={self.status}, size={self.size}, complete={self.complete})"
 
-    def start(self, status: int, headers: Iterable[tuple[str | bytes, str | bytes]]) -> None:
-        """The response's status and headers, as sent (the gate's own among them)."""
+    def start(
+        self,
+        status: int,
+        headers: Iterable[tuple[str | bytes, str | bytes]],
+        extra: Mapping[str, str],
+    ) -> None:
+        """The response's status and headers as sent: the app's, and the gate's ``extra``."""
         gate = self._gate
         self.status = status
         self.storing = status in gate.idempotency_statuses and status not in gate.refund_statuses
         if self.storing:
             self.headers = kept_headers(headers)
+            self.headers.extend(extra.items())
 
     def add(self, chunk: bytes, last: bool = False) -> None:
         """A piece of the body as sent; ``last``: the body ends with it."""
@@ -776,18 +782,22 @@ _NOT_KEPT: Final = frozenset(
 
 def kept_headers(headers: Iterable[tuple[str | bytes, str | bytes]]) -> list[tuple[str, str]]:
     """The headers of a response that are kept for its replay (as text)."""
-    pairs = [
-        (
-            name.decode("latin-1") if isinstance(name, bytes) else name,
-            value.decode("latin-1") if isinstance(value, bytes) else value,
-        )
-        for name, value in headers
-    ]
-    dropped = set(_NOT_KEPT)
-    for name, value in pairs:
-        if name.lower() == "connection":  # and the headers it names
-            dropped.update(part.strip().lower() for part in value.split(","))
-    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+    kept: list[tuple[str, str]] = []
+    named: set[str] = set()  # the headers Connection names
+    for name, value in headers:
+        if isinstance(name, bytes):
+            name = name.decode("latin-1")
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        lower = name.lower()
+        if lower in _NOT_KEPT:
+            if lower == "connection":
+                named.update(part.strip().lower() for part in value.split(","))
+            continue
+        kept.append((name, value))
+    if named:
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
 _encode_response = msgspec.msgpack.Encoder().encode

@@ -143,7 +143,12 @@ def run_metered(
         raise
     admission: Admission | None = environ.get("meterkit")
     if admission is not None and admission.keeping is not None:
-        # Kept as it streams; stored before its last piece, for the client's next retry.
+        # Kept before it goes out (as it streams, before its last piece), for the
+        # client's next retry.
+        if call.started and isinstance(result, list):
+            admission.keeping.add(b"".join(result), last=True)
+            gate.keep_blocking(admission)
+            return result
         return _Guarded(result, call, gate.kept_chunks(admission, result))
     if call.started:
         return result
@@ -246,9 +251,9 @@ class _MeteredCall:
             extra = self.gate.answered(admission, code)
             if extra is None:
                 extra = self.gate.finish_blocking(admission, code)
-            headers = [*headers, *extra.items()]
             if admission.keeping is not None:
-                admission.keeping.start(code, headers)
+                admission.keeping.start(code, headers, extra)
+            headers = [*headers, *extra.items()]
         return self._start_response(status, headers, exc_info)
 
     def failed(self) -> None:

@@ -561,7 +561,7 @@ def answer(s: Setup, found: Any, status: int, headers: list[tuple[str, str]], bo
     assert isinstance(found, Admission)
     assert found.keeping is not None
     extra = s.gate.finish_blocking(found, status)
-    found.keeping.start(status, [*headers, *extra.items()])
+    found.keeping.start(status, headers, extra)
     found.keeping.add(body, last=True)
     s.gate.keep_blocking(found)
 

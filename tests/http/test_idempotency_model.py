@@ -28,7 +28,7 @@ from tests.conftest import FakeClock, delete_prefix, new_prefix, shared_client
 ORG = "org_a"
 PATH = f"/organizations/{ORG}/invoices"
 LOCK = 60
-DAY = 86_400
+DAY = 86_400  # (25 steps of a day at most: every refund falls in the month of its charge)
 MAX_BODY = 64
 KEYS = ("k1", "k2")
 BODIES = (b'{"amount": 1}', b'{"amount": 2}')
@@ -84,10 +84,9 @@ def answer(gate: Gate, admission: Admission, status: int, body: bytes, whole: bo
     extra = gate.answered(admission, status)
     if extra is None:
         extra = gate.finish_blocking(admission, status)
-    headers = [("Content-Type", "application/json"), *extra.items()]
     keeping = admission.keeping
     assert keeping is not None
-    keeping.start(status, headers)
+    keeping.start(status, [("Content-Type", "application/json")], extra)
     keeping.add(body, last=whole)
     gate.keep_blocking(admission)
 
@@ -115,12 +114,13 @@ def play(meter: Any, clock: FakeClock, trace: list[tuple[Any, ...]]) -> None:
             body = b'{"run": %d}' % run.number + (b" " * MAX_BODY if large else b"")
             answer(gate, run.admission, status, body, whole)
             slot = slots[run.key]
+            if status == 500 and run.token == "":
+                refunds += 1  # (a first attempt's charge: refunded, whatever came since)
+                if run.charge == slot.charge:
+                    slot.charge, slot.record = 0, None  # the retry is a new request
+                continue
             if run.charge != slot.charge:
                 continue  # (its charge is gone: nothing of it counts any more)
-            if status == 500 and run.token == "":
-                slot.charge, slot.record = 0, None  # refunded: the retry is a new request
-                refunds += 1
-                continue
             held = slot.record
             if slot.first + DAY <= now or (held is not None and held[0] == "D"):
                 continue
