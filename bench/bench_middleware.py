@@ -154,32 +154,32 @@ def bare_wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     return [BODY]
 
 
+def environ_of(method: str, org: str, header: bytes) -> dict[str, Any]:
+    """The environ of a request to ``/organizations/<org>/invoices`` with ``header``."""
+    return {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": f"/organizations/{org}/invoices",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "api.example.test",
+        "SERVER_PORT": "443",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "203.0.113.7",
+        "HTTP_HOST": "api.example.test",
+        "HTTP_USER_AGENT": "bench",
+        "HTTP_ACCEPT": "*/*",
+        "HTTP_AUTHORIZATION": header.decode("latin-1"),
+        "wsgi.url_scheme": "https",
+    }
+
+
 class WsgiDriver:
     """Calls a WSGI app once per request, round-robin over the keys, and counts statuses."""
 
     def __init__(self, app: Any, keys: list[tuple[str, bytes]]) -> None:
         self.app = app
         self.statuses: dict[str, int] = {}
-        environs = []
-        for org, header in keys:
-            environs.append(
-                {
-                    "REQUEST_METHOD": "GET",
-                    "SCRIPT_NAME": "",
-                    "PATH_INFO": f"/organizations/{org}/invoices",
-                    "QUERY_STRING": "",
-                    "SERVER_NAME": "api.example.test",
-                    "SERVER_PORT": "443",
-                    "SERVER_PROTOCOL": "HTTP/1.1",
-                    "REMOTE_ADDR": "203.0.113.7",
-                    "HTTP_HOST": "api.example.test",
-                    "HTTP_USER_AGENT": "bench",
-                    "HTTP_ACCEPT": "*/*",
-                    "HTTP_AUTHORIZATION": header.decode("latin-1"),
-                    "wsgi.url_scheme": "https",
-                }
-            )
-        self._environs = itertools.cycle(environs)
+        self._environs = itertools.cycle([environ_of("GET", org, header) for org, header in keys])
 
     def start_response(
         self,
@@ -321,21 +321,10 @@ class PostDriver:
                 self.replayed += 1
 
     def call_wsgi(self, org: str, header: bytes, idem: bytes | None) -> None:
-        environ = {
-            "REQUEST_METHOD": "POST",
-            "SCRIPT_NAME": "",
-            "PATH_INFO": f"/organizations/{org}/invoices",
-            "QUERY_STRING": "",
-            "SERVER_NAME": "api.example.test",
-            "SERVER_PORT": "443",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "REMOTE_ADDR": "203.0.113.7",
-            "CONTENT_TYPE": "application/json",
-            "CONTENT_LENGTH": str(len(POST_BODY)),
-            "HTTP_AUTHORIZATION": header.decode("latin-1"),
-            "wsgi.url_scheme": "https",
-            "wsgi.input": io.BytesIO(POST_BODY),
-        }
+        environ = environ_of("POST", org, header)
+        environ["CONTENT_TYPE"] = "application/json"
+        environ["CONTENT_LENGTH"] = str(len(POST_BODY))
+        environ["wsgi.input"] = io.BytesIO(POST_BODY)
         if idem is not None:
             environ["HTTP_IDEMPOTENCY_KEY"] = idem.decode("latin-1")
         for _ in self.app(environ, self.start_response):

@@ -378,13 +378,6 @@ def play(
         delete_prefix(client, prefix)
 
 
-@pytest.fixture(params=["redis", "redis-cluster"])
-def client(request: pytest.FixtureRequest) -> Any:
-    """A shared synchronous client of the session's standalone server, then cluster."""
-    fixture = "redis_url" if request.param == "redis" else "redis_cluster_url"
-    return shared_client(request, request.getfixturevalue(fixture))
-
-
 @settings(max_examples=400)
 @given(
     policy=policies(),

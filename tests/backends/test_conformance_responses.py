@@ -120,13 +120,6 @@ def play(trace: list[tuple[Any, ...]], client: Any) -> None:
         delete_prefix(client, prefix)
 
 
-@pytest.fixture(params=["redis", "redis-cluster"])
-def client(request: pytest.FixtureRequest) -> Any:
-    """A shared synchronous client of the session's standalone server, then cluster."""
-    fixture = "redis_url" if request.param == "redis" else "redis_cluster_url"
-    return shared_client(request, request.getfixturevalue(fixture))
-
-
 @settings(max_examples=150)
 @given(trace=st.lists(steps, min_size=1, max_size=40))
 def test_redis_answers_claims_as_memory_does(client: Any, trace: list[tuple[Any, ...]]) -> None:

@@ -520,40 +520,22 @@ class Codec:
         self, plan: Plan, outcome: Outcome, fingerprint: str, token: str, lock_us: int
     ) -> Command:
         """The ``EVALSHA`` of a retry's claim (see ``lua/response.lua``)."""
-        return [
-            "EVALSHA",
-            _RESPONSE.sha,
-            1,
-            self.response_key(plan),
-            "claim",
-            self._now(),
-            outcome.charge_id,
-            outcome.now,
-            fingerprint,
-            token,
-            self._grace,
-            lock_us,
-        ]
+        return self._response("claim", plan, outcome, fingerprint, token, lock_us)
 
     def keep_response(
         self, plan: Plan, outcome: Outcome, fingerprint: str, token: str, payload: bytes | None
     ) -> Command:
         """The ``EVALSHA`` that keeps a run's response (None: nothing) for its retries."""
-        return [
-            "EVALSHA",
-            _RESPONSE.sha,
-            1,
-            self.response_key(plan),
-            "keep",
-            self._now(),
-            outcome.charge_id,
-            outcome.now,
-            fingerprint,
-            token,
-            self._grace,
-            "0" if payload is None else "1",
-            b"" if payload is None else payload,
-        ]
+        if payload is None:
+            return self._response("keep", plan, outcome, fingerprint, token, "0", b"")
+        return self._response("keep", plan, outcome, fingerprint, token, "1", payload)
+
+    def _response(
+        self, what: str, plan: Plan, outcome: Outcome, fingerprint: str, token: str, *tail: Any
+    ) -> Command:
+        key = self.response_key(plan)
+        head = [what, self._now(), outcome.charge_id, outcome.now, fingerprint, token, self._grace]
+        return ["EVALSHA", _RESPONSE.sha, 1, key, *head, *tail]
 
     @staticmethod
     def claimed(reply: Any) -> Claim:
