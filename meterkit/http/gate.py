@@ -1334,11 +1334,11 @@ class Gate:
             token = os.urandom(8).hex()
             if self._store_awaits:
                 verdict, detail = await self._claim(
-                    decision.plan, decision.outcome, fp, token, self._lock_us
+                    decision.request, decision.outcome, fp, token, self._lock_us
                 )
             else:
                 verdict, detail = self._claim(
-                    decision.plan, decision.outcome, fp, token, self._lock_us
+                    decision.request, decision.outcome, fp, token, self._lock_us
                 )
             if verdict == RUN:
                 return Admission(key, decision, Keeping(self, fp, token))
@@ -1484,11 +1484,11 @@ class Gate:
         try:
             if self._store_awaits:
                 await self._keep(
-                    decision.plan, decision.outcome, keeping.fingerprint, keeping.token, payload
+                    decision.request, decision.outcome, keeping.fingerprint, keeping.token, payload
                 )
             else:
                 self._keep(
-                    decision.plan, decision.outcome, keeping.fingerprint, keeping.token, payload
+                    decision.request, decision.outcome, keeping.fingerprint, keeping.token, payload
                 )
         except MeterkitError as exc:
             # The app's answer matters more: the key's mark expires after the lock time.
