@@ -1083,8 +1083,10 @@ class Gate:
             for spec in REFUSALS
             if spec not in waits and spec is not _METHOD_NOT_ALLOWED  # (its Allow varies)
         }
-        for spec in waits:
-            self._fixed[spec] = self._refusal(*spec, extra=[("Retry-After", "1")], retry_after=1)
+        self._fixed[_IDEMPOTENCY_KEY_IN_USE] = self._refusal(
+            *_IDEMPOTENCY_KEY_IN_USE, extra=[("Retry-After", "1")], retry_after=1
+        )
+        self._fixed[_UNAVAILABLE] = self._refusal(*_UNAVAILABLE, extra=[("Retry-After", "1")])
 
     def __repr__(self) -> str:
         routes = len(self.router.routes) if self.router else 0
