@@ -251,8 +251,17 @@ class _MeteredCall:
             extra = self.gate.answered(admission, code)
             if extra is None:
                 extra = self.gate.finish_blocking(admission, code)
-            if admission.keeping is not None:
-                admission.keeping.start(code, headers, extra)
+            keeping = admission.keeping
+            if keeping is not None:
+                keeping.start(code, headers, extra)
+                write = self._start_response(status, [*headers, *extra.items()], exc_info)
+
+                def kept_write(data: bytes) -> object:
+                    # (the legacy write() of an app: its body comes before the iterable's)
+                    keeping.add(data)
+                    return write(data)
+
+                return kept_write
             headers = [*headers, *extra.items()]
         return self._start_response(status, headers, exc_info)
 

@@ -276,6 +276,32 @@ def test_the_middleware_reads_a_keyed_body_and_the_app_still_gets_it(demo: Demo)
     assert demo.call("GET", "/invoices").json()["count"] == 1
 
 
+def test_a_body_written_with_write_is_kept_too(clock: FakeClock) -> None:
+    """An app that sends part of its body through the legacy write() callable is kept
+    and replayed whole."""
+    policy = meterkit.Policy.crane_ledger()
+    keystore = MemoryKeyStore(clock=clock)
+    plaintext, _ = keystore.create(org=ORG, permissions=["*"])
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("201 Created", [("Content-Type", "text/plain")])
+        write(b"written, ")
+        return [b"then returned"]
+
+    metered = MeterMiddleware(
+        app,
+        meter=meterkit.Meter(policy, meterkit.MemoryBackend(clock=clock)),
+        keystore=keystore,
+        routes={"POST /organizations/{organization_id}/invoices": "invoices.create"},
+    )
+    headers = {**HTTPS, "Authorization": f"Bearer {plaintext}", "Idempotency-Key": "w-1"}
+    with serve(metered) as url, httpx.Client(base_url=url, headers=headers) as http:
+        first = http.post(f"/organizations/{ORG}/invoices")
+        again = http.post(f"/organizations/{ORG}/invoices")
+    assert first.content == again.content == b"written, then returned"
+    assert again.headers["idempotent-replayed"] == "true"
+
+
 @pytest.mark.parametrize(
     "headers",
     [
