@@ -955,7 +955,6 @@ class Gate:
         "_excluded",
         "_excluded_prefixes",
         "_fixed",
-        "_idem_methods",
         "_ietf",
         "_keep",
         "_legacy",
@@ -969,6 +968,7 @@ class Gate:
         "_store_awaits",
         "_targets",
         "idempotency_max_body",
+        "idempotency_methods",
         "idempotency_statuses",
         "keystore",
         "meter",
@@ -1102,8 +1102,10 @@ class Gate:
                 "idempotency_methods is a list of HTTP methods, such as ['POST']",
                 "idempotency_methods",
             )
-        self._idem_methods = frozenset(m.upper() if isinstance(m, str) else m for m in methods)
-        if any(not isinstance(m, str) or not m.isalpha() for m in self._idem_methods):
+        honoured = frozenset(m.upper() if isinstance(m, str) else m for m in methods)
+        #: The methods whose Idempotency-Key is honoured.
+        self.idempotency_methods: frozenset[str] = honoured
+        if any(not isinstance(m, str) or not m.isalpha() for m in honoured):
             raise ConfigurationError(
                 "idempotency_methods is a list of HTTP methods", "idempotency_methods"
             )
@@ -1127,7 +1129,7 @@ class Gate:
         backend = getattr(meter, "backend", None)
         self._claim: Any = getattr(backend, "claim_response", None)
         self._keep: Any = getattr(backend, "keep_response", None)
-        if self._idem_methods and (not callable(self._claim) or not callable(self._keep)):
+        if self.idempotency_methods and (not callable(self._claim) or not callable(self._keep)):
             raise ConfigurationError(
                 f"{type(backend).__name__} cannot keep the responses of idempotency keys "
                 "(claim_response, keep_response): pass idempotency_methods=() to ignore "
@@ -1304,7 +1306,7 @@ class Gate:
                 if not org:
                     org = caller
             fp = None  # the request's fingerprint, when its Idempotency-Key counts
-            if req.idempotency_key is not None and req.method in self._idem_methods:
+            if req.idempotency_key is not None and req.method in self.idempotency_methods:
                 idem = req.idempotency_key
                 # (a comma too: WSGI servers fold two Idempotency-Key headers into "a, b",
                 # so a comma cannot be told from a duplicate there; every shell refuses it)

@@ -21,10 +21,12 @@ the app's answers are the ones the gate adds to a sample admission. Per operatio
 - **excluded** (``/health``, ``/docs*``) or not metered: left as it is;
 - **metered** (the route table, or the ``operation`` callable, names its operation):
   the bearer security requirement when the caller is a key; the optional
-  ``Idempotency-Key`` header; every refusal (400 malformed Idempotency-Key, 401 and
-  403 as the key store answers them, 402, 403 plain HTTP, 422 Idempotency-Key
-  reused, 429, 503 backend unavailable, 400 when the request names no organization or
-  caller); and the rate-limit and credit headers on every answer of the app;
+  ``Idempotency-Key`` header, on the methods that honour it; every refusal (400
+  malformed Idempotency-Key, 401 and 403 as the key store answers them, 402, 403 plain
+  HTTP, 409 Idempotency-Key in use or its response too large to keep, 422
+  Idempotency-Key reused, 429, 503 backend unavailable, 400 when the request names no
+  organization or caller); and the rate-limit and credit headers on every answer of
+  the app (and ``Idempotent-Replayed`` on a replay);
 - **not routed** (served by the app, neither excluded nor in the route table): the
   middleware answers it itself with 404 or 405 (after authenticating the caller when
   the path is under the API's), and the schema says so.
@@ -47,6 +49,7 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from meterkit.core.decision import Decision
+from meterkit.core.idempotency import BUSY, DONE, RUN, Claim
 from meterkit.core.outcome import REASON_CREDITS, REASON_NONE, REASON_RATE, Outcome
 from meterkit.core.plan import Plan
 from meterkit.core.policy import Policy, enforces
@@ -56,7 +59,7 @@ from meterkit.errors import (
     InvalidIdentifierError,
     InvalidRequestError,
 )
-from meterkit.http.gate import Admission, Gate, RequestView, Response
+from meterkit.http.gate import MAX_IDEMPOTENCY_KEY, Admission, Gate, RequestView, Response
 from meterkit.http.gate import logger as _log
 from meterkit.keys.model import CODES, KeyFormat
 
@@ -97,8 +100,8 @@ _HEADERS: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     "www-authenticate": ("The authentication scheme to use: `Bearer`.", {"type": "string"}),
     "allow": ("The methods routed on this path.", {"type": "string"}),
     "idempotent-replayed": (
-        "`true` when this Idempotency-Key was seen before: the first answer's charge stands "
-        "and nothing more was charged.",
+        "`true` on a replay: the first answer to this Idempotency-Key, sent again as it was; "
+        "the request did not run again and nothing more was charged.",
         {"type": "string", "enum": ["true"]},
     ),
 }
@@ -110,11 +113,18 @@ _IDEMPOTENCY_KEY: Final[dict[str, Any]] = {
     "in": "header",
     "required": False,
     "description": (
-        "Makes a retry safe: the same request sent again with the same key is charged "
-        "once. 1 to 256 printable characters, no commas; a key is for one operation."
+        "Makes a retry safe: the same request sent again with the same key gets the first "
+        "answer back (`Idempotent-Replayed: true`), without running or being charged again, "
+        f"for 24 hours. 1 to {MAX_IDEMPOTENCY_KEY} printable characters, no commas; a key "
+        "is for one request (method, path, operation and body)."
     ),
     # Printable ASCII without the comma (servers fold repeated headers with commas).
-    "schema": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[ -+\\--~]+$"},
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_IDEMPOTENCY_KEY,
+        "pattern": "^[ -+\\--~]+$",
+    },
 }
 
 _SUMMARIES: Final = {
@@ -125,6 +135,10 @@ _SUMMARIES: Final = {
     "organization_not_found": "The key does not belong to this organization.",
     "invalid_idempotency_key": "The Idempotency-Key header is malformed or sent twice.",
     "idempotency_key_reused": "This Idempotency-Key was first used for another request.",
+    "idempotency_key_in_use": "A request with this Idempotency-Key is still running.",
+    "idempotency_response_too_large": (
+        "The request with this Idempotency-Key ran; its answer was too large to keep."
+    ),
     "invalid_request": "The meter refused the request's identifiers or cost.",
     "rate_limit_exceeded": "A rate tier is exhausted; nothing was charged.",
     "insufficient_credits": "The organization's credits for this period are spent.",
@@ -257,12 +271,21 @@ class _StandInKeys:
 
 
 class _StandInMeter:
-    """A meter that answers what it is told: admitted, denied, or an error."""
+    """A meter that answers what it is told: admitted, denied, or an error; and, as its
+    own backend, what a retry's Idempotency-Key finds (``claim``)."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.answer: int | BaseException = REASON_NONE
         self.replayed = False
+        self.claim: Claim = (RUN, None)
+        self.backend = self
+
+    def claim_response(self, *request: Any) -> Claim:
+        return self.claim
+
+    def keep_response(self, *request: Any) -> None:
+        return None
 
     def check(
         self,
@@ -369,10 +392,11 @@ class _Extension:
         answer: int | BaseException = REASON_NONE,
         refusal: AuthenticationError | None = None,
         replayed: bool = False,
+        claim: Claim = (RUN, None),
         bare: bool = False,
     ) -> Response | Admission | None:
         """The gate's decision of a sample request, the stand-ins answering as told."""
-        self.meter.answer, self.meter.replayed = answer, replayed
+        self.meter.answer, self.meter.replayed, self.meter.claim = answer, replayed, claim
         self.keys.refusal, self.keys.asked = refusal, False
         headers = {"authorization": "Bearer sample"}
         if idempotency_key is not None:
@@ -435,24 +459,35 @@ class _Extension:
         """The refusals of a metered operation past authentication."""
         name = admission.decision.operation
         plan = self.policy.plan_for(name)
-        parameters = operation.setdefault("parameters", [])
-        if not any(
-            isinstance(p, dict)
-            and p.get("in") == "header"
-            and str(p.get("name", "")).lower() == "idempotency-key"
-            for p in parameters
-        ):
-            parameters.append(copy.deepcopy(_IDEMPOTENCY_KEY))
         ask = self.ask
         found: list[tuple[Response | Admission | None, str]] = [
-            (ask(method, path, idempotency_key="a,b"), "invalid_idempotency_key"),
             (ask(method, path, answer=InvalidIdentifierError("a sample")), "invalid_request"),
-            (
-                ask(method, path, idempotency_key="a", answer=InvalidRequestError("a sample")),
-                "idempotency_key_reused",
-            ),
             (self.unavailable(method, path), "service_unavailable"),
         ]
+        if method in self.gate.idempotency_methods:
+            parameters = operation.setdefault("parameters", [])
+            if not any(
+                isinstance(p, dict)
+                and p.get("in") == "header"
+                and str(p.get("name", "")).lower() == "idempotency-key"
+                for p in parameters
+            ):
+                parameters.append(copy.deepcopy(_IDEMPOTENCY_KEY))
+            found += [
+                (ask(method, path, idempotency_key="a,b"), "invalid_idempotency_key"),
+                (
+                    ask(method, path, idempotency_key="a", answer=InvalidRequestError("a sample")),
+                    "idempotency_key_reused",
+                ),
+                (
+                    ask(method, path, idempotency_key="a", replayed=True, claim=(BUSY, 1)),
+                    "idempotency_key_in_use",
+                ),
+                (
+                    ask(method, path, idempotency_key="a", replayed=True, claim=(DONE, b"")),
+                    "idempotency_response_too_large",
+                ),
+            ]
         if any(enforces(tier, self.policy.shadow) for tier in plan.tiers):
             found.append((ask(method, path, answer=REASON_RATE), "rate_limit_exceeded"))
         if not self.policy.shadow:

@@ -112,7 +112,8 @@ def codes(response: dict[str, Any]) -> set[str]:
 
 def test_metered_operations_list_every_refusal_with_the_gate_s_own_bodies() -> None:
     """Each metered operation documents the bearer scheme, 400/401/402/403/422/429/503,
-    with the exact bodies the gate and the key rules send, and the headers."""
+    with the exact bodies the gate and the key rules send, and the headers; those whose
+    method honours Idempotency-Key document the header and its 409s."""
     schema = create_app().openapi()
     scheme = schema["components"]["securitySchemes"][openapi.SECURITY_SCHEME]
     assert scheme == {
@@ -143,8 +144,22 @@ def test_metered_operations_list_every_refusal_with_the_gate_s_own_bodies() -> N
                 success["headers"]
             ), where
             assert success["headers"]["RateLimit"]["required"] is True
-            assert any(p["name"] == "Idempotency-Key" for p in operation["parameters"])
-    examples = schema["paths"][METERED]["get"]["responses"]
+            keyed = method.upper() in gate.IDEMPOTENCY_METHODS
+            named = {p["name"] for p in operation.get("parameters", [])}
+            assert ("Idempotency-Key" in named) == keyed, where
+            if keyed:
+                assert codes(responses["409"]) == {
+                    "idempotency_key_in_use",
+                    "idempotency_response_too_large",
+                }, where
+                assert responses["409"]["headers"]["Retry-After"]["required"] is False
+                assert "idempotency_key_reused" in codes(responses["422"]), where
+            else:
+                assert "409" not in responses, where
+    examples = {
+        **schema["paths"][METERED]["get"]["responses"],
+        **{f"post {k}": v for k, v in schema["paths"][METERED]["post"]["responses"].items()},
+    }
     shown = {
         name: example["value"]
         for response in examples.values()
@@ -314,14 +329,15 @@ def test_every_refusal_the_middleware_sends_conforms(start: Callable[..., Exampl
     assert example.send("GET", path, expiring).json()["error"]["code"] == "expired_api_key"
 
     key = example.key
-    bad = example.send("GET", path, key, headers={"Idempotency-Key": "a,b"})
+    sample = {"customer": "A", "amount": 5}
+    bad = example.send("POST", path, key, json=sample, headers={"Idempotency-Key": "a,b"})
     assert bad.json()["error"]["code"] == "invalid_idempotency_key"
     retry = {"Idempotency-Key": "retry-1"}
-    created = example.send("POST", path, key, json={"customer": "A", "amount": 5}, headers=retry)
+    created = example.send("POST", path, key, json=sample, headers=retry)
     assert created.status_code == 201
-    replay = example.send("POST", path, key, json={"customer": "A", "amount": 5}, headers=retry)
+    replay = example.send("POST", path, key, json=sample, headers=retry)
     assert replay.headers["Idempotent-Replayed"] == "true"
-    reused = example.send("GET", path, key, headers=retry)
+    reused = example.send("POST", path, key, json={**sample, "amount": 6}, headers=retry)
     assert reused.json()["error"]["code"] == "idempotency_key_reused"
 
     invoice = created.json()["id"]
@@ -403,10 +419,12 @@ def test_schemathesis_finds_nothing_undocumented(case: Any) -> None:
     body and header as documented, no schema-valid request refused."""
     idem = case.headers.get("Idempotency-Key") if case.headers else None
     if idem is not None:
-        # One operation's keys apart from another's: a key reused across operations is a
-        # (documented) 422, which a schema-valid request must not run into by chance.
-        operation = hashlib.sha256(case.operation.label.encode()).hexdigest()[:8]
-        case.headers["Idempotency-Key"] = f"{operation}:{idem}"[:256]
+        # One request's keys apart from another's: a key reused for another operation,
+        # path or body is a (documented) 422, which a schema-valid request must not run
+        # into by chance.
+        request = [case.operation.label, case.path_parameters, case.body]
+        digest = hashlib.sha256(json.dumps(request, default=str).encode()).hexdigest()[:8]
+        case.headers["Idempotency-Key"] = f"{digest}:{idem}"[: gate.MAX_IDEMPOTENCY_KEY]
     case.call_and_validate(
         base_url="https://testserver",
         headers={"Authorization": f"Bearer {FUZZ_KEY}"},
