@@ -12,7 +12,8 @@
     │   └── UnknownKeyError                 no API key has this (well-formed) id
     ├── BackendError                        the store could not do what was asked
     │   ├── BackendUnavailable              unreachable, timed out, paused
-    │   └── StateError                      the store holds something meterkit did not write
+    │   ├── StateError                      the store holds something meterkit did not write
+    │   └── LedgerFullError                 the memory ledger is full: nothing drains it
     └── AuthenticationError                 a request's API key was refused (seed-shaped body)
 
 Every error raised for bad input is raised *before* any state is touched.
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidAmountError",
     "InvalidIdentifierError",
     "InvalidRequestError",
+    "LedgerFullError",
     "MeterkitError",
     "StateError",
     "UnknownKeyError",
@@ -137,6 +139,11 @@ class BackendUnavailable(BackendError):
 
 class StateError(BackendError):
     """The backend holds data under meterkit's prefix that meterkit did not write."""
+
+
+class LedgerFullError(BackendError):
+    """The memory backend's ledger holds as many undrained events as it may: the check
+    was refused and nothing was charged (an event is never dropped to make room)."""
 
 
 class AuthenticationError(MeterkitError):

@@ -1,4 +1,4 @@
-"""The ``meterkit`` command: demo, policy check, simulate, usage, plans, keys.
+"""The ``meterkit`` command: demo, policy check, simulate, usage, plans, keys, ledger.
 
 ``main(argv)`` parses, runs one command and returns its exit code; it never calls
 ``sys.exit`` itself, so tests run it in-process. Exit codes are a contract:
@@ -53,6 +53,7 @@ from meterkit.cli.common import (
 from meterkit.cli.demo import (
     _cmd_demo,
 )
+from meterkit.cli.ledger import add_ledger_commands
 
 __all__ = ["main"]
 
@@ -331,6 +332,8 @@ def _parser() -> argparse.ArgumentParser:
     store_arg(revoke)
     revoke.add_argument("key_id", metavar="KEY_ID", help="the key's public id (key_…)")
     revoke.set_defaults(run=_with_store(_keys_revoke))
+
+    add_ledger_commands(commands, common)
     return parser
 
 

@@ -1,0 +1,233 @@
+"""Ledger events: what one admitted charge, refund, top-up, allowance change or plan
+change was, and how each is written where it first lands (sans-I/O).
+
+An :class:`Event` is one money event. Its ``id`` is unique across every backend
+and process, so that a store inserts each event once however often a drain
+delivers it:
+
+- a charge's id is its charge id (``Decision.charge_id`` on Redis: 64 random bits
+  of its process, then a counter);
+- a refund's id is ``r`` followed by the id of the charge it returns (a charge is
+  refunded at most once);
+- a top-up's, an allowance change's and a plan change's id is a fresh charge id.
+
+The memory backend's charge ids are a counter of its process (see
+:mod:`meterkit.backends.memory.backend`); its log qualifies them with the log's own
+random id (``<log id>:<n>``), so that two processes draining into one store cannot
+collide.
+
+Where events first land:
+
+- **Redis**: one Stream entry, appended by the same Lua script that decides (see
+  :func:`entry_event` for the entry's fields and :mod:`meterkit.ledger.streams`
+  for which stream).
+- **Memory**: one tuple in the backend's :class:`~meterkit.ledger.log.MemoryLog`,
+  appended under the backend's lock (see :func:`memory_event`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from urllib.parse import unquote
+
+from meterkit.errors import StateError
+
+if TYPE_CHECKING:
+    from meterkit.core.plan import Plan
+
+__all__ = [
+    "ALLOWANCE",
+    "CHARGE",
+    "KINDS",
+    "PLAN",
+    "REFUND",
+    "TOPUP",
+    "Event",
+    "Kind",
+    "account_of",
+    "entry_event",
+    "memory_event",
+]
+
+Kind = Literal["charge", "refund", "topup", "allowance", "plan"]
+CHARGE: Kind = "charge"
+REFUND: Kind = "refund"
+TOPUP: Kind = "topup"
+ALLOWANCE: Kind = "allowance"
+PLAN: Kind = "plan"
+KINDS: tuple[Kind, ...] = (CHARGE, REFUND, TOPUP, ALLOWANCE, PLAN)
+
+
+class Event(NamedTuple):
+    """One money event, as every store keeps it (times in µs, amounts in µ-credits)."""
+
+    #: unique across backends and processes (see the module's docstring)
+    id: str
+    #: when it happened, on the backend's clock (the one its account was charged on)
+    time: int
+    org: str
+    #: ``"live"`` or ``"test"``
+    mode: str
+    kind: Kind
+    #: the key id ('' for an organization's top-up, allowance or plan)
+    key: str
+    #: the operation of a charge or refund ('' otherwise)
+    operation: str
+    #: µ-credits: charged, refunded or topped up; an allowance change's new allowance
+    #: (-1: back to the policy's); 0 for a plan change
+    micro: int
+    #: the charge a charge or refund is about ('' for the other kinds)
+    charge: str
+    #: a plan change: ``plan <name>``, ``key <name>`` (the key's plan) or ``deal
+    #: <lines>``, the name or lines empty when it was taken away; '' otherwise
+    detail: str = ""
+    #: where the drain read it: the stream's key ('memory:<log id>' for a memory log)
+    source: str = ""
+    #: its place there: the stream entry id's two numbers (a memory log: 0 and its
+    #: sequence number); later events of one source have greater positions
+    position: tuple[int, int] = (0, 0)
+
+
+# -- Redis: one stream entry per event -------------------------------------------------
+#
+# An entry has two fields, written by the scripts in meterkit/backends/redis/lua:
+#
+#   <kind letter>  the charge id (c: a charge, r: a refund of it) or the event's id
+#                  (t: a top-up, a: an allowance change, p: a plan change)
+#   e              the body: lines joined by '\n': the organization's account key
+#                  (which names the organization and the mode), the time in µs, then
+#                    c, r  the amount in µ-credits, the account's 'q|<op>|<key>' field
+#                    t     the amount in µ-credits
+#                    a     the new allowance in µ-credits, or '' for the policy's
+#                    p     what ('plan', 'key' or 'deal'), the key id, the value
+#                          (a name, or a deal's lines; '' when taken away)
+#
+# Two fields, one of them the body built by one Lua concatenation, cost Redis fewer
+# instructions than a field per value (see docs/ledger.md, "Cost").
+
+_LETTERS: dict[bytes, Kind] = {
+    b"c": CHARGE,
+    b"r": REFUND,
+    b"t": TOPUP,
+    b"a": ALLOWANCE,
+    b"p": PLAN,
+}
+
+
+def account_of(account: str) -> tuple[str, str]:
+    """The organization and mode named by an account key (``mk:{org}:cr`` or
+    ``mk:{org}:test:cr``; the tag's ``%``, ``{`` and ``}`` percent-encoded)."""
+    open_ = account.find("{")
+    close = account.find("}", open_ + 1)
+    if open_ < 0 or close < 0:
+        raise ValueError("no hash tag")
+    org = account[open_ + 1 : close]
+    if "%" in org:
+        org = unquote(org)
+    mode = "test" if account.startswith(":test:", close + 1) else "live"
+    return org, mode
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def entry_event(source: str, entry_id: Any, fields: Any) -> Event:
+    """The :class:`Event` of one stream entry (``fields``: the flat list or the dict
+    redis-py gives). Raises :class:`StateError` for an entry meterkit did not write."""
+    try:
+        if isinstance(fields, dict):
+            items = list(fields.items())
+        else:
+            items = list(zip(fields[0::2], fields[1::2], strict=True))
+        (letter, ident), (e, body) = items
+        if isinstance(letter, str):
+            letter = letter.encode()
+        kind = _LETTERS[letter]
+        if _text(e) != "e":
+            raise ValueError("no body")
+        ident = _text(ident)
+        parts = _text(body).split("\n", 4 if kind == PLAN else 3)
+        org, mode = account_of(parts[0])
+        time = int(parts[1])
+        ms, _, seq = _text(entry_id).partition("-")
+        position = (int(ms), int(seq or 0))
+        if kind in (CHARGE, REFUND):
+            micro, field = int(parts[2]), parts[3]
+            if not field.startswith("q|"):
+                raise ValueError("field")
+            operation, key = field[2:].split("|", 1)
+            return Event(
+                ident if kind == CHARGE else "r" + ident,
+                time,
+                org,
+                mode,
+                kind,
+                key,
+                operation,
+                micro,
+                ident,
+                "",
+                source,
+                position,
+            )
+        if kind == TOPUP:
+            (amount,) = parts[2:]
+            return Event(
+                ident, time, org, mode, kind, "", "", int(amount), "", "", source, position
+            )
+        if kind == ALLOWANCE:
+            (value,) = parts[2:]
+            micro = -1 if value == "" else int(value)
+            return Event(ident, time, org, mode, kind, "", "", micro, "", "", source, position)
+        what, key, value = parts[2:]
+        if what not in ("plan", "key", "deal"):
+            raise ValueError("plan change")
+        detail = f"{what} {value}" if value else what
+        return Event(ident, time, org, mode, kind, key, "", 0, "", detail, source, position)
+    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+        raise StateError(
+            f"the ledger stream {source!r} holds an entry meterkit did not write"
+        ) from None
+
+
+# -- memory: one tuple per event -------------------------------------------------------
+#
+# A check appends (n, now, plan): its charge counter n, the time, the Plan (which
+# holds the organization, mode, key, operation and cost). Nothing else is made on the
+# hot path; the Event is built when drained. Everything else appends a whole tuple:
+# (n, now, kind, org, mode, key, operation, micro, charge, detail), charge being the
+# counter of the charge a refund returns.
+
+
+def memory_event(log_id: str, item: tuple[Any, ...]) -> Event:
+    """The :class:`Event` of one tuple of a memory log whose id is ``log_id``."""
+    source = "memory:" + log_id
+    n = item[0]
+    if len(item) == 3:
+        _, now, plan = item
+        plan_: Plan = plan
+        charge = f"{log_id}:{n}"
+        return Event(
+            charge,
+            now,
+            plan_.org,
+            plan_.mode,
+            CHARGE,
+            plan_.key,
+            plan_.op.name,
+            plan_.cost,
+            charge,
+            "",
+            source,
+            (0, n),
+        )
+    _, now, kind, org, mode, key, operation, micro, charge, detail = item
+    if kind == REFUND:
+        ref = f"{log_id}:{charge}"
+        return Event(
+            "r" + ref, now, org, mode, kind, key, operation, micro, ref, "", source, (0, n)
+        )
+    return Event(
+        f"{log_id}:{n}", now, org, mode, kind, key, operation, micro, "", detail, source, (0, n)
+    )
