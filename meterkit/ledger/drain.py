@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -306,8 +307,12 @@ class _RedisSource:
         self._claim_cursor: dict[str, bytes] = {}
         self._scanned = -1e9
         self._claimed = 0.0
+        self._next = 0  # (the stream a read starts from: every stream gets its turn)
+        self._pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         if self._owned:
             self.client.close()
 
@@ -373,41 +378,75 @@ class _RedisSource:
     def _drain(self) -> int:
         self._discover()
         moved = 0
-        claim = time.monotonic() - self._claimed >= max(self.claim_idle_ms / 2000, 0.05)
-        if claim:
+        if time.monotonic() - self._claimed >= max(self.claim_idle_ms / 2000, 0.05):
             self._claimed = time.monotonic()
             for i in range(0, len(self._streams), _STREAMS_PER_ROUND):
-                moved += self._claim(self._streams[i : i + _STREAMS_PER_ROUND])
-        while True:
-            # (rounds of streams, until a round of every stream brings nothing new)
-            backlog = len(self._backlog)
-            round_moved = 0
-            for i in range(0, len(self._streams), _STREAMS_PER_ROUND):
-                round_moved += self._round(self._streams[i : i + _STREAMS_PER_ROUND])
-            moved += round_moved
-            if round_moved == 0 and len(self._backlog) == backlog:
-                return moved
+                got = self._claim(self._streams[i : i + _STREAMS_PER_ROUND])
+                if got:
+                    self.drain_._commit(_flat(got))
+                    moved += self._confirm(got)
+        # One batch is written while the next is read: the store's commit and the
+        # server's replies overlap. A batch is still acknowledged only once committed.
+        writing: tuple[Future[None], dict[str, list[Event]]] | None = None
+        try:
+            while True:
+                if writing is not None and self._backlog:
+                    # (re-reading pending entries must not meet the batch in flight)
+                    moved += self._finish(writing)
+                    writing = None
+                backlog = len(self._backlog)
+                got = self._read()
+                if writing is not None:
+                    moved += self._finish(writing)
+                    writing = None
+                if got:
+                    writing = (self._writer().submit(self.drain_._commit, _flat(got)), got)
+                elif len(self._backlog) == backlog:
+                    return moved
+        finally:
+            if writing is not None:  # (an error: let the batch in flight end, unconfirmed)
+                wait([writing[0]])
 
-    def _round(self, streams: list[str]) -> int:
-        """Read a batch from each of ``streams``, commit, acknowledge, trim."""
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="meterkit-ledger-write")
+        return self._pool
+
+    def _finish(self, writing: tuple[Future[None], dict[str, list[Event]]]) -> int:
+        future, got = writing
+        future.result()  # (the store's error, if it refused the batch)
+        return self._confirm(got)
+
+    def _read(self) -> dict[str, list[Event]]:
+        """About a batch of events (at least one stream's worth when any has some),
+        from the streams in turn."""
         batch = self.drain_.batch
-        pipe = self.client.pipeline(transaction=False)
-        reading = []
-        for stream in streams:
-            start = "0" if stream in self._backlog else ">"
-            pipe.xreadgroup(self.group, self.consumer, {stream: start}, count=batch)
-            reading.append((stream, start))
-        replies = pipe.execute()
+        streams = self._streams
         got: dict[str, list[Event]] = {}
-        for (stream, start), reply in zip(reading, replies, strict=True):
-            entries = _entries(reply)
-            if start == "0" and len(entries) < batch:
-                self._backlog.discard(stream)  # (its pending entries are all in hand)
-            if entries:
-                got[stream] = self._events(stream, entries)
-        return self._settle(got)
+        total = 0
+        n = len(streams)
+        for _ in range(0, n, _STREAMS_PER_ROUND):
+            first = self._next % n if n else 0
+            chunk = [streams[(first + j) % n] for j in range(min(_STREAMS_PER_ROUND, n))]
+            self._next = first + len(chunk)
+            pipe = self.client.pipeline(transaction=False)
+            starts = []
+            for stream in chunk:
+                start = "0" if stream in self._backlog else ">"
+                pipe.xreadgroup(self.group, self.consumer, {stream: start}, count=batch)
+                starts.append(start)
+            for stream, start, reply in zip(chunk, starts, pipe.execute(), strict=True):
+                entries = _entries(reply)
+                if start == "0" and len(entries) < batch:
+                    self._backlog.discard(stream)  # (its pending entries are all in hand)
+                if entries:
+                    got.setdefault(stream, []).extend(self._events(stream, entries))
+                    total += len(entries)
+            if total >= batch:
+                break
+        return got
 
-    def _claim(self, streams: list[str]) -> int:
+    def _claim(self, streams: list[str]) -> dict[str, list[Event]]:
         """Take over entries other consumers have held ``claim_idle`` seconds."""
         pipe = self.client.pipeline(transaction=False)
         for stream in streams:
@@ -437,7 +476,7 @@ class _RedisSource:
             if entries:
                 got[stream] = self._events(stream, entries)
                 self.drain_.stats.claimed += len(entries)
-        return self._settle(got)
+        return got
 
     def _events(self, stream: str, entries: list[Any]) -> list[Event]:
         events = []
@@ -450,12 +489,8 @@ class _RedisSource:
             events.append(entry_event(stream, entry_id, fields))
         return events
 
-    def _settle(self, got: dict[str, list[Event]]) -> int:
-        """Commit, then acknowledge and trim: the order exactly-once rests on."""
-        if not got:
-            return 0
-        events = [e for stream_events in got.values() for e in stream_events]
-        self.drain_._commit(events)
+    def _confirm(self, got: dict[str, list[Event]]) -> int:
+        """Acknowledge and trim what a commit holds (never before it)."""
         pipe = self.client.pipeline(transaction=False)
         for stream, stream_events in got.items():
             ids = [f"{e.position[0]}-{e.position[1]}" for e in stream_events]
@@ -463,7 +498,11 @@ class _RedisSource:
         pipe.execute()
         for stream in got:
             self._trim(keys=[stream], args=[_FORGET_MS])
-        return len(events)
+        return sum(map(len, got.values()))
+
+
+def _flat(got: dict[str, list[Event]]) -> list[Event]:
+    return [e for stream_events in got.values() for e in stream_events]
 
 
 def _entries(reply: Any) -> list[Any]:

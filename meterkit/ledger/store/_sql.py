@@ -84,7 +84,7 @@ SCHEMA = (
         refunds BIGINT NOT NULL,
         refunded BIGINT NOT NULL,
         PRIMARY KEY (org, mode, day, key_id, operation)
-    ){rowid}""",
+    ){options}""",
     """CREATE INDEX IF NOT EXISTS meterkit_usage_daily_key
         ON meterkit_usage_daily (org, mode, key_id, day)""",
     """CREATE TABLE IF NOT EXISTS meterkit_usage_monthly (
@@ -98,22 +98,13 @@ SCHEMA = (
         refunds BIGINT NOT NULL,
         refunded BIGINT NOT NULL,
         PRIMARY KEY (org, mode, month, key_id, operation)
-    ){rowid}""",
+    ){options}""",
 )
 
-# The rollups of the events a batch really inserted (the dialect names that set
-# {new}). Rows are taken in key order, so that concurrent drains lock rollup rows in
-# one order (PostgreSQL) and never deadlock each other.
-_ROLLUP = """INSERT INTO meterkit_usage_{table} AS u
+# A rollup row's sums are added to what the row holds (or make the row).
+_UPSERT = """INSERT INTO meterkit_usage_{table} AS u
     (org, mode, {period}, key_id, operation, requests, charged, refunds, refunded)
-    SELECT org, mode, {period}, key_id, operation,
-        SUM(CASE WHEN kind = 'charge' THEN 1 ELSE 0 END),
-        SUM(CASE WHEN kind = 'charge' THEN micro ELSE 0 END),
-        SUM(CASE WHEN kind = 'refund' THEN 1 ELSE 0 END),
-        SUM(CASE WHEN kind = 'refund' THEN micro ELSE 0 END)
-    FROM {new} WHERE kind IN ('charge', 'refund')
-    GROUP BY org, mode, {period}, key_id, operation
-    ORDER BY org, mode, {period}, key_id, operation
+    {source}
     ON CONFLICT (org, mode, {period}, key_id, operation) DO UPDATE SET
         requests = u.requests + excluded.requests,
         charged = u.charged + excluded.charged,
@@ -121,9 +112,51 @@ _ROLLUP = """INSERT INTO meterkit_usage_{table} AS u
         refunded = u.refunded + excluded.refunded"""
 
 
-def rollup_sql(table: str, period: str, new: str) -> str:
-    """The statement that adds the events in ``new`` to the ``table`` rollup."""
-    return _ROLLUP.format(table=table, period=period, new=new)
+def upsert_sql(table: str, period: str, source: str) -> str:
+    """The statement that adds ``source``'s rows (a ``VALUES`` or a ``SELECT``) to the
+    ``table`` rollup, whose period column is ``period``."""
+    return _UPSERT.format(table=table, period=period, source=source)
+
+
+#: One rollup row: (org, mode, day, month, key, operation, requests, charged,
+#: refunds, refunded) for a day; without the day for a month.
+RollupRow = tuple[Any, ...]
+
+
+def daily_sums(rows: Iterable[Row]) -> list[RollupRow]:
+    """The daily rollup rows of the events ``rows`` (those a batch really inserted),
+    in key order: concurrent drains then lock rollup rows in one order (PostgreSQL)
+    and never deadlock each other."""
+    sums: dict[tuple[str, str, int, int, str, str], list[int]] = {}
+    for row in rows:
+        kind = row[6]
+        if kind == CHARGE:
+            at = 0
+        elif kind == REFUND:
+            at = 2
+        else:
+            continue
+        key = (row[4], row[5], row[2], row[3], row[7], row[8])
+        acc = sums.get(key)
+        if acc is None:
+            acc = sums[key] = [0, 0, 0, 0]
+        acc[at] += 1
+        acc[at + 1] += row[9]
+    return [(*key, *acc) for key, acc in sorted(sums.items())]
+
+
+def monthly_sums(
+    daily: Iterable[RollupRow],
+) -> list[RollupRow]:
+    """The monthly rollup rows of some daily rollup rows, in key order."""
+    sums: dict[tuple[str, str, int, str, str], list[int]] = {}
+    for org, mode, _, month, key, op, a, b, c, d in daily:
+        acc = sums.setdefault((org, mode, month, key, op), [0, 0, 0, 0])
+        acc[0] += a
+        acc[1] += b
+        acc[2] += c
+        acc[3] += d
+    return [(*key, *acc) for key, acc in sorted(sums.items())]
 
 
 def day_of(at_us: int) -> int:

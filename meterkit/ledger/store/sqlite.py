@@ -5,7 +5,9 @@ The database runs in WAL mode with ``synchronous=FULL``: a commit the drain wait
 for is on disk before the drain acknowledges the events in Redis, so a crash of the
 machine, not only of the drain, loses nothing acknowledged. Several drains (threads
 or processes) may write to one file: each batch takes the write lock
-(``BEGIN IMMEDIATE``) and the others wait for it (``busy_timeout``).
+(``BEGIN IMMEDIATE``) and the others wait for it (``busy_timeout``). Within it, the
+store knows which events are new (nothing else inserts), and adds those to the
+rollups.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from typing import Any
 
 from meterkit.errors import BackendUnavailable, ConfigurationError
 from meterkit.ledger.events import Event
-from meterkit.ledger.store._sql import COLUMNS, SCHEMA, SqlStore, rollup_sql, rows_of
+from meterkit.ledger.store._sql import (
+    COLUMNS,
+    SCHEMA,
+    Row,
+    SqlStore,
+    daily_sums,
+    monthly_sums,
+    rows_of,
+    upsert_sql,
+)
 
 __all__ = ["SqliteStore"]
 
@@ -28,6 +39,11 @@ _INCOMING = (
     + ")"
 )
 _PLACES = ", ".join("?" * len(COLUMNS))
+_INSERT = f"INSERT INTO main.meterkit_events VALUES ({_PLACES})"
+_INCOMING_INSERT = f"INSERT OR IGNORE INTO temp.meterkit_incoming VALUES ({_PLACES})"
+_VALUES = "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_DAILY = upsert_sql("daily", "day", _VALUES)
+_MONTHLY = upsert_sql("monthly", "month", _VALUES)
 
 
 class SqliteStore(SqlStore):
@@ -47,7 +63,7 @@ class SqliteStore(SqlStore):
         with conn:
             conn.execute("PRAGMA journal_mode=WAL")
             for statement in SCHEMA:
-                conn.execute(statement.format(rowid=" WITHOUT ROWID"))
+                conn.execute(statement.format(options=" WITHOUT ROWID"))
 
     def _connect(self) -> Any:
         try:
@@ -76,29 +92,44 @@ class SqliteStore(SqlStore):
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("DELETE FROM temp.meterkit_incoming")
-                conn.executemany(
-                    f"INSERT OR IGNORE INTO temp.meterkit_incoming VALUES ({_PLACES})", rows
-                )
-                # (under the write lock, nothing else inserts: what is not there now is new)
-                conn.execute(
-                    "DELETE FROM temp.meterkit_incoming WHERE id IN "
-                    "(SELECT e.id FROM main.meterkit_events e "
-                    "JOIN temp.meterkit_incoming i ON e.id = i.id)"
-                )
-                new = conn.execute("SELECT COUNT(*) FROM temp.meterkit_incoming").fetchone()[0]
-                if new:
-                    conn.execute(
-                        "INSERT INTO main.meterkit_events SELECT * FROM temp.meterkit_incoming "
-                        "ORDER BY pos_ms, pos_seq"
-                    )
-                    incoming = "temp.meterkit_incoming"
-                    conn.execute(rollup_sql("daily", "day", incoming))
-                    conn.execute(rollup_sql("monthly", "month", incoming))
+                new = self._insert(conn, rows)
+                daily = daily_sums(new)
+                conn.executemany(_DAILY, [(*r[:3], *r[4:]) for r in daily])
+                conn.executemany(_MONTHLY, monthly_sums(daily))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"the SQLite ledger refused a batch: {exc}") from exc
-        return int(new)
+        return len(new)
+
+    @staticmethod
+    def _insert(conn: Any, rows: list[Row]) -> list[Row]:
+        """Insert the rows whose id the store does not hold; return them."""
+        # Nearly always, none is there: insert them all at once. A drain killed
+        # after a commit, or two drains that held the same entries, bring an id
+        # again: then the batch goes through a temporary table, which sorts out
+        # the ids already there (nothing else writes: this transaction holds the
+        # write lock).
+        conn.execute("SAVEPOINT plain")
+        try:
+            conn.executemany(_INSERT, rows)
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK TO plain")
+        else:
+            conn.execute("RELEASE plain")
+            return rows
+        conn.execute("RELEASE plain")
+        conn.execute("DELETE FROM temp.meterkit_incoming")
+        conn.executemany(_INCOMING_INSERT, rows)
+        conn.execute(
+            "DELETE FROM temp.meterkit_incoming WHERE id IN "
+            "(SELECT e.id FROM main.meterkit_events e "
+            "JOIN temp.meterkit_incoming i ON e.id = i.id)"
+        )
+        new: list[Row] = conn.execute(
+            "SELECT * FROM temp.meterkit_incoming ORDER BY pos_ms, pos_seq"
+        ).fetchall()
+        conn.executemany(_INSERT, new)
+        return new
