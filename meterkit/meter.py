@@ -7,10 +7,12 @@ is made from it without the ``await`` (:func:`meterkit._twins.blocking`).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import date
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from meterkit._twins import blocking
@@ -39,6 +41,8 @@ from meterkit.errors import (
 if TYPE_CHECKING:
     from meterkit.core.backend import AsyncBackend, Backend
     from meterkit.core.policy import Policy
+    from meterkit.ledger.history import UsageHistory
+    from meterkit.ledger.store import LedgerStore
 
 __all__ = ["AsyncMeter", "Meter"]
 
@@ -92,11 +96,22 @@ class _MeterCore:
     #: The backend as the twin methods call it (AsyncMeter: with awaitable methods).
     _backend: Any
     _apply: Any
+    #: A ledger query (AsyncMeter: awaitable, in a worker thread).
+    _read_history: Any
 
-    def __init__(self, policy: Policy, backend: Any, *, fail_open: bool = False) -> None:
+    def __init__(
+        self, policy: Policy, backend: Any, *, fail_open: bool = False, ledger: Any = None
+    ) -> None:
         self.policy = policy
         self.backend = backend
         self.fail_open = fail_open
+        #: The ledger store that :meth:`Meter.usage` reads past periods from (or None).
+        self.ledger: LedgerStore | None = None
+        self._owns_ledger = isinstance(ledger, str)
+        if ledger is not None:
+            from meterkit.ledger.store import store_from_url
+
+            self.ledger = store_from_url(ledger) if isinstance(ledger, str) else ledger
         self._plan_for = policy.plan_for
         self._watch_shadow = policy.shadow or any(t.shadow for t in policy.tiers)
         #: Denials that shadow mode let through, per tier name (and "credits").
@@ -265,12 +280,38 @@ class _MeterCore:
             raise InvalidRequestError(f"{type(self.backend).__name__} cannot {what}")
         return getattr(self._backend, method)
 
+    def _history_args(
+        self, period: object, since: object, until: object
+    ) -> tuple[LedgerStore, date, date]:
+        """The ledger and the [since, until) dates of a usage history request."""
+        from meterkit.ledger.history import period_bounds
+
+        bounds = period_bounds(period, since, until)
+        if self.ledger is None:
+            raise InvalidRequestError(
+                "usage of a past period is read from a ledger: make the meter with "
+                "ledger=<store or URL> (see docs/ledger.md)"
+            )
+        return self.ledger, *bounds
+
     def _usage_args(self, org: str, key: str | None, mode: str) -> None:
         check_id(org, "org")
         if key is not None:
             check_id(key, "key")
         if mode not in ("live", "test"):
             raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
+
+
+def _history(*args: Any) -> UsageHistory:
+    """A ledger query (the ledger's modules are loaded once a meter has a ledger)."""
+    from meterkit.ledger.history import history
+
+    return history(*args)
+
+
+async def _history_in_thread(*args: Any) -> UsageHistory:
+    """A ledger query, in a worker thread: SQL drivers block."""
+    return await asyncio.to_thread(_history, *args)
 
 
 class AsyncMeter(_MeterCore):
@@ -282,9 +323,15 @@ class AsyncMeter(_MeterCore):
     """
 
     def __init__(
-        self, policy: Policy, backend: AsyncBackend | Backend, *, fail_open: bool = False
+        self,
+        policy: Policy,
+        backend: AsyncBackend | Backend,
+        *,
+        fail_open: bool = False,
+        ledger: LedgerStore | str | None = None,
     ) -> None:
-        super().__init__(policy, backend, fail_open=fail_open)
+        super().__init__(policy, backend, fail_open=fail_open, ledger=ledger)
+        self._read_history = _history_in_thread
         if not inspect.iscoroutinefunction(getattr(backend, "apply", None)):
             backend = _Awaiting(backend)
         self._backend = backend
@@ -393,9 +440,45 @@ class AsyncMeter(_MeterCore):
             return False
         return bool(await self._backend.refund(decision.request, decision.outcome))
 
-    async def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage:
-        """This period's requests and credits for ``org`` (or one ``key`` of it)."""
+    @overload
+    async def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage: ...
+
+    @overload
+    async def usage(
+        self,
+        org: str,
+        key: str | None = None,
+        mode: Mode = "live",
+        *,
+        period: str | None = None,
+        since: date | str | None = None,
+        until: date | str | None = None,
+    ) -> UsageHistory: ...
+
+    async def usage(
+        self,
+        org: str,
+        key: str | None = None,
+        mode: Mode = "live",
+        *,
+        period: str | None = None,
+        since: date | str | None = None,
+        until: date | str | None = None,
+    ) -> Usage | UsageHistory:
+        """This period's requests and credits for ``org`` (or one ``key`` of it), from
+        the backend's counters, in real time.
+
+        With ``period`` (a month ``"2026-11"`` or a day ``"2026-11-05"``) or ``since``
+        and ``until`` (dates, ``until`` excluded): that period's usage per operation,
+        key, day and month from the meter's ledger store (``ledger=``), as a
+        :class:`~meterkit.ledger.UsageHistory`: any past period, long after the
+        backend's counters of it ended.
+        """
         self._usage_args(org, key, mode)
+        if period is not None or since is not None or until is not None:
+            store, first, end = self._history_args(period, since, until)
+            found: UsageHistory = await self._read_history(store, org, key, mode, first, end)
+            return found
         return build_usage(org, key, await self._backend.usage(self.policy, org, mode))
 
     async def set_allowance(self, org: str, credits: object, mode: Mode = "live") -> None:
@@ -449,7 +532,9 @@ class AsyncMeter(_MeterCore):
 
     async def aclose(self) -> None:
         """Close the backend (``aclose()`` of an asyncio backend, ``close()`` of a
-        blocking one)."""
+        blocking one), and the ledger store if the meter opened it from a URL."""
+        if self._owns_ledger and self.ledger is not None:
+            self.ledger.close()
         await self._backend.aclose()
 
     async def close(self) -> None:
@@ -473,12 +558,20 @@ class Meter(_MeterCore):
     (one that timed out may have run): ``usage()`` says what the backend counted.
     """
 
-    def __init__(self, policy: Policy, backend: Backend, *, fail_open: bool = False) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        backend: Backend,
+        *,
+        fail_open: bool = False,
+        ledger: LedgerStore | str | None = None,
+    ) -> None:
         if inspect.iscoroutinefunction(getattr(backend, "apply", None)):
             raise InvalidRequestError("this backend is asynchronous: use meterkit.AsyncMeter")
-        super().__init__(policy, backend, fail_open=fail_open)
+        super().__init__(policy, backend, fail_open=fail_open, ledger=ledger)
         self._backend = backend
         self._apply = backend.apply
+        self._read_history = _history
 
     check = blocking(AsyncMeter.check)
     peek = blocking(AsyncMeter.peek)
@@ -486,7 +579,27 @@ class Meter(_MeterCore):
     check_many = blocking(AsyncMeter.check_many)
     _apply_or_error = blocking(AsyncMeter._apply_or_error)
     refund = blocking(AsyncMeter.refund)
-    usage = blocking(AsyncMeter.usage)
+    if TYPE_CHECKING:  # (a twin keeps one signature: usage's two are spelt out here)
+
+        @overload
+        def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage: ...
+
+        @overload
+        def usage(
+            self,
+            org: str,
+            key: str | None = None,
+            mode: Mode = "live",
+            *,
+            period: str | None = None,
+            since: date | str | None = None,
+            until: date | str | None = None,
+        ) -> UsageHistory: ...
+
+        def usage(self, *args: Any, **kwargs: Any) -> Usage | UsageHistory: ...
+
+    else:
+        usage = blocking(AsyncMeter.usage)
     set_allowance = blocking(AsyncMeter.set_allowance)
     top_up = blocking(AsyncMeter.top_up)
     set_plan = blocking(AsyncMeter.set_plan)
