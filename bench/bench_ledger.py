@@ -78,10 +78,10 @@ def _fill(client: Any, stream: str, prefix: str, start: int, n: int) -> None:
         pipe = client.pipeline(transaction=False)
         for i in range(chunk, min(chunk + 5_000, start + n)):
             body = (
-                f"{prefix}:{{org_{i % 100}}}:cr\n{T + i * 1_000}\n10000\n"
+                f"{prefix}.{i}\n{prefix}:{{org_{i % 100}}}:cr\n{T + i * 1_000}\n10000\n"
                 f"q|{OPS[i % 3]}|key_{i % 1_000}"
             )
-            pipe.xadd(stream, {"c": f"{prefix}.{i}", "e": body})
+            pipe.xadd(stream, {"c": body})
         pipe.execute()
 
 

@@ -90,20 +90,21 @@ class Event(NamedTuple):
 
 # -- Redis: one stream entry per event -------------------------------------------------
 #
-# An entry has two fields, written by the scripts in meterkit/backends/redis/lua:
+# An entry has one field, written by the scripts in meterkit/backends/redis/lua: its
+# name is the kind's letter (c: a charge, r: a refund of it, t: a top-up, a: an
+# allowance change, p: a plan change), its value lines joined by '\n':
 #
-#   <kind letter>  the charge id (c: a charge, r: a refund of it) or the event's id
-#                  (t: a top-up, a: an allowance change, p: a plan change)
-#   e              the body: lines joined by '\n': the organization's account key
-#                  (which names the organization and the mode), the time in µs, then
-#                    c, r  the amount in µ-credits, the account's 'q|<op>|<key>' field
-#                    t     the amount in µ-credits
-#                    a     the new allowance in µ-credits, or '' for the policy's
-#                    p     what ('plan', 'key' or 'deal'), the key id, the value
-#                          (a name, or a deal's lines; '' when taken away)
+#   the charge id (c, r) or the event's id (t, a, p);
+#   the organization's account key, which names the organization and the mode;
+#   the time in µs; then
+#     c, r  the amount in µ-credits, the account's 'q|<op>|<key>' field
+#     t     the amount in µ-credits
+#     a     the new allowance in µ-credits, or '' for the policy's
+#     p     what ('plan', 'key' or 'deal'), the key id, the value (a name, or a
+#           deal's lines; '' when taken away)
 #
-# Two fields, one of them the body built by one Lua concatenation, cost Redis fewer
-# instructions than a field per value (see docs/ledger.md, "Cost").
+# One field, built by one Lua concatenation, costs Redis fewer instructions than a
+# field per value (see docs/ledger.md, "Cost").
 
 _LETTERS: dict[bytes, Kind] = {
     b"c": CHARGE,
@@ -137,23 +138,20 @@ def entry_event(source: str, entry_id: Any, fields: Any) -> Event:
     redis-py gives). Raises :class:`StateError` for an entry meterkit did not write."""
     try:
         if isinstance(fields, dict):
-            items = list(fields.items())
+            ((letter, body),) = fields.items()
         else:
-            items = list(zip(fields[0::2], fields[1::2], strict=True))
-        (letter, ident), (e, body) = items
+            letter, body = fields
         if isinstance(letter, str):
             letter = letter.encode()
         kind = _LETTERS[letter]
-        if _text(e) != "e":
-            raise ValueError("no body")
-        ident = _text(ident)
-        parts = _text(body).split("\n", 4 if kind == PLAN else 3)
-        org, mode = account_of(parts[0])
-        time = int(parts[1])
+        parts = _text(body).split("\n", 5 if kind == PLAN else 4)
+        ident = parts[0]
+        org, mode = account_of(parts[1])
+        time = int(parts[2])
         ms, _, seq = _text(entry_id).partition("-")
         position = (int(ms), int(seq or 0))
         if kind in (CHARGE, REFUND):
-            micro, field = int(parts[2]), parts[3]
+            micro, field = int(parts[3]), parts[4]
             if not field.startswith("q|"):
                 raise ValueError("field")
             operation, key = field[2:].split("|", 1)
@@ -172,15 +170,15 @@ def entry_event(source: str, entry_id: Any, fields: Any) -> Event:
                 position,
             )
         if kind == TOPUP:
-            (amount,) = parts[2:]
+            (amount,) = parts[3:]
             return Event(
                 ident, time, org, mode, kind, "", "", int(amount), "", "", source, position
             )
         if kind == ALLOWANCE:
-            (value,) = parts[2:]
+            (value,) = parts[3:]
             micro = -1 if value == "" else int(value)
             return Event(ident, time, org, mode, kind, "", "", micro, "", "", source, position)
-        what, key, value = parts[2:]
+        what, key, value = parts[3:]
         if what not in ("plan", "key", "deal"):
             raise ValueError("plan change")
         detail = f"{what} {value}" if value else what

@@ -27,8 +27,8 @@ def add_charges(client: Any, prefix: str, n: int, *, orgs: int = 1, cluster: boo
     pipe = client.pipeline(transaction=False)
     for i in range(start, start + n):
         base = f"{prefix}:{{org_{i % orgs}}}:"
-        body = f"{base}cr\n{T + i}\n10000\nq|invoices.list|key_{i % 5}"
-        pipe.xadd(stream_for(prefix, base, cluster), {"c": f"charge{i}", "e": body})
+        body = f"charge{i}\n{base}cr\n{T + i}\n10000\nq|invoices.list|key_{i % 5}"
+        pipe.xadd(stream_for(prefix, base, cluster), {"c": body})
     pipe.execute()
 
 

@@ -20,8 +20,8 @@ def test_an_account_key_names_its_organization_and_mode() -> None:
 
 def test_a_charge_entry_is_read_into_its_event() -> None:
     """A charge's entry gives its charge id as id and charge, and its key, operation, amount."""
-    body = f"mk:{{org_1}}:test:cr\n{T}\n10000\nq|invoices.list|key_1"
-    event = entry_event("mk:ledger", b"1700000000000-3", [b"c", b"abc1", b"e", body.encode()])
+    body = f"abc1\nmk:{{org_1}}:test:cr\n{T}\n10000\nq|invoices.list|key_1"
+    event = entry_event("mk:ledger", b"1700000000000-3", [b"c", body.encode()])
     assert event == Event(
         "abc1", T, "org_1", "test", "charge", "key_1", "invoices.list", 10_000, "abc1", "",
         "mk:ledger", (1_700_000_000_000, 3),
@@ -30,40 +30,40 @@ def test_a_charge_entry_is_read_into_its_event() -> None:
 
 def test_a_refund_entry_refers_to_its_charge() -> None:
     """A refund's id is 'r' and the charge's id; its charge is the charge refunded."""
-    body = f"mk:{{org_1}}:cr\n{T}\n10000\nq|reports.get|key|with|bars"
-    event = entry_event("s", "5-0", {"r": "abc1", "e": body})
+    body = f"abc1\nmk:{{org_1}}:cr\n{T}\n10000\nq|reports.get|key|with|bars"
+    event = entry_event("s", "5-0", {"r": body})
     assert (event.id, event.kind, event.charge) == ("rabc1", "refund", "abc1")
     assert (event.key, event.operation) == ("key|with|bars", "reports.get")
 
 
 def test_top_up_allowance_and_plan_entries() -> None:
     """Top-ups carry their amount; an allowance its value (-1: the policy's); a plan its detail."""
-    top = entry_event("s", "1-0", [b"t", b"id1", b"e", f"mk:{{o}}:cr\n{T}\n5000000".encode()])
-    assert (top.kind, top.micro, top.key, top.charge) == ("topup", 5_000_000, "", "")
-    off = entry_event("s", "2-0", [b"a", b"id2", b"e", f"mk:{{o}}:cr\n{T}\n".encode()])
+    top = entry_event("s", "1-0", [b"t", f"id1\nmk:{{o}}:cr\n{T}\n5000000".encode()])
+    assert (top.id, top.kind, top.micro, top.key, top.charge) == ("id1", "topup", 5_000_000, "", "")
+    off = entry_event("s", "2-0", [b"a", f"id2\nmk:{{o}}:cr\n{T}\n".encode()])
     assert (off.kind, off.micro) == ("allowance", -1)
-    on = entry_event("s", "3-0", [b"a", b"id3", b"e", f"mk:{{o}}:cr\n{T}\n42".encode()])
+    on = entry_event("s", "3-0", [b"a", f"id3\nmk:{{o}}:cr\n{T}\n42".encode()])
     assert on.micro == 42
-    deal = f"mk:{{o}}:cr\n{T}\ndeal\n\nkey-hour fixed_window 3600000000 5 0\norg-hour x"
-    plan = entry_event("s", "4-0", [b"p", b"id4", b"e", deal.encode()])
+    deal = f"id4\nmk:{{o}}:cr\n{T}\ndeal\n\nkey-hour fixed_window 3600000000 5 0\norg-hour x"
+    plan = entry_event("s", "4-0", [b"p", deal.encode()])
     assert plan.detail == "deal key-hour fixed_window 3600000000 5 0\norg-hour x"
-    body = f"mk:{{o}}:cr\n{T}\nkey\nk1\npro"
-    keyed = entry_event("s", "5-0", [b"p", b"id5", b"e", body.encode()])
+    keyed = entry_event("s", "5-0", [b"p", f"id5\nmk:{{o}}:cr\n{T}\nkey\nk1\npro".encode()])
     assert (keyed.key, keyed.detail) == ("k1", "key pro")
-    cleared = entry_event("s", "6-0", [b"p", b"id6", b"e", f"mk:{{o}}:cr\n{T}\nplan\n\n".encode()])
+    cleared = entry_event("s", "6-0", [b"p", f"id6\nmk:{{o}}:cr\n{T}\nplan\n\n".encode()])
     assert cleared.detail == "plan"
 
 
 @pytest.mark.parametrize(
     "fields",
     [
-        [b"x", b"id", b"e", b"mk:{o}:cr\n1\n1"],  # unknown kind
+        [b"x", b"id\nmk:{o}:cr\n1\n1"],  # unknown kind
         [b"c", b"id"],  # no body
-        [b"c", b"id", b"e", b"mk:o:cr\n1\n1\nq|a|b"],  # no tag
-        [b"c", b"id", b"e", b"mk:{o}:cr\nnot-a-time\n1\nq|a|b"],
-        [b"c", b"id", b"e", b"mk:{o}:cr\n1\n1\nx|a|b"],  # not an account field
-        [b"p", b"id", b"e", b"mk:{o}:cr\n1\nother\n\nx"],
-        [b"c", b"\xff", b"e", b"mk:{o}:cr\n1\n1\nq|a|b"],
+        [b"c", b"id\nmk:{o}:cr\n1\n1\nq|a|b", b"e", b"more"],  # two fields
+        [b"c", b"id\nmk:o:cr\n1\n1\nq|a|b"],  # no tag
+        [b"c", b"id\nmk:{o}:cr\nnot-a-time\n1\nq|a|b"],
+        [b"c", b"id\nmk:{o}:cr\n1\n1\nx|a|b"],  # not an account field
+        [b"p", b"id\nmk:{o}:cr\n1\nother\n\nx"],
+        [b"c", b"\xff\nmk:{o}:cr\n1\n1\nq|a|b"],
     ],
 )
 def test_an_entry_meterkit_did_not_write_is_a_state_error(fields: list[bytes]) -> None:

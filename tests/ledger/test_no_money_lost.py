@@ -135,9 +135,27 @@ def _worker(url: str, stop_file: str, out_file: str, seed: int) -> None:
 def _drain(url: str, store: str, name: str, folder: Path) -> subprocess.Popen[bytes]:
     log = open(folder / f"drain-{name}.log", "ab")  # noqa: SIM115 - the child keeps it
     return subprocess.Popen(
-        [sys.executable, "-m", "meterkit", "ledger", "drain", "--url", url, "--to", store,
-         "--prefix", PREFIX, "--consumer", name, "--claim-idle", "1", "--idle", "0.02",
-         "--batch", "200"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "meterkit",
+            "ledger",
+            "drain",
+            "--url",
+            url,
+            "--to",
+            store,
+            "--prefix",
+            PREFIX,
+            "--consumer",
+            name,
+            "--claim-idle",
+            "1",
+            "--idle",
+            "0.02",
+            "--batch",
+            "200",
+        ],
         stdout=log,
         stderr=log,
     )
@@ -203,9 +221,24 @@ def test_no_money_lost_or_doubled(
             assert proc.wait(30) == 0
         # A last drain claims whatever a killed one still held, at once.
         final = subprocess.run(
-            [sys.executable, "-m", "meterkit", "ledger", "drain", "--url", url, "--to",
-             store_url, "--prefix", PREFIX, "--consumer", "final", "--claim-idle", "0",
-             "--once"],  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "meterkit",
+                "ledger",
+                "drain",
+                "--url",
+                url,
+                "--to",
+                store_url,
+                "--prefix",
+                PREFIX,
+                "--consumer",
+                "final",
+                "--claim-idle",
+                "0",
+                "--once",
+            ],
             capture_output=True,
             text=True,
             timeout=120,
