@@ -31,7 +31,7 @@ __all__ = [
     "redis_client",
 ]
 
-_BACKEND_OPTIONS = ("prefix", "clock", "clock_skew", "allow_eviction")
+_BACKEND_OPTIONS = ("prefix", "clock", "clock_skew", "allow_eviction", "ledger")
 _SCHEMES = ("memory", "redis", "rediss", "redis+unix", "unix", "redis+cluster", "rediss+cluster")
 
 
@@ -49,10 +49,11 @@ def _split(url: object, options: dict[str, Any]) -> tuple[str, dict[str, Any], d
         )
     ours = {k: options.pop(k) for k in _BACKEND_OPTIONS if k in options}
     if scheme == "memory":
-        unknown = set(options) | (set(ours) - {"clock"})
+        unknown = set(options) | (set(ours) - {"clock", "ledger"})
         if unknown:
             raise ConfigurationError(
-                f"memory:// takes only clock=, not {', '.join(sorted(unknown))}", "url"
+                f"memory:// takes only clock= and ledger=, not {', '.join(sorted(unknown))}",
+                "url",
             )
         return scheme, ours, {}
     timeout = options.pop("timeout", 1.0)
@@ -98,16 +99,17 @@ def _plain_url(scheme: str, url: str) -> str:
 def backend_from_url(url: str, **options: Any) -> MemoryBackend | RedisBackend:
     """A synchronous backend for ``url``.
 
-    ``memory://`` → :class:`MemoryBackend` (option ``clock``). ``redis://host:port/db``,
+    ``memory://`` → :class:`MemoryBackend` (options ``clock``, ``ledger``). ``redis://host:port/db``,
     ``rediss://…``, ``redis+unix:///path/to.sock?db=0`` and
     ``redis+cluster://host:port[,host:port…]`` → :class:`RedisBackend`, with options
-    ``prefix``, ``clock``, ``clock_skew``, ``allow_eviction``, ``timeout`` (seconds,
+    ``prefix``, ``clock``, ``clock_skew``, ``allow_eviction``, ``ledger`` (append money
+    events to a stream, see docs/ledger.md), ``timeout`` (seconds,
     default 1) and any redis-py connection option (``password``, ``ssl_ca_certs``,
     ``max_connections``…).
     """
     scheme, ours, driver = _split(url, dict(options))
     if scheme == "memory":
-        return MemoryBackend(clock=ours.get("clock"))
+        return MemoryBackend(clock=ours.get("clock"), ledger=ours.get("ledger", False))
     client = _sync_client(scheme, url, driver)
     try:
         backend = RedisBackend(client, **ours)
@@ -124,7 +126,7 @@ def async_backend_from_url(url: str, **options: Any) -> MemoryBackend | AsyncRed
     :class:`~meterkit.AsyncMeter` uses as it is."""
     scheme, ours, driver = _split(url, dict(options))
     if scheme == "memory":
-        return MemoryBackend(clock=ours.get("clock"))
+        return MemoryBackend(clock=ours.get("clock"), ledger=ours.get("ledger", False))
     backend = AsyncRedisBackend(_async_client(scheme, url, driver), **ours)
     backend._owned = True
     return backend

@@ -12,20 +12,49 @@ docs/ledger.md.
 
 from __future__ import annotations
 
-from meterkit.ledger.drain import Drain, DrainStats
-from meterkit.ledger.events import Event, Kind
-from meterkit.ledger.history import DayUsage, MonthUsage, UsageHistory, history, period_bounds
-from meterkit.ledger.log import MemoryLog
-from meterkit.ledger.reconcile import (
-    Difference,
-    Reconciliation,
-    cloudevent,
-    reconcile,
-    write_cloudevents,
-    write_csv,
-)
-from meterkit.ledger.store import LedgerStore, SqliteStore, store_from_url
-from meterkit.ledger.store.postgresql import PostgresStore
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meterkit.ledger.drain import Drain, DrainStats
+    from meterkit.ledger.events import Event, Kind
+    from meterkit.ledger.history import DayUsage, MonthUsage, UsageHistory, history, period_bounds
+    from meterkit.ledger.log import MemoryLog
+    from meterkit.ledger.reconcile import (
+        Difference,
+        Reconciliation,
+        cloudevent,
+        reconcile,
+        write_cloudevents,
+        write_csv,
+    )
+    from meterkit.ledger.store import LedgerStore, SqliteStore, store_from_url
+    from meterkit.ledger.store.postgresql import PostgresStore
+
+# Names load their module when first used: the backends import the event format
+# (meterkit.ledger.events) at start-up, and need no SQL driver for it.
+_WHERE = {
+    "DayUsage": "history",
+    "Difference": "reconcile",
+    "Drain": "drain",
+    "DrainStats": "drain",
+    "Event": "events",
+    "Kind": "events",
+    "LedgerStore": "store",
+    "MemoryLog": "log",
+    "MonthUsage": "history",
+    "PostgresStore": "store.postgresql",
+    "Reconciliation": "reconcile",
+    "SqliteStore": "store",
+    "UsageHistory": "history",
+    "cloudevent": "reconcile",
+    "history": "history",
+    "period_bounds": "history",
+    "reconcile": "reconcile",
+    "store_from_url": "store",
+    "write_cloudevents": "reconcile",
+    "write_csv": "reconcile",
+}
 
 __all__ = [
     "DayUsage",
@@ -49,3 +78,12 @@ __all__ = [
     "write_cloudevents",
     "write_csv",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meterkit.ledger' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"meterkit.ledger.{module}"), name)
+    globals()[name] = value
+    return value

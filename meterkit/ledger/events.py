@@ -45,8 +45,10 @@ __all__ = [
     "Event",
     "Kind",
     "account_of",
+    "deal_text",
     "entry_event",
     "memory_event",
+    "plan_detail",
 ]
 
 Kind = Literal["charge", "refund", "topup", "allowance", "plan"]
@@ -86,6 +88,18 @@ class Event(NamedTuple):
     #: its place there: the stream entry id's two numbers (a memory log: 0 and its
     #: sequence number); later events of one source have greater positions
     position: tuple[int, int] = (0, 0)
+
+
+def deal_text(deal: Any) -> str:
+    """A deal (see :func:`meterkit.core.policy.deal_of`) as the lines both backends
+    keep and report: ``<tier> <algorithm> <window µs> <limit> <burst>`` each."""
+    return "\n".join(" ".join(map(str, terms)) for terms in deal)
+
+
+def plan_detail(what: str, value: str) -> str:
+    """A plan change's ``detail``: ``plan <name>``, ``key <name>`` or ``deal <lines>``,
+    only ``what`` when taken away."""
+    return f"{what} {value}" if value else what
 
 
 # -- Redis: one stream entry per event -------------------------------------------------
@@ -181,8 +195,9 @@ def entry_event(source: str, entry_id: Any, fields: Any) -> Event:
         what, key, value = parts[3:]
         if what not in ("plan", "key", "deal"):
             raise ValueError("plan change")
-        detail = f"{what} {value}" if value else what
-        return Event(ident, time, org, mode, kind, key, "", 0, "", detail, source, position)
+        return Event(
+            ident, time, org, mode, kind, key, "", 0, "", plan_detail(what, value), source, position
+        )
     except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
         raise StateError(
             f"the ledger stream {source!r} holds an entry meterkit did not write"

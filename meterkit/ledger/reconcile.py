@@ -176,7 +176,7 @@ def _account_pairs(
     if head is None:
         return {}, 0
     try:
-        period, _, topup, _ = _HEAD.unpack(head)
+        period, _, topup, _ = _HEAD.unpack_from(head)
         if period != start:
             return {}, 0  # last month's account: this month has none yet
         pairs: dict[tuple[str, str], list[int]] = {}

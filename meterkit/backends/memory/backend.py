@@ -60,7 +60,7 @@ import time
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from string import Template
 from typing import TYPE_CHECKING, Any, cast
 
@@ -78,9 +78,14 @@ from meterkit.core.outcome import (
 from meterkit.core.plan import END_OF_TIME_US as _END_OF_TIME
 from meterkit.core.plan import Plan, bad_clock, clock_us, month_bounds
 from meterkit.core.policy import enforces
+from meterkit.errors import ConfigurationError
+from meterkit.ledger.events import ALLOWANCE, PLAN, REFUND, TOPUP, deal_text, plan_detail
+from meterkit.ledger.log import MemoryLog, ledger_full
 
 if TYPE_CHECKING:
     from meterkit.core.policy import Deal, OperationPlan, Policy, Tier
+    from meterkit.ledger.reconcile import OrgSnapshot
+    from meterkit.ledger.store import LedgerStore
 
 __all__ = ["MemoryBackend"]
 
@@ -390,6 +395,7 @@ def bind(b, policy, limits, lock, clock, $states):
     idempotency = b._idem
     assigned = b._assigned
     variant = b._variant
+    $ledger
 
     def apply(plan):
         """Check every tier and the credits of one $name request; consume all or none."""
@@ -446,6 +452,7 @@ def bind(b, policy, limits, $states):
     shard_of = hash
     accounts = b._accounts
     allowances = b._allowances
+    $ledger
 
     def run(plan, org, idem, now):
         """Check every tier and the credits of one $name request under plan $plan."""
@@ -476,6 +483,7 @@ $admit
 # What an admitted request does: consume every tier and the credits.
 _ADMIT = """\
 # -- admitted: consume every tier and the credits
+$full
 $remember
 $commits
 acct.used += cost
@@ -484,12 +492,28 @@ by_key = acct.pairs.get($OP)
 if by_key is None:
     by_key = acct.pairs[$OP] = {}
 by_key[plan.key] = by_key.get(plan.key, 0) + $ONE + cost
+$charge
 outcome = _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
-               str(_next_charge()), False, limits))
+               $CHARGE_ID, False, limits))
 if idem is not None:
     b._remember(org, idem, plan, now, outcome)
+$event
 return outcome
 """
+# With a ledger (MemoryBackend(ledger=True)): the log, bound once; a check that would
+# charge while the log is full is refused before it consumes anything; an admitted
+# check appends one tuple (its charge counter, the time, the plan: see
+# meterkit/ledger/events.py), and nothing else.
+_LEDGER_BIND = """\
+log = b.ledger.entries
+log_append = log.append
+"""
+_LEDGER_FULL = """\
+if len(log) >= {capacity}:
+    raise _ledger_full({capacity})
+"""
+_LEDGER_CHARGE = "n = _next_charge()\n"
+_LEDGER_EVENT = "log_append((n, now, plan))\n"
 # What a peek does instead: say so, consume nothing (and keep no new account).
 _PEEK = """\
 # -- a peek: what check would answer now, and nothing consumed
@@ -582,9 +606,12 @@ def _tier_source(i: int, tier: Tier, enforce: bool) -> tuple[str, str]:
     return check_src, f"# tier {i}: {tier.name!r}\n" + commit_src
 
 
-def _body_source(op: OperationPlan, policy: Policy, *, peek: bool) -> tuple[str, str]:
+def _body_source(
+    op: OperationPlan, policy: Policy, *, peek: bool, ledger: int = 0
+) -> tuple[str, str]:
     """The check of ``op``'s tiers (as given: the default plan's or another's) and
-    credits, once the time is known and the lock held; and its tiers' state names."""
+    credits, once the time is known and the lock held; and its tiers' state names.
+    ``ledger``: the capacity of the backend's ledger log (0: none)."""
     checks, commits = [], []
     enforcing = False
     for i, tier in enumerate(op.tiers):
@@ -615,6 +642,10 @@ def _body_source(op: OperationPlan, policy: Policy, *, peek: bool) -> tuple[str,
             commits="".join(commits) or "# no tiers",
             outcomes=outcomes,
             remember=_REMEMBER if by_key and not peek else "",
+            full=_LEDGER_FULL.format(capacity=int(ledger)) if ledger else "",
+            charge=_LEDGER_CHARGE if ledger else "",
+            event=_LEDGER_EVENT if ledger else "",
+            CHARGE_ID="str(n)" if ledger else "str(_next_charge())",
             OP=repr(op.name),
             NONE=str(REASON_NONE),
             ONE=str(_ONE_REQUEST),
@@ -642,16 +673,20 @@ def apply_source(
     peek: bool = False,
     stray: bool = False,
     system_clock: bool = True,
+    ledger: int = 0,
 ) -> str:
     """The Python source of the function that applies ``op`` of ``policy`` (with
     ``peek``, of the one that answers the same without consuming anything), for a
-    backend on the system clock or on a clock of its own."""
-    body, states = _body_source(op, policy, peek=peek)
+    backend on the system clock or on a clock of its own, with a ledger log of
+    ``ledger`` events at most (0: none)."""
+    ledger = 0 if peek else ledger
+    body, states = _body_source(op, policy, peek=peek, ledger=ledger)
     return _fill(
         _APPLY,
         name=op.name,
         states=states,
         body=body,
+        ledger=_LEDGER_BIND if ledger else "",
         dispatch=_fill(
             _DISPATCH_KEYED
             if op.key_plan is not None
@@ -663,11 +698,21 @@ def apply_source(
     )
 
 
-def variant_source(limits: OperationPlan, policy: Policy, *, peek: bool = False) -> str:
+def variant_source(
+    limits: OperationPlan, policy: Policy, *, peek: bool = False, ledger: int = 0
+) -> str:
     """The Python source of the function that applies ``limits`` (an operation under
     a plan, see :meth:`Policy.limits_for`) once the lock is held and the time known."""
-    body, states = _body_source(limits, policy, peek=peek)
-    return _fill(_VARIANT, name=limits.name, plan=repr(limits.plan), states=states, body=body)
+    ledger = 0 if peek else ledger
+    body, states = _body_source(limits, policy, peek=peek, ledger=ledger)
+    return _fill(
+        _VARIANT,
+        name=limits.name,
+        plan=repr(limits.plan),
+        states=states,
+        body=body,
+        ledger=_LEDGER_BIND if ledger else "",
+    )
 
 
 # Compiled binders, by source: backends (and policies) with the same operations
@@ -699,6 +744,7 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
         "array": array,
         "bisect_right": bisect_right,
         "_shards": _shards,
+        "_ledger_full": ledger_full,
     }
     exec(compile(source, filename, "exec"), namespace)
     # Tracebacks and inspect read generated code from linecache, as with attrs.
@@ -768,8 +814,14 @@ class MemoryBackend:
     held at the latest time seen.
     """
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | None = None, *, ledger: bool | int = False) -> None:
         self._clock: Clock = clock if clock is not None else time.time
+        #: The ledger's log (``ledger=True``, or its capacity), or None: see
+        #: :mod:`meterkit.ledger.log`.
+        self.ledger: MemoryLog | None = None
+        if ledger is not False:
+            self.ledger = MemoryLog() if ledger is True else MemoryLog(ledger)
+        self._capacity = 0 if self.ledger is None else self.ledger.capacity
         self._lock = threading.Lock()
         self._last = 0
         # Tier state by (name, scope, algorithm, limit, window, burst): tiers with the
@@ -844,7 +896,9 @@ class MemoryBackend:
         with self._lock:
             states = self._states(op)
         system_clock = self._clock is time.time
-        source = apply_source(op, policy, peek=peek, stray=stray, system_clock=system_clock)
+        source = apply_source(
+            op, policy, peek=peek, stray=stray, system_clock=system_clock, ledger=self._capacity
+        )
         name = f"{op.name} peek" if peek else op.name
         fn = _binder(source, name)(self, policy, op, self._lock, self._clock, *states)
         fn.__qualname__ = f"MemoryBackend.{'peek' if peek else 'apply'}[{op.name}]"
@@ -866,7 +920,7 @@ class MemoryBackend:
         slot = (limits, plan.policy, peek)
         fn = self._variants.get(slot)
         if fn is None:
-            source = variant_source(limits, plan.policy, peek=peek)
+            source = variant_source(limits, plan.policy, peek=peek, ledger=self._capacity)
             name = f"{limits.name} {limits.plan}" + (" peek" if peek else "")
             bind = cast("Callable[..., Variant]", _binder(source, name))
             fn = bind(self, plan.policy, limits, *self._states(limits))
@@ -1045,7 +1099,8 @@ class MemoryBackend:
         start, _ = month_bounds(outcome.now)
         now = self._read_clock()
         with self._lock:
-            if start != self._period_of(self._hold(now))[0]:
+            now = self._hold(now)
+            if start != self._period_of(now)[0]:
                 return False  # an ended month is closed, even if the org was idle since
             acct = self._accounts.get(org)
             if acct is None or acct.period != start or charge in acct.refunded:
@@ -1057,9 +1112,12 @@ class MemoryBackend:
             # were charged this month (a caller-built outcome cannot make usage negative).
             if pair is None or not 0 <= amount <= min(pair & _MICRO_MASK, acct.used):
                 return False
+            self._room()
             acct.refunded.add(charge)
             acct.used -= amount
             by_key[plan.key] = pair - amount
+            if self.ledger is not None:
+                self._log(now, REFUND, plan.org, plan.mode, plan.key, plan.op.name, amount, charge)
             if plan.idem is not None:
                 # A refunded request did not happen as far as billing goes: its retry
                 # is a new request. A newer request that reused the key keeps its record.
@@ -1093,7 +1151,13 @@ class MemoryBackend:
     def set_allowance(self, org: str, mode: str, micro: int | None) -> None:
         """Set ``org``'s monthly allowance (None: back to the policy's)."""
         ident = org if mode == "live" else _TEST_NS + org
+        now = self._read_clock() if self.ledger is not None else 0
         with self._lock:
+            if self.ledger is not None:
+                self._room()
+                self._log(
+                    self._hold(now), ALLOWANCE, org, mode, "", "", -1 if micro is None else micro
+                )
             if micro is None:
                 self._allowances.pop(ident, None)
             else:
@@ -1103,16 +1167,35 @@ class MemoryBackend:
         """Put ``org`` (or, with ``key``, one of its keys) on ``plan`` (None: take it
         off; the organization then has the policy's default plan, the key its
         organization's). The next check of the organization follows it."""
-        self._assign(org, mode, lambda a: _set_plan(a, plan, key))
+        if key is None:
+            change = ("plan", "", "" if plan is None or plan == "default" else plan)
+        else:
+            change = ("key", key, plan or "")
+        self._assign(org, mode, lambda a: _set_plan(a, plan, key), change)
 
     def set_limits(self, org: str, mode: str, deal: Deal) -> None:
         """Give ``org`` its negotiated deal (see :func:`meterkit.core.policy.deal_of`),
         replacing any before; ``()`` takes it away."""
-        self._assign(org, mode, lambda a: setattr(a, "deal", tuple(deal)))
+        self._assign(
+            org, mode, lambda a: setattr(a, "deal", tuple(deal)), ("deal", "", deal_text(deal))
+        )
 
-    def _assign(self, org: str, mode: str, change: Callable[[_Assignment], None]) -> None:
+    def _assign(
+        self,
+        org: str,
+        mode: str,
+        change: Callable[[_Assignment], None],
+        event: tuple[str, str, str],
+    ) -> None:
         ident = org if mode == "live" else _TEST_NS + org
+        now = self._read_clock() if self.ledger is not None else 0
         with self._lock:
+            if self.ledger is not None:
+                what, key, value = event
+                self._room()
+                self._log(
+                    self._hold(now), PLAN, org, mode, key, "", 0, "", plan_detail(what, value)
+                )
             a = self._assigned.get(ident)
             if a is None:
                 a = _Assignment()
@@ -1147,7 +1230,87 @@ class MemoryBackend:
             acct = self._accounts.get(ident)
             if acct is not None and acct.period == start and acct.topup + micro > MAX_MICRO:
                 raise top_up_too_large()
+            self._room()
             self._account(ident, start).topup += micro
+            if self.ledger is not None:
+                self._log(now, TOPUP, org, mode, "", "", micro)
+
+    # -- the ledger ---------------------------------------------------------------------
+
+    def _room(self) -> None:
+        """Raise :class:`LedgerFullError` when the ledger's log is full (under the lock,
+        before anything changes)."""
+        log = self.ledger
+        if log is not None and len(log.entries) >= log.capacity:
+            raise ledger_full(log.capacity)
+
+    def _log(
+        self,
+        now: int,
+        kind: str,
+        org: str,
+        mode: str,
+        key: str,
+        operation: str,
+        micro: int,
+        charge: str = "",
+        detail: str = "",
+    ) -> None:
+        """Append a money event other than a check's to the ledger's log (under the
+        lock; see meterkit/ledger/events.py for the tuple)."""
+        assert self.ledger is not None
+        n = _CHARGES.__next__()
+        self.ledger.entries.append((n, now, kind, org, mode, key, operation, micro, charge, detail))
+
+    def ledger_snapshot(
+        self, orgs: Iterable[tuple[str, str]] | None, store: LedgerStore
+    ) -> tuple[Iterator[OrgSnapshot], int, int]:
+        """Every organization's counters of this month and the ledger's undrained
+        events, in one step (under the lock), for :func:`meterkit.ledger.reconcile`;
+        ``orgs`` limits it to those (organization, mode) pairs."""
+        from meterkit.ledger.reconcile import OrgSnapshot
+
+        log = self.ledger
+        if log is None:
+            raise ConfigurationError(
+                "this MemoryBackend keeps no ledger: make it with MemoryBackend(ledger=True)",
+                "backend",
+            )
+        now = self._read_clock()
+        counters: dict[tuple[str, str], tuple[dict[tuple[str, str], list[int]], int]] = {}
+        with self._lock:
+            start, end = self._period_of(self._hold(now))
+            for ident, acct in self._accounts.items():
+                if acct.period != start:
+                    continue
+                org, mode = (
+                    (ident[len(_TEST_NS) :], "test")
+                    if ident.startswith(_TEST_NS)
+                    else (ident, "live")
+                )
+                pairs = {
+                    (key, op): [pair >> _REQUEST_SHIFT, pair & _MICRO_MASK]
+                    for op, by_key in acct.pairs.items()
+                    for key, pair in by_key.items()
+                }
+                counters[(org, mode)] = (pairs, acct.topup)
+            undrained = log.snapshot()
+            # (every event so far is before this position; later ones are past it)
+            upto = (log.source, (0, _CHARGES.__next__()))
+        wanted = sorted(counters) if orgs is None else list(orgs)
+        seen = set(wanted)
+        for pair in store.orgs(start, end):
+            if orgs is None and pair not in seen:
+                wanted.append(pair)
+                seen.add(pair)
+
+        def snapshots() -> Iterator[OrgSnapshot]:
+            for org, mode in wanted:
+                pairs, topup = counters.get((org, mode), ({}, 0))
+                mine = [e for e in undrained if e.org == org and e.mode == mode]
+                yield OrgSnapshot(org, mode, start, end, pairs, topup, mine, upto)
+
+        return snapshots(), start, end
 
     def close(self) -> None:
         """Nothing to release; here so every backend can be closed the same way."""

@@ -98,9 +98,11 @@ class _RedisBackendBase:
         clock: Clock | None = None,
         clock_skew: float = 60.0,
         allow_eviction: bool = False,
+        ledger: bool = False,
     ) -> None:
-        self._codec = Codec(prefix, clock, clock_skew)
         self._io = self._transport(client)
+        cluster = isinstance(self._io, (Cluster, AsyncCluster))
+        self._codec = Codec(prefix, clock, clock_skew, ledger=ledger, cluster=cluster)
         self._owned = False  # backend_from_url hands its client over
         self._unverified = not _allowing(allow_eviction)
         self._opened()
@@ -324,6 +326,11 @@ class RedisBackend(_RedisBackendBase):
     :class:`ConfigurationError` when the backend is made, or before its first command
     if Redis was down then (see :mod:`meterkit.backends.redis.eviction`);
     ``allow_eviction=True`` accepts it.
+
+    ``ledger=True`` appends every admitted charge, refund, top-up, allowance and plan
+    change to a Redis Stream, in the same script (still one ``EVALSHA`` per check), for
+    a drain to move into SQL (see :mod:`meterkit.ledger` and docs/ledger.md). Off by
+    default: a stream that no drain reads only grows.
     """
 
     _io: Pool | Cluster

@@ -54,6 +54,8 @@ from meterkit.core.outcome import Outcome, RawUsage, replay, unspent
 from meterkit.core.plan import Plan, clock_us, month_bounds
 from meterkit.core.policy import DEFAULT_PLAN, enforces
 from meterkit.errors import ConfigurationError, MeterkitError, StateError
+from meterkit.ledger.events import deal_text
+from meterkit.ledger.streams import stream_for
 
 if TYPE_CHECKING:
     from meterkit.core.policy import Deal, OperationPlan, Policy, Tier
@@ -115,9 +117,27 @@ class _Compiled:
 class Codec:
     """Plans to commands and replies to outcomes: everything the two backends share."""
 
-    __slots__ = ("_bases", "_clock", "_compiled", "_grace", "_period", "prefix")
+    __slots__ = (
+        "_bases",
+        "_clock",
+        "_cluster",
+        "_compiled",
+        "_grace",
+        "_period",
+        "_streams",
+        "ledger",
+        "prefix",
+    )
 
-    def __init__(self, prefix: str, clock: Clock | None, clock_skew: float) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        clock: Clock | None,
+        clock_skew: float,
+        *,
+        ledger: bool = False,
+        cluster: bool = False,
+    ) -> None:
         if (
             not isinstance(prefix, str)
             or not 0 < len(prefix) <= 64
@@ -145,6 +165,12 @@ class Codec:
         self._compiled: dict[OperationPlan, _Compiled] = {}
         self._bases: dict[tuple[str, str], str] = {}
         self._period = (0, 0)
+        if not isinstance(ledger, bool):
+            raise ConfigurationError("ledger is True or False", "ledger")
+        #: Whether money events are appended to the ledger streams (see meterkit.ledger).
+        self.ledger = ledger
+        self._cluster = cluster
+        self._streams: dict[str, str] = {}
 
     # -- keys --------------------------------------------------------------------------
 
@@ -160,6 +186,25 @@ class Codec:
                 self._bases.clear()
             self._bases[(org, mode)] = base
         return base
+
+    def stream(self, base: str) -> str:
+        """The ledger stream of the organization whose keys start with ``base``: one
+        per hash slot on Cluster, one on a standalone server (see
+        :mod:`meterkit.ledger.streams`)."""
+        stream = self._streams.get(base)
+        if stream is None:
+            stream = stream_for(self.prefix, base, self._cluster)
+            if len(self._streams) >= 65_536:
+                self._streams.clear()
+            self._streams[base] = stream
+        return stream
+
+    def _ledger(self, base: str) -> tuple[str, ...]:
+        """The keys and arguments a money script adds for the ledger: the stream and a
+        fresh event id, or nothing without a ledger."""
+        if not self.ledger:
+            return ()
+        return (self.stream(base),)
 
     @staticmethod
     def _suffix(tier: Tier) -> tuple[str, bool]:
@@ -240,6 +285,8 @@ class Codec:
         head = (
             f"local grace, allowance, shadow = {int(self._grace)}, "
             f"{int(policy.credits.allowance_micro)}, {'true' if policy.shadow else 'false'}\n"
+            # the ledger stream is a check's last key (see check.lua)
+            f"local ledger = {'KEYS[#KEYS]' if self.ledger else 'false'}\n"
         )
         ops = [policy.plan_for(name) for name in policy.operations]
         if plan.op not in ops:
@@ -286,6 +333,9 @@ class Codec:
         keys.append(base + "pl")
         if plan.idem is not None:
             keys.append(base + "id:" + plan.idem)
+        ledger = self.ledger
+        if ledger:
+            keys.append(self.stream(base))
         charge = "" if dry else new_charge_id()
         now = self._now()
         start, end = self._month(now)
@@ -296,7 +346,8 @@ class Codec:
             *keys,
             now,
             plan.cost,
-            "" if plan.idem is None else charge,  # (only an idempotency record keeps it)
+            # (only an idempotency record and a ledger event keep it)
+            charge if ledger or plan.idem is not None else "",
             f"q|{plan.op.name}|{key}",
             start,
             end,
@@ -423,6 +474,7 @@ class Codec:
         charges: list[str] = []
         compiled = self._compiled
         now = self._now()
+        ledger = self.ledger
         for i in run:
             plan = plans[i]
             op = compiled[plan.op]
@@ -435,7 +487,8 @@ class Codec:
             charge = new_charge_id()
             charges.append(charge)
             if plan.idem is None:
-                tier_set, sent_charge = op.tier_set, ""  # (only an idempotency record keeps it)
+                # (only an idempotency record and a ledger event keep it)
+                tier_set, sent_charge = op.tier_set, charge if ledger else ""
             else:
                 keys.append(base + "id:" + plan.idem)
                 tier_set, sent_charge = "-" + op.tier_set, charge
@@ -444,6 +497,10 @@ class Codec:
             if i != run[0]:
                 now = self._now()
             args += (tier_set, now, plan.cost, sent_charge, f"q|{plan.op.name}|{key}")
+        if ledger:
+            # One stream for the batch: its requests share a hash slot (see check_many).
+            first = plans[run[0]]
+            keys.append(self.stream(self.base(first.org, first.mode)))
         start, end = self._month(now)
         sent.append((run, charges, True))
         sha = compiled[plans[run[0]].op].batch
@@ -493,6 +550,7 @@ class Codec:
         keys = [base + "cr"]
         if plan.idem is not None:
             keys.append(base + "id:" + plan.idem)
+        keys += self._ledger(base)
         start, _ = month_bounds(outcome.now)
         field = f"q|{plan.op.name}|{plan.key}"
         return [
@@ -505,6 +563,7 @@ class Codec:
             charge,
             outcome.charged,
             field,
+            "1" if self.ledger else "",
         ]
 
     # -- the HTTP gate's responses of idempotency keys ------------------------------------
@@ -591,32 +650,45 @@ class Codec:
         except (ValueError, struct.error):
             raise StateError("redis holds an account meterkit did not write") from None
 
+    def _event(self, base: str) -> tuple[list[str], list[Any]]:
+        """The stream key and the (event id, time) arguments a script that changes
+        money or plans adds with a ledger; nothing without one."""
+        if not self.ledger:
+            return [], ["", ""]
+        return [self.stream(base)], [new_charge_id(), self._now()]
+
     def set_allowance(self, org: str, mode: str, micro: int | None) -> Command:
         base = self.base(org, mode)
         value = "" if micro is None else micro
-        return ["EVALSHA", _ALLOWANCE.sha, 2, base + "al", base + "cr", value]
+        keys, event = self._event(base)
+        keys = [base + "al", base + "cr", *keys]
+        return ["EVALSHA", _ALLOWANCE.sha, len(keys), *keys, value, *event]
 
     def top_up(self, org: str, mode: str, micro: int) -> Command:
         base = self.base(org, mode)
-        cmd = ["EVALSHA", _TOPUP.sha, 3, base + "cr", base + "al", base + "pl"]
-        return [*cmd, self._now(), micro, self._grace]
+        keys, event = self._event(base)
+        keys = [base + "cr", base + "al", base + "pl", *keys]
+        return ["EVALSHA", _TOPUP.sha, len(keys), *keys, self._now(), micro, self._grace, event[0]]
 
     # -- plans -----------------------------------------------------------------------------
 
     def set_plan(self, org: str, mode: str, plan: str | None, key: str | None) -> Command:
         """Put ``org`` (or its ``key``) on ``plan``; None takes it off (see assign.lua)."""
         base = self.base(org, mode)
+        keys, event = self._event(base)
+        keys = [base + "pl", base + "cr", *keys]
         if key is None:
             value = "" if plan is None or plan == DEFAULT_PLAN else plan
-            return ["EVALSHA", _ASSIGN.sha, 2, base + "pl", base + "cr", "plan", value]
+            return ["EVALSHA", _ASSIGN.sha, len(keys), *keys, "plan", value, "", *event]
         value = plan or ""
-        return ["EVALSHA", _ASSIGN.sha, 2, base + "pl", base + "cr", "key", value, key]
+        return ["EVALSHA", _ASSIGN.sha, len(keys), *keys, "key", value, key, *event]
 
     def set_limits(self, org: str, mode: str, deal: Deal) -> Command:
         """Give ``org`` its deal (``()`` takes it away)."""
         base = self.base(org, mode)
-        lines = "\n".join(" ".join(map(str, terms)) for terms in deal)
-        return ["EVALSHA", _ASSIGN.sha, 2, base + "pl", base + "cr", "deal", lines]
+        keys, event = self._event(base)
+        keys = [base + "pl", base + "cr", *keys]
+        return ["EVALSHA", _ASSIGN.sha, len(keys), *keys, "deal", deal_text(deal), "", *event]
 
     def assignment(self, org: str, mode: str, key: str | None) -> Command:
         """The ``HMGET`` of ``org``'s plan record and ``key``'s plan."""

@@ -296,27 +296,28 @@ class SqlStore:
         batch: int = 5000,
     ) -> Iterator[Event]:
         """The events of [since, until) µs (of ``org`` and ``mode`` if given), oldest
-        first (by time, then id), read ``batch`` at a time."""
+        first (by time, then by their place in their stream), read ``batch`` at a time."""
         where, params = self._where(org, mode, since, until)
-        cursor: tuple[int, str] | None = None
+        cursor: tuple[int, int, int, str] | None = None
         while True:
             page = where
             args = list(params)
             if cursor is not None:
-                page = (page + " AND " if page else "") + "(at > ? OR (at = ? AND id > ?))"
-                args += [cursor[0], cursor[0], cursor[1]]
+                page = (page + " AND " if page else "") + "(at, pos_ms, pos_seq, id) > (?, ?, ?, ?)"
+                args += list(cursor)
             rows = self._read(
                 "SELECT id, at, org, mode, kind, key_id, operation, micro, charge, detail, "
                 "source, pos_ms, pos_seq FROM meterkit_events"
                 + (f" WHERE {page}" if page else "")
-                + f" ORDER BY at, id LIMIT {int(batch)}",
+                + f" ORDER BY at, pos_ms, pos_seq, id LIMIT {int(batch)}",
                 args,
             )
             for row in rows:
                 yield _event(row)
             if len(rows) < batch:
                 return
-            cursor = (rows[-1][1], rows[-1][0])
+            last = rows[-1]
+            cursor = (last[1], last[11], last[12], last[0])
 
     @staticmethod
     def _where(

@@ -4,10 +4,12 @@
 -- KEYS[1] the organization's plans (HASH): 'o' its plan record, 'k|<key>' each key's plan
 -- KEYS[2] the organization's account, whose copy of the record (after the totals in
 --         'h') is kept in step
+-- KEYS[3] with a ledger, the ledger stream
 -- ARGV    1 what: 'plan' (the organization's), 'key' (a key's) or 'deal'
 --         2 the plan's name, or the deal's lines ('<tier> <algorithm> <window µs>
 --           <limit> <burst>', one per tier); '' takes it away
---         3 the key id (for 'key')
+--         3 the key id (for 'key'; '' otherwise)
+--         4 the ledger event's id ('' without a ledger)  5 now µs ('' = server TIME)
 -- Reply   the organization's plan record after the change, or '' for none
 --
 -- The record is '<1 if any key has a plan, else 0><plan>', then '\n' and the deal's
@@ -49,5 +51,9 @@ local head = redis.call('HGET', account, 'h')
 if head then
   head_of(head, account)
   redis.call('HSET', account, 'h', string.sub(head, 1, 32) .. rec)
+end
+if ARGV[4] ~= '' then
+  local event = ARGV[4] .. '\n' .. account .. '\n' .. int(clock(ARGV[5])) .. '\n' .. what
+  redis.call('XADD', KEYS[3], '*', 'p', event .. '\n' .. ARGV[3] .. '\n' .. value)
 end
 return rec

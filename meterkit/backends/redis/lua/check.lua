@@ -10,6 +10,7 @@
 -- file (one script per distinct text, loaded by SHA),
 --
 --   local grace, allowance, shadow = <TTL grace ms>, <policy allowance>, <true/false>
+--   local ledger = KEYS[#KEYS] (the ledger stream, the last key) or false
 --   local n, P, R, I, V, S, M, F = <tier count>, {<per tier: algorithm, a, b, c>...},
 --                                  <reply format>, <plans>...            (check_one)
 --   local T = {{<tier count>, {<per tier: ...>}, <reply format>, <plans>...}, ...}
@@ -42,9 +43,11 @@
 -- idem            the idempotency record's key (STRING), or nil
 -- dry             true for a peek: decide as a check would, write nothing
 -- kp              the key's plan as the request names it (from a key store), or nil
+-- ledger          (the script's head) the ledger stream, the call's last key, or false:
+--                 an admitted check appends its event there (XADD)
 --
 -- and takes as text (as it came in ARGV): the cost in µ-credits, the charge id ('' when
--- there is no idempotency record to keep it), and the account's field of the request's
+-- there is no idempotency record or ledger event to keep it), and the account's field of the request's
 -- key and operation ('q|<op>|<key>'); and the month the caller expects (start and
 -- finish µs, checked) as numbers (a batch parses them once).
 --
@@ -463,6 +466,12 @@ local function check(n, P, R, I, V, S, M, F, k, now, now_text, cost_text, charge
       record = record .. '\n' .. (kp or '') .. '\n' .. named
     end
     call('SET', idem, record, 'PX', ttl(IDEM_US, grace))
+  end
+  if ledger then
+    -- The ledger event, in the same step: a decision and its event cannot part (see
+    -- meterkit/ledger/events.py for the entry; one field costs less than several).
+    call('XADD', ledger, '*', 'c',
+         charge .. '\n' .. account .. '\n' .. now_text .. '\n' .. cost_text .. '\n' .. field)
   end
   results[1], results[3], results[5], results[6], results[7] = 1, now, cost, balance - cost, finish
   return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named

@@ -2,13 +2,14 @@
 -- checked in turn, all or nothing on its own, as if each had its own EVALSHA; this
 -- saves Redis a command and the client a reply per request.
 --
--- KEYS  per request in turn: check.lua's keys, then its idempotency record if any
+-- KEYS  per request in turn: check.lua's keys, then its idempotency record if any;
+--       then, with a ledger, the ledger stream of them all (they share a hash slot)
 -- ARGV  1, 2 the month the caller expects (start, end µs; checked), then 5 per
 --       request: its tier set (an index into T; negative if the request has an
 --       idempotency key; followed by ' ' and the key's plan when the request names
 --       one), now µs ('' = server TIME, read once for the batch), cost
---       µ-credits, charge id ('' without an idempotency key: only its record keeps
---       it), the account's field of its key and operation ('q|<op>|<key>')
+--       µ-credits, charge id ('' without an idempotency key or a ledger: only its
+--       record and its event keep it), the account's field of its key and operation ('q|<op>|<key>')
 --
 -- Reply: one reply per request, check's (a packed string, or a replay's table); or an error of that request alone (a key
 -- holding something meterkit did not write), which changed nothing.

@@ -23,11 +23,14 @@ if redis.call('EXISTS', stream) == 1 then
       last = info[i + 1]
     end
   end
+  -- (an entry's body is its id, then the account key, then the rest: see
+  -- meterkit/ledger/events.py)
   local head = KEYS[1] .. '\n'
   local n = #head
   for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+')) do
-    local fields = entry[2]
-    if string.sub(fields[4] or '', 1, n) == head then
+    local body = entry[2][2] or ''
+    local cut = string.find(body, '\n', 1, true)
+    if cut and string.sub(body, cut + 1, cut + n) == head then
       mine[#mine + 1] = entry
     end
   end
