@@ -116,11 +116,13 @@ class Side:
 
 
 def meterkit_side(
-    n_keys: int = KEYS, *, headers: bool = False, default_clock: bool = False
+    n_keys: int = KEYS, *, headers: bool = False, default_clock: bool = False, ledger: bool = False
 ) -> Side:
     """The seed policy on MemoryBackend; reads ``.allowed`` (and ``.headers`` if asked).
     Its clock is the simulated one, or with ``default_clock`` the default
-    (``time.time``), as a user gets it."""
+    (``time.time``), as a user gets it. With ``ledger``, the backend keeps a ledger
+    (``MemoryBackend(ledger=True)``), emptied before each round, untimed, as a drain
+    in the same process would keep it."""
     warm, timed = traffic(n_keys)
     nxt = itertools.cycle(timed).__next__
     denied = [0]
@@ -128,11 +130,20 @@ def meterkit_side(
 
     def fresh() -> None:
         nonlocal check
-        backend = MemoryBackend() if default_clock else MemoryBackend(clock=sim_clock(n_keys))
+        clock = None if default_clock else sim_clock(n_keys)
+        backend = MemoryBackend(clock, ledger=ledger)
         check = Meter(Policy.crane_ledger(), backend).check
         for key, org in warm:
             check(key, org=org, operation=OPERATION)
+        if backend.ledger is not None:
+            log = backend.ledger
 
+            def drained() -> None:  # (what a drain does between rounds, untimed)
+                log.entries.clear()
+
+            sides_fresh[0] = drained
+
+    sides_fresh: list[Callable[[], None]] = [fresh]
     fresh()
     if headers:
 
@@ -150,8 +161,8 @@ def meterkit_side(
             if not check(key, org=org, operation=OPERATION).allowed:
                 denied[0] += 1
 
-    name = "meterkit+headers" if headers else "meterkit"
-    return Side(name, run, fresh, denied)
+    name = "meterkit+headers" if headers else "meterkit+ledger" if ledger else "meterkit"
+    return Side(name, run, sides_fresh[0], denied)
 
 
 def planned_policy() -> Policy:
@@ -433,6 +444,34 @@ def test_ratio_plans(benchmark: Any, figures: Report) -> None:
     )
     benchmark.extra_info["plan/default plan memory"] = round(plan, 3)
     benchmark.extra_info["default plan/no plans memory"] = round(unused, 3)
+    for side in sides:
+        _assert_admitted(side, figures)
+
+
+def test_ratio_ledger(benchmark: Any, figures: Report) -> None:
+    """Print what the memory ledger costs a check: with ``MemoryBackend(ledger=True)``
+    against without (emptied before each round, untimed, as a drain would keep it)."""
+
+    def run() -> tuple[Interleaved, list[Side]]:
+        sides = [meterkit_side(), meterkit_side(ledger=True)]
+        fresh = {sides[1].name: sides[1].fresh}  # (the log emptied; the state goes on)
+        result = interleave(
+            {s.name: s.run for s in sides},
+            rounds=ROUNDS,
+            round_seconds=ROUND_SECONDS,
+            before_round=fresh,
+        )
+        return result, sides
+
+    result, sides = benchmark.pedantic(run, rounds=1, iterations=1)
+    figures(f"ledger, interleaved rounds (µs per check), {'quick' if QUICK else 'full'} mode:")
+    figures(result.table())
+    ratio = result.ratio("meterkit+ledger", "meterkit")
+    figures(
+        f"RATIO ledger/no ledger memory: {ratio:.3f}x the time of a check without the "
+        f"ledger (median of {result.rounds} rounds)"
+    )
+    benchmark.extra_info["ledger/no ledger memory"] = round(ratio, 3)
     for side in sides:
         _assert_admitted(side, figures)
 

@@ -3,6 +3,7 @@
     python bench/redis_instructions.py            # batched (check_many) and single checks
     python bench/redis_instructions.py --single 2000 --batches 50
     python bench/redis_instructions.py --plans    # and single checks under customer plans
+    python bench/redis_instructions.py --ledger   # and checks with the ledger, and a drain
 
 Time on a shared machine wanders; instruction counts do not (the same binary, inputs
 and traffic give the same total to about 0.1%, whatever else the machine is doing).
@@ -20,6 +21,12 @@ afresh: of the seed policy; of the seed policy with a plan "pro" added
 (bench_core.planned_policy) under the default plan, while another organization is on
 pro; with every organization on pro; and with every organization on pro and one key
 of each on the default plan (the script then reads that key's plan too).
+
+With ``--ledger`` it measures single and batched checks of the seed policy without and
+with the ledger (``ledger=True``: each admitted check also appends its event to the
+stream), each on the emptied server warmed afresh; then what a drain costs the server
+per event it moves (``XREADGROUP``, ``XACK`` and the trim script, in batches of 1,000)
+once the stream holds every event of the run.
 """
 
 from __future__ import annotations
@@ -59,7 +66,9 @@ def _total(path: Path) -> int:
     raise RuntimeError(f"no total in {path}")
 
 
-def measure(single: int, batches: int, plans: bool = False) -> dict[str, float]:
+def measure(
+    single: int, batches: int, plans: bool = False, ledger: bool = False
+) -> dict[str, float]:
     for tool in ("valgrind", "callgrind_control", "redis-server"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not on PATH")
@@ -151,6 +160,27 @@ def measure(single: int, batches: int, plans: bool = False) -> dict[str, float]:
                     meter.check(key, org=org, operation=operation)
                     counted(label, single, one_by_one)
                     meter.close()
+            if ledger:
+                from meterkit.ledger import Drain
+
+                for on in (False, True):
+                    client.flushall()
+                    backend = backend_from_url(url, prefix="cg", timeout=60, ledger=on)
+                    meter = Meter(Policy.crane_ledger(), backend)
+                    for i in range(0, len(requests), 100):
+                        meter.check_many(requests[i : i + 100])
+                    key, operation, org = requests[0]  # (loads the one-check script)
+                    meter.check(key, org=org, operation=operation)
+                    word = "with" if on else "without"
+                    counted(f"per single check {word} the ledger", single, one_by_one)
+                    counted(
+                        f"per request of check_many(100) {word} the ledger", batches * 100, batched
+                    )
+                    meter.close()
+                events = client.xlen("cg:ledger")
+                drain = Drain(url, f"sqlite:///{tmp}/ledger.db", prefix="cg", batch=1_000)
+                counted("per event a drain moves", events, drain.run_once)
+                drain.close()
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -162,8 +192,9 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=5_000, help="single checks measured")
     parser.add_argument("--batches", type=int, default=100, help="check_many(100) measured")
     parser.add_argument("--plans", action="store_true", help="also checks under plans")
+    parser.add_argument("--ledger", action="store_true", help="also checks with the ledger")
     args = parser.parse_args()
-    figures = measure(args.single, args.batches, args.plans)
+    figures = measure(args.single, args.batches, args.plans, args.ledger)
     for label, value in figures.items():
         print(f"INSTRUCTIONS redis-server {label}: {value:,.0f}")
     if args.plans:
@@ -177,6 +208,11 @@ def main() -> None:
             print(f"RATIO {label} / default plan: {ratio:.3f}x  [target <= 1.15x: {met}]")
         unused = default / figures["per single check, the seed policy"]
         print(f"RATIO default plan of a policy with plans / the seed policy: {unused:.3f}x")
+    if args.ledger:
+        for what in ("per single check", "per request of check_many(100)"):
+            ratio = figures[f"{what} with the ledger"] / figures[f"{what} without the ledger"]
+            met = "met" if ratio <= 1.15 else "NOT met"
+            print(f"RATIO ledger {what}: {ratio:.3f}x  [target <= 1.15x: {met}]")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,10 @@ Where events first land:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote
 
 from meterkit.errors import StateError
-
-if TYPE_CHECKING:
-    from meterkit.core.plan import Plan
 
 __all__ = [
     "ALLOWANCE",
@@ -206,34 +203,21 @@ def entry_event(source: str, entry_id: Any, fields: Any) -> Event:
 
 # -- memory: one tuple per event -------------------------------------------------------
 #
-# A check appends (n, now, plan): its charge counter n, the time, the Plan (which
-# holds the organization, mode, key, operation and cost). Nothing else is made on the
-# hot path; the Event is built when drained. Everything else appends a whole tuple:
-# (n, now, kind, org, mode, key, operation, micro, charge, detail), charge being the
-# counter of the charge a refund returns.
+# A check appends (n, now, org, mode, key, operation, cost): its charge counter n,
+# the time, and what it charged, all strings and ints (no object kept alive until
+# drained). Everything else appends (n, now, kind, org, mode, key, operation, micro,
+# charge, detail), charge being the counter of the charge a refund returns.
 
 
 def memory_event(log_id: str, item: tuple[Any, ...]) -> Event:
     """The :class:`Event` of one tuple of a memory log whose id is ``log_id``."""
     source = "memory:" + log_id
     n = item[0]
-    if len(item) == 3:
-        _, now, plan = item
-        plan_: Plan = plan
+    if len(item) == 7:
+        _, now, org, mode, key, operation, cost = item
         charge = f"{log_id}:{n}"
         return Event(
-            charge,
-            now,
-            plan_.org,
-            plan_.mode,
-            CHARGE,
-            plan_.key,
-            plan_.op.name,
-            plan_.cost,
-            charge,
-            "",
-            source,
-            (0, n),
+            charge, now, org, mode, CHARGE, key, operation, cost, charge, "", source, (0, n)
         )
     _, now, kind, org, mode, key, operation, micro, charge, detail = item
     if kind == REFUND:

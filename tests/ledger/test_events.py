@@ -74,14 +74,12 @@ def test_an_entry_meterkit_did_not_write_is_a_state_error(fields: list[bytes]) -
 
 def test_memory_events_qualify_the_process_counter_with_the_log_id() -> None:
     """A memory charge's id is '<log id>:<n>', and a refund of it 'r<log id>:<n>'."""
-    from meterkit import Policy
-    from meterkit.core.plan import Plan
-
-    policy = Policy.crane_ledger()
-    plan = Plan(policy, policy.plan_for("invoices.list"), "key_1", "org_1", "live", 10_000, None)
-    charge = memory_event("ab12", (7, T, plan))
+    charge = memory_event("ab12", (7, T, "org_1", "live", "key_1", "invoices.list", 10_000))
     assert (charge.id, charge.charge, charge.position, charge.source) == (
         "ab12:7", "ab12:7", (0, 7), "memory:ab12"
+    )  # fmt: skip
+    assert (charge.org, charge.mode, charge.key, charge.operation, charge.micro) == (
+        "org_1", "live", "key_1", "invoices.list", 10_000
     )  # fmt: skip
     refund = memory_event(
         "ab12", (9, T + 1, "refund", "org_1", "live", "key_1", "invoices.list", 10_000, 7, "")

@@ -502,8 +502,11 @@ return outcome
 """
 # With a ledger (MemoryBackend(ledger=True)): the log, bound once; a check that would
 # charge while the log is full is refused before it consumes anything; an admitted
-# check appends one tuple (its charge counter, the time, the plan: see
-# meterkit/ledger/events.py), and nothing else.
+# check appends one tuple (its charge counter, the time, the organization, mode, key,
+# operation and cost: see meterkit/ledger/events.py), and nothing else. Only strings
+# and ints: the garbage collector stops tracking such a tuple at its first pass, so
+# an undrained log costs the collector nothing (a tuple holding the Plan, alive until
+# drained, made every check 10% dearer under callgrind).
 _LEDGER_BIND = """\
 log = b.ledger.entries
 log_append = log.append
@@ -513,7 +516,7 @@ if len(log) >= {capacity}:
     raise _ledger_full({capacity})
 """
 _LEDGER_CHARGE = "n = _next_charge()\n"
-_LEDGER_EVENT = "log_append((n, now, plan))\n"
+_LEDGER_EVENT = "log_append((n, now, plan.org, plan.mode, plan.key, $OP, cost))\n"
 # What a peek does instead: say so, consume nothing (and keep no new account).
 _PEEK = """\
 # -- a peek: what check would answer now, and nothing consumed
