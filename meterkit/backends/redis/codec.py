@@ -28,6 +28,8 @@ Cluster hash tag, with ``%``, ``{`` and ``}`` percent-encoded; test mode inserts
     mk:{org}:id:<idempotency key>                        first decision, 24 h
     mk:{org}:rs:<n>:<key id>:<idempotency key>           the HTTP gate's response record
                                                          (n: the key id's length), 24 h
+    mk:ledger  or  mk:{ledger.<n>}:ledger                the ledger stream (ledger=True):
+                                                         standalone, or a Cluster slot's
 
 A window is 8-byte little-endian integers: its id, its count and (sliding) the
 count of the window before. Tier names hold no ``:``; the key id, when the tier

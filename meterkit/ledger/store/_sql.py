@@ -10,13 +10,14 @@ Three tables (``meterkit_`` names, in the database the URL names):
     Indexed by (org, mode, at) for exports, top-ups and reconciliation.
 ``meterkit_usage_daily`` and ``meterkit_usage_monthly``
     per organization, mode, day (or month), key and operation: requests (charges),
-    µ-credits charged, refunds and µ-credits refunded. Updated in the transaction
-    that inserts the events, from the events that transaction really inserted (an
-    event delivered twice counts once), so that history never scans the events.
-    A refund counts on the day it was made (in the month of its charge: a month's
-    charges are refundable only within that month).
+    µ-credits charged, refunds and µ-credits refunded; ``meterkit_usage_org_daily``
+    the same per organization and day (key and operation ''), for daily series.
+    Updated in the transaction that inserts the events, from the events that
+    transaction really inserted (an event delivered twice counts once), so that
+    history never scans the events. A refund counts on the day it was made (in the
+    month of its charge: a month's charges are refundable only within that month).
 
-A batch of events is one transaction: the events, then the two rollups. A drain
+A batch of events is one transaction: the events, then the rollups. A drain
 acknowledges a batch only after that transaction commits.
 """
 
@@ -87,6 +88,18 @@ SCHEMA = (
     ){options}""",
     """CREATE INDEX IF NOT EXISTS meterkit_usage_daily_key
         ON meterkit_usage_daily (org, mode, key_id, day)""",
+    """CREATE TABLE IF NOT EXISTS meterkit_usage_org_daily (
+        org TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        requests BIGINT NOT NULL,
+        charged BIGINT NOT NULL,
+        refunds BIGINT NOT NULL,
+        refunded BIGINT NOT NULL,
+        PRIMARY KEY (org, mode, day, key_id, operation)
+    ){options}""",
     """CREATE TABLE IF NOT EXISTS meterkit_usage_monthly (
         org TEXT NOT NULL,
         mode TEXT NOT NULL,
@@ -142,6 +155,19 @@ def daily_sums(rows: Iterable[Row]) -> list[RollupRow]:
             acc = sums[key] = [0, 0, 0, 0]
         acc[at] += 1
         acc[at + 1] += row[9]
+    return [(*key, *acc) for key, acc in sorted(sums.items())]
+
+
+def org_daily_sums(daily: Iterable[RollupRow]) -> list[RollupRow]:
+    """The organization-wide daily rollup rows (key and operation '') of some daily
+    rollup rows, in key order: a day of an organization with many keys is one row."""
+    sums: dict[tuple[str, str, int, int, str, str], list[int]] = {}
+    for org, mode, day, month, _, _, a, b, c, d in daily:
+        acc = sums.setdefault((org, mode, day, month, "", ""), [0, 0, 0, 0])
+        acc[0] += a
+        acc[1] += b
+        acc[2] += c
+        acc[3] += d
     return [(*key, *acc) for key, acc in sorted(sums.items())]
 
 
@@ -365,6 +391,8 @@ class SqlStore:
         for table, lo, hi in spans:
             period = "day" if table == "day" else "month"
             rollup = "daily" if table == "day" else "monthly"
+            if by == "day" and key is None:
+                rollup = "org_daily"  # (one row a day, whatever the keys)
             parts.append(
                 (
                     f"SELECT {group}, {sums} FROM meterkit_usage_{rollup}"

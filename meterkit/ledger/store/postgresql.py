@@ -75,6 +75,12 @@ _MONTHLY = upsert_sql(
     "SUM(refunded) FROM meterkit_rollup_in GROUP BY org, mode, month, key_id, operation "
     "ORDER BY org, mode, month, key_id, operation",
 )
+_ORG_DAILY = upsert_sql(
+    "org_daily",
+    "day",
+    "SELECT org, mode, day, '', '', SUM(requests), SUM(charged), SUM(refunds), SUM(refunded) "
+    "FROM meterkit_rollup_in GROUP BY org, mode, day ORDER BY org, mode, day",
+)
 # (any number will do: it only keeps two stores from making the tables at once)
 _SCHEMA_LOCK = 0x6D6B_6C67
 _RETRIES = 5
@@ -143,6 +149,7 @@ class PostgresStore(SqlStore):
                         self._copy(conn, _COPY_ROLLUP, _ROLLUP_TYPES, daily)
                         conn.execute(_DAILY)
                         conn.execute(_MONTHLY)
+                        conn.execute(_ORG_DAILY)
                 return len(new)
             except (errors.DeadlockDetected, errors.SerializationFailure):
                 if attempt == _RETRIES - 1:

@@ -26,6 +26,7 @@ from meterkit.ledger.store._sql import (
     SqlStore,
     daily_sums,
     monthly_sums,
+    org_daily_sums,
     rows_of,
     upsert_sql,
 )
@@ -44,6 +45,7 @@ _INCOMING_INSERT = f"INSERT OR IGNORE INTO temp.meterkit_incoming VALUES ({_PLAC
 _VALUES = "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _DAILY = upsert_sql("daily", "day", _VALUES)
 _MONTHLY = upsert_sql("monthly", "month", _VALUES)
+_ORG_DAILY = upsert_sql("org_daily", "day", _VALUES)
 
 
 class SqliteStore(SqlStore):
@@ -96,6 +98,7 @@ class SqliteStore(SqlStore):
                 daily = daily_sums(new)
                 conn.executemany(_DAILY, [(*r[:3], *r[4:]) for r in daily])
                 conn.executemany(_MONTHLY, monthly_sums(daily))
+                conn.executemany(_ORG_DAILY, [(*r[:3], *r[4:]) for r in org_daily_sums(daily)])
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
