@@ -164,8 +164,14 @@ def history(
     """The :class:`UsageHistory` of ``org`` (or its ``key``) over [since, until)."""
     lo, hi = _days(since), _days(until)
     days = store.usage_by("day", org, mode, lo, hi, key)
-    ops = store.usage_by("operation", org, mode, lo, hi, key)
-    keys = store.usage_by("key", org, mode, lo, hi, key)
+    # (one read of the (key, operation) sums gives both breakdowns)
+    ops: dict[str, list[int]] = {}
+    keys: dict[str, list[int]] = {}
+    for (k, op), n, _, _, _, net in store.usage_by("key,operation", org, mode, lo, hi, key):
+        for name, into in ((op, ops), (k, keys)):
+            acc = into.setdefault(name, [0, 0])
+            acc[0] += n
+            acc[1] += net
     if key is None:
         _, topped = store.topped_up(org, mode, lo * DAY_US, hi * DAY_US)
     else:
@@ -195,8 +201,8 @@ def history(
         refunded=from_micro(refunded),
         refunds=refunds,
         topped_up=from_micro(topped),
-        operations={op: OperationUsage(n, from_micro(net)) for op, n, _, _, _, net in ops},
-        keys={k: KeyUsage(n, from_micro(net)) for k, n, _, _, _, net in keys},
+        operations={op: OperationUsage(n, from_micro(net)) for op, (n, net) in sorted(ops.items())},
+        keys={k: KeyUsage(n, from_micro(net)) for k, (n, net) in sorted(keys.items())},
         days=day_list,
         months=[MonthUsage(m, n, from_micro(net)) for m, (n, net) in sorted(months.items())],
     )
