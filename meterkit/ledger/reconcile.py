@@ -267,6 +267,12 @@ def reconcile(
     owned = isinstance(store, str)
     ledger = store_from_url(store) if isinstance(store, str) else store
     try:
+        if type(backend).__name__ == "AsyncRedisBackend":
+            raise ConfigurationError(
+                "reconcile reads Redis with a blocking client: pass a RedisBackend (same "
+                "URL and prefix)",
+                "backend",
+            )
         if hasattr(backend, "ledger_snapshot"):
             snaps, start, end = backend.ledger_snapshot(orgs, ledger)
         elif hasattr(backend, "_codec"):
