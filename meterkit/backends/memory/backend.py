@@ -815,6 +815,12 @@ class MemoryBackend:
     ``clock`` is a zero-argument callable returning UNIX seconds (default
     ``time.time``). Time never runs backwards here: a clock that steps back is
     held at the latest time seen.
+
+    ``ledger=True`` (or a capacity, default 1,000,000 events) keeps a ledger: every
+    admitted charge, refund, top-up, allowance and plan change is appended to
+    ``self.ledger`` (a :class:`~meterkit.ledger.MemoryLog`) in the same step, for a
+    :class:`~meterkit.ledger.Drain` in this process to move into SQL; when it is full,
+    checks that would charge raise :class:`~meterkit.errors.LedgerFullError`.
     """
 
     def __init__(self, clock: Clock | None = None, *, ledger: bool | int = False) -> None:
