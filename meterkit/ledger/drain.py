@@ -174,9 +174,15 @@ class Drain:
         while not stopping.is_set() and not self._stop.is_set():
             try:
                 moved = self.run_once()
-            except BackendError as exc:
+            except Exception as exc:
+                # A drain that stops leaves the log to fill and the checks to be refused:
+                # whatever failed, it is logged and tried again (an outage as a warning,
+                # anything else, a bug or the store's own error, with its traceback).
                 self.stats.failures += 1
-                log.warning("ledger drain: %s; trying again in %.1f s", exc, pause)
+                if isinstance(exc, BackendError):
+                    log.warning("ledger drain: %s; trying again in %.1f s", exc, pause)
+                else:
+                    log.exception("ledger drain failed; trying again in %.1f s", pause)
                 stopping.wait(pause)
                 pause = min(5.0, pause * 2 + 0.05)
                 continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from itertools import islice
 from typing import Any
 
 from meterkit.errors import ConfigurationError, LedgerFullError
@@ -73,7 +72,11 @@ class MemoryLog:
     def peek(self, limit: int) -> list[Event]:
         """The oldest ``limit`` events, left in the log (see :meth:`confirm`)."""
         log_id = self.id
-        return [memory_event(log_id, item) for item in islice(self.entries, limit)]
+        entries = self.entries
+        # By index, not by iterating: checks append on the right meanwhile, which an
+        # iterator refuses ("deque mutated during iteration") but which moves no
+        # index on the left, where only this drain removes.
+        return [memory_event(log_id, entries[i]) for i in range(min(limit, len(entries)))]
 
     def confirm(self, count: int) -> None:
         """Remove the oldest ``count`` events: a store holds them now."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import date
 from decimal import Decimal
@@ -298,6 +299,8 @@ def test_memory_checks_and_a_drain_thread_lose_nothing(tmp_path: Path) -> None:
     charged: list[str] = []
     lock = threading.Lock()
 
+    deadline = time.monotonic() + 60  # (a drain that stopped must fail the test, not hang it)
+
     def work(n: int) -> None:
         mine = []
         for i in range(1_500):
@@ -308,6 +311,8 @@ def test_memory_checks_and_a_drain_thread_lose_nothing(tmp_path: Path) -> None:
                     )
                     break
                 except LedgerFullError:  # (the drain is behind: try again)
+                    if time.monotonic() > deadline:
+                        return
                     threading.Event().wait(0.001)
             if d.allowed:
                 mine.append(d.charge_id)
@@ -324,6 +329,38 @@ def test_memory_checks_and_a_drain_thread_lose_nothing(tmp_path: Path) -> None:
     try:
         assert store.count() == len(charged) == 12_000
         assert reconcile(backend, store).ok
+    finally:
+        drain.close()
+        store.close()
+
+
+def test_a_drain_thread_outlives_a_store_that_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store error that is not an outage (a bug, a full disk) is logged with its
+    traceback and tried again: the drain thread keeps going and moves every event."""
+    backend = MemoryBackend(ledger=100)
+    meter = Meter(POLICY, backend)
+    store = store_from_url(f"sqlite:///{tmp_path}/l.db")
+    real_write = store.write
+    failures = [RuntimeError("disk full")]
+
+    def flaky_write(events: Any) -> int:
+        if failures:
+            raise failures.pop()
+        return real_write(events)
+
+    store.write = flaky_write  # type: ignore[method-assign]
+    for i in range(5):
+        meter.check(f"key_{i}", org="org_1", operation="invoices.list")
+    drain = Drain(backend, store).start(idle=0.001)
+    try:
+        deadline = time.monotonic() + 30
+        while store.count() < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.count() == 5
+        assert drain.stats.failures == 1
+        assert "ledger drain failed" in caplog.text
     finally:
         drain.close()
         store.close()
