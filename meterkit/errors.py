@@ -9,6 +9,7 @@
     │   ├── UnknownPlanError                the plan is not one of the policy's plans
     │   ├── InvalidIdentifierError          an empty, over-long or control-character id
     │   ├── InvalidAmountError              NaN, infinite, negative or over-precise credits
+    │   ├── IdempotencyConflictError        an idempotency key first used for another request
     │   └── UnknownKeyError                 no API key has this (well-formed) id
     ├── BackendError                        the store could not do what was asked
     │   ├── BackendUnavailable              unreachable, timed out, paused
@@ -31,6 +32,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "ConfigurationError",
+    "IdempotencyConflictError",
     "InvalidAmountError",
     "InvalidIdentifierError",
     "InvalidRequestError",
@@ -123,6 +125,11 @@ class InvalidIdentifierError(InvalidRequestError):
 
 class InvalidAmountError(InvalidRequestError):
     """A credit amount is NaN, infinite, negative or finer than one micro-credit."""
+
+
+class IdempotencyConflictError(InvalidRequestError):
+    """An idempotency key was first used for another request (another key, operation or
+    cost): the backend refused to replay its decision, and nothing changed."""
 
 
 class UnknownKeyError(InvalidRequestError):

@@ -11,8 +11,9 @@ import asyncio
 import inspect
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from meterkit._twins import blocking
@@ -30,12 +31,24 @@ from meterkit.core.plan import Plan
 from meterkit.core.policy import DEFAULT_PLAN, deal_of
 from meterkit.errors import (
     AuthenticationError,
+    BackendError,
     BackendUnavailable,
     InvalidIdentifierError,
     InvalidRequestError,
     MeterkitError,
     _deprecated,
     looks_like_secret,
+)
+from meterkit.observe.events import (
+    ALLOWED,
+    REPORTED_BY_METER,
+    Event,
+    Observer,
+    Observers,
+    check_event,
+    degraded_event,
+    failure_event,
+    refund_event,
 )
 
 if TYPE_CHECKING:
@@ -98,9 +111,17 @@ class _MeterCore:
     _apply: Any
     #: A ledger query (AsyncMeter: awaitable, in a worker thread).
     _read_history: Any
+    #: check, reporting to the observers (see AsyncMeter._check_observed).
+    _check_observed: Any
 
     def __init__(
-        self, policy: Policy, backend: Any, *, fail_open: bool = False, ledger: Any = None
+        self,
+        policy: Policy,
+        backend: Any,
+        *,
+        fail_open: bool = False,
+        ledger: Any = None,
+        on_decision: Observer | Iterable[Observer] | None = None,
     ) -> None:
         self.policy = policy
         self.backend = backend
@@ -118,6 +139,19 @@ class _MeterCore:
         self.shadow_denials: Counter[str] = Counter()
         #: Checks admitted without the backend because it was unavailable (fail-open).
         self.degraded = 0
+        #: The observers, as given (see :mod:`meterkit.observe`).
+        self.on_decision = on_decision
+        #: What the meter (and an HTTP gate over it) calls with each event; None
+        #: when nothing observes it.
+        self._notify: Callable[[Event], None] | None = None
+        if on_decision is not None:
+            observers = Observers(on_decision)
+            self._notify = observers.notify
+            self._observe = observers.observe
+            self._observe_failed = observers.failed
+            # Chosen once, here: a meter without observers runs the class's check
+            # untouched, and pays nothing for them.
+            self.__dict__["check"] = self._check_observed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(policy={self.policy.name!r}, backend={self.backend!r})"
@@ -182,6 +216,19 @@ class _MeterCore:
         tiers = tuple((t.capacity, 0, 0) for t in plan.op.tiers)
         return _Issued(plan, Outcome(True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
 
+    def _failed(self, plan: Plan, exc: MeterkitError, latency: float) -> Decision | None:
+        """Report a check of ``plan`` that failed with ``exc`` (one of
+        :data:`REPORTED_BY_METER`) to the observers: the degraded admission that takes
+        its place (fail-open), or None when ``exc`` stands."""
+        notify = self._notify
+        assert notify is not None
+        if self.fail_open and isinstance(exc, BackendUnavailable):
+            decision = self._degraded(plan)
+            notify(degraded_event(decision, exc, latency))
+            return decision
+        notify(failure_event(plan, exc, latency))
+        return None
+
     def _plans(self, requests: Iterable[CheckRequest]) -> list[Plan]:
         """Plan every request of a batch, so that bad input raises before any is applied."""
         if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Iterable):
@@ -245,15 +292,27 @@ class _MeterCore:
         )
 
     def _decide_many(
-        self, plans: list[Plan], results: Sequence[Any], return_exceptions: bool
+        self, plans: list[Plan], results: Sequence[Any], return_exceptions: bool, latency: float
     ) -> list[Any]:
+        """The batch's decisions (reported to the observers, if any, with the batch's
+        ``latency``), raising the first error unless ``return_exceptions``."""
         decisions: list[Any] = []
         first: MeterkitError | None = None
+        notify = self._notify
         for plan, result in zip(plans, results, strict=True):
             if not isinstance(result, MeterkitError):
-                decisions.append(self._decide(plan, result))
+                decision = self._decide(plan, result)
+                decisions.append(decision)
+                if notify is not None:
+                    notify(check_event(decision, latency, self._watch_shadow))
+                continue
+            instead: Decision | None = None
+            if notify is not None and isinstance(result, REPORTED_BY_METER):
+                instead = self._failed(plan, result, latency)
             elif self.fail_open and isinstance(result, BackendUnavailable):
-                decisions.append(self._degraded(plan))
+                instead = self._degraded(plan)
+            if instead is not None:
+                decisions.append(instead)
             else:
                 first = first or result
                 decisions.append(result)
@@ -329,8 +388,11 @@ class AsyncMeter(_MeterCore):
         *,
         fail_open: bool = False,
         ledger: LedgerStore | str | None = None,
+        on_decision: Observer | Iterable[Observer] | None = None,
     ) -> None:
-        super().__init__(policy, backend, fail_open=fail_open, ledger=ledger)
+        super().__init__(
+            policy, backend, fail_open=fail_open, ledger=ledger, on_decision=on_decision
+        )
         self._read_history = _history_in_thread
         if not inspect.iscoroutinefunction(getattr(backend, "apply", None)):
             backend = _Awaiting(backend)
@@ -360,6 +422,55 @@ class AsyncMeter(_MeterCore):
                 return self._degraded(plan)
             raise
         return self._decide(plan, outcome)
+
+    async def _check_observed(
+        self,
+        key: Any,
+        *,
+        operation: str,
+        org: str | None = None,
+        idempotency_key: str | None = None,
+        cost: object = None,
+        mode: Mode = "live",
+    ) -> Decision:
+        """:meth:`check`, reported to the observers: this meter's ``check`` when it was
+        made with ``on_decision``. The decision is reported once made, after the
+        backend has let go of its lock, with the time the backend took."""
+        plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+        start = perf_counter()
+        try:
+            outcome = await self._apply(plan)
+        except REPORTED_BY_METER as exc:
+            degraded = self._failed(plan, exc, perf_counter() - start)
+            if degraded is None:
+                raise
+            return degraded
+        latency = perf_counter() - start
+        decision = self._decide(plan, outcome)
+        # (check_event's common case, written out: a call less on every check)
+        if outcome.allowed and not self._watch_shadow:
+            event = Event(
+                ALLOWED,
+                plan.op.name,
+                plan.org,
+                plan.key,
+                plan.mode,
+                None,
+                None,
+                200,
+                latency,
+                False,
+                (),
+                outcome.replayed,
+                decision,
+            )
+        else:
+            event = check_event(decision, latency, self._watch_shadow)
+        try:
+            self._observe(event)
+        except Exception:
+            self._observe_failed(event)
+        return decision
 
     async def peek(
         self,
@@ -415,16 +526,24 @@ class AsyncMeter(_MeterCore):
         applied — or, with ``return_exceptions=True``, takes that request's place.
         """
         plans = self._plans(requests)
+        start = perf_counter()
         try:
             if getattr(self.backend, "apply_many", None) is not None:
                 results = await self._able("apply_many")(plans)
             else:
                 results = [await self._apply_or_error(plan) for plan in plans]
-        except BackendUnavailable:
-            if self.fail_open:
-                return [self._degraded(plan) for plan in plans]
-            raise
-        return self._decide_many(plans, results, return_exceptions)
+        except BackendError as exc:
+            if self._notify is None:
+                if self.fail_open and isinstance(exc, BackendUnavailable):
+                    return [self._degraded(plan) for plan in plans]
+                raise
+            # Every request of the batch failed alike: each is reported.
+            latency = perf_counter() - start
+            degraded = [self._failed(plan, exc, latency) for plan in plans]
+            if not plans or degraded[0] is None:
+                raise
+            return degraded
+        return self._decide_many(plans, results, return_exceptions, perf_counter() - start)
 
     async def _apply_or_error(self, plan: Plan) -> Outcome | MeterkitError:
         try:
@@ -438,7 +557,18 @@ class AsyncMeter(_MeterCore):
         decision = self._refundable(decision)
         if decision.degraded:
             return False
-        return bool(await self._backend.refund(decision.request, decision.outcome))
+        notify = self._notify
+        if notify is None:
+            return bool(await self._backend.refund(decision.request, decision.outcome))
+        start = perf_counter()
+        try:
+            refunded = bool(await self._backend.refund(decision.request, decision.outcome))
+        except BackendError as exc:
+            notify(failure_event(decision.request, exc, perf_counter() - start))
+            raise
+        if refunded:
+            notify(refund_event(decision, perf_counter() - start))
+        return refunded
 
     @overload
     async def usage(self, org: str, key: str | None = None, mode: Mode = "live") -> Usage: ...
@@ -565,15 +695,19 @@ class Meter(_MeterCore):
         *,
         fail_open: bool = False,
         ledger: LedgerStore | str | None = None,
+        on_decision: Observer | Iterable[Observer] | None = None,
     ) -> None:
         if inspect.iscoroutinefunction(getattr(backend, "apply", None)):
             raise InvalidRequestError("this backend is asynchronous: use meterkit.AsyncMeter")
-        super().__init__(policy, backend, fail_open=fail_open, ledger=ledger)
+        super().__init__(
+            policy, backend, fail_open=fail_open, ledger=ledger, on_decision=on_decision
+        )
         self._backend = backend
         self._apply = backend.apply
         self._read_history = _history
 
     check = blocking(AsyncMeter.check)
+    _check_observed = blocking(AsyncMeter._check_observed)
     peek = blocking(AsyncMeter.peek)
     reset_limits = blocking(AsyncMeter.reset_limits)
     check_many = blocking(AsyncMeter.check_many)

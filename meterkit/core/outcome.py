@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from meterkit.errors import InvalidRequestError
+from meterkit.errors import IdempotencyConflictError
 
 if TYPE_CHECKING:
     from meterkit.core.plan import Plan
@@ -81,10 +81,10 @@ def unspent(results: Sequence[TierOutcome]) -> tuple[TierOutcome, ...]:
 
 def replay(plan: Plan, record: IdempotencyRecord) -> Outcome:
     """The first decision again, marked replayed; a different request under the same
-    idempotency key raises :class:`InvalidRequestError`."""
+    idempotency key raises :class:`IdempotencyConflictError`."""
     _, key, operation, cost, first = record
     if key != plan.key or operation != plan.op.name or cost != plan.cost:
-        raise InvalidRequestError(
+        raise IdempotencyConflictError(
             "this idempotency key was first used for a different request "
             f"(key {key!r}, operation {operation!r})"
         )

@@ -54,13 +54,21 @@ from meterkit.errors import (
     BackendError,
     BackendUnavailable,
     ConfigurationError,
+    IdempotencyConflictError,
     InvalidAmountError,
-    InvalidIdentifierError,
     InvalidRequestError,
     MeterkitError,
     StateError,
 )
 from meterkit.keys.memory import AsyncMemoryKeyStore
+from meterkit.observe.events import (
+    ERROR,
+    REPORTED_BY_METER,
+    Event,
+    error_kind,
+    refusal_event,
+    safe_id,
+)
 
 if TYPE_CHECKING:
     from meterkit.core.decision import Decision
@@ -959,6 +967,7 @@ class Gate:
         "_keep",
         "_legacy",
         "_lock_us",
+        "_notify",
         "_operation",
         "_org_from_path",
         "_proxies",
@@ -1060,6 +1069,8 @@ class Gate:
         self._operation = operation
         self._org_from_path = self._default[0][0] in (_AUTO, _SEGMENT, _PARAM)
         self._check = meter.check
+        # The meter's observers hear of the gate's refusals too.
+        self._notify = getattr(meter, "_notify", None)
         self._check_awaits = iscoroutinefunction(meter.check)
         self._refund = meter.refund
         self._refund_awaits = iscoroutinefunction(meter.refund)
@@ -1252,7 +1263,7 @@ class Gate:
                 and forwarded_https(req.forwarded_proto)
             )
         ):
-            return self._fixed[_HTTPS_REQUIRED]
+            return self._refused(_HTTPS_REQUIRED, target)
         segments = None
         if target is None:
             segments = req.path.split("/")
@@ -1284,7 +1295,7 @@ class Gate:
         else:
             org = argument(req)
         if not org and kind not in (_KEY, _AUTO):
-            return self._fixed[_ORGANIZATION_REQUIRED]
+            return self._refused(_ORGANIZATION_REQUIRED, target)
         idem = None
         try:
             if target.by_key:
@@ -1302,7 +1313,7 @@ class Gate:
                 key = None
                 caller = self._caller(target.caller, req)
                 if not caller:
-                    return self._fixed[_CALLER_REQUIRED]
+                    return self._refused(_CALLER_REQUIRED, target, org)
                 if not org:
                     org = caller
             fp = None  # the request's fingerprint, when its Idempotency-Key counts
@@ -1313,12 +1324,15 @@ class Gate:
                 if not (
                     0 < len(idem) <= MAX_IDEMPOTENCY_KEY and idem.isprintable() and "," not in idem
                 ):
-                    return self._fixed[_INVALID_IDEMPOTENCY_KEY]
+                    return self._refused(_INVALID_IDEMPOTENCY_KEY, target, org, key, caller)
                 body = await req.read_body()
                 fp = fingerprint(req.method, req.path, target.operation, body)
             cost = target.cost
             if cost is not None and callable(cost):
                 cost = cost(req)
+        except MeterkitError as exc:
+            return self._failure(exc, idem, target, org)
+        try:
             if self._check_awaits:
                 decision = await self._check(
                     caller, operation=target.operation, org=org, idempotency_key=idem, cost=cost
@@ -1327,13 +1341,19 @@ class Gate:
                 decision = self._check(
                     caller, operation=target.operation, org=org, idempotency_key=idem, cost=cost
                 )
-            if not decision.allowed:
-                return self._denied(decision)
-            if fp is None or decision.degraded:
-                return Admission(key, decision)
-            if not decision.replayed:
-                # The first attempt: its mark is the charge's own record (no round trip).
-                return Admission(key, decision, Keeping(self, fp, ""))
+        except MeterkitError as exc:
+            # (the meter reported its own failures: a backend error, a reused key)
+            return self._failure(
+                exc, idem, target, org, key, caller, isinstance(exc, REPORTED_BY_METER)
+            )
+        if not decision.allowed:
+            return self._denied(decision)
+        if fp is None or decision.degraded:
+            return Admission(key, decision)
+        if not decision.replayed:
+            # The first attempt: its mark is the charge's own record (no round trip).
+            return Admission(key, decision, Keeping(self, fp, ""))
+        try:
             # A retry: the meter replayed the charge; the key's response record says the rest.
             token = os.urandom(8).hex()
             if self._store_awaits:
@@ -1346,9 +1366,9 @@ class Gate:
                 )
             if verdict == RUN:
                 return Admission(key, decision, Keeping(self, fp, token))
-            return self._retried(verdict, detail)
+            return self._retried(verdict, detail, target, key)
         except MeterkitError as exc:
-            return self._failure(exc, idem)
+            return self._failure(exc, idem, target, org, key, caller)
 
     def _caller(self, source: Source, req: RequestView) -> str | None:
         kind, argument = source
@@ -1390,7 +1410,7 @@ class Gate:
         if (org is None and self._org_from_path and router._org_prefixes) or not router.owns(
             segments
         ):
-            return self._fixed[_NOT_FOUND]
+            return self._refused(_NOT_FOUND, None, org)
         if self._default[1] == (_KEY, None) and self._authenticate is not None:
             try:
                 if self._authenticate_awaits:
@@ -1398,21 +1418,23 @@ class Gate:
                 else:
                     self._authenticate(req.authorization, org=org, permission=None)
             except MeterkitError as exc:
-                return self._failure(exc, None)
+                return self._failure(exc, None, None, org)
         allowed = router.allowed(segments)
         if allowed:
+            self._report(_METHOD_NOT_ALLOWED, None, org)
             return self._refusal(*_METHOD_NOT_ALLOWED, extra=[("Allow", ", ".join(allowed))])
-        return self._fixed[_NOT_FOUND]
+        return self._refused(_NOT_FOUND, None, org)
 
-    def _retried(self, verdict: int, detail: Any) -> Response:
-        """The answer to a retry that does not run: the kept response, or a refusal."""
+    def _retried(self, verdict: int, detail: Any, target: Target, key: Any) -> Response:
+        """The answer to a retry that does not run: the kept response, or a refusal
+        (reported to the observers: the meter reported the replayed charge only)."""
         if verdict == BUSY:
-            return self._fixed[_IDEMPOTENCY_KEY_IN_USE]
+            return self._refused(_IDEMPOTENCY_KEY_IN_USE, target, None, key)
         if verdict == REUSED:
-            return self._fixed[_IDEMPOTENCY_KEY_REUSED]
+            return self._refused(_IDEMPOTENCY_KEY_REUSED, target, None, key)
         assert verdict == DONE
         if not detail:
-            return self._fixed[_IDEMPOTENCY_RESPONSE_TOO_LARGE]
+            return self._refused(_IDEMPOTENCY_RESPONSE_TOO_LARGE, target, None, key)
         try:
             status, headers, body = _decode_response(detail)
         except msgspec.DecodeError:
@@ -1588,11 +1610,23 @@ class Gate:
             body=_encode(error) if self._render is None else None,
         )
 
-    def _failure(self, exc: MeterkitError, idempotency_key: str | None) -> Response:
-        """The answer to an error from the key store or the meter; re-raises the others."""
+    def _failure(
+        self,
+        exc: MeterkitError,
+        idempotency_key: str | None,
+        target: Target | None = None,
+        org: object = None,
+        key: Any = None,
+        caller: object = None,
+        reported: bool = False,
+    ) -> Response:
+        """The answer to an error from the key store or the meter; re-raises the others.
+        The observers hear of it unless the meter ``reported`` it already."""
         if isinstance(exc, AuthenticationError):
             # RFC 6750: a 401 names the scheme the client should use.
             extra = [("WWW-Authenticate", "Bearer")] if exc.status == 401 else []
+            if self._notify is not None and not reported:
+                self._report((exc.status, "", exc.code, ""), target, org, key, caller)
             return self._refusal(
                 exc.status, "authentication_error", exc.code, exc.message, extra=extra
             )
@@ -1603,19 +1637,72 @@ class Gate:
                 logger.warning("meterkit: backend unavailable, answering 503: %s", exc)
             else:
                 logger.error("meterkit: backend failed, answering 503: %s", exc)
+            if self._notify is not None and not reported:
+                # (the key store's or the response store's: the meter reports its own)
+                self._notify(
+                    Event(
+                        ERROR,
+                        None if target is None else target.operation,
+                        safe_id(org),
+                        None,
+                        None,
+                        error_kind(exc),
+                        None,
+                        503,
+                        None,
+                    )
+                )
             return self._fixed[_UNAVAILABLE]
-        if (
-            isinstance(exc, InvalidRequestError)
-            and not isinstance(exc, InvalidIdentifierError)
-            and not isinstance(exc, InvalidAmountError)
-            and idempotency_key is not None
-        ):
+        if isinstance(exc, IdempotencyConflictError) and idempotency_key is not None:
             # The meter's one refusal of valid arguments: an idempotency key first used
             # for another operation, key or price.
+            if not reported:
+                self._report(_IDEMPOTENCY_KEY_REUSED, target, org, key, caller)
             return self._fixed[_IDEMPOTENCY_KEY_REUSED]
         if isinstance(exc, InvalidRequestError):
-            return self._fixed[_INVALID_REQUEST]
+            return self._refused(_INVALID_REQUEST, target, org, key, caller)
         raise exc
+
+    def _refused(
+        self,
+        spec: tuple[int, str, str, str],
+        target: Target | None,
+        org: object = None,
+        key: Any = None,
+        caller: object = None,
+    ) -> Response:
+        """The fixed refusal ``spec``, reported to the meter's observers."""
+        if self._notify is not None:
+            self._report(spec, target, org, key, caller)
+        return self._fixed[spec]
+
+    def _report(
+        self,
+        spec: tuple[int, str, str, str],
+        target: Target | None,
+        org: object = None,
+        key: Any = None,
+        caller: object = None,
+    ) -> None:
+        """Tell the observers of the refusal ``spec`` (status, type, code, message) of a
+        request for ``target``: by ``org`` as the request named it, by the
+        authenticated ``key`` or another ``caller``, as far as they are known."""
+        notify = self._notify
+        if notify is None:
+            return
+        mode = None
+        if key is not None:
+            org, caller, mode = key.org, key.id, getattr(key, "mode", None)
+        notify(
+            refusal_event(
+                spec[2],
+                spec[0],
+                operation=None if target is None else target.operation,
+                org=org,
+                key=caller,
+                mode=mode,
+            )
+        )
 
     # -- the framework's routes -----------------------------------------------------------
 
