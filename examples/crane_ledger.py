@@ -6,7 +6,9 @@ Run it (keys are written to demo-keys.json on start-up)::
 
 Every route under ``/organizations/{organization_id}/`` is authenticated, rate-limited
 and charged by the middleware before the handler runs; the handlers below contain no
-metering code at all, except ``/usage``, which reports it. The operations and their
+metering code at all, except ``/usage``, which reports it. ``/metrics`` serves the
+meter's Prometheus metrics (decisions, refusals by tier, backend latency, …), and each
+refusal and backend failure is a log line on the ``meterkit`` logger. The operations and their
 prices come from the policy's ``[routes]`` table (``meterkit/policies/crane_ledger.toml``).
 
 Environment:
@@ -34,18 +36,21 @@ from typing import Annotated, Any, Literal, get_args
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 import meterkit
 from meterkit.asgi import MeterMiddleware
 from meterkit.http import openapi
+from meterkit.observe import LogObserver
+from meterkit.prometheus import PrometheusObserver
 
 ORG = "org_demo"
 READ_ONLY = ["invoices:read", "currency:read", "reports:read", "usage:read"]
 Report = Literal["balance_sheet", "profit_and_loss", "summary"]
 Currency = Literal["USD", "EUR", "GBP", "JPY"]
-# Paths that are not metered: the health check and FastAPI's own documentation.
-UNMETERED = ["/health", "/docs*", "/redoc", "/openapi.json"]
+# Paths that are not metered: the health check, the metrics and FastAPI's documentation.
+UNMETERED = ["/health", "/metrics", "/docs*", "/redoc", "/openapi.json"]
 
 
 def error(status: int, code: str, message: str, type_: str = "invalid_request_error") -> Any:
@@ -235,16 +240,19 @@ def pdf_of(invoice: dict[str, Any]) -> bytes:
     return bytes(out)
 
 
-def _stores_from_env(policy: meterkit.Policy, clock: Callable[[], float] | None) -> tuple[Any, Any]:
-    """An AsyncMeter and an async key store: in memory, or in Redis at METERKIT_BACKEND_URL."""
+def _stores_from_env(
+    policy: meterkit.Policy, clock: Callable[[], float] | None, observers: list[Any]
+) -> tuple[Any, Any]:
+    """An AsyncMeter reporting to ``observers``, and an async key store: in memory, or in
+    Redis at METERKIT_BACKEND_URL."""
     url = os.environ.get("METERKIT_BACKEND_URL")
     if not url:
-        meter = meterkit.AsyncMeter(policy, meterkit.MemoryBackend(clock=clock))
-        return meter, meterkit.async_keystore_from_url("memory://", clock=clock)
-    from meterkit import async_backend_from_url
-
-    meter = meterkit.AsyncMeter(policy, async_backend_from_url(url, clock=clock))
-    return meter, meterkit.async_keystore_from_url(url, clock=clock)
+        backend: Any = meterkit.MemoryBackend(clock=clock)
+        keystore = meterkit.async_keystore_from_url("memory://", clock=clock)
+    else:
+        backend = meterkit.async_backend_from_url(url, clock=clock)
+        keystore = meterkit.async_keystore_from_url(url, clock=clock)
+    return meterkit.AsyncMeter(policy, backend, on_decision=observers), keystore
 
 
 def create_app(
@@ -254,16 +262,23 @@ def create_app(
     clock: Callable[[], float] | None = None,
     policy: meterkit.Policy | None = None,
     rates: RatesFeed | None = None,
+    registry: CollectorRegistry | None = None,
     **middleware_options: Any,
 ) -> FastAPI:
     """The example API. Give ``meter`` (an AsyncMeter) and ``keystore`` (an async key
     store), or let them be made from the environment; ``clock`` drives the ones made
-    here. ``middleware_options`` go to :class:`meterkit.asgi.MeterMiddleware`."""
+    here, which report to a Prometheus observer on ``registry`` (by default the app's
+    own), served at ``/metrics``, and to the ``meterkit`` logger. ``middleware_options``
+    go to :class:`meterkit.asgi.MeterMiddleware`."""
     if (meter is None) != (keystore is None):
         raise TypeError("give both meter and keystore, or neither")
     owned = meter is None
+    registry = CollectorRegistry() if registry is None else registry
     if meter is None:
-        meter, keystore = _stores_from_env(policy or meterkit.Policy.crane_ledger(), clock)
+        observers = [PrometheusObserver(registry), LogObserver()]
+        meter, keystore = _stores_from_env(
+            policy or meterkit.Policy.crane_ledger(), clock, observers
+        )
     ledger = Ledger()
     feed = rates or RatesFeed()
 
@@ -289,6 +304,7 @@ def create_app(
     app = FastAPI(title="Crane Ledger (meterkit example)", lifespan=lifespan)
     app.state.meter = meter
     app.state.keystore = keystore
+    app.state.registry = registry
     app.state.rates = feed
     app.state.ledger = ledger
     options = {"exclude": UNMETERED, **middleware_options}
@@ -305,6 +321,10 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/organizations/{organization_id}/invoices")
     async def list_invoices(organization_id: str, request: Request) -> dict[str, Any]:
