@@ -45,6 +45,7 @@ from meterkit.observe.events import (
     Event,
     Observer,
     Observers,
+    alert_event,
     check_event,
     degraded_event,
     failure_event,
@@ -135,6 +136,8 @@ class _MeterCore:
             self.ledger = store_from_url(ledger) if isinstance(ledger, str) else ledger
         self._plan_for = policy.plan_for
         self._watch_shadow = policy.shadow or any(t.shadow for t in policy.tiers)
+        # An admission may bring more than its check's event: shadow denials, alerts.
+        self._noticing = self._watch_shadow or bool(policy.credits.alert_percents)
         #: Denials that shadow mode let through, per tier name (and "credits").
         self.shadow_denials: Counter[str] = Counter()
         #: Checks admitted without the backend because it was unavailable (fail-open).
@@ -215,6 +218,15 @@ class _MeterCore:
         now = round(time.time() * _US)
         tiers = tuple((t.capacity, 0, 0) for t in plan.op.tiers)
         return _Issued(plan, Outcome(True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
+
+    def _report(self, decision: Decision, latency: float) -> None:
+        """Tell the observers of a check the backend answered, and of the credit alerts
+        it reached first."""
+        notify = self._notify
+        assert notify is not None
+        notify(check_event(decision, latency, self._watch_shadow))
+        for threshold in decision.alerts:
+            notify(alert_event(decision, threshold))
 
     def _failed(self, plan: Plan, exc: MeterkitError, latency: float) -> Decision | None:
         """Report a check of ``plan`` that failed with ``exc`` (one of
@@ -304,7 +316,7 @@ class _MeterCore:
                 decision = self._decide(plan, result)
                 decisions.append(decision)
                 if notify is not None:
-                    notify(check_event(decision, latency, self._watch_shadow))
+                    self._report(decision, latency)
                 continue
             instead: Decision | None = None
             if notify is not None and isinstance(result, REPORTED_BY_METER):
@@ -447,8 +459,10 @@ class AsyncMeter(_MeterCore):
             return degraded
         latency = perf_counter() - start
         decision = self._decide(plan, outcome)
-        # (check_event's common case, written out: a call less on every check)
-        if outcome.allowed and not self._watch_shadow:
+        if not outcome.allowed or self._noticing:
+            self._report(decision, latency)
+        else:
+            # (check_event's common case, written out: a call less on every check)
             event = Event(
                 ALLOWED,
                 plan.op.name,
@@ -464,12 +478,10 @@ class AsyncMeter(_MeterCore):
                 outcome.replayed,
                 decision,
             )
-        else:
-            event = check_event(decision, latency, self._watch_shadow)
-        try:
-            self._observe(event)
-        except Exception:
-            self._observe_failed(event)
+            try:
+                self._observe(event)
+            except Exception:
+                self._observe_failed(event)
         return decision
 
     async def peek(

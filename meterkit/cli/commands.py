@@ -76,6 +76,9 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
     _out()
     allowance = _credits(_dec(policy.credits.allowance_micro))
     _out(f"credits: {allowance} per organization per calendar month (UTC), no rollover")
+    if policy.credits.alert_percents:
+        thresholds = ", ".join(f"{p}%" for p in policy.credits.alert_percents)
+        _out(f"credit alerts at {thresholds} of the month's credits")
     if policy.plans:
         _out()
         _out(f"plans ({len(policy.plans)}, besides default):")

@@ -91,3 +91,20 @@ def top_up_too_large() -> InvalidAmountError:
         f"this top-up would take the month's top-ups past {from_micro(MAX_MICRO)} credits; "
         "nothing was added"
     )
+
+
+def alerts_reached(percents: tuple[int, ...], total: int, demand: int) -> int:
+    """How many credit alert thresholds (``percents`` of the month's credits, increasing)
+    a request reaches: those with ``demand`` (the µ-credits used with the request's
+    charge) at or past ``percents[i]`` % of ``total`` (the month's allowance and
+    top-ups). A request that uses nothing reaches none; one refused for credits asks
+    for more than ``total``, and so reaches them all. (check.lua writes this rule for
+    Redis, without a product past 2**53.)"""
+    if demand <= 0:
+        return 0
+    reached = 0
+    for percent in percents:
+        if demand * 100 < total * percent:
+            break
+        reached += 1
+    return reached

@@ -143,6 +143,13 @@ class Decision:
         return self._out.replayed
 
     @property
+    def alerts(self) -> tuple[str, ...]:
+        """The credit alert thresholds (``"80%"``) this check was the first to reach in
+        its organization's month: each is reported by one check only, whichever
+        process made it (see ``CreditPlan.alerts``)."""
+        return tuple(f"{p}%" for p in self._out.alerts)
+
+    @property
     def resets_at(self) -> datetime:
         """When the organization's credits reset (the next calendar month, UTC)."""
         return datetime.fromtimestamp(self._out.period_end / _US, tz=timezone.utc)

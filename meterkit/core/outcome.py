@@ -61,6 +61,9 @@ class Outcome(NamedTuple):
     #: result per tier of it), from :meth:`Policy.limits_for`; None for the plan's own
     #: operation plan (the default plan, and hand-made outcomes)
     limits: OperationPlan | None = None
+    #: the policy's credit alert thresholds (percents) this check reached first in its
+    #: organization's month (see :func:`meterkit.core.credits.alerts_reached`)
+    alerts: tuple[int, ...] = ()
 
 
 #: Usage as a backend reports it: (period start µs, period end µs, allowance µ-credits
@@ -88,4 +91,5 @@ def replay(plan: Plan, record: IdempotencyRecord) -> Outcome:
             "this idempotency key was first used for a different request "
             f"(key {key!r}, operation {operation!r})"
         )
-    return first._replace(replayed=True)
+    # (the first decision reported its alerts: a retry reports none)
+    return first._replace(replayed=True, alerts=())

@@ -299,16 +299,56 @@ class CostTable:
 
 @dataclass(frozen=True)
 class CreditPlan:
-    """Credits granted to each organization per calendar month (UTC), no rollover."""
+    """Credits granted to each organization per calendar month (UTC), no rollover.
+
+    ``alerts`` are thresholds of credit usage, as percents of the month's credits (its
+    allowance and top-ups): ``("80%", "100%")``. A check whose charge takes an
+    organization's usage to one (or that is refused for credits, which reaches them
+    all) reports a credit alert, once per organization, threshold and month, however
+    many processes check at once: the backend decides it in the check's atomic step.
+    """
 
     allowance: Amount | object
     period: Literal["month"] = "month"
+    alerts: Sequence[str | int] = ()
     allowance_micro: int = field(init=False)
+    #: ``alerts`` as whole percents, in increasing order.
+    alert_percents: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.period != "month":
             raise ConfigurationError("the only credit period is 'month'", "period")
         object.__setattr__(self, "allowance_micro", _micro(self.allowance, "allowance"))
+        object.__setattr__(self, "alert_percents", _alert_percents(self.alerts))
+        object.__setattr__(self, "alerts", tuple(f"{p}%" for p in self.alert_percents))
+
+
+_ALERT = re.compile(r"\s*(\d{1,3})\s*%\s*")
+
+
+def _alert_percents(alerts: object) -> tuple[int, ...]:
+    """Credit alert thresholds as whole percents from 1 to 100, each once, sorted."""
+    if isinstance(alerts, (str, bytes)) or not isinstance(alerts, Iterable):
+        raise ConfigurationError(
+            "is a list of thresholds, percents of the month's credits: ['80%', '100%']",
+            "alerts",
+        )
+    percents: list[int] = []
+    for i, alert in enumerate(alerts):
+        match = _ALERT.fullmatch(alert) if isinstance(alert, str) else None
+        percent = int(match.group(1)) if match else None
+        if type(alert) is int:
+            percent = alert
+        if percent is None or not 1 <= percent <= 100:
+            raise ConfigurationError(
+                f"a threshold is a whole percent of the month's credits from 1% to 100%, "
+                f"such as '80%', not {alert!r}",
+                f"alerts[{i}]",
+            )
+        if percent in percents:
+            raise ConfigurationError(f"the threshold {percent}% is given twice", f"alerts[{i}]")
+        percents.append(percent)
+    return tuple(sorted(percents))
 
 
 def enforces(tier: Tier, policy_shadow: bool) -> bool:
@@ -863,6 +903,7 @@ class Policy:
             "credits": {
                 "allowance": str(from_micro(self.credits.allowance_micro)),
                 "period": self.credits.period,
+                "alerts": list(self.credits.alerts),
             },
             "routes": dict(self.routes),
             "plans": {
@@ -913,6 +954,7 @@ class _OperationSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
 class _CreditsSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
     allowance: str | int | float
     period: Literal["month"] = "month"
+    alerts: list[str | int] = []
 
 
 class _TierChangeSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
@@ -965,7 +1007,9 @@ class _PolicySpec(_Spec, kw_only=True, forbid_unknown_fields=True):
         except ConfigurationError as exc:
             # CostTable counts operations by position; the file names them.
             raise _renamed(exc, [o.name for o in operations]) from None
-        credits = _located("credits", lambda: CreditPlan(self.credits.allowance))
+        credits = _located(
+            "credits", lambda: CreditPlan(self.credits.allowance, alerts=self.credits.alerts)
+        )
         plans = [_located(f"plans.{name}", p.build, name) for name, p in self.plans.items()]
         return Policy(
             tiers,

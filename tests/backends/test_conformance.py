@@ -1,15 +1,16 @@
 """Conformance: the Lua scripts do exactly what the memory backend (the reference) does.
 
 Hypothesis draws a random policy (all four algorithms, key and org scopes, bursts,
-shadow tiers, operation-limited tiers, policy-level shadow, small allowances, customer
-plans that change or turn off tiers and change the allowance) and a random trace
-(checks with idempotency keys, cost overrides and test mode; time steps from one
-microsecond to a month; peeks; refunds; top-ups; allowance overrides; usage reports;
-organizations and keys moved between plans, negotiated limits, keys that carry a plan
-of their own, plan reports), and plays it against ``MemoryBackend`` and
-``RedisBackend`` (standalone and Cluster) on the same fake clock. Every step must
-agree: the whole ``Outcome`` tuple (only the charge ids differ, by design) with the
-tiers in force, each refund's result, each usage and plan report and each error.
+shadow tiers, operation-limited tiers, policy-level shadow, small allowances, credit
+alert thresholds, customer plans that change or turn off tiers and change the
+allowance) and a random trace (checks with idempotency keys, cost overrides and test
+mode; time steps from one microsecond to a month; peeks; refunds; top-ups; allowance
+overrides; usage reports; organizations and keys moved between plans, negotiated
+limits, keys that carry a plan of their own, plan reports), and plays it against
+``MemoryBackend`` and ``RedisBackend`` (standalone and Cluster) on the same fake
+clock. Every step must agree: the whole ``Outcome`` tuple (only the charge ids
+differ, by design) with the tiers in force and the credit alerts reached, each
+refund's result, each usage and plan report and each error.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ COSTS = (None, "0", "0.000001", "0.07", "1.5")
 #: Plan names: a policy has the first 0 to 2 of them; "p3" is never one of its plans.
 PLANS = ("p1", "p2", "p3", "default")
 AMOUNTS = ("0", "0.01", "0.2", "5")
+#: Credit alert thresholds of a policy.
+ALERTS: tuple[tuple[str, ...], ...] = ((), ("50%",), ("80%", "100%"), ("1%", "33%", "99%", "100%"))
 
 
 @st.composite
@@ -119,7 +122,8 @@ def policies(draw: st.DrawFn, *, planned: bool = False) -> Policy:
                 changes[tier.name] = rate if burst is None else {"rate": rate, "burst": burst}
         plan_allowance = draw(st.none() | st.sampled_from(("0", "0.05", "0.3", "2")))
         plans.append(CustomerPlan(name, changes, plan_allowance))  # type: ignore[arg-type]
-    return Policy(drawn, costs, CreditPlan(allowance), shadow=shadow, plans=plans)
+    alerts = draw(st.sampled_from(ALERTS))
+    return Policy(drawn, costs, CreditPlan(allowance, alerts=alerts), shadow=shadow, plans=plans)
 
 
 def deal(policy: Policy, seed: int) -> dict[str, object] | None:
@@ -230,7 +234,7 @@ def _comparable(outcome: tuple[Any, ...]) -> tuple[Any, ...]:
     and the tiers in force as numbers."""
     limits = outcome[10]
     applied = (limits.plan, limits.on, limits.allowance, [t.describe() for t in limits.tiers])
-    return (*outcome[:8], bool(outcome[8]), outcome[9], applied)
+    return (*outcome[:8], bool(outcome[8]), outcome[9], applied, outcome[11])
 
 
 def _run(meter: Meter, call: str, *args: Any, **kwargs: Any) -> Any:
@@ -422,7 +426,7 @@ def test_a_hand_written_trace_covers_every_feature(client: Any) -> None:
             (Category("read", "0.01", "0.01"), Category("write", "0.03", "0.15")),
             (Operation("items.list", "read", "0.01"), Operation("items.create", "write", "0.05")),
         ),
-        CreditPlan("0.1"),
+        CreditPlan("0.1", alerts=("50%", "90%", "100%")),
     )
     check = ("check", 0, "items.list", None, None, "live")
     trace: list[tuple[Any, ...]] = [

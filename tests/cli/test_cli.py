@@ -169,6 +169,20 @@ def test_policy_check_prints_the_compiled_seed_policy(capsys: pytest.CaptureFixt
     assert "credits: 10000.00 per organization per calendar month (UTC), no rollover" in lines
 
 
+def test_policy_check_lists_credit_alerts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A policy's credit alert thresholds are listed under its credits."""
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        SEED_TEXT.replace('period = "month"', 'period = "month"\nalerts = ["100%", "80%"]', 1),
+        encoding="utf-8",
+    )
+    code, out, _ = run(capsys, "policy", "check", str(path))
+    assert code == EXIT_OK
+    assert "credit alerts at 80%, 100% of the month's credits" in out.splitlines()
+
+
 def test_policy_check_json_is_the_policy_description(capsys: pytest.CaptureFixture[str]) -> None:
     """`--json` prints the compiled policy as one JSON object, marked valid."""
     code, out, _ = run(capsys, "policy", "check", str(SEED), "--json")
@@ -204,6 +218,12 @@ BROKEN = [
         "invalid policy: operations.currency.convert: Object contains unknown field `colour`",
     ),
     ("[categories.write]", "[categories.write", "invalid policy: malformed TOML"),
+    (
+        'period = "month"',
+        'alerts = ["80%", "120%"]\nperiod = "month"',
+        "invalid policy: credits.alerts[1]: a threshold is a whole percent of the month's "
+        "credits from 1% to 100%, such as '80%', not '120%'",
+    ),
     (
         '"GET /organizations/{organization_id}/usage" = "usage.get"',
         '"GET /organizations/{organization_id}/usage" = "usage.put"',

@@ -188,7 +188,7 @@ def test_to_dict_describes_the_compiled_policy() -> None:
             "items.list": {"category": "read", "price": "0.01", "permission": None},
             "items.create": {"category": "write", "price": "0.05", "permission": "items:write"},
         },
-        "credits": {"allowance": "0.5", "period": "month"},
+        "credits": {"allowance": "0.5", "period": "month", "alerts": []},
         "routes": {"GET /orgs/{organization_id}/items": "items.list"},
         "plans": {},
     }

@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterable, Iterator
 from string import Template
 from typing import TYPE_CHECKING, Any, cast
 
-from meterkit.core.credits import MAX_MICRO, top_up_too_large
+from meterkit.core.credits import MAX_MICRO, alerts_reached, top_up_too_large
 from meterkit.core.idempotency import Claim, Held, claim, keep
 from meterkit.core.outcome import (
     REASON_CREDITS,
@@ -493,8 +493,9 @@ if by_key is None:
     by_key = acct.pairs[$OP] = {}
 by_key[plan.key] = by_key.get(plan.key, 0) + $ONE + cost
 $charge
+$alerts
 outcome = _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end,
-               $CHARGE_ID, False, limits))
+               $CHARGE_ID, False, limits, $ALERTED))
 if idem is not None:
     b._remember(org, idem, plan, now, outcome)
 $event
@@ -521,7 +522,7 @@ _LEDGER_EVENT = "log_append((n, now, plan.org, plan.mode, plan.key, $OP, cost))\
 _PEEK = """\
 # -- a peek: what check would answer now, and nothing consumed
 return _new(_Outcome, (True, $NONE, now, 0, ($outcomes), cost, balance - cost, end, "", False,
-                       limits))
+                       limits, ()))
 """
 # Only for operations with key-scoped tiers.
 _IDENT = """\
@@ -552,13 +553,26 @@ if fresh:
 """
 _CREDITS = """\
 if cost > balance:
+    $alerts
     return _new(_Outcome, (False, $CREDITS, now, max(end - now, retry), _unspent(($outcomes)),
-                           0, balance, end, "", False, limits))
+                           0, balance, end, "", False, limits, $ALERTED))
 """
 _DENIALS = """\
 if denied:
     return _new(_Outcome, (False, $RATE, now, retry, _unspent(($outcomes)), 0, balance, end,
-                           "", False, limits))
+                           "", False, limits, ()))
+"""
+# Credit alerts, for a policy with thresholds ($PERCENTS): those this request reached
+# first in its organization's month (the rule: meterkit.core.credits.alerts_reached),
+# counted by the account. Admitted, ``acct.used`` holds the charge already; refused for
+# credits, it does not. The test of the next threshold is written out: a call less on
+# every check below it.
+_ALERTS = """\
+# -- credit alerts: the thresholds reached first by this request, once in the month
+alerts = ()
+total = balance + $USED_BEFORE  # (the month's allowance and top-ups)
+if acct.alerted < $N and ($DEMAND) * 100 >= total * $PERCENTS[acct.alerted]:
+    alerts = _alerted(acct, $PERCENTS, total, $DEMAND)
 """
 
 
@@ -632,13 +646,33 @@ def _body_source(
     # The policy's own allowance for its own operations (a stray pairing follows the
     # policy it is paired with); a plan's for the operation under that plan.
     allowance = policy.credits.allowance_micro if op.base is op else op.allowance
+    percents = policy.credits.alert_percents
+    alerted = "alerts" if percents and not peek else "()"
+
+    def alerts_source(used_before: str, demand: str) -> str:
+        if not percents or peek:
+            return ""
+        return _fill(
+            _ALERTS,
+            USED_BEFORE=used_before,
+            DEMAND=demand,
+            N=str(len(percents)),
+            PERCENTS=repr(percents),
+        )
+
     body = _fill(
         _BODY,
         init=init,
         tiers="".join(checks) or "# no tiers",
         credits=""
         if policy.shadow
-        else _fill(_CREDITS, outcomes=outcomes, CREDITS=str(REASON_CREDITS)),
+        else _fill(
+            _CREDITS,
+            outcomes=outcomes,
+            CREDITS=str(REASON_CREDITS),
+            alerts=alerts_source("acct.used", "acct.used + cost"),
+            ALERTED=alerted,
+        ),
         denials=_fill(_DENIALS, outcomes=outcomes, RATE=str(REASON_RATE)) if enforcing else "",
         admit=_fill(
             _PEEK if peek else _ADMIT,
@@ -652,6 +686,8 @@ def _body_source(
             OP=repr(op.name),
             NONE=str(REASON_NONE),
             ONE=str(_ONE_REQUEST),
+            alerts=alerts_source("acct.used - cost", "acct.used"),
+            ALERTED=alerted,
         ),
         open="acct = _Account(start)" if peek else "acct = b._account(org, start)",
         outcomes=outcomes,
@@ -744,6 +780,7 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
         "_next_charge": _CHARGES.__next__,
         "_time_ns": time.time_ns,
         "_Account": _Account,
+        "_alerted": _alerted,
         "array": array,
         "bisect_right": bisect_right,
         "_shards": _shards,
@@ -768,7 +805,7 @@ _MICRO_MASK = _ONE_REQUEST - 1
 class _Account:
     """One organization's credits in one calendar month."""
 
-    __slots__ = ("idents", "pairs", "period", "refunded", "requests", "topup", "used")
+    __slots__ = ("alerted", "idents", "pairs", "period", "refunded", "requests", "topup", "used")
 
     def __init__(self, period: int) -> None:
         self.period = period
@@ -780,6 +817,19 @@ class _Account:
         # By operation, then key: the hot path finds a pair without building a tuple.
         self.pairs: dict[str, dict[str, int]] = {}
         self.refunded: set[str] = set()
+        #: How many of the policy's credit alert thresholds were reached this month.
+        self.alerted = 0
+
+
+def _alerted(acct: _Account, percents: tuple[int, ...], total: int, demand: int) -> tuple[int, ...]:
+    """The thresholds of ``percents`` a request of ``demand`` reaches first in ``acct``'s
+    month (see :func:`meterkit.core.credits.alerts_reached`), now counted as reached."""
+    reached = alerts_reached(percents, total, demand)
+    if reached <= acct.alerted:
+        return ()
+    first = percents[acct.alerted : reached]
+    acct.alerted = reached
+    return first
 
 
 def _set_plan(a: _Assignment, plan: str | None, key: str | None) -> None:

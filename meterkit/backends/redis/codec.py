@@ -284,9 +284,12 @@ class Codec:
         tier set, and one batch script holding all of them."""
         policy = plan.policy
         # Integers and booleans only: nothing from outside reaches the scripts' text.
+        percents = policy.credits.alert_percents
+        alerts = f"{{{', '.join(str(int(p)) for p in percents)}}}" if percents else "false"
         head = (
-            f"local grace, allowance, shadow = {int(self._grace)}, "
-            f"{int(policy.credits.allowance_micro)}, {'true' if policy.shadow else 'false'}\n"
+            f"local grace, allowance, shadow, A = {int(self._grace)}, "
+            f"{int(policy.credits.allowance_micro)}, {'true' if policy.shadow else 'false'}, "
+            f"{alerts}\n"
             # the ledger stream is a check's last key (see check.lua)
             f"local ledger = {'KEYS[#KEYS]' if self.ledger else 'false'}\n"
         )
@@ -367,6 +370,7 @@ class Codec:
         if not isinstance(reply, bytes):
             return self._replay(plan, reply[1])
         limits = plan.op
+        alerts: tuple[int, ...] = ()
         try:
             head, retry, now, reset, charged, balance, end = _HEAD.unpack_from(reply)
             size = _HEAD.size + _TIER.size * len(limits.tiers)
@@ -374,16 +378,28 @@ class Codec:
                 # (each tier's three integers as one tuple, straight from the bytes)
                 tiers = tuple(_TIER.iter_unpack(reply[56:]))
             else:
-                limits = self._limits(plan, reply[size + 1 :])
+                rest = reply[size:]
+                if rest[:1] == b"!":
+                    # '!<reached before> <reached now>': the credit alerts reached first
+                    mark, newline, rest = rest[1:].partition(b"\n")
+                    before, reached = map(int, mark.split(b" "))
+                    alerts = plan.policy.credits.alert_percents[before:reached]
+                    rest = newline + rest
+                if rest:
+                    limits = self._limits(plan, rest[1:])
                 every = tuple(_TIER.iter_unpack(reply[56:size]))
-                tiers = tuple([every[i] for i in limits.on])
+                tiers = tuple([every[i] for i in limits.on]) if rest else every
         except (struct.error, ValueError):
             raise StateError(
                 "redis answered a check with something meterkit did not write"
             ) from None
         if head == 1:
-            return Outcome(True, 0, now, 0, tiers, charged, balance, end, charge, False, limits)
-        return Outcome(False, retry, now, reset, unspent(tiers), 0, balance, end, "", False, limits)
+            return Outcome(
+                True, 0, now, 0, tiers, charged, balance, end, charge, False, limits, alerts
+            )
+        return Outcome(
+            False, retry, now, reset, unspent(tiers), 0, balance, end, "", False, limits, alerts
+        )
 
     def _limits(self, plan: Plan, named: bytes) -> OperationPlan:
         """The tiers in force that a reply names (``<key plan>\\n<plan>[\\n<deal>]``)."""

@@ -9,7 +9,8 @@
 -- operation comes as code, not arguments: meterkit/backends/redis/backend.py puts lines before this
 -- file (one script per distinct text, loaded by SHA),
 --
---   local grace, allowance, shadow = <TTL grace ms>, <policy allowance>, <true/false>
+--   local grace, allowance, shadow, A = <TTL grace ms>, <policy allowance>, <true/false>,
+--                                       <credit alert thresholds: {<percent>...} or false>
 --   local ledger = KEYS[#KEYS] (the ledger stream, the last key) or false
 --   local n, P, R, I, V, S, M, F = <tier count>, {<per tier: algorithm, a, b, c>...},
 --                                  <reply format>, <plans>...            (check_one)
@@ -34,9 +35,10 @@
 -- KEYS[k+1..k+n]  one state key per tier, in policy order: the same key under every
 --                 plan (a customer who changes plan keeps what it spent)
 -- KEYS[k+n+1]     the organization's account (HASH: 'h' the month's totals, 'q|<op>|<key>'
---                 each pair's requests and credits, 'x|<charge>' refunds; after 'h''s
---                 totals, a copy of the organization's plan record, if it has one; see
---                 common.lua's head_of and pair_of)
+--                 each pair's requests and credits, 'x|<charge>' refunds, 'a' how many
+--                 credit alert thresholds the month reached; after 'h''s totals, a copy
+--                 of the organization's plan record, if it has one; see common.lua's
+--                 head_of and pair_of)
 -- KEYS[k+n+2]     the organization's allowance override (STRING, optional)
 -- KEYS[k+n+3]     the organization's plans (HASH, optional: 'o' its plan record,
 --                 'k|<key>' each key's plan; see assign.lua)
@@ -56,8 +58,10 @@
 --        back what a denied request did not take; a tier off under the plan in force
 --        says 0, 0, 0) — packed in one string as 8-byte little-endian integers (R:
 --        '<' and 'i8' once per number), which saves Redis a reply element per number;
---        under a customer plan, followed by '\n', the key's plan and '\n', the
---        organization's plan record without its first character (the plans in force);
+--        when the request reached credit alert thresholds first, followed by '!', how
+--        many the month had reached before, ' ' and how many now; under a customer
+--        plan, followed by '\n', the key's plan and '\n', the organization's plan
+--        record without its first character (the plans in force);
 --        or {-1, record} to replay the first decision of an idempotency key.
 --
 -- Hot path (each of these costs Redis more than a line of Lua): as few commands as
@@ -115,7 +119,7 @@ local function check(n, P, R, I, V, S, M, F, k, now, now_text, cost_text, charge
   if not (start <= now and now < finish) then
     start, finish = month(now)
   end
-  local v = call('HMGET', account, 'h', field)
+  local v = A and call('HMGET', account, 'h', field, 'a') or call('HMGET', account, 'h', field)
   local used, topup, requests, spent = 0, 0, 0, 0
   local current, stale = false, false
   local override = false
@@ -383,33 +387,71 @@ local function check(n, P, R, I, V, S, M, F, k, now, now_text, cost_text, charge
   local balance = allowed_micro + topup - used
 
   local broke = cost > balance and not shadow
+
+  -- Credit alerts: the thresholds of A (percents of the month's credits, increasing)
+  -- that this request reaches first this month, by meterkit.core.credits.alerts_reached's
+  -- rule (its charge takes usage to p% of the allowance and top-ups; a request refused
+  -- for credits reaches them all). 'a' of the account counts those reached already: in
+  -- this one atomic step, exactly one request of the month reaches each.
+  local alerted, reached = 0, 0
+  if A and not dry and (broke or not denied) then
+    if current and v[3] then
+      alerted = tonumber(v[3])
+      if not alerted then
+        corrupt(account)
+      end
+    end
+    local demand, total = used + cost, allowed_micro + topup
+    -- (p% of total is q * p + ceil(r * p / 100): no product past 2^53)
+    local q, r = idiv(total, 100), total % 100
+    while demand > 0 and reached < #A do
+      local p = A[reached + 1]
+      if demand < q * p + idiv(r * p + 99, 100) then
+        break
+      end
+      reached = reached + 1
+    end
+  end
+  -- What follows the reply's numbers: the alerts reached first, the plans in force.
+  local tail = reached > alerted and ('!' .. alerted .. ' ' .. reached) or ''
+  if named then
+    tail = tail .. '\n' .. (kp or '') .. '\n' .. named
+  end
+
   if broke or denied then
     if stale and not dry then
       -- A new month began: last month's account (and its refunds) ends here, as in memory.
       call('DEL', account)
     end
     if broke then
+      if reached > alerted then
+        if current then
+          call('HSET', account, 'a', reached)
+        else
+          -- (the month's account, as an admission would start it, so that 'a' lasts)
+          call('HSET', account, 'h', pack(HEAD, start, 0, 0, override or -1) .. (rec or ''),
+               'a', reached)
+          call('PEXPIRE', account, ttl(finish - now, grace))
+        end
+      end
       local wait = finish - now
       if retry > wait then
         wait = retry
       end
       results[1], results[2], results[3], results[4] = 0, 2, now, wait
       results[6], results[7] = balance, finish
-      return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named
-      or pack(R, spread(results))
+      return pack(R, spread(results)) .. tail
     end
     results[1], results[2], results[3], results[4] = 0, 1, now, retry
     results[6], results[7] = balance, finish
-    return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named
-      or pack(R, spread(results))
+    return pack(R, spread(results)) .. tail
   end
 
   if dry then
     -- A peek: the decision a check would get now, and nothing written.
     results[1], results[3], results[5] = 1, now, cost
     results[6], results[7] = balance - cost, finish
-    return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named
-      or pack(R, spread(results))
+    return pack(R, spread(results)) .. tail
   end
 
   -- Admitted: consume every tier, debit the credits, remember the decision.
@@ -456,6 +498,9 @@ local function check(n, P, R, I, V, S, M, F, k, now, now_text, cost_text, charge
     call('HSET', account, 'h', totals, field, pack(PAIR, 1, cost))
     call('PEXPIRE', account, ttl(finish - now, grace))
   end
+  if reached > alerted then
+    call('HSET', account, 'a', reached)
+  end
   if idem then
     local parts = {int(now + IDEM_US), now_text, cost_text, int(balance - cost), int(finish)}
     for j = 1, n * 3 do
@@ -474,6 +519,5 @@ local function check(n, P, R, I, V, S, M, F, k, now, now_text, cost_text, charge
          charge .. '\n' .. account .. '\n' .. now_text .. '\n' .. cost_text .. '\n' .. field)
   end
   results[1], results[3], results[5], results[6], results[7] = 1, now, cost, balance - cost, finish
-  return named and pack(R, spread(results)) .. '\n' .. (kp or '') .. '\n' .. named
-      or pack(R, spread(results))
+  return pack(R, spread(results)) .. tail
 end
