@@ -10,7 +10,8 @@ small JSON body, and differs only in what stands in front of the handler:
   ``Authorization`` header and the path's organization;
 - ``fastapi_meterkit`` / ``flask_meterkit``: meterkit's ASGI or WSGI middleware with
   the seed's policy (key authentication, the three tiers, the credit debit, the
-  headers), in memory, or on Redis when ``METERKIT_BENCH_REDIS`` is a URL.
+  headers), in memory, or on Redis when ``METERKIT_BENCH_REDIS`` is a URL;
+  ``fastapi_meterkit_prometheus`` the same, reporting to a Prometheus observer.
 
 Each factory makes ``KEYS`` API keys in ``KEYS // KEYS_PER_ORG`` organizations and
 writes them, one ``org token`` pair a line, to the file ``METERKIT_BENCH_KEYS`` names,
@@ -31,6 +32,7 @@ __all__ = [
     "KEYS_PER_ORG",
     "fastapi_bare",
     "fastapi_meterkit",
+    "fastapi_meterkit_prometheus",
     "fastapi_slowapi",
     "flask_bare",
     "flask_limiter",
@@ -109,7 +111,7 @@ def fastapi_slowapi() -> Any:
     return app
 
 
-def fastapi_meterkit() -> Any:
+def fastapi_meterkit(observers: Any = None) -> Any:
     from meterkit.asgi import MeterMiddleware
 
     policy = meterkit.Policy.crane_ledger()
@@ -120,14 +122,30 @@ def fastapi_meterkit() -> Any:
             _write_keys(maker)
         finally:
             maker.close()
-        meter = meterkit.AsyncMeter(policy, meterkit.async_backend_from_url(url))
+        backend: Any = meterkit.async_backend_from_url(url)
         keystore: Any = meterkit.async_keystore_from_url(url)
     else:
-        meter = meterkit.AsyncMeter(policy, meterkit.MemoryBackend())
+        backend = meterkit.MemoryBackend()
         keystore = meterkit.AsyncMemoryKeyStore()
         _write_keys(keystore.sync)
+    meter = meterkit.AsyncMeter(policy, backend, on_decision=observers)
     app = _fastapi()
-    app.add_middleware(MeterMiddleware, meter=meter, keystore=keystore, routes=ROUTES)
+    app.add_middleware(
+        MeterMiddleware, meter=meter, keystore=keystore, routes=ROUTES, exclude=["/metrics"]
+    )
+    return app
+
+
+def fastapi_meterkit_prometheus() -> Any:
+    """``fastapi_meterkit`` reporting to a PrometheusObserver (default labels), whose
+    registry the app serves at /metrics (unmetered), as a user would."""
+    from prometheus_client import CollectorRegistry, make_asgi_app
+
+    from meterkit.prometheus import PrometheusObserver
+
+    registry = CollectorRegistry()
+    app = fastapi_meterkit(PrometheusObserver(registry))
+    app.mount("/metrics", make_asgi_app(registry))
     return app
 
 

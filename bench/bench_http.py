@@ -6,7 +6,7 @@
     python bench/bench_http.py --rounds 11 --seconds 3        # the same, without pytest
     python bench/bench_http.py --profile fastapi fastapi+meterkit  # where the µs go (py-spy)
 
-Seven servers, each one worker process on loopback, all started at once and driven in
+Eight servers, each one worker process on loopback, all started at once and driven in
 turn by ``wrk -t1 -c32`` (one wrk thread, 32 connections) in short rounds, the first
 server of a round rotating (A, B, C…, then B, C…, A): the machine's slow moments fall
 on every server alike (``bench/_interleave.py``). The apps are in
@@ -17,6 +17,7 @@ on every server alike (``bench/_interleave.py``). The apps are in
 ``fastapi+slowapi``          the same route with slowapi holding the seed's three limits
 ``fastapi+meterkit``         the same app behind meterkit's ASGI middleware, in memory
 ``fastapi+meterkit-redis``   the same, with the meter and the key store on Redis
+``fastapi+meterkit+prom``    ``fastapi+meterkit`` reporting to a Prometheus observer
 ``flask``                    Flask under gunicorn (one sync worker)
 ``flask+limiter``            the same route with Flask-Limiter holding the three limits
 ``flask+meterkit``           the same app behind meterkit's WSGI middleware, in memory
@@ -119,6 +120,7 @@ SIDES = (
     Side("fastapi+slowapi", "fastapi_slowapi", "uvicorn", "fastapi"),
     Side("fastapi+meterkit", "fastapi_meterkit", "uvicorn", "fastapi"),
     Side("fastapi+meterkit-redis", "fastapi_meterkit", "uvicorn", "fastapi", redis=True),
+    Side("fastapi+meterkit+prom", "fastapi_meterkit_prometheus", "uvicorn", "fastapi"),
     Side("flask", "flask_bare", "gunicorn", None),
     Side("flask+limiter", "flask_limiter", "gunicorn", "flask"),
     Side("flask+meterkit", "flask_meterkit", "gunicorn", "flask"),
@@ -127,6 +129,8 @@ SIDES = (
 PAIRS = (("fastapi+meterkit", "fastapi+slowapi"), ("flask+meterkit", "flask+limiter"))
 TARGET_US = 30.0
 TARGET_SHARE = 0.25
+#: (a side with an observer, the same without, the target of its cost): issue 18.
+OBSERVED = (("fastapi+meterkit+prom", "fastapi+meterkit", 1.05),)
 
 
 @dataclass
@@ -221,6 +225,16 @@ class Results:
                 f"RATIO {mine} adds {ours:.1f} µs, {peer} {theirs:.1f} µs: "
                 f"{share:.2f} of the peer's, {theirs / ours if ours > 0 else float('inf'):.1f}x "
                 f"less (targets: <= {TARGET_US:.0f} µs and <= {TARGET_SHARE:.2f}: {verdict})"
+            )
+        for observed, plain, target in OBSERVED:
+            if observed not in self.rounds or plain not in self.rounds:
+                continue
+            ratios = sorted(o / p for o, p in zip(self.us(observed), self.us(plain), strict=True))
+            ratio = statistics.median(ratios)
+            out.append(
+                f"RATIO {observed} costs {ratio:.3f}x the request of {plain} (median of "
+                f"{len(ratios)} rounds' ratios, range {ratios[0]:.3f}-{ratios[-1]:.3f}; "
+                f"target <= {target}x: {'met' if ratio <= target else 'MISSED'})"
             )
         if any(self.non_2xx.values()):
             out.append("WARNING: some answers were not 2xx: the figures are not all admissions")

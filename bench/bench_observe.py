@@ -8,10 +8,11 @@
 
 Targets: with a :class:`~meterkit.prometheus.PrometheusObserver` (default labels) a
 memory check costs at most 1.3x the check without observers, and a request under
-uvicorn at most 1.05x; without observers, nothing (the meter runs the class's own
-``check``, the one measured before observers existed).
+uvicorn at most 1.05x (measured by ``bench_http.py``); without observers, nothing
+(the meter runs the class's own ``check``, the one measured before observers existed).
 
-Three measurements, each interleaved (``bench/_interleave.py``):
+Two measurements here, each interleaved (``bench/_interleave.py``), and one in
+``bench/bench_http.py``:
 
 * **the check**: ``bench_core``'s workload (the seed policy on ``MemoryBackend``, 10,000
   keys in 100 organizations, the simulated clock, every check admitted) without
@@ -20,9 +21,10 @@ Three measurements, each interleaved (``bench/_interleave.py``):
   organizations;
 * **the middleware in process**: ``bench_middleware``'s ASGI request (route, key,
   check, headers; no server), without observers and with Prometheus;
-* **the request under uvicorn**: one FastAPI route behind the ASGI middleware
-  (``bench/_observe_apps.py``), one uvicorn worker per side, driven by
-  ``wrk -t1 -c32`` in rounds that alternate the sides; skipped without wrk.
+* **the request under uvicorn**: ``bench_http.py``'s ``fastapi+meterkit+prom`` side
+  (its ``fastapi+meterkit`` app reporting to Prometheus, serving ``/metrics``) against
+  ``fastapi+meterkit``, one uvicorn worker each, driven by ``wrk`` in interleaved
+  rounds (``python bench/bench_http.py --only fastapi+meterkit fastapi+meterkit+prom``).
 
 ``--instructions`` counts the instructions of a check under callgrind (valgrind's
 ``--tool=callgrind``; two runs of 10,000 and 30,000 checks, the difference over
@@ -36,18 +38,12 @@ import itertools
 import os
 import re
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script
@@ -173,151 +169,6 @@ def test_middleware_with_prometheus(benchmark: Any, figures: Report) -> None:
     benchmark.extra_info["middleware+prometheus/middleware"] = round(ratio, 3)
     assert set(plain.statuses) == {200}, plain.statuses
     assert set(observed.statuses) == {200}, observed.statuses
-
-
-# -- the request under uvicorn -----------------------------------------------------------------
-
-WRK_SCRIPT = """
-local requests = {}
-local next_request = 0
-
-function init(args)
-  for line in io.lines(args[1]) do
-    local org, token = line:match("^(%S+) (%S+)$")
-    requests[#requests + 1] = wrk.format("GET", "/organizations/" .. org .. "/invoices", {
-      ["Authorization"] = "Bearer " .. token,
-      ["X-Forwarded-Proto"] = "https",
-    })
-  end
-end
-
-function request()
-  next_request = next_request % #requests + 1
-  return requests[next_request]
-end
-"""
-_COUNT = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m),")
-_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
-SERVERS = ("meterkit_plain", "meterkit_prometheus")
-
-
-@contextmanager
-def uvicorn_servers(folder: Path) -> Iterator[dict[str, tuple[str, Path]]]:
-    """Each app of SERVERS under one uvicorn worker: name -> (URL, keys file). Stopped,
-    by their own process ids, at the end."""
-    from tests._servers import free_port
-
-    started: dict[str, tuple[str, Path, subprocess.Popen[bytes]]] = {}
-    try:
-        for name in SERVERS:
-            port = free_port()
-            keys = folder / f"{name}.keys"
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                "METERKIT_BENCH_KEYS": str(keys),
-            }
-            command = [
-                *[sys.executable, "-m", "uvicorn", f"bench._observe_apps:{name}", "--factory"],
-                *["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                *["--log-level", "warning", "--no-access-log"],
-            ]
-            process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            started[name] = (f"http://127.0.0.1:{port}", keys, process)
-        for name, (url, keys, process) in started.items():
-            deadline = time.monotonic() + 60
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {process.returncode}")
-                if keys.exists():
-                    try:
-                        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))):
-                            break
-                    except OSError:
-                        pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start in 60 s")
-                time.sleep(0.05)
-        yield {name: (url, keys) for name, (url, keys, _) in started.items()}
-    finally:
-        for _, _, process in started.values():
-            process.terminate()
-        for _, _, process in started.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wrk_round(url: str, keys: Path, script: Path, seconds: float) -> tuple[float, int]:
-    """µs per request over one wrk run (one thread, 32 connections), and its non-2xx."""
-    command = ["wrk", "-t1", "-c32", f"-d{round(seconds)}s", "-s", str(script), url, "--"]
-    done = subprocess.run(
-        [*command, str(keys)], capture_output=True, text=True, timeout=seconds + 60, check=True
-    )
-    match = _COUNT.search(done.stdout)
-    if match is None:
-        raise RuntimeError(f"unreadable wrk output:\n{done.stdout}")
-    took = float(match.group(2)) * _UNITS[match.group(3)]
-    non_2xx = _NON_2XX.search(done.stdout)
-    return took / int(match.group(1)) * 1e6, int(non_2xx.group(1)) if non_2xx else 0
-
-
-def request_ratio(
-    rounds: int, seconds: float, report: Report
-) -> tuple[float, dict[str, list[float]]]:
-    """The median of per-round ratios (with Prometheus / without) of µs per request."""
-    us: dict[str, list[float]] = {name: [] for name in SERVERS}
-    refused = 0
-    with tempfile.TemporaryDirectory(prefix="mk-observe-") as tmp:
-        folder = Path(tmp)
-        script = folder / "keys.lua"
-        script.write_text(WRK_SCRIPT, encoding="utf-8")
-        with uvicorn_servers(folder) as servers:
-            for r in range(-1, rounds):  # round -1: warm-up, every key seen once
-                order = SERVERS if r % 2 == 0 else SERVERS[::-1]
-                for name in order:
-                    url, keys = servers[name]
-                    took, non_2xx = wrk_round(
-                        url, keys, script, max(seconds, 2.0) if r < 0 else seconds
-                    )
-                    refused += non_2xx
-                    if r >= 0:
-                        us[name].append(took)
-                if r >= 0:
-                    report(
-                        f"round {r + 1}/{rounds}: "
-                        + ", ".join(f"{n} {us[n][-1]:.0f} µs/request" for n in SERVERS)
-                    )
-    if refused:
-        report(f"WARNING: {refused} answers were not 2xx: the figures are not all admissions")
-    ratios = [p / b for p, b in zip(us["meterkit_prometheus"], us["meterkit_plain"], strict=True)]
-    return ratios, us
-
-
-def test_request_under_uvicorn(benchmark: Any, figures: Report) -> None:
-    """Print what the Prometheus observer adds to a request on a real server."""
-    if shutil.which("wrk") is None:
-        figures("OBSERVE under uvicorn skipped: wrk is not installed")
-        pytest.skip("wrk is not installed")
-    rounds, seconds = (3, 1.0) if QUICK else (11, 3.0)
-    ratios, us = benchmark.pedantic(
-        request_ratio, args=(rounds, seconds, print), rounds=1, iterations=1
-    )
-    ratio = statistics.median(ratios)
-    verdict = "met" if ratio <= REQUEST_TARGET else "NOT met"
-    figures(
-        f"RATIO uvicorn+meterkit+prometheus costs {ratio:.3f}x the request without observers "
-        f"(median of {rounds} interleaved wrk rounds, range {min(ratios):.3f}-{max(ratios):.3f}; "
-        f"{statistics.median(us['meterkit_prometheus']):.1f} vs "
-        f"{statistics.median(us['meterkit_plain']):.1f} µs/request)  "
-        f"[target <= {REQUEST_TARGET}x: {verdict}]"
-    )
-    benchmark.extra_info["uvicorn prometheus/plain"] = round(ratio, 4)
 
 
 # -- instructions per check (python bench/bench_observe.py --instructions) -------------------------
