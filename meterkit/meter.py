@@ -698,6 +698,12 @@ class Meter(_MeterCore):
     ``degraded``) while the backend is unavailable, instead of raising
     :class:`BackendUnavailable`. Whether a degraded request was applied is unknown
     (one that timed out may have run): ``usage()`` says what the backend counted.
+
+    ``on_decision`` takes observers: a callable of a :class:`meterkit.observe.Event`,
+    or a list of them (a ``PrometheusObserver``, an ``OTelObserver``, a
+    ``LogObserver``…). Each decision, degraded admission, refund, backend error and
+    credit alert reaches them after the decision, outside any lock; what one raises is
+    logged and changes nothing. Without observers, ``check`` pays nothing for them.
     """
 
     def __init__(
