@@ -56,8 +56,8 @@ from meterkit.core.policy import Policy, enforces
 from meterkit.errors import (
     AuthenticationError,
     BackendError,
+    IdempotencyConflictError,
     InvalidIdentifierError,
-    InvalidRequestError,
 )
 from meterkit.http.gate import MAX_IDEMPOTENCY_KEY, Admission, Gate, RequestView, Response
 from meterkit.http.gate import logger as _log
@@ -476,7 +476,12 @@ class _Extension:
             found += [
                 (ask(method, path, idempotency_key="a,b"), "invalid_idempotency_key"),
                 (
-                    ask(method, path, idempotency_key="a", answer=InvalidRequestError("a sample")),
+                    ask(
+                        method,
+                        path,
+                        idempotency_key="a",
+                        answer=IdempotencyConflictError("a sample"),
+                    ),
                     "idempotency_key_reused",
                 ),
                 (
