@@ -126,7 +126,9 @@ class Drain:
                     "this MemoryBackend keeps no ledger: make it with MemoryBackend(ledger=True)",
                     "source",
                 )
-            self._pass: Callable[[], int] = _MemorySource(memory_log, self).drain
+            memory = _MemorySource(memory_log, self, source._read_clock)
+            self._pass: Callable[[], int] = memory.drain
+            self._lag: Callable[[], float] = memory.lag
         else:
             redis_source = _RedisSource(
                 source,
@@ -139,6 +141,7 @@ class Drain:
             )
             self._redis: _RedisSource | None = redis_source
             self._pass = redis_source.drain
+            self._lag = redis_source.lag
         if not hasattr(self, "_redis"):
             self._redis = None
 
@@ -156,6 +159,14 @@ class Drain:
         before = self.stats.moved
         self._pass()
         return self.stats.moved - before
+
+    def lag(self) -> float:
+        """How far this drain is behind, in seconds: the age of the oldest event its
+        store does not hold yet (one no drain has read, or one read and not yet
+        committed), 0 when it is caught up. Timed by the backend's clock (Redis:
+        the server's, from the entry's id). For a gauge:
+        ``PrometheusObserver(ledger_lag=drain.lag)``."""
+        return self._lag()
 
     def run(
         self,
@@ -230,9 +241,18 @@ class Drain:
 class _MemorySource:
     """A memory backend's log, drained in the same process."""
 
-    def __init__(self, memory_log: MemoryLog, drain: Drain) -> None:
+    def __init__(self, memory_log: MemoryLog, drain: Drain, clock_us: Callable[[], int]) -> None:
         self.log = memory_log
         self.drain_ = drain
+        self.clock_us = clock_us
+
+    def lag(self) -> float:
+        try:
+            oldest = self.log.entries[0]
+        except IndexError:
+            return 0.0
+        written: int = oldest[1]
+        return max(0, self.clock_us() - written) / 1_000_000
 
     def drain(self) -> int:
         moved = 0
@@ -381,6 +401,45 @@ class _RedisSource:
             self._backlog.update(self._streams)
             raise
 
+    def lag(self) -> float:
+        """The age of the oldest entry of the group's streams not yet acknowledged: the
+        first pending one, or the first after what the group was last given (an entry's
+        id is the server's time, in ms)."""
+        from redis.exceptions import RedisError
+
+        try:
+            self._discover()
+            if not self._streams:
+                return 0.0
+            pipe = self.client.pipeline(transaction=False)
+            for stream in self._streams:
+                pipe.xpending(stream, self.group)
+                pipe.xinfo_groups(stream)
+            replies = pipe.execute()
+            oldest: list[int] = []
+            pipe = self.client.pipeline(transaction=False)
+            for i, stream in enumerate(self._streams):
+                pending, groups = replies[2 * i], replies[2 * i + 1]
+                if pending and pending.get("pending"):
+                    oldest.append(_ms(pending["min"]))
+                given = next(
+                    (g["last-delivered-id"] for g in groups if _text(g["name"]) == self.group),
+                    b"0-0",
+                )
+                pipe.xrange(stream, min=b"(" + _bytes(given), count=1)
+            for entries in pipe.execute():
+                if entries:
+                    oldest.append(_ms(entries[0][0]))
+            if not oldest:
+                return 0.0
+            now = self.client.time()
+            if isinstance(now, dict):  # (a cluster answers for each node: any will do)
+                now = next(iter(now.values()))
+            server_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+            return max(0, server_ms - min(oldest)) / 1000
+        except RedisError as exc:
+            raise BackendUnavailable(f"the ledger's Redis failed: {exc}") from exc
+
     def _drain(self) -> int:
         self._discover()
         moved = 0
@@ -505,6 +564,19 @@ class _RedisSource:
         for stream in got:
             self._trim(keys=[stream], args=[_FORGET_MS])
         return sum(map(len, got.values()))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _ms(entry_id: Any) -> int:
+    """The time (ms) in a stream entry's id, ``<ms>-<seq>``."""
+    return int(_text(entry_id).partition("-")[0])
 
 
 def _flat(got: dict[str, list[Event]]) -> list[Event]:

@@ -23,7 +23,7 @@ and serve its registry (``prometheus_client.generate_latest()``, or
                                        decision, by ``operation``
 ``meterkit_credit_alerts_total``       credit alerts by ``threshold``
 ``meterkit_ledger_drain_lag_seconds``  how far the ledger's drain is behind (a gauge,
-                                       when ``ledger_lag`` is given)
+                                       when ``ledger_lag`` is given: ``drain.lag``)
 =====================================  ==============================================
 
 ``org_label`` and ``key_label`` add ``org`` and ``key`` labels to the decisions, tier
@@ -139,7 +139,7 @@ class PrometheusObserver(Collector):
     ``registry`` is where the metrics are served (default ``prometheus_client.REGISTRY``);
     ``buckets`` the latency histogram's (default :data:`LATENCY_BUCKETS`);
     ``ledger_lag`` a callable giving the ledger's drain lag in seconds, read at each
-    scrape. One observer can serve several meters.
+    scrape (a :class:`~meterkit.ledger.Drain`'s ``lag``). One observer can serve several meters.
     """
 
     def __init__(
