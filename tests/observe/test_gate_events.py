@@ -40,10 +40,13 @@ class Setup:
         self.auth = f"Bearer {plaintext}"
         self.gate = Gate(self.meter, self.store, **options)
 
-    def decide(self, method: str, path: str, *, scheme: str = "https", **headers: str) -> Any:
+    def decide(
+        self, method: str, path: str, *, scheme: str = "https", body: bytes = b"", **headers: str
+    ) -> Any:
         sent = {name.replace("_", "-"): value for name, value in headers.items()}
         sent.setdefault("authorization", self.auth)
-        return self.gate.admit_blocking(RequestView(method, path, scheme=scheme, headers=sent))
+        view = RequestView(method, path, scheme=scheme, headers=sent, body=body)
+        return self.gate.admit_blocking(view)
 
 
 def summary(event: Event) -> tuple[Any, ...]:
@@ -51,9 +54,9 @@ def summary(event: Event) -> tuple[Any, ...]:
 
 
 def test_each_refusal_of_the_gate_is_one_event() -> None:
-    """403 (HTTPS), 401 (a bad key, a missing permission), 404, 405, 400 and 422: one
-    event each, saying what
-    the error body says, with the operation, organization and key where known."""
+    """403 (HTTPS), 401 (a bad key, a missing permission), 404, 405, 400, and the
+    Idempotency-Key's 409 and 422: one event each, saying what the error body says,
+    with the operation, organization and key where known."""
     s = Setup()
     key = s.key.id
     answers = [
@@ -62,10 +65,22 @@ def test_each_refusal_of_the_gate_is_one_event() -> None:
         s.decide("GET", f"/organizations/{ORG}/reports/summary"),
         s.decide("GET", f"/organizations/{ORG}/nothing-here"),
         s.decide("DELETE", INVOICES),
-        s.decide("GET", INVOICES, idempotency_key="a,b"),
-        s.decide("POST", INVOICES, idempotency_key="k1"),
-        s.decide("GET", INVOICES, idempotency_key="k1"),
+        s.decide("POST", INVOICES, idempotency_key="a,b"),
+        s.decide("POST", INVOICES, idempotency_key="k1", body=b"{}"),
+        # the first is still running: 409
+        s.decide("POST", INVOICES, idempotency_key="k1", body=b"{}"),
     ]
+    first = answers[6]
+    assert isinstance(first, Admission)
+    assert first.keeping is not None
+    first.keeping.start(201, [("Content-Type", "application/json")], {})
+    first.keeping.add(b'{"id": "inv_1"}', last=True)
+    s.gate.keep_blocking(first)
+    # kept: the same body is answered the first response; another is refused 422
+    replay = s.decide("POST", INVOICES, idempotency_key="k1", body=b"{}")
+    assert isinstance(replay, Response)
+    assert (replay.status, replay.body) == (201, b'{"id": "inv_1"}')
+    answers.append(s.decide("POST", INVOICES, idempotency_key="k1", body=b'{"other": 1}'))
     assert [a.status if isinstance(a, Response) else 200 for a in answers] == [
         403,
         401,
@@ -74,18 +89,39 @@ def test_each_refusal_of_the_gate_is_one_event() -> None:
         405,
         400,
         200,
+        409,
         422,
     ]
+    create = ("invoices.create", ORG, key)
     assert [summary(e) for e in s.events] == [
         ("refused", 403, "https_required", None, None, None),
         ("refused", 401, "invalid_api_key", "invoices.list", ORG, None),
         ("refused", 401, "insufficient_permissions", "reports.generate", ORG, None),
         ("refused", 404, "not_found", None, ORG, None),
         ("refused", 405, "method_not_allowed", None, ORG, None),
-        ("refused", 400, "invalid_idempotency_key", "invoices.list", ORG, key),
-        ("allowed", 200, None, "invoices.create", ORG, key),
-        # reported by the meter, once (the gate adds none)
-        ("refused", 422, "idempotency_key_reused", "invoices.list", ORG, key),
+        ("refused", 400, "invalid_idempotency_key", *create),
+        ("allowed", 200, None, *create),
+        # each retry: the meter's replayed charge, then the gate's refusal
+        ("allowed", 200, None, *create),
+        ("refused", 409, "idempotency_key_in_use", *create),
+        ("allowed", 200, None, *create),  # the replay of the kept response
+        ("allowed", 200, None, *create),
+        ("refused", 422, "idempotency_key_reused", *create),
+    ]
+    assert [e.replayed for e in s.events[6:]] == [False, True, False, True, True, False]
+
+
+def test_a_key_reused_for_another_operation_is_reported_once() -> None:
+    """An Idempotency-Key first used for another operation is the meter's refusal: one
+    event (422), none from the gate."""
+    s = Setup()
+    assert not isinstance(s.decide("POST", INVOICES, idempotency_key="k2"), Response)
+    found = s.decide("PUT", f"{INVOICES}/inv_1", idempotency_key="k2")
+    assert isinstance(found, Response)
+    assert found.status == 422
+    assert [summary(e)[:3] for e in s.events] == [
+        ("allowed", 200, None),
+        ("refused", 422, "idempotency_key_reused"),
     ]
 
 
