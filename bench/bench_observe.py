@@ -215,8 +215,9 @@ def instructions(kind: str, checks: int, folder: Path, root: Path = ROOT) -> int
         capture_output=True,
         text=True,
         check=True,
-        # (nothing written into the checkout measured, which may be someone else's)
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        # (nothing written into the checkout measured, which may be someone else's; one
+        # hash seed for every run: dict probes, and so the counts, follow string hashes)
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"},
     )
     match = re.search(r"Collected : (\d+)", done.stderr)
     if match is None:

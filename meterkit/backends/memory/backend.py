@@ -572,7 +572,7 @@ _ALERTS = """\
 alerts = ()
 total = balance + $USED_BEFORE  # (the month's allowance and top-ups)
 if acct.alerted < $N and ($DEMAND) * 100 >= total * $PERCENTS[acct.alerted]:
-    alerts = _alerted(acct, $PERCENTS, total, $DEMAND)
+    alerts = acct.reach($PERCENTS, total, $DEMAND)
 """
 
 
@@ -780,7 +780,6 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
         "_next_charge": _CHARGES.__next__,
         "_time_ns": time.time_ns,
         "_Account": _Account,
-        "_alerted": _alerted,
         "array": array,
         "bisect_right": bisect_right,
         "_shards": _shards,
@@ -820,16 +819,16 @@ class _Account:
         #: How many of the policy's credit alert thresholds were reached this month.
         self.alerted = 0
 
-
-def _alerted(acct: _Account, percents: tuple[int, ...], total: int, demand: int) -> tuple[int, ...]:
-    """The thresholds of ``percents`` a request of ``demand`` reaches first in ``acct``'s
-    month (see :func:`meterkit.core.credits.alerts_reached`), now counted as reached."""
-    reached = alerts_reached(percents, total, demand)
-    if reached <= acct.alerted:
-        return ()
-    first = percents[acct.alerted : reached]
-    acct.alerted = reached
-    return first
+    def reach(self, percents: tuple[int, ...], total: int, demand: int) -> tuple[int, ...]:
+        """The thresholds of ``percents`` a request of ``demand`` reaches first this
+        month (see :func:`meterkit.core.credits.alerts_reached`), now counted as
+        reached."""
+        reached = alerts_reached(percents, total, demand)
+        if reached <= self.alerted:
+            return ()
+        first = percents[self.alerted : reached]
+        self.alerted = reached
+        return first
 
 
 def _set_plan(a: _Assignment, plan: str | None, key: str | None) -> None:
