@@ -34,6 +34,7 @@ from meterkit.keys.model import (
     DurationLike,
     KeyStore,
     PlaintextKey,
+    TimeLike,
 )
 from meterkit.keys.rules import KeyRules, RuledStore
 
@@ -199,6 +200,13 @@ class AsyncCachedKeyStore(_CachedStore[AsyncKeyStore]):
         finally:
             self._cache.forget(key_id)
 
+    async def set_expiry(self, key_id: str, expires_at: TimeLike | None) -> ApiKey:
+        """See :meth:`~meterkit.KeyStore.set_expiry`; this cache forgets the key at once."""
+        try:
+            return await self.store.set_expiry(key_id, expires_at)
+        finally:
+            self._cache.forget(key_id)
+
     async def aclose(self) -> None:
         """Close the wrapped store."""
         await self.store.aclose()
@@ -214,4 +222,5 @@ class CachedKeyStore(_CachedStore[KeyStore]):
     list = blocking(AsyncCachedKeyStore.list)
     revoke = blocking(AsyncCachedKeyStore.revoke)
     rotate = blocking(AsyncCachedKeyStore.rotate)
+    set_expiry = blocking(AsyncCachedKeyStore.set_expiry)
     close = blocking(AsyncCachedKeyStore.aclose)

@@ -15,6 +15,7 @@ from meterkit.keys.model import (
     ApiKey,
     DurationLike,
     PlaintextKey,
+    TimeLike,
     check_key_id,
     sort_keys,
 )
@@ -93,6 +94,16 @@ class MemoryKeyStore(RuledStore):
                     self._keep(new)
                     return plaintext, new
 
+    def set_expiry(self, key_id: str, expires_at: TimeLike | None) -> ApiKey:
+        """See :meth:`KeyStore.set_expiry`."""
+        check_key_id(key_id)
+        with self._lock:
+            record = self._rules.expiry_change(
+                self._records.get(key_id), key_id, expires_at, self._rules.clock()
+            )
+            self._records[key_id] = record
+            return record
+
     def authenticate(
         self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
     ) -> ApiKey:
@@ -143,5 +154,6 @@ class AsyncMemoryKeyStore(RuledStore):
     list = awaitable(MemoryKeyStore.list)
     revoke = awaitable(MemoryKeyStore.revoke)
     rotate = awaitable(MemoryKeyStore.rotate)
+    set_expiry = awaitable(MemoryKeyStore.set_expiry)
     authenticate = awaitable(MemoryKeyStore.authenticate)
     aclose = awaitable(MemoryKeyStore.close)

@@ -420,6 +420,10 @@ class KeyStore(Protocol):
         """A new key like this one; the old one keeps working for ``grace``."""
         ...
 
+    def set_expiry(self, key_id: str, expires_at: TimeLike | None) -> ApiKey:
+        """Change an active key's expiry (``None``: never)."""
+        ...
+
     def authenticate(
         self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
     ) -> ApiKey:
@@ -452,6 +456,10 @@ class AsyncKeyStore(Protocol):
 
     async def rotate(self, key_id: str, *, grace: DurationLike) -> tuple[PlaintextKey, ApiKey]:
         """See :meth:`KeyStore.rotate`."""
+        ...
+
+    async def set_expiry(self, key_id: str, expires_at: TimeLike | None) -> ApiKey:
+        """See :meth:`KeyStore.set_expiry`."""
         ...
 
     async def authenticate(

@@ -66,6 +66,7 @@ from meterkit.keys.model import (
     DurationLike,
     Mode,
     PlaintextKey,
+    TimeLike,
     check_key_id,
     sort_keys,
 )
@@ -193,6 +194,20 @@ end
 return redis.call('HMGET', KEYS[1], 'rec', 'hash', 'expires', 'revoked', 'used')
 """
 
+_SET_EXPIRY: Final = """
+-- KEYS[1] the record. ARGV[1], ARGV[2] its expires and revoked as read ('' for none);
+-- ARGV[3] its new expires ('' for never). Returns 0 if anything changed since the read.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local now = redis.call('HMGET', KEYS[1], 'expires', 'revoked')
+if (now[1] or '') ~= ARGV[1] or (now[2] or '') ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], 'expires')
+else
+  redis.call('HSET', KEYS[1], 'expires', ARGV[3])
+end
+return 1
+"""
+
 SCRIPTS: Final = {
     "authenticate": _AUTHENTICATE,
     "create": _CREATE,
@@ -201,6 +216,7 @@ SCRIPTS: Final = {
     "record": _RECORD,
     "shorten": _SHORTEN,
     "bury": _BURY,
+    "set_expiry": _SET_EXPIRY,
 }
 
 
@@ -464,6 +480,21 @@ class _KeyCommands:
             raise StateError(f"{key_id} kept changing while being rotated")
         return (yield from self._file(lambda: self.rules.rotation(read, key_id, grace, now)[1:]))
 
+    def set_expiry(self, key_id: str, expires_at: object) -> Program[ApiKey]:
+        """See :meth:`~meterkit.keys.model.KeyStore.set_expiry`: guarded by the expiry
+        and revocation it read, retried if another client changed them in between."""
+        check_key_id(key_id)
+        where = self.record_key(key_id)
+        for _ in range(_ATTEMPTS):
+            values = yield _Command(("HMGET", where, *FIELDS))
+            read = self.decode(key_id, values)
+            changed = self.rules.expiry_change(read, key_id, expires_at, self.rules.clock())
+            seen = (_text(values[2], where) or "", _text(values[3], where) or "")
+            done = yield _Script("set_expiry", (where,), (*seen, _number(changed.expires_at)))
+            if done == 1:
+                return changed
+        raise StateError(f"{key_id} kept changing while its expiry was being set")
+
     def authenticate(
         self, authorization: object, *, org: str | None, permission: str | None
     ) -> Program[ApiKey]:
@@ -625,6 +656,10 @@ class AsyncRedisKeyStore(_RedisStoreShell):
         """See :meth:`~meterkit.keys.model.KeyStore.rotate`."""
         return await self._run(self._commands.rotate(key_id, grace=grace))
 
+    async def set_expiry(self, key_id: str, expires_at: TimeLike | None) -> ApiKey:
+        """See :meth:`~meterkit.keys.model.KeyStore.set_expiry`."""
+        return await self._run(self._commands.set_expiry(key_id, expires_at))
+
     async def authenticate(
         self, authorization: str | bytes | None, *, org: str | None, permission: str | None = None
     ) -> ApiKey:
@@ -658,5 +693,6 @@ class RedisKeyStore(_RedisStoreShell):
     list = blocking(AsyncRedisKeyStore.list)
     revoke = blocking(AsyncRedisKeyStore.revoke)
     rotate = blocking(AsyncRedisKeyStore.rotate)
+    set_expiry = blocking(AsyncRedisKeyStore.set_expiry)
     authenticate = blocking(AsyncRedisKeyStore.authenticate)
     close = blocking(AsyncRedisKeyStore.aclose)

@@ -284,6 +284,26 @@ class KeyRules:
         return old, plaintext, new
 
 
+    def expiry_change(
+        self, old: ApiKey | None, key_id: str, expires_at: object, now: float
+    ) -> ApiKey:
+        """``old`` with a new expiry for ``set_expiry`` (``None``: never).
+
+        Only an active key's expiry changes, to a time in the future: a revoked or
+        expired key stays as it is (a key that stopped working is not revived; create
+        or rotate one instead).
+        """
+        expiry = None if expires_at is None else to_timestamp(expires_at, "expires_at")
+        if expiry is not None and expiry <= now:
+            raise InvalidRequestError("expires_at must be in the future")
+        if old is None:
+            raise UnknownKeyError(f"no API key {key_id}")
+        state = old.status(now)
+        if state != "active":
+            raise InvalidRequestError(f"{key_id} is {state}; create a new key instead")
+        return msgspec.structs.replace(old, expires_at=expiry)
+
+
 class RuledStore:
     """What every key store shows of its :class:`KeyRules` (kept in ``_rules``)."""
 

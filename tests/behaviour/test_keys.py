@@ -801,3 +801,54 @@ def test_a_store_takes_its_own_organization_id_rule(
         opened.close()
     with pytest.raises(ConfigurationError, match="org_pattern"):
         MemoryKeyStore(org_pattern="(")
+
+
+def test_set_expiry_changes_when_an_active_key_stops_working(store: Any, clock: Any) -> None:
+    """set_expiry moves an active key's expiry (or removes it), and authenticate follows."""
+    plaintext, key = store.create(org="org_1")
+    changed = store.set_expiry(key.id, clock() + 60)
+    assert changed.expires_at == clock() + 60
+    assert store.get(key.id) == changed
+    assert store.set_expiry(key.id, None).expires_at is None
+    when = datetime.fromtimestamp(clock() + 30, tz=timezone.utc)
+    assert store.set_expiry(key.id, when).expires_at == clock() + 30
+    clock.advance(30)
+    assert refusal(lambda: store.authenticate(bearer(plaintext), org="org_1")).code == (
+        "expired_api_key"
+    )
+
+
+def test_set_expiry_extends_a_rotated_keys_grace(store: Any, clock: Any) -> None:
+    """A key in its rotation grace is active: its expiry can be moved, as any other's."""
+    plaintext, old = store.create(org="org_1")
+    store.rotate(old.id, grace=10)
+    store.set_expiry(old.id, clock() + 3600)
+    clock.advance(60)
+    assert store.authenticate(bearer(plaintext), org="org_1").id == old.id
+
+
+def test_set_expiry_refuses_stopped_keys_past_times_and_unknown_ids(
+    store: Any, clock: Any
+) -> None:
+    """Revoked or expired keys, unknown ids and past or malformed times change nothing."""
+    _, revoked = store.create(org="org_1")
+    store.revoke(revoked.id)
+    _, expiring = store.create(org="org_1", expires_at=clock() + 1)
+    _, fine = store.create(org="org_1", expires_at=clock() + 500)
+    clock.advance(1)
+    before = store.list("org_1")
+    with pytest.raises(InvalidRequestError, match="revoked"):
+        store.set_expiry(revoked.id, clock() + 100)
+    with pytest.raises(InvalidRequestError, match="expired"):
+        store.set_expiry(expiring.id, None)
+    with pytest.raises(UnknownKeyError):
+        store.set_expiry("key_000000000000", clock() + 100)
+    with pytest.raises(InvalidIdentifierError):
+        store.set_expiry("not a key id", clock() + 100)
+    with pytest.raises(InvalidRequestError, match="future"):
+        store.set_expiry(fine.id, clock())
+    with pytest.raises(InvalidRequestError, match="timezone"):
+        store.set_expiry(fine.id, datetime(2030, 1, 1))  # noqa: DTZ001 - naive on purpose
+    with pytest.raises(InvalidRequestError):
+        store.set_expiry(fine.id, "tomorrow")
+    assert store.list("org_1") == before

@@ -112,6 +112,18 @@ def test_revoke_and_rotate_through_the_cache_take_effect_at_once(store: Counting
     assert cached.authenticate(bearer(new_plain), org="org_1").org == "org_1"
 
 
+def test_set_expiry_through_the_cache_takes_effect_at_once(
+    store: Counting, clock: FakeClock
+) -> None:
+    """An expiry set through the cache forgets the key, so the next call sees it."""
+    cached = CachedKeyStore(store, ttl=60)
+    plain, key = store.create(org="org_1")
+    cached.authenticate(bearer(plain), org="org_1")
+    assert cached.set_expiry(key.id, clock.now + 1).expires_at == clock.now + 1
+    clock.now += 1
+    assert code(lambda: cached.authenticate(bearer(plain), org="org_1")) == "expired_api_key"
+
+
 def test_a_revocation_elsewhere_shows_after_the_ttl(store: Counting, clock: FakeClock) -> None:
     """A key revoked through another handle keeps working here for at most ttl."""
     cached = CachedKeyStore(store, ttl=5)
