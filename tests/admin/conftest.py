@@ -32,6 +32,23 @@ def new_org() -> str:
     return "org_" + secrets.token_hex(6)
 
 
+class _TlsProxy(httpx.BaseTransport):
+    """A TLS-terminating proxy in the test process: the client speaks https:// (so its
+    cookie jar keeps Secure cookies), the hop to the loopback server is plain HTTP with
+    X-Forwarded-Proto: https, which the server believes from 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self._hop = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.url = request.url.copy_with(scheme="http")
+        request.headers["X-Forwarded-Proto"] = "https"
+        return self._hop.handle_request(request)
+
+    def close(self) -> None:
+        self._hop.close()
+
+
 @dataclass
 class Stack:
     """A served admin app and a blocking view of its stores."""
@@ -50,17 +67,17 @@ class Stack:
         return str(plaintext), record
 
     def client(self, plaintext: str | None = None, **headers: str) -> httpx.Client:
-        """A client that comes through the local TLS proxy (X-Forwarded-Proto: https),
+        """A client that comes through a TLS-terminating proxy (:class:`_TlsProxy`),
         with ``plaintext`` as its bearer key."""
-        sent = {"X-Forwarded-Proto": "https", **headers}
+        sent = dict(headers)
         if plaintext is not None:
             sent["Authorization"] = f"Bearer {plaintext}"
         return httpx.Client(
-            base_url=self.url,
+            base_url=self.url.replace("http://", "https://"),
+            transport=_TlsProxy(),
             headers=sent,
             event_hooks={"response": [self._check]},
             follow_redirects=False,
-            verify=False,  # plain HTTP to loopback; skips loading CA certificates per client
         )
 
     def _check(self, response: httpx.Response) -> None:
