@@ -363,8 +363,10 @@ def test_the_keys_page_is_paged_newest_first(stack: Stack) -> None:
         first = page(client, f"/dashboard/organizations/{org}/keys").text
         second = page(client, f"/dashboard/organizations/{org}/keys?page=2").text
         bad = client.get(f"/dashboard/organizations/{org}/keys?page=zero")
-    assert made[-1] in first and made[0] not in first
-    assert made[0] in second and 'rel="prev"' in second
+    assert made[-1] in first
+    assert made[0] not in first
+    assert made[0] in second
+    assert 'rel="prev"' in second
     assert "Page 1 of 2" in first
     assert bad.status_code == 400
 
