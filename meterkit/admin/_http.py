@@ -26,11 +26,12 @@ MAX_QUERY: Final = 2048
 _encode = msgspec.json.Encoder().encode
 
 #: Headers on every answer: nothing here may be cached (a page may hold a new key's
-#: plaintext) or framed, and nothing is sniffed.
+#: plaintext) or framed, nothing is sniffed, and no URL (the reveal's share is in one)
+#: is sent to another site as a referrer.
 SECURITY_HEADERS: Final = (
     ("Cache-Control", "no-store"),
     ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
+    ("Referrer-Policy", "same-origin"),
     ("X-Frame-Options", "DENY"),
 )
 

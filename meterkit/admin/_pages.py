@@ -15,6 +15,9 @@ from meterkit.keys.model import ApiKey
 __all__ = ["Frame", "error_page", "keys_page", "overview_page", "sign_in_page"]
 
 
+CENT = Decimal("0.01")
+
+
 def e(value: object) -> str:
     """``value`` as HTML text (attribute-safe too)."""
     return escape(str(value), quote=True)
@@ -56,7 +59,7 @@ def _document(title: str, css: str, content: str) -> str:
         "<!doctype html>"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<meta name="referrer" content="no-referrer"><title>{e(title)} · meterkit</title>'
+        f'<meta name="referrer" content="same-origin"><title>{e(title)} · meterkit</title>'
         f'<link rel="stylesheet" href="{e(css)}"></head><body>{content}</body></html>'
     )
 
@@ -180,7 +183,8 @@ def overview_page(
     )
     period = f"{usage.period_start:%Y-%m-%d} to {usage.period_end:%Y-%m-%d} (UTC, end excluded)"
     outlook = (
-        f"At this month's pace, {credits(max(summary.projected_left, Decimal(0)))} credits "
+        f"At this month's pace, {credits(max(summary.projected_left, Decimal(0)).quantize(CENT))}"
+        " credits "
         "will be left when it ends"
         + (
             f"; they run out around {summary.runs_out:%B} {summary.runs_out.day}."
