@@ -9,6 +9,7 @@ import msgspec
 
 from meterkit.admin import _bodies as bodies
 from meterkit.admin._http import MAX_BODY
+from meterkit.http.openapi import MARK, SECURITY_SCHEME
 from meterkit.keys.model import CODES
 
 if TYPE_CHECKING:
@@ -172,7 +173,8 @@ def document(admin: Admin) -> dict[str, Any]:
             "operationId": route.handler,
             "summary": _SUMMARIES[route.handler],
             "tags": ["usage" if route.handler.startswith("usage") else "api_keys"],
-            "security": [{"bearer": []}],
+            "security": [{SECURITY_SCHEME: []}],
+            MARK: {"admin": True},
             "parameters": parameters,
             "responses": {
                 str(status): {
@@ -214,11 +216,16 @@ def document(admin: Admin) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
+            # The scheme meterkit.http.openapi names for metered routes: one scheme for
+            # both when an app's schema holds its API and this one.
             "securitySchemes": {
-                "bearer": {
+                SECURITY_SCHEME: {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An API key: `Authorization: Bearer cl_live_…`.",
+                    "description": (
+                        f"An API key of the organization: `Bearer {admin.rules.format.prefix}"
+                        "_live_…`."
+                    ),
                 }
             },
         },
