@@ -6,17 +6,26 @@ Run it (keys are written to demo-keys.json on start-up)::
 
 Every route under ``/organizations/{organization_id}/`` is authenticated, rate-limited
 and charged by the middleware before the handler runs; the handlers below contain no
-metering code at all, except ``/usage``, which reports it. ``/metrics`` serves the
-meter's Prometheus metrics (decisions, refusals by tier, backend latency, …), and each
-refusal and backend failure is a log line on the ``meterkit`` logger. The operations and their
-prices come from the policy's ``[routes]`` table (``meterkit/policies/crane_ledger.toml``).
+metering code at all. ``/metrics`` serves the meter's Prometheus metrics (decisions,
+refusals by tier, backend latency, …), and each refusal and backend failure is a log
+line on the ``meterkit`` logger. The operations and their prices come from the policy's
+``[routes]`` table (``meterkit/policies/crane_ledger.toml``).
+
+In front of it, :mod:`meterkit.admin` serves the seed's key management and usage
+(``/organizations/{organization_id}/api_keys``, ``/organizations/{organization_id}/usage``,
+for keys holding ``api_keys:manage``, or ``usage:read`` for usage) and the dashboard
+(``/dashboard``, signed in with such a key); its OpenAPI schema is at
+``/admin/openapi.json``. They are not metered: an organization out of credits can still
+see its usage and rotate a leaked key.
 
 Environment:
 
 - ``METERKIT_BACKEND_URL``: ``redis://…`` to keep limits, credits and keys in Redis
   (default: in this process's memory);
 - ``METERKIT_DEMO_KEYS_FILE``: where to write the demo keys' plaintext, as JSON
-  ``{"live": …, "test": …, "read_only": …}``.
+  ``{"live": …, "test": …, "read_only": …}``;
+- ``METERKIT_SESSION_SECRET``: 32 or more characters that sign the dashboard's session
+  cookies (default: random, so sessions end when the server restarts).
 
 Plain HTTP is refused: run behind a TLS-terminating proxy that sets
 ``X-Forwarded-Proto: https`` (uvicorn believes it from 127.0.0.1 by default), or give
@@ -40,6 +49,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 import meterkit
+from meterkit.admin import Admin, AdminMiddleware
 from meterkit.asgi import MeterMiddleware
 from meterkit.http import openapi
 from meterkit.observe import LogObserver
@@ -255,6 +265,11 @@ def _stores_from_env(
     return meterkit.AsyncMeter(policy, backend, on_decision=observers), keystore
 
 
+def metered_routes(policy: meterkit.Policy) -> dict[str, str]:
+    """The policy's route table less ``/usage``, which the admin app serves."""
+    return {route: op for route, op in policy.routes.items() if not route.endswith("/usage")}
+
+
 def create_app(
     *,
     meter: meterkit.AsyncMeter | None = None,
@@ -307,11 +322,23 @@ def create_app(
     app.state.registry = registry
     app.state.rates = feed
     app.state.ledger = ledger
-    options = {"exclude": UNMETERED, **middleware_options}
+    options = {"exclude": UNMETERED, "routes": metered_routes(meter.policy), **middleware_options}
     app.add_middleware(MeterMiddleware, meter=meter, keystore=keystore, **options)
     # /openapi.json shows what the middleware does: the bearer scheme, its refusals
     # (401, 402, 403, 429, …) with their bodies, and its headers on every answer.
     openapi.document(app, meter, keystore=keystore, **options)
+    # The seed's key management, usage and dashboard, added last so that they come
+    # first: their routes never reach the metering middleware.
+    admin = Admin(
+        meter,
+        keystore,
+        session_secret=os.environ.get("METERKIT_SESSION_SECRET"),
+        openapi_path="/admin/openapi.json",
+        trusted_proxies=options.get("trusted_proxies", ()),
+        require_https=options.get("require_https", True),
+    )
+    app.add_middleware(AdminMiddleware, admin=admin)
+    app.state.admin = admin
 
     def mode(request: Request) -> Literal["live", "test"]:
         # The authenticated key, as the middleware admitted it.
@@ -417,13 +444,6 @@ def create_app(
             "invoices": len(invoices),
             "accounts_receivable": str(receivable),
         }
-
-    @app.get("/organizations/{organization_id}/usage")
-    async def usage(organization_id: str, request: Request) -> dict[str, Any]:
-        # The seed's credit monitoring: per key, requests and credits this period,
-        # and the organization's credits left (this request's own charge included).
-        report = await meter.usage(organization_id, mode=mode(request))
-        return report.to_dict()
 
     return app
 

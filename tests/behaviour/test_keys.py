@@ -848,7 +848,7 @@ def test_set_expiry_refuses_stopped_keys_past_times_and_unknown_ids(
     with pytest.raises(InvalidRequestError, match="future"):
         store.set_expiry(fine.id, clock())
     with pytest.raises(InvalidRequestError, match="timezone"):
-        store.set_expiry(fine.id, datetime(2030, 1, 1))  # noqa: DTZ001 - naive on purpose
+        store.set_expiry(fine.id, datetime(2030, 1, 1))  # naive on purpose
     with pytest.raises(InvalidRequestError):
         store.set_expiry(fine.id, "tomorrow")
     assert store.list("org_1") == before
