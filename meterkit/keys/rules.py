@@ -283,7 +283,6 @@ class KeyRules:
             old = msgspec.structs.replace(old, expires_at=deadline)
         return old, plaintext, new
 
-
     def expiry_change(
         self, old: ApiKey | None, key_id: str, expires_at: object, now: float
     ) -> ApiKey:

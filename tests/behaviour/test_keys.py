@@ -827,9 +827,7 @@ def test_set_expiry_extends_a_rotated_keys_grace(store: Any, clock: Any) -> None
     assert store.authenticate(bearer(plaintext), org="org_1").id == old.id
 
 
-def test_set_expiry_refuses_stopped_keys_past_times_and_unknown_ids(
-    store: Any, clock: Any
-) -> None:
+def test_set_expiry_refuses_stopped_keys_past_times_and_unknown_ids(store: Any, clock: Any) -> None:
     """Revoked or expired keys, unknown ids and past or malformed times change nothing."""
     _, revoked = store.create(org="org_1")
     store.revoke(revoked.id)
