@@ -190,3 +190,14 @@ def test_the_pages_fit_a_390_px_screen(
         shoot(page, "mobile", tmp_path)
     finally:
         context.close()
+
+
+def test_a_missing_browser_fails_where_one_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without chromium the browser tests skip, unless METERKIT_REQUIRE_BROWSER=1 (CI),
+    which makes that a failure."""
+    monkeypatch.setenv("METERKIT_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="METERKIT_REQUIRE_BROWSER"):
+        _no_browser("no chromium")
+    monkeypatch.delenv("METERKIT_REQUIRE_BROWSER")
+    with pytest.raises(pytest.skip.Exception):
+        _no_browser("no chromium")
