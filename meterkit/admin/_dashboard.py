@@ -7,6 +7,7 @@ goes through the same checks as the API's (:class:`~meterkit.admin.Admin`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import secrets
@@ -248,13 +249,16 @@ class Dashboard:
         session, key = await self.signed_in(request)
         mode = self.mode_of(request, key)
         org = session.org
-        usage = await settle(admin.meter.usage(org, None, mode))
-        records: list[ApiKey] = await settle(admin.keystore.list(org))
-        names = {r.id: r.name or "" for r in records}
         today = admin.today()
+        # Three stores, asked at once: the counters, the keys, the ledger.
+        usage, records, history = await asyncio.gather(
+            settle(admin.meter.usage(org, None, mode)),
+            settle(admin.keystore.list(org)),
+            self.history(org, mode, today),
+        )
+        names = {r.id: r.name or "" for r in records}
         start = usage.period_start.date()
         end = usage.period_end.date()
-        history = await self.history(org, mode, today)
         used_by_day: list[tuple[date, Decimal]] = []
         requests_chart = credits_chart = None
         if history is not None:
@@ -325,8 +329,9 @@ class Dashboard:
         page_text = request.query.get("page", "1")
         if not page_text.isdigit() or int(page_text) < 1 or len(page_text) > 6:
             raise invalid("page is a page number, from 1.")
-        records: list[ApiKey] = await settle(admin.keystore.list(org))
-        usage = await settle(admin.meter.usage(org, None, mode))
+        records, usage = await asyncio.gather(
+            settle(admin.keystore.list(org)), settle(admin.meter.usage(org, None, mode))
+        )
         count = len(records)
         pages_total = max((count + PAGE_SIZE - 1) // PAGE_SIZE, 1)
         page = min(int(page_text), pages_total)

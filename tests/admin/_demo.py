@@ -30,7 +30,9 @@ def populate(org: str, keys: Any, meter: Any, clock: FakeClock, days: int) -> st
     """Create the demonstration keys of ``org`` and ``days`` days of traffic up to the
     clock's day (the clock ends where it started); return an admin key's plaintext."""
     rng = random.Random(15)
-    meter.set_allowance(org, "150")  # a small plan, so that the burn-down has a story
+    end = clock.now
+    clock.now = end - (days - 1) * DAY  # (a backend's clock never goes back)
+    meter.set_allowance(org, "200")  # a small plan, so that the burn-down has a story
     admin_plain, _ = keys.create(org=org, permissions=["*"], name="dashboard admin")
     made = []
     for name, mode, permissions, share, operations in KEYS:
@@ -38,12 +40,12 @@ def populate(org: str, keys: Any, meter: Any, clock: FakeClock, days: int) -> st
         made.append((record, share, operations))
     _, old = keys.create(org=org, permissions=["invoices:read"], name="old laptop")
     keys.revoke(old.id)
-    end = clock.now
-    clock.now = end - (days - 1) * DAY
     for day in range(days):
         weekday = day % 7 < 5
         for record, share, operations in made:
-            calls = int(share * (40 if weekday else 12) * (1 + day / days) * rng.uniform(0.7, 1.3))
+            calls = int(
+                share * (40 if weekday else 12) * (1 + 0.5 * day / days) * rng.uniform(0.7, 1.3)
+            )
             for i in range(calls):
                 clock.now = end - (days - 1 - day) * DAY + (i + 1) * 60
                 meter.check(record.id, org=org, operation=rng.choice(operations))
