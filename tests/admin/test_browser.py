@@ -23,6 +23,7 @@ import pytest
 
 import meterkit
 from meterkit.admin import Admin
+from meterkit.ledger import Drain, SqliteStore
 from tests.admin._demo import populate
 from tests.conftest import FakeClock
 from tests.http._serve import serve_asgi
@@ -65,21 +66,27 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def demo() -> Iterator[tuple[str, str, Any]]:
-    """The dashboard of a demonstration organization: (base URL, admin key, key store)."""
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Any]]:
+    """The dashboard of a demonstration organization with 90 days of traffic in its
+    ledger: (base URL, admin key, key store)."""
     clock = FakeClock(1_768_867_200.0 + 15 * 3600)  # 2026-01-20 15:00 UTC
     policy = meterkit.Policy.crane_ledger()
-    backend = meterkit.MemoryBackend(clock=clock)
+    backend = meterkit.MemoryBackend(clock=clock, ledger=True)
+    ledger = SqliteStore(str(tmp_path_factory.mktemp("ledger") / "ledger.db"))
     store = meterkit.AsyncMemoryKeyStore(clock=clock)
-    admin_key = populate(ORG, store.sync, meterkit.Meter(policy, backend), clock, days=20)
+    admin_key = populate(ORG, store.sync, meterkit.Meter(policy, backend), clock, days=90)
+    with Drain(backend, ledger) as drain:
+        while drain.run_once():
+            pass
     admin = Admin(
-        meterkit.AsyncMeter(policy, backend),
+        meterkit.AsyncMeter(policy, backend, ledger=ledger),
         store,
         session_secret=os.urandom(32),
         trusted_proxies=["127.0.0.1"],
     )
     with serve_asgi(admin) as url:
         yield url, admin_key, store.sync
+    ledger.close()
 
 
 def secrets_in(html: str) -> list[str]:
@@ -120,6 +127,14 @@ def test_sign_in_charts_create_rotate_in_chromium(
         assert page.locator("svg.chart-burndown circle.point").count() >= 1
         assert page.locator("table.per-operation tbody tr").count() >= 8
         assert page.locator("table.per-key tbody tr").count() == 4
+        # The last 90 days, from the ledger: a bar per day, requests and credits.
+        for chart in ("requests", "credits"):
+            bars = page.locator(f"svg.chart-{chart} rect.bar")
+            assert bars.count() == 90
+            first = bars.first.bounding_box()
+            assert first is not None
+            assert first["height"] > 0
+        assert page.locator("table.history-per-key tbody tr").count() == 4
         shoot(page, "overview", tmp_path)
 
         page.click("nav.tabs a:has-text('API keys')")

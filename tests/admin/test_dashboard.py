@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from contextlib import closing
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -369,7 +368,3 @@ def test_the_keys_page_is_paged_newest_first(stack: Stack) -> None:
     assert 'rel="prev"' in second
     assert "Page 1 of 2" in first
     assert bad.status_code == 400
-
-
-def _unused(value: Any) -> None:  # pragma: no cover
-    _ = value
