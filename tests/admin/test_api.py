@@ -374,8 +374,9 @@ ROUTES: list[tuple[str, str, Any]] = [
 def test_every_route_refuses_keys_that_may_not_call_it(
     stack: Stack, method: str, path: str, body: Any
 ) -> None:
-    """No key, a made-up key, another organization's admin key, an expired key and a
-    key without the route's permission get the seed's bodies, and nothing changes."""
+    """No key, a made-up key, a 10 KB one, another organization's admin key, an expired
+    key and a key without the route's permission get the seed's bodies, and nothing
+    changes."""
     org, other = new_org(), new_org()
     _, target = stack.key(org, [])
     outsider, _ = stack.key(other)
@@ -392,12 +393,14 @@ def test_every_route_refuses_keys_that_may_not_call_it(
         ("outsider", outsider),
         ("expired", expired),
         ("reader", reader),
+        ("10 KB", "x" * 10_240),
     ):
         with stack.client(plaintext) as client:
             answers[name] = client.request(method, url, json=body)
     assert answers["none"].json() == INVALID_KEY
     assert answers["none"].headers["www-authenticate"] == "Bearer"
     assert answers["made-up"].json() == INVALID_KEY
+    assert answers["10 KB"].json() == INVALID_KEY
     assert answers["outsider"].json() == ORG_NOT_FOUND
     assert code(answers["expired"]) == "expired_api_key"
     assert code(answers["reader"]) == "insufficient_permissions"
