@@ -32,7 +32,8 @@ from meterkit.errors import (
     MeterkitError,
     UnknownKeyError,
 )
-from meterkit.http.gate import _HTTPS_REQUIRED, _Proxies, forwarded_https
+from meterkit.http.proxies import Proxies, forwarded_https
+from meterkit.http.refusals import HTTPS_REQUIRED
 from meterkit.keys.model import INSUFFICIENT, ApiKey, _required_wildcard, check_key_id
 from meterkit.keys.rules import KeyRules
 
@@ -162,7 +163,7 @@ class Admin:
         self.dashboard_path = dashboard
         self.openapi_path = openapi_path
         self.signer = Signer(session_secret, session_max_age)
-        self._proxies = _Proxies(trusted_proxies)
+        self._proxies = Proxies(trusted_proxies)
         self.router = Router(routes)
         self.pages = Dashboard(self, dashboard) if dashboard is not None else None
         self._schema: bytes | None = None
@@ -214,7 +215,7 @@ class Admin:
                 )
             request = Request(scope, receive, path, params)
             if not self._secure(request):
-                raise Refusal(*_HTTPS_REQUIRED)
+                raise Refusal(*HTTPS_REQUIRED)
             reply: Reply = await getattr(pages or self, route.handler)(request)
         except Redirect as going:
             reply = going.reply

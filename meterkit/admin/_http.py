@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import msgspec
 
-from meterkit.http.gate import error_body
+from meterkit.http.refusals import error_body
 
 __all__ = ["Refusal", "Reply", "Request", "Route", "Router", "settle"]
 

@@ -29,7 +29,6 @@ from typing import Any
 
 from meterkit.errors import ConfigurationError
 from meterkit.http.gate import (
-    DUPLICATE,
     Admission,
     Gate,
     Keeping,
@@ -38,6 +37,7 @@ from meterkit.http.gate import (
     Response,
     middleware_gate,
 )
+from meterkit.http.request import DUPLICATE
 
 __all__ = ["Admission", "MeterMiddleware"]
 

@@ -49,7 +49,8 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import Resolver404, get_resolver, resolve
 
 from meterkit.errors import ConfigurationError
-from meterkit.http.gate import _DEFAULT, Admission, Gate, Response, Target, require_blocking
+from meterkit.http.gate import Admission, Gate, Response, Target, require_blocking
+from meterkit.http.targets import DEFAULT
 from meterkit.http.wsgi import EnvironView
 
 __all__ = ["MeterMiddleware", "metered"]
@@ -59,7 +60,7 @@ _MARK = "meterkit_operation"
 
 
 def metered(
-    operation: str, *, org: Any = _DEFAULT, caller: Any = _DEFAULT, cost: Any = _DEFAULT
+    operation: str, *, org: Any = DEFAULT, caller: Any = DEFAULT, cost: Any = DEFAULT
 ) -> Callable[[_View], _View]:
     """Mark a view as metering ``operation`` (with its own ``org``, ``caller`` or
     ``cost``, if given); :class:`MeterMiddleware` meters it before the view runs. A

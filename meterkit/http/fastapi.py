@@ -36,7 +36,8 @@ from starlette.responses import Response as StarletteResponse
 
 from meterkit.errors import ConfigurationError
 from meterkit.http.asgi import GATE_KEY, Responder, ScopeView, admitted, raw_headers
-from meterkit.http.gate import _DEFAULT, Gate, Response
+from meterkit.http.gate import Gate, Response
+from meterkit.http.targets import DEFAULT
 
 if TYPE_CHECKING:
     from meterkit.core.decision import Decision
@@ -86,7 +87,7 @@ class Metered:
         return f"Metered({self.gate!r})"
 
     def __call__(
-        self, operation: str, *, org: Any = _DEFAULT, caller: Any = _DEFAULT, cost: Any = _DEFAULT
+        self, operation: str, *, org: Any = DEFAULT, caller: Any = DEFAULT, cost: Any = DEFAULT
     ) -> Callable[[Request], Awaitable[Decision]]:
         """A dependency that meters ``operation`` and is the meter's decision."""
         target = self.gate.target(operation, org=org, caller=caller, cost=cost)

@@ -36,14 +36,8 @@ from typing import Any, TypeVar
 import flask
 
 from meterkit.errors import ConfigurationError
-from meterkit.http.gate import (
-    _DEFAULT,
-    Admission,
-    Gate,
-    Response,
-    Target,
-    require_blocking,
-)
+from meterkit.http.gate import Admission, Gate, Response, Target, require_blocking
+from meterkit.http.targets import DEFAULT
 from meterkit.http.wsgi import GATE_KEY, EnvironView, Responder
 
 __all__ = ["Metered"]
@@ -79,7 +73,7 @@ class Metered:
         app.extensions["meterkit"] = self
 
     def __call__(
-        self, operation: str, *, org: Any = _DEFAULT, caller: Any = _DEFAULT, cost: Any = _DEFAULT
+        self, operation: str, *, org: Any = DEFAULT, caller: Any = DEFAULT, cost: Any = DEFAULT
     ) -> Callable[[_View], _View]:
         """A decorator that meters ``operation`` on a view."""
         target = self.gate.target(operation, org=org, caller=caller, cost=cost)

@@ -32,33 +32,73 @@ admits and charges, or refuses.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import itertools
 import logging
 import os
-import re
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
-from http import HTTPStatus
 from inspect import iscoroutinefunction
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from meterkit._twins import RENAMES, blocking
-from meterkit.core.credits import credits_text, to_micro
+from meterkit.core.credits import credits_text
 from meterkit.core.idempotency import BUSY, DONE, REUSED, RUN
-from meterkit.core.routes import ORG_PARAM, check_routes, parse_route, route_params
+from meterkit.core.routes import ORG_PARAM
 from meterkit.errors import (
     AuthenticationError,
     BackendError,
     BackendUnavailable,
     ConfigurationError,
     IdempotencyConflictError,
-    InvalidAmountError,
     InvalidRequestError,
     MeterkitError,
     StateError,
+)
+from meterkit.http.keeping import (
+    IDEMPOTENCY_METHODS,
+    KEPT,
+    Keeping,
+    decode_response,
+    fingerprint,
+)
+from meterkit.http.proxies import Proxies, exclusions, forwarded_https
+from meterkit.http.refusals import (
+    CALLER_REQUIRED,
+    HTTPS_REQUIRED,
+    IDEMPOTENCY_KEY_IN_USE,
+    IDEMPOTENCY_KEY_REUSED,
+    IDEMPOTENCY_RESPONSE_TOO_LARGE,
+    INVALID_IDEMPOTENCY_KEY,
+    INVALID_REQUEST,
+    JSON,
+    MAX_IDEMPOTENCY_KEY,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    ORGANIZATION_REQUIRED,
+    REFUSALS,
+    UNAVAILABLE,
+    Renderer,
+    Response,
+    encode_json,
+    error_body,
+)
+from meterkit.http.request import RequestView
+from meterkit.http.router import Route, Router
+from meterkit.http.targets import (
+    AUTO,
+    DEFAULT,
+    HEADER,
+    IP,
+    KEY,
+    PARAM,
+    SEGMENT,
+    Source,
+    Target,
+    caller_source,
+    cost_of,
+    org_source,
+    per_operation,
 )
 from meterkit.keys.memory import AsyncMemoryKeyStore
 from meterkit.observe.events import (
@@ -72,7 +112,6 @@ from meterkit.observe.events import (
 
 if TYPE_CHECKING:
     from meterkit.core.decision import Decision
-    from meterkit.core.policy import Policy
 
 __all__ = [
     "HEADER_GROUPS",
@@ -92,583 +131,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("meterkit")
-
-#: The longest Idempotency-Key accepted (Stripe's limit); a longer one is a 400.
-MAX_IDEMPOTENCY_KEY: Final = 255
-_encode = msgspec.json.Encoder().encode
-JSON: Final = ("Content-Type", "application/json")
-
-#: A renderer of refusals: ``(status, code, message, retry_after, decision)`` to
-#: ``(status, headers, body)``; see :class:`Gate`.
-Renderer = Callable[
-    [int, str, str, "int | None", "Decision | None"],
-    tuple[int, "Iterable[tuple[str, str]] | Mapping[str, str]", "bytes | str | Mapping[str, Any]"],
-]
-
-
-def error_body(type_: str, code: str, message: str, status: int) -> bytes:
-    """A JSON error body in the seed's shape."""
-    return _encode({"error": {"type": type_, "code": code, "message": message, "status": status}})
-
-
-# The gate's own refusals: (status, type, code, message).
-_HTTPS_REQUIRED = (
-    403,
-    "invalid_request_error",
-    "https_required",
-    "All API requests must be made over HTTPS.",
-)
-_NOT_FOUND = (404, "invalid_request_error", "not_found", "No API endpoint matches this path.")
-_METHOD_NOT_ALLOWED = (
-    405,
-    "invalid_request_error",
-    "method_not_allowed",
-    "This API endpoint does not accept this HTTP method.",
-)
-_INVALID_IDEMPOTENCY_KEY = (
-    400,
-    "invalid_request_error",
-    "invalid_idempotency_key",
-    "The Idempotency-Key header must be 1 to 255 printable characters without commas, sent once.",
-)
-_IDEMPOTENCY_KEY_REUSED = (
-    422,
-    "invalid_request_error",
-    "idempotency_key_reused",
-    "This Idempotency-Key was already used for a different request.",
-)
-_IDEMPOTENCY_KEY_IN_USE = (
-    409,
-    "invalid_request_error",
-    "idempotency_key_in_use",
-    "A request with this Idempotency-Key is still being processed. Retry it shortly.",
-)
-_IDEMPOTENCY_RESPONSE_TOO_LARGE = (
-    409,
-    "invalid_request_error",
-    "idempotency_response_too_large",
-    "The request with this Idempotency-Key was processed, but its response was too large "
-    "to keep for a retry. Read the result through the API.",
-)
-_INVALID_REQUEST = (
-    400,
-    "invalid_request_error",
-    "invalid_request",
-    "The request could not be processed.",
-)
-_ORGANIZATION_REQUIRED = (
-    400,
-    "invalid_request_error",
-    "organization_required",
-    "This request does not say which organization it is for.",
-)
-_CALLER_REQUIRED = (
-    400,
-    "invalid_request_error",
-    "caller_required",
-    "This request does not say who is calling.",
-)
-_UNAVAILABLE = (
-    503,
-    "api_error",
-    "service_unavailable",
-    "The API is temporarily unavailable. Try again shortly.",
-)
-
-#: Every refusal of the gate's own, as ``(status, type, code, message)``: the table
-#: its fixed answers are rendered from (and documentation tools, such as the OpenAPI
-#: writer, read). 401s come from the key store, 402 and 429 from the meter.
-REFUSALS: Final = (
-    _HTTPS_REQUIRED,
-    _NOT_FOUND,
-    _METHOD_NOT_ALLOWED,
-    _INVALID_IDEMPOTENCY_KEY,
-    _IDEMPOTENCY_KEY_REUSED,
-    _IDEMPOTENCY_KEY_IN_USE,
-    _IDEMPOTENCY_RESPONSE_TOO_LARGE,
-    _INVALID_REQUEST,
-    _ORGANIZATION_REQUIRED,
-    _CALLER_REQUIRED,
-    _UNAVAILABLE,
-)
-
-HTTPS_REQUIRED_BODY: Final = error_body(*_HTTPS_REQUIRED[1:], 403)
-NOT_FOUND_BODY: Final = error_body(*_NOT_FOUND[1:], 404)
-METHOD_NOT_ALLOWED_BODY: Final = error_body(*_METHOD_NOT_ALLOWED[1:], 405)
-
-
-class Response:
-    """An answer the gate gives in the app's place: status, headers, body."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def __repr__(self) -> str:
-        return f"Response(status={self.status}, body={self.body!r})"
-
-    @property
-    def status_line(self) -> str:
-        """``"403 Forbidden"``: the status as WSGI spells it."""
-        return status_line(self.status)
-
-
-_STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
-
-
-def status_line(status: int) -> str:
-    """The WSGI status line of ``status`` (``"429 Too Many Requests"``)."""
-    line = _STATUS_LINES.get(status)
-    return line if line is not None else f"{status} Unknown"
-
-
-class RequestView:
-    """What the gate reads of one request, and what the user's callables receive.
-
-    ``method``, ``path`` (below the app's root), ``scheme``, ``peer`` (the connection's
-    address), ``params`` (the path parameters: of the matched route, or the framework's
-    own), ``native`` (the framework's request: an ASGI scope or Starlette ``Request``, a
-    WSGI environ, a ``flask.Request``, a Django ``HttpRequest``) and :meth:`header`.
-    Shells fill one per request from what they read anyway; the rest is read only when
-    a callable or an option asks. The body is read (:meth:`read_body`) only for a
-    request whose Idempotency-Key is honoured, for its fingerprint.
-    """
-
-    __slots__ = (
-        "_body",
-        "_params",
-        "_route",
-        "_segments",
-        "authorization",
-        "forwarded_proto",
-        "headers",
-        "idempotency_key",
-        "method",
-        "native",
-        "path",
-        "peer",
-        "scheme",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        path: str,
-        *,
-        scheme: str = "https",
-        peer: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        params: Mapping[str, str] | None = None,
-        native: Any = None,
-        body: bytes = b"",
-    ) -> None:
-        #: Lower-cased header names to values (shells read theirs in place instead).
-        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
-        self._body = body
-        get = self.headers.get
-        self._fill(
-            method,
-            path,
-            scheme,
-            peer,
-            get("authorization"),
-            get("idempotency-key"),
-            get("x-forwarded-proto"),
-            params,
-            native,
-        )
-
-    def _fill(
-        self,
-        method: str,
-        path: str,
-        scheme: str,
-        peer: str | None,
-        authorization: str | bytes | None,
-        idempotency_key: str | None,
-        forwarded_proto: str | None,
-        params: Mapping[str, str] | None,
-        native: Any,
-    ) -> None:
-        """Set what every view holds (shells read these their own way)."""
-        self.method = method
-        self.path = path
-        self.scheme = scheme
-        self.peer = peer
-        self.authorization = authorization
-        self.idempotency_key = idempotency_key
-        self.forwarded_proto = forwarded_proto
-        self._params = params
-        self._segments: list[str] | None = None
-        self._route: Route | None = None
-        self.native = native
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.method} {self.path})"
-
-    def header(self, name: str) -> str | None:
-        """The value of header ``name`` (any case), or None."""
-        return self.headers.get(name.lower())
-
-    async def read_body(self) -> bytes:
-        """The whole request body, read so that the app can still read it (ASGI shells)."""
-        return self._body
-
-    def read_body_blocking(self) -> bytes:
-        """:meth:`read_body` for the blocking shells (what the gate's twins call)."""
-        return self._body
-
-    @property
-    def params(self) -> Mapping[str, str]:
-        """The path parameters (``{"project_id": "proj_1"}``)."""
-        params = self._params
-        if params is None:
-            route, segments = self._route, self._segments
-            if route is None or segments is None:
-                params = {}
-            else:
-                params = {name: segments[i] for name, i in route.params.items()}
-            self._params = params
-        return params
-
-
-# -- where the organization and the caller come from ------------------------------------
-
-# A source is (kind, argument): how a value is read from a request.
-_KEY = 0  # org: the authenticated key's own; caller: the bearer key
-_SEGMENT = 1  # a path segment of a table route (argument: its index)
-_PARAM = 2  # a path parameter by name (the framework's, or a table route's)
-_HEADER = 3  # a header by (lower-cased) name
-_CALL = 4  # a callable of the RequestView
-_IP = 5  # caller: the client's address, behind trusted proxies
-_AUTO = 6  # org: {organization_id} of a table route when it has one, else the key
-
-Source = tuple[int, Any]
-_DEFAULT: Any = object()
-
-
-def _source(spec: object, what: str, allowed: tuple[str, ...]) -> Source:
-    """A ``"key"``/``"ip"``/``"path:<param>"``/``"header:<name>"`` spec or a callable, parsed."""
-    if callable(spec):
-        return (_CALL, spec)
-    if isinstance(spec, str):
-        kind, _, name = spec.partition(":")
-        if kind in allowed:
-            if kind == "key" and not name:
-                return (_KEY, None)
-            if kind == "ip" and not name:
-                return (_IP, None)
-            if kind == "path" and name.isidentifier():
-                return (_PARAM, name)
-            if kind == "header" and re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
-                return (_HEADER, name.lower())
-    shapes = ", ".join(
-        {"key": "'key'", "ip": "'ip'", "path": "'path:<param>'", "header": "'header:<name>'"}[k]
-        for k in allowed
-    )
-    raise ConfigurationError(f"is one of {shapes} or a callable of the request, not {spec!r}", what)
-
-
-def _org_source(spec: object, what: str = "org") -> Source:
-    if spec is None:
-        return (_AUTO, None)
-    return _source(spec, what, ("key", "path", "header"))
-
-
-def _caller_source(spec: object, what: str = "caller") -> Source:
-    return _source(spec, what, ("key", "ip", "header"))
-
-
-def _cost_of(spec: object, what: str = "cost") -> Any:
-    """None (the table price), a callable of the request, or a fixed amount (checked now)."""
-    if spec is None or callable(spec):
-        return spec
-    try:
-        to_micro(spec, what)
-    except InvalidAmountError as exc:
-        raise ConfigurationError(str(exc), what) from None
-    return spec
-
-
-_T = TypeVar("_T")
-
-
-def _per_operation(
-    spec: object, operations: Container[str], what: str, parse: Callable[[object, str], _T]
-) -> tuple[_T | None, dict[str, _T]]:
-    """An option given once, or per operation as a mapping (``"*"``: the others)."""
-    if not isinstance(spec, Mapping):
-        return parse(spec, what), {}
-    default = None
-    chosen: dict[str, _T] = {}
-    for name, value in spec.items():
-        if name == "*":
-            default = parse(value, f"{what}['*']")
-        elif isinstance(name, str) and name in operations:
-            chosen[name] = parse(value, f"{what}[{name!r}]")
-        else:
-            raise ConfigurationError(f"unknown operation {name!r}", what)
-    return default, chosen
-
-
-class Target:
-    """One metered operation as a request reaches it, compiled once: the operation and
-    its permission, where its organization and caller come from, and its cost."""
-
-    __slots__ = ("by_key", "caller", "cost", "operation", "org", "permission")
-
-    def __init__(
-        self, operation: str, permission: str | None, org: Source, caller: Source, cost: Any
-    ) -> None:
-        self.operation = operation
-        self.permission = permission
-        self.org = org
-        self.caller = caller
-        #: The caller is the bearer key, authenticated by the key store.
-        self.by_key = caller[0] == _KEY
-        self.cost = cost
-
-    def __repr__(self) -> str:
-        return f"Target({self.operation!r})"
-
-
-# -- the route table ---------------------------------------------------------------------
-
-
-class Route:
-    """One entry of the route table: a method and path template, and its target."""
-
-    __slots__ = ("method", "operation", "params", "permission", "target", "template")
-
-    def __init__(
-        self, method: str, template: str, target: Target, params: Mapping[str, int]
-    ) -> None:
-        self.method = method
-        self.template = template
-        self.target = target
-        self.operation = target.operation
-        self.permission = target.permission
-        #: Each path parameter and its place in ``path.split("/")``.
-        self.params = params
-
-    def __repr__(self) -> str:
-        return f"Route({self.method} {self.template} -> {self.operation})"
-
-
-class _Node:
-    """A trie node: literal children by segment, one parameter child, routes by method."""
-
-    __slots__ = ("literal", "param", "routes")
-
-    def __init__(self) -> None:
-        self.literal: dict[str, _Node] = {}
-        self.param: _Node | None = None
-        self.routes: dict[str, Route] = {}
-
-
-class Router:
-    """A route table compiled once into a trie of path segments.
-
-    Matching splits the path on ``/`` and walks the trie, preferring a literal segment
-    to a parameter (``/invoices/export`` before ``/invoices/{invoice_id}``). No regular
-    expression runs per request. ``HEAD`` falls back to the ``GET`` route. The table
-    is checked as a :class:`~meterkit.core.policy.Policy` checks it (one validation).
-    """
-
-    __slots__ = ("_heads", "_org_prefixes", "_root", "routes")
-
-    def __init__(
-        self,
-        routes: Mapping[str, str],
-        policy: Policy,
-        target: Callable[[str, Mapping[str, int]], Target] | None = None,
-    ) -> None:
-        operations = policy.operations
-        check_routes(routes, operations)
-        self._root = _Node()
-        self.routes: list[Route] = []
-        prefixes: set[tuple[str, ...]] = set()
-        heads: set[str] = set()
-        for spec, operation in routes.items():
-            method, template, segments = parse_route(spec)
-            params = route_params(segments)
-            if target is None:
-                org = (_SEGMENT, params[ORG_PARAM]) if ORG_PARAM in params else (_KEY, None)
-                found = Target(operation, operations[operation].permission, org, (_KEY, None), None)
-            else:
-                found = target(operation, params)
-            if ORG_PARAM in params:
-                prefixes.add(tuple(segments[: params[ORG_PARAM] - 1]))
-            # ("" stands for a route whose first segment is a parameter: every path)
-            heads.add("" if segments[0].startswith("{") else segments[0])
-            node = self._root
-            for seg in segments:
-                if seg.startswith("{"):
-                    if node.param is None:
-                        node.param = _Node()
-                    node = node.param
-                else:
-                    node = node.literal.setdefault(seg, _Node())
-            route = Route(method, template, found, params)
-            node.routes[method] = route
-            self.routes.append(route)
-        # Where an organization id sits in paths of this API: ("organizations",) for
-        # /organizations/{organization_id}/...; used for paths that match no route.
-        self._org_prefixes = tuple(sorted(prefixes, key=len))
-        self._heads = frozenset(heads)
-
-    def match(self, method: str, segments: list[str]) -> Route | None:
-        """The route of ``method`` on this path (``segments`` = ``path.split("/")``)."""
-        # The common case first, without recursion: follow literals where they exist,
-        # else the parameter. Only a dead end needs the backtracking walk.
-        node = self._root
-        for seg in itertools.islice(segments, 1, None):
-            child = node.literal.get(seg)
-            if child is None:
-                child = node.param if seg else None
-                if child is None:
-                    break
-            node = child
-        else:
-            route = node.routes.get(method)
-            if route is not None:
-                return route
-        found = _walk(self._root, segments, 1, method)
-        if found is None:
-            if method != "HEAD":
-                return None
-            method = "GET"
-            found = _walk(self._root, segments, 1, method)
-            if found is None:
-                return None
-        return found.routes[method]
-
-    def allowed(self, segments: list[str]) -> list[str]:
-        """The methods routed on this path (for a 405's ``Allow``); empty when none."""
-        node = _walk(self._root, segments, 1, None)
-        if node is None:
-            return []
-        methods = set(node.routes)
-        if "GET" in methods:
-            methods.add("HEAD")
-        return sorted(methods)
-
-    def org_of(self, segments: list[str]) -> str | None:
-        """The organization id in a path that matches no route, if it has one."""
-        for prefix in self._org_prefixes:
-            n = len(prefix)
-            if len(segments) > n + 1 and tuple(segments[1 : n + 1]) == prefix:
-                return segments[n + 1] or None
-        return None
-
-    def owns(self, segments: list[str]) -> bool:
-        """Whether a path is under the API's routes (its first segment starts one)."""
-        heads = self._heads
-        return "" in heads or (len(segments) > 1 and segments[1] in heads)
-
-
-def _walk(node: _Node, segments: list[str], i: int, method: str | None) -> _Node | None:
-    """The trie node of the path, for ``method`` (or for any method when None)."""
-    if i == len(segments):
-        if method is None:
-            return node if node.routes else None
-        return node if method in node.routes else None
-    seg = segments[i]
-    child = node.literal.get(seg)
-    if child is not None:
-        found = _walk(child, segments, i + 1, method)
-        if found is not None:
-            return found
-    if node.param is not None and seg:
-        return _walk(node.param, segments, i + 1, method)
-    return None
-
-
-# -- proxies and exclusions ------------------------------------------------------------
-
-
-class _Proxies:
-    """Addresses whose ``X-Forwarded-*`` headers are believed: IPs, networks, or ``*``."""
-
-    __slots__ = ("addresses", "anyone", "networks")
-
-    def __init__(self, trusted: Iterable[str]) -> None:
-        if isinstance(trusted, str):
-            trusted = [trusted]
-        if not isinstance(trusted, Iterable):
-            raise ConfigurationError(
-                "trusted_proxies is a list of IP addresses or networks", "trusted_proxies"
-            )
-        self.anyone = False
-        self.addresses: set[str] = set()
-        networks = []
-        for i, entry in enumerate(trusted):
-            if not isinstance(entry, str):
-                raise ConfigurationError(
-                    f"a trusted proxy is an IP address or network, not {entry!r}",
-                    f"trusted_proxies[{i}]",
-                )
-            entry = entry.strip()
-            if entry == "*":
-                self.anyone = True
-                continue
-            try:
-                if "/" in entry:
-                    networks.append(ipaddress.ip_network(entry, strict=False))
-                else:
-                    # Both the given spelling and the canonical one, for a set lookup.
-                    self.addresses.add(entry)
-                    self.addresses.add(str(ipaddress.ip_address(entry)))
-            except ValueError:
-                raise ConfigurationError(
-                    f"{entry!r} is not an IP address or network", f"trusted_proxies[{i}]"
-                ) from None
-        self.networks = tuple(networks)
-
-    def __contains__(self, peer: str | None) -> bool:
-        if peer is None:
-            return False
-        if self.anyone or peer in self.addresses:
-            return True
-        if not self.networks:
-            return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in net for net in self.networks)
-
-
-def forwarded_https(value: str) -> bool:
-    """Whether every proxy hop listed in ``X-Forwarded-Proto`` says ``https``.
-
-    A chain such as ``https, http`` is refused: some hop spoke plain HTTP, or a client
-    made up the first value, and either way the request cannot be called secure.
-    """
-    return all(part.strip().lower() == "https" for part in value.split(","))
-
-
-def _exclusions(exclude: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    if not isinstance(exclude, Iterable):
-        raise ConfigurationError("exclude is a list of paths", "exclude")
-    exact: set[str] = set()
-    prefixes: list[str] = []
-    for i, path in enumerate(exclude):
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ConfigurationError(
-                f"an excluded path starts with '/' (add '*' for a prefix), not {path!r}",
-                f"exclude[{i}]",
-            )
-        if path.endswith("*"):
-            prefixes.append(path[:-1])
-        else:
-            exact.add(path)
-    return frozenset(exact), tuple(prefixes)
 
 
 class Admission:
@@ -696,144 +158,9 @@ class Admission:
         return f"Admission(key={self.decision.key!r}, operation={self.decision.operation!r})"
 
 
-class Keeping:
-    """The response of an admitted request with an Idempotency-Key, as it goes out: the
-    shells hand it the status and headers (:meth:`start`) and the body (:meth:`add`),
-    and :meth:`Gate.keep` stores it for the key's retries (or frees the key for the
-    next one) once the response ended or failed."""
-
-    __slots__ = (
-        "_gate",
-        "chunks",
-        "complete",
-        "fingerprint",
-        "headers",
-        "settled",
-        "size",
-        "status",
-        "storing",
-        "token",
-    )
-
-    def __init__(self, gate: Gate, fingerprint: str, token: str) -> None:
-        self._gate = gate
-        #: What the request was: method, path, operation, body digest.
-        self.fingerprint = fingerprint
-        #: Who holds the key's mark ("" for the first attempt, whose mark is its charge).
-        self.token = token
-        self.status = 0
-        self.headers: list[tuple[str, str]] = []
-        self.chunks: list[bytes] = []
-        self.size = 0
-        #: The status is one to keep (and the response is still within the size limit).
-        self.storing = False
-        #: The whole body went out.
-        self.complete = False
-        #: :meth:`Gate.keep` has run.
-        self.settled = False
-
-    def __repr__(self) -> str:
-        return f"Keeping(status={self.status}, size={self.size}, complete={self.complete})"
-
-    def start(
-        self,
-        status: int,
-        headers: Iterable[tuple[str | bytes, str | bytes]],
-        extra: Mapping[str, str],
-    ) -> None:
-        """The response's status and headers as sent: the app's, and the gate's ``extra``."""
-        gate = self._gate
-        self.status = status
-        self.storing = status in gate.idempotency_statuses and status not in gate.refund_statuses
-        if self.storing:
-            self.headers = kept_headers(headers)
-            self.headers.extend(extra.items())
-
-    def add(self, chunk: bytes, last: bool = False) -> None:
-        """A piece of the body as sent; ``last``: the body ends with it."""
-        if self.storing and not self.complete:
-            self.size += len(chunk)
-            if self.size <= self._gate.idempotency_max_body:
-                self.chunks.append(chunk)
-            else:
-                self.chunks = []  # too large to keep: only its size is remembered
-        if last:
-            self.complete = True
-
-    def payload(self) -> bytes | None:
-        """What to keep: the encoded response; ``b""`` for one too large to keep; None
-        for nothing (a status not kept, or a response that did not end)."""
-        if not (self.storing and self.complete):
-            return None
-        if self.size > self._gate.idempotency_max_body:
-            return b""
-        return _encode_response((self.status, self.headers, b"".join(self.chunks)))
-
-
-#: Headers never kept with a response: those of one connection (RFC 9110 section 7.6.1)
-#: and cookies, which are one client's.
-_NOT_KEPT: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "set-cookie",
-    }
-)
-
-
-def kept_headers(headers: Iterable[tuple[str | bytes, str | bytes]]) -> list[tuple[str, str]]:
-    """The headers of a response that are kept for its replay (as text)."""
-    kept: list[tuple[str, str]] = []
-    named: set[str] = set()  # the headers Connection names
-    for name, value in headers:
-        if isinstance(name, bytes):
-            name = name.decode("latin-1")
-        if isinstance(value, bytes):
-            value = value.decode("latin-1")
-        lower = name.lower()
-        if lower in _NOT_KEPT:
-            if lower == "connection":
-                named.update(part.strip().lower() for part in value.split(","))
-            continue
-        kept.append((name, value))
-    if named:
-        kept = [(name, value) for name, value in kept if name.lower() not in named]
-    return kept
-
-
-_encode_response = msgspec.msgpack.Encoder().encode
-_decode_response = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str]], bytes]).decode
-
-
-def fingerprint(method: str, path: str, operation: str, body: bytes) -> str:
-    """What a request with an Idempotency-Key was: its method, path, operation and body."""
-    head = f"{method}\x00{path}\x00{operation}\x00".encode("utf-8", "surrogatepass")
-    return hashlib.sha256(head + body).hexdigest()[:32]
-
-
-# Invalid marker for a header sent more than once where once is the rule.
-DUPLICATE: Final = "\x00"
-
-
 #: The statuses refunded by default: what the app refused to serve (404 not found, 405
 #: method not allowed, 422 unreadable body: a framework's own answers) and its failures.
 REFUNDED: frozenset[int] = frozenset({404, 405, 422, *range(500, 600)})
-
-#: The methods whose Idempotency-Key is honoured by default; GET, HEAD and OPTIONS
-#: (safe methods, whose retries need no key) ignore it.
-IDEMPOTENCY_METHODS: frozenset[str] = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-#: The app statuses whose responses are kept for an Idempotency-Key's retries by
-#: default: every answer but a failure (5xx) and a refusal a retry may find otherwise
-#: (401, 402, 403, 429). A refunded status (``refund_statuses``) is never kept.
-KEPT: frozenset[int] = frozenset(range(200, 500)) - {401, 402, 403, 429}
 
 # What the blocking twins of the gate's coroutines call in their place.
 _TWINS: Final = {
@@ -1030,12 +357,12 @@ class Gate:
                 "is a callable (status, code, message, retry_after, decision)", "render"
             )
         operations = policy.operations
-        org_default, org_chosen = _per_operation(org, operations, "org", _org_source)
-        caller_default, caller_chosen = _per_operation(caller, operations, "caller", _caller_source)
-        cost_default, cost_chosen = _per_operation(cost, operations, "cost", _cost_of)
+        org_default, org_chosen = per_operation(org, operations, "org", org_source)
+        caller_default, caller_chosen = per_operation(caller, operations, "caller", caller_source)
+        cost_default, cost_chosen = per_operation(cost, operations, "cost", cost_of)
         self._default = (
-            org_default or (_AUTO, None),
-            caller_default or (_KEY, None),
+            org_default or (AUTO, None),
+            caller_default or (KEY, None),
             cost_default,
             org_chosen,
             caller_chosen,
@@ -1044,7 +371,7 @@ class Gate:
         if keystore is None:
             self._authenticate: Any = None
             self._authenticate_awaits = False
-            if operation is not None and self._default[1] == (_KEY, None):
+            if operation is not None and self._default[1] == (KEY, None):
                 raise ConfigurationError(
                     "a key store authenticates bearer keys: pass keystore=, or a caller= "
                     "other than 'key'",
@@ -1067,15 +394,15 @@ class Gate:
             raise ConfigurationError("is a mapping of 'METHOD /path' to operations", "routes")
         self.router = Router(table, policy, self._table_target) if table else None
         self._operation = operation
-        self._org_from_path = self._default[0][0] in (_AUTO, _SEGMENT, _PARAM)
+        self._org_from_path = self._default[0][0] in (AUTO, SEGMENT, PARAM)
         self._check = meter.check
         # The meter's observers hear of the gate's refusals too.
         self._notify = getattr(meter, "_notify", None)
         self._check_awaits = iscoroutinefunction(meter.check)
         self._refund = meter.refund
         self._refund_awaits = iscoroutinefunction(meter.refund)
-        self._proxies = _Proxies(trusted_proxies)
-        self._excluded, self._excluded_prefixes = _exclusions(exclude)
+        self._proxies = Proxies(trusted_proxies)
+        self._excluded, self._excluded_prefixes = exclusions(exclude)
         self.refund_statuses = refund_statuses
         self.require_https = require_https
         self._render = render
@@ -1088,16 +415,16 @@ class Gate:
             meter, idempotency_methods, idempotency_statuses, idempotency_max_body, idempotency_lock
         )
         # The fixed refusals, built once (a 409 and a 503 say when to try again).
-        waits = {_IDEMPOTENCY_KEY_IN_USE, _UNAVAILABLE}
+        waits = {IDEMPOTENCY_KEY_IN_USE, UNAVAILABLE}
         self._fixed = {
             spec: self._refusal(*spec)
             for spec in REFUSALS
-            if spec not in waits and spec is not _METHOD_NOT_ALLOWED  # (its Allow varies)
+            if spec not in waits and spec is not METHOD_NOT_ALLOWED  # (its Allow varies)
         }
-        self._fixed[_IDEMPOTENCY_KEY_IN_USE] = self._refusal(
-            *_IDEMPOTENCY_KEY_IN_USE, extra=[("Retry-After", "1")], retry_after=1
+        self._fixed[IDEMPOTENCY_KEY_IN_USE] = self._refusal(
+            *IDEMPOTENCY_KEY_IN_USE, extra=[("Retry-After", "1")], retry_after=1
         )
-        self._fixed[_UNAVAILABLE] = self._refusal(*_UNAVAILABLE, extra=[("Retry-After", "1")])
+        self._fixed[UNAVAILABLE] = self._refusal(*UNAVAILABLE, extra=[("Retry-After", "1")])
 
     def __repr__(self) -> str:
         routes = len(self.router.routes) if self.router else 0
@@ -1177,22 +504,22 @@ class Gate:
         target = self.target(operation)
         kind, argument = target.org
         where = f"routes.'{operation}'"
-        if kind == _AUTO:
+        if kind == AUTO:
             if not target.by_key:
                 # The caller's own: a path's organization, unchecked without a key, would
                 # let any caller choose whom to charge.
-                org: Source = (_AUTO, None)
+                org: Source = (AUTO, None)
             elif ORG_PARAM in params:
-                org = (_SEGMENT, params[ORG_PARAM])
+                org = (SEGMENT, params[ORG_PARAM])
             else:
-                org = (_KEY, None)
-        elif kind == _PARAM:
+                org = (KEY, None)
+        elif kind == PARAM:
             if argument not in params:
                 raise ConfigurationError(
                     f"org='path:{argument}', but a route of {operation!r} has no {{{argument}}}",
                     where,
                 )
-            org = (_SEGMENT, params[argument])
+            org = (SEGMENT, params[argument])
         else:
             org = target.org
         return Target(target.operation, target.permission, org, target.caller, target.cost)
@@ -1201,15 +528,15 @@ class Gate:
         self,
         operation: str,
         *,
-        org: Any = _DEFAULT,
-        caller: Any = _DEFAULT,
-        cost: Any = _DEFAULT,
+        org: Any = DEFAULT,
+        caller: Any = DEFAULT,
+        cost: Any = DEFAULT,
     ) -> Target:
         """The compiled target of ``operation``, with this gate's options unless given
         here (a framework route that names its operation, and its own org, caller or
         cost). Raises :class:`ConfigurationError` for an operation the policy does not
         price or an option it cannot use."""
-        if org is _DEFAULT and caller is _DEFAULT and cost is _DEFAULT:
+        if org is DEFAULT and caller is DEFAULT and cost is DEFAULT:
             found = self._targets.get(operation)
             if found is not None:
                 return found
@@ -1220,21 +547,21 @@ class Gate:
                 "operation",
             )
         org_d, caller_d, cost_d, org_by_op, caller_by_op, cost_by_op = self._default
-        org_src = _org_source(org) if org is not _DEFAULT else org_by_op.get(operation) or org_d
+        org_src = org_source(org) if org is not DEFAULT else org_by_op.get(operation) or org_d
         caller_src = (
-            _caller_source(caller)
-            if caller is not _DEFAULT
+            caller_source(caller)
+            if caller is not DEFAULT
             else caller_by_op.get(operation) or caller_d
         )
-        price = _cost_of(cost) if cost is not _DEFAULT else cost_by_op.get(operation, cost_d)
-        if caller_src[0] == _KEY and self._authenticate is None:
+        price = cost_of(cost) if cost is not DEFAULT else cost_by_op.get(operation, cost_d)
+        if caller_src[0] == KEY and self._authenticate is None:
             raise ConfigurationError(
                 f"{operation!r} is metered by its bearer key: pass keystore= (or a caller= "
                 "other than 'key')",
                 "keystore",
             )
         built = Target(operation, op.permission, org_src, caller_src, price)
-        if org is _DEFAULT and caller is _DEFAULT and cost is _DEFAULT:
+        if org is DEFAULT and caller is DEFAULT and cost is DEFAULT:
             self._targets[operation] = built
         return built
 
@@ -1263,7 +590,7 @@ class Gate:
                 and forwarded_https(req.forwarded_proto)
             )
         ):
-            return self._refused(_HTTPS_REQUIRED, target)
+            return self._refused(HTTPS_REQUIRED, target)
         segments = None
         if target is None:
             segments = req.path.split("/")
@@ -1282,20 +609,20 @@ class Gate:
                     return await self._unrouted(req, segments)
         # (one coroutine from here on: the rest of the flow is no nested call)
         kind, argument = target.org
-        if kind == _SEGMENT:
+        if kind == SEGMENT:
             org = segments[argument] if segments is not None else None
-        elif kind == _KEY:
+        elif kind == KEY:
             org = None
-        elif kind == _AUTO:
+        elif kind == AUTO:
             org = req.params.get(ORG_PARAM) if target.by_key else None
-        elif kind == _PARAM:
+        elif kind == PARAM:
             org = req.params.get(argument)
-        elif kind == _HEADER:
+        elif kind == HEADER:
             org = req.header(argument)
         else:
             org = argument(req)
-        if not org and kind not in (_KEY, _AUTO):
-            return self._refused(_ORGANIZATION_REQUIRED, target)
+        if not org and kind not in (KEY, AUTO):
+            return self._refused(ORGANIZATION_REQUIRED, target)
         idem = None
         try:
             if target.by_key:
@@ -1313,7 +640,7 @@ class Gate:
                 key = None
                 caller = self._caller(target.caller, req)
                 if not caller:
-                    return self._refused(_CALLER_REQUIRED, target, org)
+                    return self._refused(CALLER_REQUIRED, target, org)
                 if not org:
                     org = caller
             fp = None  # the request's fingerprint, when its Idempotency-Key counts
@@ -1324,7 +651,7 @@ class Gate:
                 if not (
                     0 < len(idem) <= MAX_IDEMPOTENCY_KEY and idem.isprintable() and "," not in idem
                 ):
-                    return self._refused(_INVALID_IDEMPOTENCY_KEY, target, org, key, caller)
+                    return self._refused(INVALID_IDEMPOTENCY_KEY, target, org, key, caller)
                 body = await req.read_body()
                 fp = fingerprint(req.method, req.path, target.operation, body)
             cost = target.cost
@@ -1372,10 +699,10 @@ class Gate:
 
     def _caller(self, source: Source, req: RequestView) -> str | None:
         kind, argument = source
-        if kind == _IP:
+        if kind == IP:
             address = self.client_ip(req)
             return None if address is None else "ip:" + address
-        if kind == _HEADER:
+        if kind == HEADER:
             return req.header(argument)
         value = argument(req)
         return value if value is None or isinstance(value, str) else str(value)
@@ -1410,8 +737,8 @@ class Gate:
         if (org is None and self._org_from_path and router._org_prefixes) or not router.owns(
             segments
         ):
-            return self._refused(_NOT_FOUND, None, org)
-        if self._default[1] == (_KEY, None) and self._authenticate is not None:
+            return self._refused(NOT_FOUND, None, org)
+        if self._default[1] == (KEY, None) and self._authenticate is not None:
             try:
                 if self._authenticate_awaits:
                     await self._authenticate(req.authorization, org=org, permission=None)
@@ -1421,22 +748,22 @@ class Gate:
                 return self._failure(exc, None, None, org)
         allowed = router.allowed(segments)
         if allowed:
-            self._report(_METHOD_NOT_ALLOWED, None, org)
-            return self._refusal(*_METHOD_NOT_ALLOWED, extra=[("Allow", ", ".join(allowed))])
-        return self._refused(_NOT_FOUND, None, org)
+            self._report(METHOD_NOT_ALLOWED, None, org)
+            return self._refusal(*METHOD_NOT_ALLOWED, extra=[("Allow", ", ".join(allowed))])
+        return self._refused(NOT_FOUND, None, org)
 
     def _retried(self, verdict: int, detail: Any, target: Target, key: Any) -> Response:
         """The answer to a retry that does not run: the kept response, or a refusal
         (reported to the observers: the meter reported the replayed charge only)."""
         if verdict == BUSY:
-            return self._refused(_IDEMPOTENCY_KEY_IN_USE, target, None, key)
+            return self._refused(IDEMPOTENCY_KEY_IN_USE, target, None, key)
         if verdict == REUSED:
-            return self._refused(_IDEMPOTENCY_KEY_REUSED, target, None, key)
+            return self._refused(IDEMPOTENCY_KEY_REUSED, target, None, key)
         assert verdict == DONE
         if not detail:
-            return self._refused(_IDEMPOTENCY_RESPONSE_TOO_LARGE, target, None, key)
+            return self._refused(IDEMPOTENCY_RESPONSE_TOO_LARGE, target, None, key)
         try:
-            status, headers, body = _decode_response(detail)
+            status, headers, body = decode_response(detail)
         except msgspec.DecodeError:
             raise StateError("the backend holds a kept response meterkit did not write") from None
         headers.append(("Idempotent-Replayed", "true"))
@@ -1580,7 +907,7 @@ class Gate:
         elif isinstance(content, str):
             data = content.encode("utf-8")
         else:
-            data = _encode(content)
+            data = encode_json(content)
         if not any(name.lower() == "content-type" for name, _ in pairs):
             headers.insert(0, JSON)
         headers.extend(pairs)
@@ -1607,7 +934,7 @@ class Gate:
             extra=headers.items(),
             retry_after=None if retry is None else int(retry),
             decision=decision,
-            body=_encode(error) if self._render is None else None,
+            body=encode_json(error) if self._render is None else None,
         )
 
     def _failure(
@@ -1652,15 +979,15 @@ class Gate:
                         None,
                     )
                 )
-            return self._fixed[_UNAVAILABLE]
+            return self._fixed[UNAVAILABLE]
         if isinstance(exc, IdempotencyConflictError) and idempotency_key is not None:
             # The meter's one refusal of valid arguments: an idempotency key first used
             # for another operation, key or price.
             if not reported:
-                self._report(_IDEMPOTENCY_KEY_REUSED, target, org, key, caller)
-            return self._fixed[_IDEMPOTENCY_KEY_REUSED]
+                self._report(IDEMPOTENCY_KEY_REUSED, target, org, key, caller)
+            return self._fixed[IDEMPOTENCY_KEY_REUSED]
         if isinstance(exc, InvalidRequestError):
-            return self._refused(_INVALID_REQUEST, target, org, key, caller)
+            return self._refused(INVALID_REQUEST, target, org, key, caller)
         raise exc
 
     def _refused(

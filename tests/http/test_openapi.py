@@ -27,7 +27,7 @@ import meterkit
 from examples.crane_ledger import ORG, UNMETERED, create_app
 from meterkit.asgi import MeterMiddleware
 from meterkit.errors import AuthenticationError, BackendUnavailable
-from meterkit.http import gate, openapi
+from meterkit.http import gate, openapi, refusals
 from meterkit.keys.memory import AsyncMemoryKeyStore
 from tests.conftest import FakeClock
 from tests.http._serve import serve_asgi as serve
@@ -168,7 +168,7 @@ def test_metered_operations_list_every_refusal_with_the_gate_s_own_bodies() -> N
         .get("examples", {})
         .items()
     }
-    assert shown["https_required"] == body_of(gate.HTTPS_REQUIRED_BODY)
+    assert shown["https_required"] == body_of(refusals.HTTPS_REQUIRED_BODY)
     assert shown["service_unavailable"] == seed_body(
         503,
         "api_error",
