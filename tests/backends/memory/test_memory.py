@@ -175,7 +175,7 @@ def test_expired_idempotency_records_and_ended_months_accounts_are_dropped(
 def test_turned_windows_are_dropped_a_shard_at_a_time(clock: FakeClock) -> None:
     """A window that turns does not free its counts in one go: its shards wait on a
     list and one goes per check, so the list is empty after as many checks."""
-    from meterkit.backends.memory.backend import _SHARDS
+    from meterkit.backends.memory.state import _SHARDS
 
     policy = _policy([Tier("t", "key", "5/minute", "fixed_window")], allowance="10000")
     backend = MemoryBackend(clock=clock)
