@@ -130,10 +130,6 @@ class _MeterCore:
         #: The ledger store that :meth:`Meter.usage` reads past periods from (or None).
         self.ledger: LedgerStore | None = None
         self._owns_ledger = isinstance(ledger, str)
-        if ledger is not None:
-            from meterkit.ledger.store import store_from_url
-
-            self.ledger = store_from_url(ledger) if isinstance(ledger, str) else ledger
         self._plan_for = policy.plan_for
         self._watch_shadow = policy.shadow or any(t.shadow for t in policy.tiers)
         # An admission may bring more than its check's event: shadow denials, alerts.
@@ -155,6 +151,11 @@ class _MeterCore:
             # Chosen once, here: a meter without observers runs the class's check
             # untouched, and pays nothing for them.
             self.__dict__["check"] = self._check_observed
+        # Last, so that no refusal above leaves a store opened from a URL behind.
+        if ledger is not None:
+            from meterkit.ledger.store import store_from_url
+
+            self.ledger = store_from_url(ledger) if isinstance(ledger, str) else ledger
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(policy={self.policy.name!r}, backend={self.backend!r})"

@@ -119,6 +119,24 @@ class Drain:
         self.stats = DrainStats()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        try:
+            self._attach(source, prefix, group, consumer, claim_idle, rescan)
+        except BaseException:
+            if self._owns_store:  # refused: the store it opened is closed again
+                self.store.close()
+            raise
+
+    def _attach(
+        self,
+        source: Any,
+        prefix: str,
+        group: str,
+        consumer: str | None,
+        claim_idle: float,
+        rescan: float,
+    ) -> None:
+        """Bind the drain to its source: a MemoryBackend's log or a Redis URL/client."""
+        self._redis: _RedisSource | None = None
         memory_log = getattr(source, "ledger", None)
         if hasattr(source, "_accounts"):  # a MemoryBackend
             if memory_log is None:
@@ -139,11 +157,9 @@ class Drain:
                 claim_idle=claim_idle,
                 rescan=rescan,
             )
-            self._redis: _RedisSource | None = redis_source
+            self._redis = redis_source
             self._pass = redis_source.drain
             self._lag = redis_source.lag
-        if not hasattr(self, "_redis"):
-            self._redis = None
 
     def __repr__(self) -> str:
         return f"Drain(store={self.store!r}, moved={self.stats.moved})"

@@ -153,7 +153,8 @@ def test_drain_once_moves_everything(
                          prefix, "--once", "--json")  # fmt: skip
     assert code == EXIT_OK, err
     assert json.loads(out)["moved"] == 1_234
-    assert store_from_url(target).count() == 1_234
+    with store_from_url(target) as store:
+        assert store.count() == 1_234
 
 
 def test_drain_of_an_unreachable_redis_exits_3(

@@ -228,7 +228,8 @@ def test_a_cluster_drain_finds_every_slot_stream(redis_cluster_url: str, sqlite_
             add_charges(client, prefix, 60, orgs=60, start=600, cluster=True)
             assert drain.run_once() == 60
             assert drain.store.count() == 660
-        orgs = {e.org for e in store_from_url(sqlite_url).events()}
+        with store_from_url(sqlite_url) as store:
+            orgs = {e.org for e in store.events()}
         assert len(orgs) == 60
         streams = {stream_for(prefix, f"{prefix}:{{org_{i}}}:", True) for i in range(60)}
         assert sum(client.xlen(s) for s in streams) == 0

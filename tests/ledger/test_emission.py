@@ -55,7 +55,8 @@ def ledgered(
     store_url = f"sqlite:///{tmp_path}/ledger.db"
     if kind == "memory":
         backend = MemoryBackend(clock=clock, ledger=True)
-        yield Ledgered(Meter(POLICY, backend, ledger=store_url), backend, store_url)
+        with Meter(POLICY, backend, ledger=store_url) as meter:  # closes the store it opened
+            yield Ledgered(meter, backend, store_url)
         return
     url = request.getfixturevalue("redis_cluster_url" if kind == "redis-cluster" else "redis_url")
     client = shared_client(request, url)
@@ -66,15 +67,17 @@ def ledgered(
 
             loop = asyncio.new_event_loop()
             backend = async_backend_from_url(url, prefix=prefix, clock=clock, ledger=True)
-            meter = SyncFacade(AsyncMeter(POLICY, backend, ledger=store_url), loop)
-            found = Ledgered(meter, backend, store_url)
+            async_meter = AsyncMeter(POLICY, backend, ledger=store_url)
+            found = Ledgered(SyncFacade(async_meter, loop), backend, store_url)
             found.sync_backend = RedisBackend(client, prefix=prefix, clock=clock, ledger=True)  # type: ignore[attr-defined]
             yield found
-            loop.run_until_complete(backend.aclose())
+            loop.run_until_complete(async_meter.aclose())  # the backend and the store
             loop.close()
         else:
             backend = RedisBackend(client, prefix=prefix, clock=clock, ledger=True)
-            yield Ledgered(Meter(POLICY, backend, ledger=store_url), backend, store_url)
+            meter = Meter(POLICY, backend, ledger=store_url)
+            yield Ledgered(meter, backend, store_url)
+            meter.close()  # the store it opened (the shared client stays open)
     finally:
         delete_prefix(client, prefix)
 
