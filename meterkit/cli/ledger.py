@@ -191,9 +191,11 @@ def _cmd_drain(args: argparse.Namespace) -> int:
         if args.once:
             drain.run_once()
         else:
-            if not args.json:
-                _err(f"meterkit: draining into {store.url} (Ctrl-C or SIGTERM stops)")
             with _stopping_on_signals(stop):
+                # Said once the signals are caught: a SIGTERM from then on finishes
+                # the batch in hand and exits 0.
+                if not args.json:
+                    _err(f"meterkit: draining into {store.url} (Ctrl-C or SIGTERM stops)")
                 drain.run(idle=args.idle, stop=stop)
     finally:
         drain.close()

@@ -138,10 +138,18 @@ def _worker(url: str, stop_file: str, out_file: str, seed: int) -> None:
     )
 
 
+#: What ``meterkit ledger drain`` says once it catches SIGTERM (and SIGINT).
+DRAINING = b"meterkit: draining into"
+
+
 def _drain(url: str, store: str, name: str, folder: Path) -> subprocess.Popen[bytes]:
-    """``meterkit ledger drain`` in a process of its own, logging to the folder."""
-    with open(folder / f"drain-{name}.log", "ab") as log:  # (the child keeps its copy)
-        return subprocess.Popen(
+    """``meterkit ledger drain`` in a process of its own, logging to the folder; returned
+    once it is draining, so that a SIGTERM it gets later is one it handles (a slow
+    machine may take a second to import it)."""
+    path = folder / f"drain-{name}.log"
+    said = path.read_bytes().count(DRAINING) if path.exists() else 0
+    with open(path, "ab") as log:  # (the child keeps its copy)
+        proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -166,6 +174,12 @@ def _drain(url: str, store: str, name: str, folder: Path) -> subprocess.Popen[by
             stdout=log,
             stderr=log,
         )
+    deadline = time.monotonic() + 60
+    while path.read_bytes().count(DRAINING) == said:
+        assert proc.poll() is None, path.read_text()
+        assert time.monotonic() < deadline, "the drain did not start"
+        time.sleep(0.01)
+    return proc
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
