@@ -249,3 +249,38 @@ def test_a_drain_source_must_be_redis_or_a_ledger(sqlite_url: str) -> None:
         Drain(42, sqlite_url)
     with pytest.raises(ConfigurationError, match="batch"):
         Drain("redis://127.0.0.1:1/0", sqlite_url, batch=0)
+
+
+def test_a_refused_drain_or_meter_leaves_no_store_open(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store opened from a URL for a Drain that is then refused is closed again; a
+    Meter refuses before it opens its ledger URL at all."""
+    import meterkit.ledger.store as stores
+    from meterkit import MemoryBackend, Meter, Policy
+    from meterkit.errors import ConfigurationError
+
+    opened: list[Any] = []
+    closed: list[Any] = []
+    real = stores.store_from_url
+
+    def recording(url: str) -> Any:
+        store = real(url)
+        opened.append(store)
+        really_close = store.close
+
+        def close() -> None:
+            closed.append(store)
+            really_close()
+
+        store.close = close  # type: ignore[method-assign]
+        return store
+
+    monkeypatch.setattr(stores, "store_from_url", recording)
+    with pytest.raises(ConfigurationError, match="source"):
+        Drain(42, sqlite_url)
+    assert len(opened) == 1
+    assert closed == opened
+    with pytest.raises(ConfigurationError, match="callable of an Event"):
+        Meter(Policy.crane_ledger(), MemoryBackend(), ledger=sqlite_url, on_decision=42)
+    assert len(opened) == 1  # never opened
