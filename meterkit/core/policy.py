@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import limits
-import msgspec
 
 from meterkit.core.credits import MAX_MICRO, from_micro, to_micro
 from meterkit.core.routes import check_routes
@@ -863,16 +862,9 @@ class Policy:
             raise ConfigurationError(
                 f"a policy source is TOML text or a path, not {type(source).__name__}"
             )
-        try:
-            spec = msgspec.toml.decode(data, type=_PolicySpec)
-        except msgspec.ValidationError as exc:
-            message, _, where = str(exc).partition(" - at `$")
-            raise ConfigurationError(message, where.rstrip("`").lstrip(".")) from None
-        except msgspec.DecodeError as exc:
-            raise ConfigurationError(f"malformed TOML: {exc}") from None
-        except RecursionError:
-            raise ConfigurationError("malformed TOML: nested too deeply") from None
-        return spec.build()
+        from meterkit.core.toml import decode
+
+        return decode(data)
 
     def to_dict(self) -> dict[str, object]:
         """A plain description of the compiled policy (for ``meterkit policy check``)."""
@@ -919,135 +911,3 @@ class Policy:
                 for name, compiled in self._plan_limits.items()
             },
         }
-
-
-# -- the TOML file's shape ---------------------------------------------------------
-
-
-class _Spec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class _TierSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    name: str
-    scope: Scope
-    rate: str
-    algorithm: Algorithm = "fixed_window"
-    burst: int | None = None
-    shadow: bool = False
-    operations: list[str] | None = None
-
-
-class _CategorySpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    min: str | int | float
-    max: str | int | float
-    description: str = ""
-
-
-class _OperationSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    category: str
-    price: str | int | float
-    description: str = ""
-    permission: str | None = None
-
-
-class _CreditsSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    allowance: str | int | float
-    period: Literal["month"] = "month"
-    alerts: list[str | int] = []
-
-
-class _TierChangeSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    rate: str
-    burst: int | None = None
-    algorithm: Algorithm | None = None
-
-
-class _PlanSpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    allowance: str | int | float | None = None
-    tiers: dict[str, str | _TierChangeSpec] = {}
-
-    def build(self, name: str) -> CustomerPlan:
-        changes: dict[str, TierChange] = {}
-        for tier, change in self.tiers.items():
-            if isinstance(change, str):
-                changes[tier] = change
-            else:
-                table: dict[str, object] = {"rate": change.rate}
-                if change.burst is not None:
-                    table["burst"] = change.burst
-                if change.algorithm is not None:
-                    table["algorithm"] = change.algorithm
-                changes[tier] = table
-        return CustomerPlan(name, changes, self.allowance)
-
-
-class _PolicySpec(_Spec, kw_only=True, forbid_unknown_fields=True):
-    name: str = "custom"
-    shadow: bool = False
-    credits: _CreditsSpec
-    tiers: list[_TierSpec] = []
-    categories: dict[str, _CategorySpec]
-    operations: dict[str, _OperationSpec]
-    routes: dict[str, str] = {}
-    plans: dict[str, _PlanSpec] = {}
-
-    def build(self) -> Policy:
-        tiers = [_located(f"tiers[{i}]", _tier, t) for i, t in enumerate(self.tiers)]
-        categories = tuple(
-            _located(f"categories.{name}", _category, name, c)
-            for name, c in self.categories.items()
-        )
-        operations = tuple(
-            _located(f"operations.{name}", _operation, name, o)
-            for name, o in self.operations.items()
-        )
-        try:
-            costs = CostTable(categories, operations)
-        except ConfigurationError as exc:
-            # CostTable counts operations by position; the file names them.
-            raise _renamed(exc, [o.name for o in operations]) from None
-        credits = _located(
-            "credits", lambda: CreditPlan(self.credits.allowance, alerts=self.credits.alerts)
-        )
-        plans = [_located(f"plans.{name}", p.build, name) for name, p in self.plans.items()]
-        return Policy(
-            tiers,
-            costs,
-            credits,
-            shadow=self.shadow,
-            name=self.name,
-            routes=self.routes,
-            plans=plans,
-        )
-
-
-def _tier(t: _TierSpec) -> Tier:
-    ops = tuple(t.operations) if t.operations is not None else None
-    return Tier(t.name, t.scope, t.rate, t.algorithm, t.burst, t.shadow, ops)
-
-
-def _category(name: str, c: _CategorySpec) -> Category:
-    return Category(name, c.min, c.max, c.description)
-
-
-def _operation(name: str, o: _OperationSpec) -> Operation:
-    return Operation(name, o.category, o.price, o.description, o.permission)
-
-
-_T = TypeVar("_T")
-
-
-def _located(where: str, build: Callable[..., _T], *args: object) -> _T:
-    try:
-        return build(*args)
-    except ConfigurationError as exc:
-        raise exc.at(where) from None
-
-
-def _renamed(exc: ConfigurationError, names: list[str]) -> ConfigurationError:
-    match = re.match(r"operations\[(\d+)\](.*)", exc.location)
-    if not match:
-        return exc
-    where = f"operations.{names[int(match.group(1))]}{match.group(2)}"
-    return ConfigurationError(exc.detail, where)

@@ -13,8 +13,9 @@ import pytest
 
 import meterkit
 from meterkit.cli.commands import _ProgressBar
-from meterkit.cli.common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, locate
+from meterkit.cli.common import EXIT_INVALID, EXIT_OK, EXIT_USAGE
 from meterkit.cli.parser import main
+from meterkit.core.toml import locate
 from tests.test_simulate import HOUR, one_key_burst, write_csv, write_jsonl
 
 SEED = Path(meterkit.__file__).parent / "policies" / "crane_ledger.toml"
