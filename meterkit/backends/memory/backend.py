@@ -33,11 +33,12 @@ slotted containers shared by every operation (and every policy) that uses a tier
 the same name and parameters: those of the policy's own tier, under every plan, so
 that a customer moved to another plan keeps what it spent. Fixed and sliding windows
 keep only the current (and previous) window's dict and drop the older ones whole when
-the window turns, so eviction costs nothing per request. A sliding log is an
-``array('q')`` of admission times per identity, 8 bytes each (times only grow, the
+the window turns, so eviction costs nothing per request. A sliding log is a
+``bytearray`` of admission times per identity, 8 bytes each (times only grow, the
 clock being held monotonic, so the log is sorted and trimmed by bisection; a time past
 2**63 µs cannot reach it: ``month_bounds`` refuses years past 9999 before anything is
-consumed).
+consumed). Nothing kept per identity is an object Python's garbage collector tracks
+(strings, ints, bytearrays), so its full collections do not grow with the identities.
 
 No check pauses for long, whatever the number of identities: every tier's state is
 split in :data:`_SHARDS` dicts by the identity's hash, so that a dict that grows

@@ -9,8 +9,6 @@ import itertools
 import linecache
 import textwrap
 import time
-from array import array
-from bisect import bisect_right
 from collections.abc import Callable
 from string import Template
 from typing import TYPE_CHECKING, cast
@@ -22,6 +20,9 @@ from meterkit.backends.memory.state import (
     Apply,
     _Account,
     _shards,
+    older,
+    packed,
+    time_at,
 )
 from meterkit.core.outcome import (
     REASON_CREDITS,
@@ -138,7 +139,9 @@ if s$i.debt >= s$i.due:
 """,
     ),
     # Promise: at most $L admitted in every rolling window of $W µs (exact: one
-    # timestamp per admitted request, in an array('q') per identity, ascending).
+    # timestamp per admitted request, ascending, packed 8 bytes each in a bytearray
+    # per identity: a bytearray is not tracked by Python's garbage collector, so a
+    # million logs add nothing to its full collections, where arrays would).
     "sliding_log": (
         """\
 logs$i = s$i.shards[$sh]
@@ -147,25 +150,27 @@ if not log$i:
     t$i = ($L_1, $W, 0)
 else:
     cutoff$i = now - $W
-    if log$i[0] <= cutoff$i:  # entries a window old no longer count
-        if len(log$i) == 1 or log$i[1] > cutoff$i:
-            del log$i[0]  # the usual case: only the oldest
+    first$i = _time_at(log$i)[0]
+    if first$i <= cutoff$i:  # entries a window old no longer count
+        if len(log$i) == 8 or _time_at(log$i, 8)[0] > cutoff$i:
+            del log$i[:8]  # the usual case: only the oldest
         else:
-            del log$i[:bisect_right(log$i, cutoff$i)]
-    n$i = len(log$i)
+            del log$i[:_older(log$i, cutoff$i)]
+        first$i = _time_at(log$i)[0] if log$i else 0
+    n$i = len(log$i) >> 3
     if n$i < $L:
-        t$i = ($L_1 - n$i, log$i[0] + $W - now if n$i else $W, 0)
+        t$i = ($L_1 - n$i, first$i + $W - now if n$i else $W, 0)
     else:
-        wait$i = log$i[n$i - $L] + $W - now
+        wait$i = _time_at(log$i, (n$i - $L) << 3)[0] + $W - now
         t$i = (0, wait$i, 1)
         $deny
 """,
         """\
 if log$i is None:
-    logs$i[$who] = array("q", (now,))
+    logs$i[$who] = bytearray(_packed(now))
     s$i.debt += $FRESH
 else:
-    log$i.append(now)
+    log$i += _packed(now)
     s$i.debt += 1
 if s$i.debt >= s$i.due:
     s$i.sweep(now)
@@ -584,8 +589,9 @@ def _binder(source: str, name: str) -> Callable[..., Apply]:
         "_next_charge": _CHARGES.__next__,
         "_time_ns": time.time_ns,
         "_Account": _Account,
-        "array": array,
-        "bisect_right": bisect_right,
+        "_time_at": time_at,
+        "_packed": packed,
+        "_older": older,
         "_shards": _shards,
         "_ledger_full": ledger_full,
     }
