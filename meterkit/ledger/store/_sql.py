@@ -55,6 +55,21 @@ COLUMNS = (
     "pos_seq",
 )
 
+# The three rollups (per key and day, per organization and day, per key and month)
+# have one shape; ``{options}`` is the dialect's, filled in when the schema is made.
+_ROLLUP = """CREATE TABLE IF NOT EXISTS meterkit_usage_{table} (
+        org TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        {period} INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        requests BIGINT NOT NULL,
+        charged BIGINT NOT NULL,
+        refunds BIGINT NOT NULL,
+        refunded BIGINT NOT NULL,
+        PRIMARY KEY (org, mode, {period}, key_id, operation)
+    ){{options}}"""
+
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS meterkit_events (
         id TEXT PRIMARY KEY,
@@ -74,44 +89,11 @@ SCHEMA = (
         pos_seq BIGINT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS meterkit_events_org ON meterkit_events (org, mode, at)",
-    """CREATE TABLE IF NOT EXISTS meterkit_usage_daily (
-        org TEXT NOT NULL,
-        mode TEXT NOT NULL,
-        day INTEGER NOT NULL,
-        key_id TEXT NOT NULL,
-        operation TEXT NOT NULL,
-        requests BIGINT NOT NULL,
-        charged BIGINT NOT NULL,
-        refunds BIGINT NOT NULL,
-        refunded BIGINT NOT NULL,
-        PRIMARY KEY (org, mode, day, key_id, operation)
-    ){options}""",
+    _ROLLUP.format(table="daily", period="day"),
     """CREATE INDEX IF NOT EXISTS meterkit_usage_daily_key
         ON meterkit_usage_daily (org, mode, key_id, day)""",
-    """CREATE TABLE IF NOT EXISTS meterkit_usage_org_daily (
-        org TEXT NOT NULL,
-        mode TEXT NOT NULL,
-        day INTEGER NOT NULL,
-        key_id TEXT NOT NULL,
-        operation TEXT NOT NULL,
-        requests BIGINT NOT NULL,
-        charged BIGINT NOT NULL,
-        refunds BIGINT NOT NULL,
-        refunded BIGINT NOT NULL,
-        PRIMARY KEY (org, mode, day, key_id, operation)
-    ){options}""",
-    """CREATE TABLE IF NOT EXISTS meterkit_usage_monthly (
-        org TEXT NOT NULL,
-        mode TEXT NOT NULL,
-        month INTEGER NOT NULL,
-        key_id TEXT NOT NULL,
-        operation TEXT NOT NULL,
-        requests BIGINT NOT NULL,
-        charged BIGINT NOT NULL,
-        refunds BIGINT NOT NULL,
-        refunded BIGINT NOT NULL,
-        PRIMARY KEY (org, mode, month, key_id, operation)
-    ){options}""",
+    _ROLLUP.format(table="org_daily", period="day"),
+    _ROLLUP.format(table="monthly", period="month"),
 )
 
 # A rollup row's sums are added to what the row holds (or make the row).
