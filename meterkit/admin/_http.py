@@ -149,6 +149,23 @@ class Router:
         return found, params
 
 
+def _each_once(raw: bytes, whole: str, field: str) -> dict[str, str]:
+    """The fields of URL-encoded ``raw`` (a query string or a form), each given once
+    (at most 20); a 400 naming ``whole`` or the ``field`` otherwise."""
+    try:
+        pairs = urllib.parse.parse_qsl(
+            raw.decode("utf-8"), keep_blank_values=True, max_num_fields=20
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise invalid(f"{whole} is not valid UTF-8 form encoding.") from None
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        if name in fields:
+            raise invalid(f"{field} {name[:40]!r} is given twice.")
+        fields[name] = value
+    return fields
+
+
 class Request:
     """One request as the handlers read it."""
 
@@ -185,18 +202,7 @@ class Request:
         raw_query: bytes = scope.get("query_string", b"")
         if len(raw_query) > MAX_QUERY:
             raise invalid(f"The query string is longer than {MAX_QUERY} bytes.")
-        try:
-            pairs = urllib.parse.parse_qsl(
-                raw_query.decode("utf-8"), keep_blank_values=True, max_num_fields=20
-            )
-        except (UnicodeDecodeError, ValueError):
-            raise invalid("The query string is not valid UTF-8 form encoding.") from None
-        query: dict[str, str] = {}
-        for name, value in pairs:
-            if name in query:
-                raise invalid(f"The query parameter {name[:40]!r} is given twice.")
-            query[name] = value
-        self.query = query
+        self.query = _each_once(raw_query, "The query string", "The query parameter")
 
     def cookie(self, name: str) -> str | None:
         raw = self.headers.get("cookie")
@@ -255,19 +261,7 @@ class Request:
         """An ``application/x-www-form-urlencoded`` body (each field once); 400 else."""
         if self.media_type() != "application/x-www-form-urlencoded":
             raise invalid("Send the form as application/x-www-form-urlencoded.")
-        body = await self.body()
-        try:
-            pairs = urllib.parse.parse_qsl(
-                body.decode("utf-8"), keep_blank_values=True, max_num_fields=20
-            )
-        except (UnicodeDecodeError, ValueError):
-            raise invalid("The form is not valid UTF-8 form encoding.") from None
-        fields: dict[str, str] = {}
-        for name, value in pairs:
-            if name in fields:
-                raise invalid(f"The form field {name[:40]!r} is given twice.")
-            fields[name] = value
-        return fields
+        return _each_once(await self.body(), "The form", "The form field")
 
 
 def _too_large() -> Refusal:
