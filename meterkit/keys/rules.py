@@ -4,6 +4,7 @@ the HTTP status of each refusal (:class:`KeyRules`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import time
@@ -44,6 +45,10 @@ from meterkit.keys.model import (
 )
 
 __all__ = ["KeyRules", "RuledStore"]
+
+#: How many well-formed ``Authorization`` headers :meth:`KeyRules.read_header`
+#: remembers (about 250 bytes each): the keys in use at once on a busy server.
+HEADERS_REMEMBERED = 8192
 
 
 class _Hasher:
@@ -126,7 +131,7 @@ class KeyRules:
     rotation does is decided here, once, for the memory and Redis stores alike.
     """
 
-    __slots__ = ("clock", "format", "hash", "org_rule", "previous", "statuses")
+    __slots__ = ("_read", "clock", "format", "hash", "org_rule", "previous", "statuses")
 
     def __init__(
         self,
@@ -150,6 +155,9 @@ class KeyRules:
         #: What an organization id of this store looks like (``org_pattern``; the seed's
         #: ``org_…`` by default).
         self.org_rule = org_rule(org_pattern)
+        # read_header's answers by the SHA-256 of the header: a header is parsed,
+        # checksummed and hashed under every pepper once, not on every request.
+        self._read: dict[bytes, tuple[str, tuple[str, ...]]] = {}
 
     def check_org(self, org: object) -> str:
         """``org`` if it is an organization id under this store's rule, else an error."""
@@ -161,7 +169,32 @@ class KeyRules:
 
     def read_header(self, header: object) -> tuple[str, tuple[str, ...]]:
         """``(key id, hashes)`` from an ``Authorization`` header, checked without any
-        lookup: the token's hash under the pepper, then under each previous pepper."""
+        lookup: the token's hash under the pepper, then under each previous pepper.
+
+        The answer is a function of the header alone, so the last
+        :data:`HEADERS_REMEMBERED` well-formed headers' answers are kept, by the SHA-256
+        of the header (not the header: no plaintext key outlives its request here).
+        Only ASCII headers are kept, the only kind that can be well formed; the stored
+        record is still looked up and compared on every request, so a revoked or
+        rotated key is refused at once."""
+        if isinstance(header, (bytes, str)) and header.isascii():
+            seen = hashlib.sha256(
+                header if isinstance(header, bytes) else header.encode("ascii")
+            ).digest()
+            read = self._read
+            known = read.get(seen)
+            if known is not None:
+                return known
+            known = self._parse(header)
+            if len(read) >= HEADERS_REMEMBERED:
+                # The oldest goes (threads may race here: losing one entry is harmless).
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del read[next(iter(read))]
+            read[seen] = known
+            return known
+        return self._parse(header)
+
+    def _parse(self, header: object) -> tuple[str, tuple[str, ...]]:
         if isinstance(header, bytes):
             if len(header) > MAX_HEADER_CHARS:
                 raise self.error(INVALID)

@@ -28,6 +28,7 @@ from meterkit.errors import (
     InvalidRequestError,
     MeterkitError,
 )
+from meterkit.keys import rules as rules_module
 from meterkit.keys.memory import AsyncMemoryKeyStore, MemoryKeyStore
 from meterkit.keys.model import (
     ALPHABET,
@@ -444,3 +445,43 @@ def test_concurrent_authentication_never_undoes_a_revocation() -> None:
     assert record is not None
     assert record.revoked_at is not None
     assert repr(store) == "MemoryKeyStore(token_prefix='cl')"
+
+
+def test_read_headers_are_remembered_by_hash_within_a_bound_and_never_in_plaintext(
+    clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header is parsed and hashed once (its answer is a function of the header), kept
+    under the SHA-256 of the header, at most HEADERS_REMEMBERED of them; a key revoked
+    after its header was remembered is refused at once (the record is read every time)."""
+    monkeypatch.setattr(rules_module, "HEADERS_REMEMBERED", 3)
+    store = MemoryKeyStore(clock=clock)
+    made = [store.create(org="org_1", permissions=["*"]) for _ in range(5)]
+    rules = store.rules
+    calls = []
+    parse = rules_module.KeyRules._parse
+
+    def counted(self: Any, header: object) -> Any:
+        calls.append(header)
+        return parse(self, header)
+
+    monkeypatch.setattr(rules_module.KeyRules, "_parse", counted)
+    first = f"Bearer {made[0][0]}"
+    for header in (first, first.encode(), first):
+        assert store.authenticate(header, org="org_1").id == made[0][1].id
+    assert len(calls) == 1  # (str and bytes of the same ASCII header are one entry)
+    assert list(rules._read) == [hashlib.sha256(first.encode()).digest()]
+    for plaintext, _ in made[1:]:
+        store.authenticate(f"Bearer {plaintext}".encode(), org="org_1")
+    assert len(rules._read) == 3  # the oldest went first
+    assert hashlib.sha256(first.encode()).digest() not in rules._read
+    for plaintext, _ in made:
+        assert not any(plaintext.encode() in seen for seen in rules._read)
+    store.revoke(made[4][1].id)
+    with pytest.raises(AuthenticationError) as refused:
+        store.authenticate(f"Bearer {made[4][0]}", org="org_1")
+    assert refused.value.code == "invalid_api_key"
+    # A malformed header is refused every time, and never remembered.
+    for _ in range(2):
+        with pytest.raises(AuthenticationError):
+            store.authenticate("Bearer cl_live_nope", org="org_1")
+    assert len(rules._read) == 3
