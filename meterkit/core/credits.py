@@ -81,7 +81,8 @@ def credits_text(micro: int) -> str:
     whole, fraction = divmod(micro, MICRO)
     if not fraction:
         return str(whole)
-    return f"{whole}.{fraction:06d}".rstrip("0")
+    # (str(fraction + MICRO)[1:] is the fraction's six digits, without a format spec)
+    return f"{whole}.{str(fraction + MICRO)[1:].rstrip('0')}"
 
 
 def top_up_too_large() -> InvalidAmountError:

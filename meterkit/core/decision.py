@@ -215,9 +215,8 @@ class Decision:
         if op.tiers and (ietf or legacy):
             # The tier names, quotas and the policy header are text already (see
             # OperationPlan): only the integers are formatted here.
-            names = op.header_names
             tiers = out.tiers
-            if len(names) != len(tiers):
+            if len(op.header_tiers) != len(tiers):
                 raise ValueError("the outcome's tiers do not match the operation's")
             policy_shadow = self._plan.policy.shadow
             allowed = out.allowed
@@ -226,23 +225,27 @@ class Decision:
             # request, else the one with the fewest remaining, then the soonest t.
             best = denier = -1
             best_rem = best_t = 0
-            for i, (rem, reset, den) in enumerate(tiers):
-                tier = op.tiers[i]
-                if den and rate_denied and not (tier.shadow or policy_shadow):
+            i = -1
+            for (rem, reset, den), (name, bucket, tau, interval, shadow) in zip(
+                tiers, op.header_tiers, strict=True
+            ):
+                i += 1
+                if den and rate_denied and not (shadow or policy_shadow):
                     # A tier that denied: nothing can be used until the retry is due.
-                    items.append(f"{names[i]}0;t={retry_s}")
+                    items.append(f"{name}0;t={retry_s}")
                     if denier < 0:
                         denier = i
                     continue
-                if tier.code == _GCRA and rem < tier.capacity:
-                    # ``reset`` is until the bucket is full; the next token comes sooner.
-                    # A denied request left this bucket one token fuller than ``reset``
-                    # says (see outcome.unspent), unless this tier is one that said no.
+                if rem < bucket:
+                    # A gcra tier: ``reset`` is until the bucket is full; the next token
+                    # comes sooner. A denied request left this bucket one token fuller
+                    # than ``reset`` says (see outcome.unspent), unless this tier is one
+                    # that said no.
                     tokens = rem + 1 if (allowed or den) else rem
-                    reset = reset - tier.tau_us + tokens * tier.interval_us
+                    reset = reset - tau + tokens * interval
                 # (x + 999_999) // 1_000_000 rounds x µs up to whole seconds.
                 t = (reset + 999_999) // _US if reset > 0 else 0
-                items.append(f"{names[i]}{rem};t={t}")
+                items.append(f"{name}{rem};t={t}")
                 if best < 0 or rem < best_rem or (rem == best_rem and t < best_t):
                     best, best_rem, best_t = i, rem, t
             if denier >= 0:

@@ -370,7 +370,7 @@ class OperationPlan:
         "base",
         "category",
         "header_limits",
-        "header_names",
+        "header_tiers",
         "key_plan",
         "name",
         "on",
@@ -412,8 +412,20 @@ class OperationPlan:
             for t in tiers
         )
         # Fragments of Decision.headers, so that rendering them only formats integers.
-        self.header_names = tuple(f'"{t.name}";r=' for t in tiers)
         self.header_limits = tuple(str(t.limit) for t in tiers)
+        #: Per tier, what rendering its ``RateLimit`` item reads: (name fragment, the
+        #: bucket's size for a gcra tier (0 for the others), tau and emission interval
+        #: in µs, whether the tier alone is in shadow mode).
+        self.header_tiers = tuple(
+            (
+                f'"{t.name}";r=',
+                t.capacity if t.algorithm == "gcra" else 0,
+                t.tau_us,
+                t.interval_us,
+                t.shadow,
+            )
+            for t in tiers
+        )
         self.price_text = str(from_micro(op.price_micro))
 
     def __repr__(self) -> str:
