@@ -25,6 +25,7 @@ from meterkit.core.decision import (
     _Issued,
     build_assignment,
     build_usage,
+    issued,
 )
 from meterkit.core.outcome import Outcome
 from meterkit.core.plan import Plan
@@ -234,7 +235,7 @@ class _MeterCore:
         return plan
 
     def _decide(self, plan: Plan, outcome: Outcome) -> Decision:
-        decision = _Issued(plan, outcome)
+        decision = issued(plan, outcome)
         # Only shadow tiers can say no to an admitted request.
         if self._watch_shadow and outcome.allowed:
             self._count_shadow(decision)
@@ -249,7 +250,7 @@ class _MeterCore:
         self.degraded += 1
         now = round(time.time() * _US)
         tiers = tuple((t.capacity, 0, 0) for t in plan.op.tiers)
-        return _Issued(plan, Outcome(True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
+        return issued(plan, Outcome(True, 0, now, 0, tiers, 0, 0, 0, "", False), degraded=True)
 
     def _report(self, decision: Decision, latency: float) -> None:
         """Tell the observers of a check the backend answered, and of the credit alerts
@@ -465,7 +466,15 @@ class AsyncMeter(_MeterCore):
             if self.fail_open:
                 return self._degraded(plan)
             raise
-        return self._decide(plan, outcome)
+        # _decide and issued written out: two frames less, 3% of a check.
+        decision: Decision = _Issued()
+        decision._plan = plan
+        decision._out = outcome
+        decision.allowed = allowed = outcome.allowed
+        decision.degraded = False
+        if self._watch_shadow and allowed:
+            self._count_shadow(decision)
+        return decision
 
     async def _check_observed(
         self,
@@ -537,7 +546,7 @@ class AsyncMeter(_MeterCore):
         """
         plan = self._plan(key, org, operation, None, cost, mode)
         peek = self._able("peek")
-        return _Issued(plan, await peek(plan))
+        return issued(plan, await peek(plan))
 
     async def reset_limits(self, org: str, key: str | None = None, mode: Mode = "live") -> None:
         """Forget the rate-limit state of ``key`` in ``org`` (its key-scoped tiers), or
