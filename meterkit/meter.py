@@ -187,9 +187,22 @@ class _MeterCore:
         cost: object,
         mode: str,
     ) -> Plan:
-        # The usual request, tested once: ids no longer than a key id (so no secret
-        # plaintext, see _ids), printable, of a key given by its id. Anything else
-        # (an ApiKey, a longer id, a wrong one) goes through _ids, which says why not.
+        if type(key) is not str and hasattr(key, "org") and hasattr(key, "id"):
+            # An authenticated ApiKey: its id meters, its org and mode scope.
+            if org is not None and org != key.org:
+                raise AuthenticationError("organization_not_found")
+            key_plan = getattr(key, "plan", None)
+            key, org, mode = key.id, key.org, getattr(key, "mode", "live")
+            if key_plan is not None:
+                # The key store's plan for the key wins over the backend's (a name this
+                # policy does not know is the default plan, as everywhere).
+                plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+                if key_plan not in self.policy.plans:
+                    key_plan = DEFAULT_PLAN
+                plan.op = self.policy.keyed(plan.op, key_plan)
+                return plan
+        # The usual ids, tested once each: no longer than a key id (so no secret's
+        # plaintext, see _ids), printable. Any other goes through _ids, which says why not.
         if not (
             type(key) is str
             and 0 < len(key) <= _SHORT_ID
@@ -198,20 +211,6 @@ class _MeterCore:
             and 0 < len(org) <= _SHORT_ID
             and org.isprintable()
         ):
-            if type(key) is not str and hasattr(key, "org") and hasattr(key, "id"):
-                # An authenticated ApiKey: its id meters, its org and mode scope.
-                if org is not None and org != key.org:
-                    raise AuthenticationError("organization_not_found")
-                key_plan = getattr(key, "plan", None)
-                key, org, mode = key.id, key.org, getattr(key, "mode", "live")
-                if key_plan is not None:
-                    # The key store's plan for the key wins over the backend's (a name
-                    # this policy does not know is the default plan, as everywhere).
-                    plan = self._plan(key, org, operation, idempotency_key, cost, mode)
-                    if key_plan not in self.policy.plans:
-                        key_plan = DEFAULT_PLAN
-                    plan.op = self.policy.keyed(plan.op, key_plan)
-                    return plan
             _ids(key, org)
         if mode != "live" and mode != "test":
             raise InvalidRequestError(f"mode is 'live' or 'test', not {mode!r}")
@@ -459,7 +458,32 @@ class AsyncMeter(_MeterCore):
         ``key`` is a key id or an authenticated ``ApiKey`` (whose org and mode are
         then used). ``cost`` overrides the table price (for operations priced by size).
         """
-        plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+        # _plan's usual request written out, a frame less (1.1% of a check): a key id
+        # and an org no longer than a key id, printable, in either mode; a known
+        # operation at its price; no idempotency key. Anything else (an ApiKey first)
+        # goes to _plan, which tests the same.
+        op = self._ops.get(operation) if type(key) is str and type(operation) is str else None
+        if (
+            op is not None
+            and cost is None
+            and idempotency_key is None
+            and (mode == "live" or mode == "test")
+            and 0 < len(key) <= _SHORT_ID
+            and key.isprintable()
+            and type(org) is str
+            and 0 < len(org) <= _SHORT_ID
+            and org.isprintable()
+        ):
+            plan = _new(Plan)
+            plan.policy = self.policy
+            plan.op = op
+            plan.key = key
+            plan.org = org
+            plan.mode = mode
+            plan.cost = op.price
+            plan.idem = None
+        else:
+            plan = self._plan(key, org, operation, idempotency_key, cost, mode)
         try:
             outcome = await self._apply(plan)
         except BackendUnavailable:
