@@ -302,9 +302,23 @@ class Decision:
 class _Issued(Decision):
     """A :class:`Decision` that a meter's ``check`` made: the only kind a meter refunds.
     A hand-built ``Decision(plan, outcome)`` may carry any outcome (a charge id and an
-    amount of the caller's choosing), so it is refused, at no cost to a check."""
+    amount of the caller's choosing), so it is refused, at no cost to a check.
+
+    It is made without :meth:`Decision.__init__`, whose frame was 2% of a check: as
+    ``_Issued()``, then its four slots (:func:`issued`, and a meter's check inlined)."""
 
     __slots__ = ()
+    __init__ = object.__init__
+
+
+def issued(plan: Plan, outcome: Outcome, degraded: bool = False) -> Decision:
+    """The :class:`Decision` a meter made of ``outcome`` (see :class:`_Issued`)."""
+    decision: Decision = _Issued()
+    decision._plan = plan
+    decision._out = outcome
+    decision.allowed = outcome.allowed
+    decision.degraded = degraded
+    return decision
 
 
 @dataclass(frozen=True)

@@ -454,7 +454,8 @@ class MemoryBackend:
                 for key, pair in by_key.items()
             }
             named = org_plan if org_plan is not None and org_plan in policy.plans else "default"
-            return start, end, allowance, acct.used, acct.requests, pairs, named
+            requests = sum(n for n, _ in pairs.values())
+            return start, end, allowance, acct.used, requests, pairs, named
 
     def set_allowance(self, org: str, mode: str, micro: int | None) -> None:
         """Set ``org``'s monthly allowance (None: back to the policy's)."""

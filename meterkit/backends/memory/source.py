@@ -296,7 +296,6 @@ $full
 $remember
 $commits
 acct.used += cost
-acct.requests += 1
 by_key = acct.pairs.get($OP)
 if by_key is None:
     by_key = acct.pairs[$OP] = {}

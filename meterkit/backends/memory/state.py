@@ -189,16 +189,16 @@ _MICRO_MASK = _ONE_REQUEST - 1
 class _Account:
     """One organization's credits in one calendar month."""
 
-    __slots__ = ("alerted", "idents", "pairs", "period", "refunded", "requests", "topup", "used")
+    __slots__ = ("alerted", "idents", "pairs", "period", "refunded", "topup", "used")
 
     def __init__(self, period: int) -> None:
         self.period = period
         # key id -> "org\x1fkey", the key's identity in key-scoped tier state.
         self.idents: dict[str, str] = {}
         self.used = 0
-        self.requests = 0
         self.topup = 0
         # By operation, then key: the hot path finds a pair without building a tuple.
+        # (The month's requests are their sum, counted when asked: not once per check.)
         self.pairs: dict[str, dict[str, int]] = {}
         self.refunded: set[str] = set()
         #: How many of the policy's credit alert thresholds were reached this month.
