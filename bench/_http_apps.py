@@ -11,7 +11,9 @@ small JSON body, and differs only in what stands in front of the handler:
 - ``fastapi_meterkit`` / ``flask_meterkit``: meterkit's ASGI or WSGI middleware with
   the seed's policy (key authentication, the three tiers, the credit debit, the
   headers), in memory, or on Redis when ``METERKIT_BENCH_REDIS`` is a URL;
-  ``fastapi_meterkit_prometheus`` the same, reporting to a Prometheus observer.
+  ``fastapi_meterkit_prometheus`` the same, reporting to a Prometheus observer;
+  ``METERKIT_BENCH_HEADERS`` (groups, comma-separated) sets the meterkit sides'
+  ``headers=`` (every group by default).
 
 Each factory makes ``KEYS`` API keys in ``KEYS // KEYS_PER_ORG`` organizations and
 writes them, one ``org token`` pair a line, to the file ``METERKIT_BENCH_KEYS`` names,
@@ -131,9 +133,20 @@ def fastapi_meterkit(observers: Any = None) -> Any:
     meter = meterkit.AsyncMeter(policy, backend, on_decision=observers)
     app = _fastapi()
     app.add_middleware(
-        MeterMiddleware, meter=meter, keystore=keystore, routes=ROUTES, exclude=["/metrics"]
+        MeterMiddleware,
+        meter=meter,
+        keystore=keystore,
+        routes=ROUTES,
+        exclude=["/metrics"],
+        **_header_groups(),
     )
     return app
+
+
+def _header_groups() -> dict[str, Any]:
+    """``headers=`` from ``METERKIT_BENCH_HEADERS`` (groups, comma-separated), if set."""
+    groups = os.environ.get("METERKIT_BENCH_HEADERS")
+    return {} if groups is None else {"headers": [g for g in groups.split(",") if g]}
 
 
 def fastapi_meterkit_prometheus() -> Any:
@@ -201,6 +214,6 @@ def flask_meterkit() -> Any:
     _write_keys(keystore)
     app = _flask()
     app.wsgi_app = MeterMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, meter=meter, keystore=keystore, routes=ROUTES
+        app.wsgi_app, meter=meter, keystore=keystore, routes=ROUTES, **_header_groups()
     )
     return app

@@ -66,6 +66,15 @@ if str(ROOT) not in sys.path:  # run as a script
 from tests import _servers  # noqa: E402
 
 QUICK = os.environ.get("METERKIT_BENCH_QUICK", "") not in ("", "0")
+#: How uvicorn parses HTTP and runs its loop: "plain" is uvicorn as ``pip install
+#: uvicorn`` (and meterkit's dev extra) gets it, h11 and asyncio; "standard" is
+#: ``uvicorn[standard]`` (what ``fastapi[standard]`` installs), httptools and uvloop.
+#: Pinned either way, so that installing httptools does not change the figures.
+UVICORN_FLAGS = {
+    "plain": ["--http", "h11", "--loop", "asyncio"],
+    "standard": ["--http", "httptools", "--loop", "uvloop"],
+}
+UVICORN = os.environ.get("METERKIT_BENCH_UVICORN", "plain")
 CONNECTIONS = 32
 
 # wrk's script: each thread reads the keys once and sends them in turn, forever.
@@ -107,6 +116,7 @@ class Side:
             return [
                 *[sys.executable, "-m", "uvicorn", target, "--factory"],
                 *["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                *UVICORN_FLAGS[UVICORN],
                 *["--log-level", "warning", "--no-access-log"],
             ]
         return [
@@ -339,7 +349,8 @@ def available(sides: tuple[Side, ...] = SIDES) -> tuple[tuple[Side, ...], list[s
             continue
         module = {"uvicorn": "uvicorn", "gunicorn": "gunicorn"}[side.server]
         peer = {"fastapi+slowapi": "slowapi", "flask+limiter": "flask_limiter"}.get(side.name)
-        for needed in (module, peer):
+        extra = ("httptools", "uvloop") if module == "uvicorn" and UVICORN == "standard" else ()
+        for needed in (module, peer, *extra):
             if needed is not None and _importable(needed) is False:
                 missing.append(f"{side.name}: {needed} is not installed")
                 break
@@ -413,7 +424,7 @@ def test_http_overhead(benchmark: Any, figures: Callable[[str], None]) -> None:
     )
     figures(
         f"HTTP wrk -t1 -c{CONNECTIONS}, {rounds} interleaved rounds of {seconds:g} s "
-        f"per server, {_keys()} API keys (medians):"
+        f"per server, {_keys()} API keys, uvicorn {UVICORN} (medians):"
     )
     for line in results.lines(sides):
         figures(line)
@@ -530,12 +541,21 @@ def main() -> None:
         help="API keys wrk cycles through (default 4000); fewer may reach the limits",
     )
     parser.add_argument(
+        "--uvicorn",
+        choices=sorted(UVICORN_FLAGS),
+        default=UVICORN,
+        help="plain: h11 and asyncio (the default); standard: httptools and uvloop, as "
+        "uvicorn[standard] runs (pip install httptools uvloop)",
+    )
+    parser.add_argument(
         "--profile",
         nargs="+",
         metavar="SIDE",
         help="instead: sample these uvicorn sides with py-spy and compare each to the first",
     )
     args = parser.parse_args()
+    global UVICORN
+    UVICORN = args.uvicorn
     if args.keys:
         os.environ["METERKIT_BENCH_HTTP_KEYS"] = str(args.keys)  # (the servers read it)
     if args.profile:
@@ -547,7 +567,8 @@ def main() -> None:
     results = run(args.rounds, args.seconds, args.connections, sides)
     print(
         f"wrk -t1 -c{args.connections}, {args.rounds} interleaved rounds of "
-        f"{args.seconds:g} s per server, {_keys()} API keys (medians):"
+        f"{args.seconds:g} s per server, {_keys()} API keys, uvicorn {UVICORN} "
+        f"({' '.join(UVICORN_FLAGS[UVICORN])}) (medians):"
     )
     for line in results.lines(sides):
         print(line)
