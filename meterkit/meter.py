@@ -148,6 +148,10 @@ class _MeterCore:
         self.ledger: LedgerStore | None = None
         self._owns_ledger = isinstance(ledger, str)
         self._plan_for = policy.plan_for
+        # A memory backend's function of each operation, called without apply's frame
+        # (nor, for AsyncMeter, a coroutine: it never blocks). None for other backends.
+        appliers = getattr(backend, "appliers", None)
+        self._appliers: dict[Any, Any] | None = appliers if type(appliers) is dict else None
         self._ops = policy._plans
         self._watch_shadow = policy.shadow or any(t.shadow for t in policy.tiers)
         # An admission may bring more than its check's event: shadow denials, alerts.
@@ -484,8 +488,10 @@ class AsyncMeter(_MeterCore):
             plan.idem = None
         else:
             plan = self._plan(key, org, operation, idempotency_key, cost, mode)
+        appliers = self._appliers
+        fn = appliers.get(plan.op) if appliers is not None else None
         try:
-            outcome = await self._apply(plan)
+            outcome = fn(plan) if fn is not None else await self._apply(plan)
         except BackendUnavailable:
             if self.fail_open:
                 return self._degraded(plan)

@@ -136,7 +136,7 @@ class MemoryBackend:
         # same name and parameters share counters across operations and policies.
         self._tiers: dict[tuple[object, ...], _State] = {}
         # The function that applies each operation (see apply_source), by operation
-        # plan; a plan paired with another policy than its own, by (plan, policy).
+        # plan, made at its first apply (see appliers).
         self._applies: dict[OperationPlan, Apply] = {}
         self._strays: dict[tuple[OperationPlan, Policy], Apply] = {}
         self._peeks: dict[tuple[OperationPlan, Policy], Apply] = {}
@@ -290,6 +290,13 @@ class MemoryBackend:
         if fn is None:
             fn = self._applies[plan.op] = self._bind(plan.op, plan.policy)
         return fn(plan)
+
+    @property
+    def appliers(self) -> dict[OperationPlan, Apply] | None:
+        """What :meth:`apply` calls, by operation plan, once made by its first call: a
+        meter calls them directly, a frame less per check (each tests its plan's
+        policy, as :meth:`apply` would). None when a subclass has its own ``apply``."""
+        return self._applies if type(self).apply is MemoryBackend.apply else None
 
     def reset_limits(
         self, policy: Policy, org: str, mode: str = "live", key: str | None = None

@@ -10,10 +10,12 @@ state that stays bounded (and outcomes unchanged) as idle identities are swept.
 from __future__ import annotations
 
 import traceback
+from typing import Any
 
 import pytest
 
 from meterkit import (
+    AsyncMeter,
     Category,
     CostTable,
     CreditPlan,
@@ -190,3 +192,38 @@ def test_turned_windows_are_dropped_a_shard_at_a_time(clock: FakeClock) -> None:
         check(f"k{i}", org="o", operation="items.list")
     assert state.dead == []  # type: ignore[union-attr]
     assert backend.size() == _SHARDS + 1
+
+
+async def test_a_meter_calls_the_operations_function_and_a_subclass_apply_still_counts(
+    clock: Any,
+) -> None:
+    """Meters call the memory backend's function of an operation directly once apply
+    made it (a frame less, and no coroutine for AsyncMeter); a subclass with its own
+    ``apply`` offers none, so every check goes through it."""
+    policy = Policy.crane_ledger()
+    backend = MemoryBackend(clock=clock)
+    assert backend.appliers == {}
+    meter, ameter = Meter(policy, backend), AsyncMeter(policy, backend)
+    meter.check("key_1", org="org_1", operation="invoices.list")  # (made by apply)
+    assert list(backend.appliers or ()) == [policy.plan_for("invoices.list")]
+
+    def not_called(plan: Any) -> Any:
+        raise AssertionError("apply was called")
+
+    meter._apply = ameter._apply = not_called  # type: ignore[method-assign]
+    first = meter.check("key_1", org="org_1", operation="invoices.list")
+    second = await ameter.check("key_1", org="org_1", operation="invoices.list")
+    assert (first.tiers[0].remaining, second.tiers[0].remaining) == (998, 997)
+
+    calls = []
+
+    class Counted(MemoryBackend):
+        def apply(self, plan: Any) -> Any:
+            calls.append(plan.op.name)
+            return super().apply(plan)
+
+    counted = Counted(clock=clock)
+    assert counted.appliers is None
+    for _ in range(3):
+        Meter(policy, counted).check("key_1", org="org_1", operation="invoices.list")
+    assert calls == ["invoices.list"] * 3
