@@ -4,6 +4,7 @@
     METERKIT_BENCH_QUICK=1 python -m pytest bench/bench_http.py --benchmark-only -q -s \
         -p no:cacheprovider
     python bench/bench_http.py --rounds 11 --seconds 3        # the same, without pytest
+    python bench/bench_http.py --uvicorn standard             # httptools and uvloop
     python bench/bench_http.py --profile fastapi fastapi+meterkit  # where the µs go (py-spy)
 
 Eight servers, each one worker process on loopback, all started at once and driven in
@@ -74,7 +75,16 @@ UVICORN_FLAGS = {
     "plain": ["--http", "h11", "--loop", "asyncio"],
     "standard": ["--http", "httptools", "--loop", "uvloop"],
 }
-UVICORN = os.environ.get("METERKIT_BENCH_UVICORN", "plain")
+
+
+def _uvicorn() -> str:
+    """The uvicorn flavour of this run: ``METERKIT_BENCH_UVICORN`` (``--uvicorn``)."""
+    flavour = os.environ.get("METERKIT_BENCH_UVICORN", "plain")
+    if flavour not in UVICORN_FLAGS:
+        raise SystemExit(f"METERKIT_BENCH_UVICORN is one of {', '.join(UVICORN_FLAGS)}")
+    return flavour
+
+
 CONNECTIONS = 32
 
 # wrk's script: each thread reads the keys once and sends them in turn, forever.
@@ -116,7 +126,7 @@ class Side:
             return [
                 *[sys.executable, "-m", "uvicorn", target, "--factory"],
                 *["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                *UVICORN_FLAGS[UVICORN],
+                *UVICORN_FLAGS[_uvicorn()],
                 *["--log-level", "warning", "--no-access-log"],
             ]
         return [
@@ -349,7 +359,8 @@ def available(sides: tuple[Side, ...] = SIDES) -> tuple[tuple[Side, ...], list[s
             continue
         module = {"uvicorn": "uvicorn", "gunicorn": "gunicorn"}[side.server]
         peer = {"fastapi+slowapi": "slowapi", "flask+limiter": "flask_limiter"}.get(side.name)
-        extra = ("httptools", "uvloop") if module == "uvicorn" and UVICORN == "standard" else ()
+        standard = module == "uvicorn" and _uvicorn() == "standard"
+        extra = ("httptools", "uvloop") if standard else ()
         for needed in (module, peer, *extra):
             if needed is not None and _importable(needed) is False:
                 missing.append(f"{side.name}: {needed} is not installed")
@@ -424,7 +435,7 @@ def test_http_overhead(benchmark: Any, figures: Callable[[str], None]) -> None:
     )
     figures(
         f"HTTP wrk -t1 -c{CONNECTIONS}, {rounds} interleaved rounds of {seconds:g} s "
-        f"per server, {_keys()} API keys, uvicorn {UVICORN} (medians):"
+        f"per server, {_keys()} API keys, uvicorn {_uvicorn()} (medians):"
     )
     for line in results.lines(sides):
         figures(line)
@@ -543,7 +554,7 @@ def main() -> None:
     parser.add_argument(
         "--uvicorn",
         choices=sorted(UVICORN_FLAGS),
-        default=UVICORN,
+        default=_uvicorn(),
         help="plain: h11 and asyncio (the default); standard: httptools and uvloop, as "
         "uvicorn[standard] runs (pip install httptools uvloop)",
     )
@@ -554,8 +565,7 @@ def main() -> None:
         help="instead: sample these uvicorn sides with py-spy and compare each to the first",
     )
     args = parser.parse_args()
-    global UVICORN
-    UVICORN = args.uvicorn
+    os.environ["METERKIT_BENCH_UVICORN"] = args.uvicorn
     if args.keys:
         os.environ["METERKIT_BENCH_HTTP_KEYS"] = str(args.keys)  # (the servers read it)
     if args.profile:
@@ -567,8 +577,8 @@ def main() -> None:
     results = run(args.rounds, args.seconds, args.connections, sides)
     print(
         f"wrk -t1 -c{args.connections}, {args.rounds} interleaved rounds of "
-        f"{args.seconds:g} s per server, {_keys()} API keys, uvicorn {UVICORN} "
-        f"({' '.join(UVICORN_FLAGS[UVICORN])}) (medians):"
+        f"{args.seconds:g} s per server, {_keys()} API keys, uvicorn {args.uvicorn} "
+        f"({' '.join(UVICORN_FLAGS[args.uvicorn])}) (medians):"
     )
     for line in results.lines(sides):
         print(line)
