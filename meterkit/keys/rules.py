@@ -177,7 +177,11 @@ class KeyRules:
         Only ASCII headers are kept, the only kind that can be well formed; the stored
         record is still looked up and compared on every request, so a revoked or
         rotated key is refused at once."""
-        if isinstance(header, (bytes, str)) and header.isascii():
+        if (
+            isinstance(header, (bytes, str))
+            and len(header) <= MAX_HEADER_CHARS  # (a longer one is refused unhashed)
+            and header.isascii()
+        ):
             seen = hashlib.sha256(
                 header if isinstance(header, bytes) else header.encode("ascii")
             ).digest()

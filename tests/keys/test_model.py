@@ -480,8 +480,22 @@ def test_read_headers_are_remembered_by_hash_within_a_bound_and_never_in_plainte
     with pytest.raises(AuthenticationError) as refused:
         store.authenticate(f"Bearer {made[4][0]}", org="org_1")
     assert refused.value.code == "invalid_api_key"
-    # A malformed header is refused every time, and never remembered.
+    # A malformed header is refused every time, and never remembered; one longer than
+    # a header can be is refused before anything hashes it.
     for _ in range(2):
         with pytest.raises(AuthenticationError):
             store.authenticate("Bearer cl_live_nope", org="org_1")
+    hashed = []
+    sha256 = hashlib.sha256
+
+    class Counting:
+        @staticmethod
+        def sha256(data: bytes) -> Any:
+            hashed.append(len(data))
+            return sha256(data)
+
+    monkeypatch.setattr(rules_module, "hashlib", Counting)
+    with pytest.raises(AuthenticationError):
+        store.authenticate("Bearer " + "x" * 5000, org="org_1")
+    assert hashed == []
     assert len(rules._read) == 3
