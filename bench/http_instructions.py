@@ -40,6 +40,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+
+from tests import _servers  # noqa: E402
+
 SIDES = {
     "fastapi": "fastapi_bare",
     "fastapi+slowapi": "fastapi_slowapi",
@@ -50,12 +55,6 @@ FLAVOURS = {
     "standard": ["--http", "httptools", "--loop", "asyncio"],
 }
 KEYS = 400
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _requests(port: int, keys: list[tuple[str, str]], count: int) -> None:
@@ -81,7 +80,7 @@ def instructions(factory: str, flavour: str, requests: int, headers: str | None)
     with tempfile.TemporaryDirectory(prefix="meterkit-http-callgrind-") as tmp:
         folder = Path(tmp)
         keys_file = folder / "keys"
-        port = _free_port()
+        port = _servers.free_port()
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
