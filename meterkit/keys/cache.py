@@ -21,7 +21,6 @@ cache holds no plaintext. At most ``max_entries`` are kept; the oldest go first.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import math
 import threading
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -36,7 +35,7 @@ from meterkit.keys.model import (
     PlaintextKey,
     TimeLike,
 )
-from meterkit.keys.rules import KeyRules, RuledStore
+from meterkit.keys.rules import KeyRules, RuledStore, header_digest
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -83,7 +82,7 @@ class _Cache:
                 return None  # no key of ours: the store refuses it
         if not isinstance(authorization, bytes):
             return None
-        return hashlib.sha256(authorization).digest()
+        return header_digest(authorization)
 
     def lookup(
         self, digest: bytes | None, org: str | None, permission: str | None
