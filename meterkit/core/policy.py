@@ -148,7 +148,7 @@ class Tier:
     code: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise ConfigurationError(
                 f"a tier name is 1-64 letters, digits, '_', '.', '-', got {self.name!r}", "name"
             )
@@ -233,7 +233,7 @@ class Category:
     max_micro: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise ConfigurationError(f"a category name is a short identifier, got {self.name!r}")
         lo, hi = _micro(self.min, "min"), _micro(self.max, "max")
         if lo > hi:
@@ -254,7 +254,7 @@ class Operation:
     price_micro: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _OP_NAME.match(self.name):
+        if not isinstance(self.name, str) or not _OP_NAME.fullmatch(self.name):
             raise ConfigurationError(f"an operation name is a short identifier, got {self.name!r}")
         object.__setattr__(self, "price_micro", _micro(self.price, "price"))
 
@@ -527,7 +527,7 @@ class CustomerPlan:
     allowance: Amount | object | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise ConfigurationError(
                 f"a plan name is 1-64 letters, digits, '_', '.', '-', got {self.name!r}", "name"
             )

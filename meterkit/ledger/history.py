@@ -114,7 +114,7 @@ def _date(value: object, what: str) -> date:
     if isinstance(value, date):
         return value
     if isinstance(value, str):
-        found = _DAY.match(value)
+        found = _DAY.fullmatch(value)
         if found:
             try:
                 return date(*map(int, found.groups()))
@@ -133,14 +133,14 @@ def period_bounds(
         if since is not None or until is not None:
             raise InvalidRequestError("give a period, or since and until, not both")
         if isinstance(period, str):
-            found = _MONTH.match(period)
+            found = _MONTH.fullmatch(period)
             if found:
                 year, month = map(int, found.groups())
                 if year >= 1 and 1 <= month <= 12:
                     start = date(year, month, 1)
                     end = date(year + 1, 1, 1) if month == 12 else date(year, month + 1, 1)
                     return start, end
-            elif _DAY.match(period):
+            elif _DAY.fullmatch(period):
                 day = _date(period, "period")
                 return day, day + timedelta(days=1)
         raise InvalidRequestError(

@@ -233,3 +233,32 @@ def test_a_path_with_a_nul_and_deeply_nested_toml_are_configuration_errors() -> 
         Policy.from_toml("x\x00.toml")
     with pytest.raises(ConfigurationError, match="nested too deeply"):
         Policy.from_toml("a = " + "[" * 100_000 + "]" * 100_000)
+
+
+def test_a_name_with_a_line_break_is_refused_not_sent_in_a_header() -> None:
+    """Tier names go into the RateLimit headers as they are: ``^…$`` with ``re.match``
+    let a trailing newline through, which would split the response's headers."""
+    from meterkit import ConfigurationError
+    from meterkit.core.policy import CustomerPlan
+
+    made = (
+        lambda name: Tier(name, "key", "10/minute"),
+        lambda name: Category(name, "0.01", "0.02"),
+        lambda name: Operation(name, "reads", "0.01"),
+        lambda name: CustomerPlan(name),
+    )
+    for make in made:
+        make("fine")
+        for bad in ("burst\n", "burst\r\n", "\nburst"):
+            with pytest.raises(ConfigurationError):
+                make(bad)
+
+
+def test_a_period_or_day_with_a_line_break_is_refused() -> None:
+    from meterkit.errors import InvalidRequestError
+    from meterkit.ledger.history import period_bounds
+
+    assert period_bounds("2026-01")[0].isoformat() == "2026-01-01"
+    for bad in ("2026-01\n", "2026-01-15\n"):
+        with pytest.raises(InvalidRequestError):
+            period_bounds(bad)
