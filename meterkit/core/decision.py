@@ -25,6 +25,18 @@ CREDITS_MESSAGE = (
     "Insufficient credits for this operation. Credits reset at the start of the next "
     "billing period."
 )
+# The headers Decision.http_headers writes, in its order; as an ASGI server takes them.
+_TEXT_NAMES = (
+    "RateLimit-Policy",
+    "RateLimit",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+    "X-Credits-Charged",
+    "X-Credits-Remaining",
+)
+_RAW_NAMES = tuple(name.lower().encode() for name in _TEXT_NAMES)
 
 
 def _ceil_seconds(us: int) -> int:
@@ -207,32 +219,50 @@ class Decision:
         for credits carries ``Retry-After`` (the start of the next period, often weeks
         away) only with ``credits_retry_after=True``.
         """
+        return dict(self._headers(False, ietf, legacy, credits, credits_retry_after))
+
+    def raw_http_headers(
+        self,
+        *,
+        ietf: bool = True,
+        legacy: bool = True,
+        credits: bool = True,
+        credits_retry_after: bool = False,
+    ) -> list[tuple[bytes, bytes]]:
+        """:meth:`http_headers` as an ASGI server takes them: lower-case names and
+        values as bytes, in the same order."""
+        return self._headers(True, ietf, legacy, credits, credits_retry_after)
+
+    def _headers(
+        self, raw: bool, ietf: bool, legacy: bool, credits: bool, credits_retry_after: bool
+    ) -> list[Any]:
         out = self._out
         op = out.limits or self._plan.op
-        headers: dict[str, str] = {}
+        names = _RAW_NAMES if raw else _TEXT_NAMES
+        # (everything but the integers is text already, see OperationPlan.header_text)
+        policy_header, rate, limits, price_text, number = op.header_raw if raw else op.header_text
+        headers: list[Any] = []
         retry_s = (out.retry_after + 999_999) // _US
         rate_denied = out.reason == REASON_RATE
         if op.tiers and (ietf or legacy):
-            # The tier names, quotas and the policy header are text already (see
-            # OperationPlan): only the integers are formatted here.
             tiers = out.tiers
             if len(op.header_tiers) != len(tiers):
                 raise ValueError("the outcome's tiers do not match the operation's")
             policy_shadow = self._plan.policy.shadow
             allowed = out.allowed
-            items = []
+            figures: list[int] = []  # each tier's r and t
             # X-RateLimit-* describe one tier: the first that denied a rate-limited
             # request, else the one with the fewest remaining, then the soonest t.
             best = denier = -1
             best_rem = best_t = 0
             i = -1
-            for (rem, reset, den), (name, bucket, tau, interval, shadow) in zip(
+            for (rem, reset, den), (bucket, tau, interval, shadow) in zip(
                 tiers, op.header_tiers, strict=True
             ):
                 i += 1
                 if den and rate_denied and not (shadow or policy_shadow):
                     # A tier that denied: nothing can be used until the retry is due.
-                    items.append(f"{name}0;t={retry_s}")
+                    figures += (0, retry_s)
                     if denier < 0:
                         denier = i
                     continue
@@ -245,26 +275,29 @@ class Decision:
                     reset = reset - tau + tokens * interval
                 # (x + 999_999) // 1_000_000 rounds x µs up to whole seconds.
                 t = (reset + 999_999) // _US if reset > 0 else 0
-                items.append(f"{name}{rem};t={t}")
+                figures += (rem, t)
                 if best < 0 or rem < best_rem or (rem == best_rem and t < best_t):
                     best, best_rem, best_t = i, rem, t
             if denier >= 0:
                 best, best_rem, best_t = denier, 0, retry_s
             if ietf:
-                headers["RateLimit-Policy"] = op.policy_header
-                headers["RateLimit"] = ", ".join(items)
+                headers.append((names[0], policy_header))
+                headers.append((names[1], rate % tuple(figures)))
             if legacy:
-                headers["X-RateLimit-Limit"] = op.header_limits[best]
-                headers["X-RateLimit-Remaining"] = str(best_rem)
-                headers["X-RateLimit-Reset"] = str(best_t)
+                headers.append((names[2], limits[best]))
+                headers.append((names[3], number % best_rem))
+                headers.append((names[4], number % best_t))
         if rate_denied or (credits_retry_after and out.reason == REASON_CREDITS):
-            headers["Retry-After"] = str(retry_s)
+            headers.append((names[5], number % retry_s))
         if credits:
             charged = out.charged
-            headers["X-Credits-Charged"] = (
-                op.price_text if charged == op.price else credits_text(charged)
-            )
-            headers["X-Credits-Remaining"] = credits_text(out.balance)
+            if charged == op.price:
+                headers.append((names[6], price_text))
+            else:
+                text = credits_text(charged)
+                headers.append((names[6], text.encode() if raw else text))
+            text = credits_text(out.balance)
+            headers.append((names[7], text.encode() if raw else text))
         return headers
 
     @property

@@ -369,7 +369,8 @@ class OperationPlan:
         "allowance",
         "base",
         "category",
-        "header_limits",
+        "header_raw",
+        "header_text",
         "header_tiers",
         "key_plan",
         "name",
@@ -411,22 +412,29 @@ class OperationPlan:
             + (f";meterkit-burst={t.burst}" if t.algorithm == "gcra" else "")
             for t in tiers
         )
-        # Fragments of Decision.headers, so that rendering them only formats integers.
-        self.header_limits = tuple(str(t.limit) for t in tiers)
-        #: Per tier, what rendering its ``RateLimit`` item reads: (name fragment, the
-        #: bucket's size for a gcra tier (0 for the others), tau and emission interval
-        #: in µs, whether the tier alone is in shadow mode).
+        #: Per tier, what computing its ``RateLimit`` figures reads: the bucket's size
+        #: for a gcra tier (0 for the others), tau and emission interval in µs, whether
+        #: the tier alone is in shadow mode.
         self.header_tiers = tuple(
-            (
-                f'"{t.name}";r=',
-                t.capacity if t.algorithm == "gcra" else 0,
-                t.tau_us,
-                t.interval_us,
-                t.shadow,
-            )
+            (t.capacity if t.algorithm == "gcra" else 0, t.tau_us, t.interval_us, t.shadow)
             for t in tiers
         )
         self.price_text = str(from_micro(op.price_micro))
+        # What Decision's headers hold apart from integers, so that rendering them is
+        # one %-format per header: RateLimit-Policy; RateLimit with a %d for each
+        # tier's r and t (tier names are identifiers: no % to escape); each tier's
+        # X-RateLimit-Limit; the price; an integer's format. As text, and as the bytes
+        # an ASGI server sends.
+        rate = ", ".join(f'"{t.name}";r=%d;t=%d' for t in tiers)
+        limits = tuple(str(t.limit) for t in tiers)
+        self.header_text = (self.policy_header, rate, limits, self.price_text, "%d")
+        self.header_raw = (
+            self.policy_header.encode(),
+            rate.encode(),
+            tuple(limit.encode() for limit in limits),
+            self.price_text.encode(),
+            b"%d",
+        )
 
     def __repr__(self) -> str:
         return f"OperationPlan({self.name!r}, plan={self.plan!r}, tiers={list(self.tiers)!r})"

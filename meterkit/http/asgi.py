@@ -189,17 +189,19 @@ async def run_metered(gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, 
             admission = scope.get("meterkit")
             if admission is not None:
                 status = message["status"]
-                extra = gate.answered(admission, status)
-                if extra is None:
-                    extra = await gate.finish(admission, status)
                 sent = message.get("headers", ())
-                headers = list(sent)
-                headers.extend(raw_headers(extra.items()))
-                # A new message: the app may send the same dict again (a constant).
-                message = {**message, "headers": headers}
                 keeping = admission.keeping
-                if keeping is not None:
-                    keeping.start(status, sent, extra)
+                # (the usual response: its headers as bytes at once)
+                added = gate.answered_pairs(admission, status, True) if keeping is None else None
+                if added is None:
+                    extra = gate.answered(admission, status)
+                    if extra is None:
+                        extra = await gate.finish(admission, status)
+                    added = raw_headers(extra.items())
+                    if keeping is not None:
+                        keeping.start(status, sent, extra)
+                # A new message: the app may send the same dict again (a constant).
+                message = {**message, "headers": [*sent, *added]}
         elif keeping is not None and message["type"] == "http.response.body":
             # Kept as it streams; stored before its last piece, for the client's next retry.
             last = not message.get("more_body", False)

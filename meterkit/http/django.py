@@ -180,10 +180,14 @@ class MeterMiddleware:
         response = self.get_response(request)
         admission: Admission | None = getattr(request, "meterkit", None)
         if admission is not None:
-            extra = self.gate.answered(admission, response.status_code)
-            if extra is None:
-                extra = self.gate.finish_blocking(admission, response.status_code)
-            for name, value in extra.items():
+            status = response.status_code
+            added = self.gate.answered_pairs(admission, status, False)
+            if added is None:
+                extra = self.gate.answered(admission, status)
+                if extra is None:
+                    extra = self.gate.finish_blocking(admission, status)
+                added = list(extra.items())
+            for name, value in added:
                 response[name] = value
             if admission.keeping is not None:
                 self._keep(admission, response)

@@ -777,6 +777,16 @@ class Gate:
             return None
         return self._headers(admission)
 
+    def answered_pairs(self, admission: Admission, status: int, raw: bool) -> list[Any] | None:
+        """:meth:`answered` as a list of pairs, without a dict between: text as WSGI
+        takes headers, or with ``raw`` lower-case bytes as ASGI does. The usual
+        response's; None when :meth:`answered` or :meth:`finish` must decide (a refund,
+        due or made)."""
+        if admission.refunded or self._refunds(admission, status):
+            return None
+        # (Decision.http_headers and raw_http_headers without their dict or keywords)
+        return admission.decision._headers(raw, self._ietf, self._legacy, self._credits, False)
+
     async def finish(self, admission: Admission, status: int) -> dict[str, str]:
         """The app answered ``status``: refund when ``refund_statuses`` says so (once), and
         the headers to add to its response.

@@ -248,10 +248,15 @@ class _MeteredCall:
         admission: Admission | None = self.environ.get("meterkit")
         if admission is not None:
             code = int(status[:3])
+            keeping = admission.keeping
+            if keeping is None:
+                # (the usual response: its headers as pairs at once)
+                added = self.gate.answered_pairs(admission, code, False)
+                if added is not None:
+                    return self._start_response(status, [*headers, *added], exc_info)
             extra = self.gate.answered(admission, code)
             if extra is None:
                 extra = self.gate.finish_blocking(admission, code)
-            keeping = admission.keeping
             if keeping is not None:
                 keeping.start(code, headers, extra)
                 write = self._start_response(status, [*headers, *extra.items()], exc_info)

@@ -267,6 +267,39 @@ def test_a_denial_elsewhere_leaves_a_gcra_bucket_its_token(
     assert denied.headers["RateLimit"] == '"bucket";r=8;t=1, "two";r=0;t=3600'
 
 
+def test_raw_headers_are_the_text_headers_as_an_asgi_server_takes_them(
+    make_meter: MakeMeter, clock: FakeClock
+) -> None:
+    """raw_http_headers (what the ASGI middleware sends) says what http_headers says,
+    lower-cased and as bytes, in its order: admitted, rate-limited (gcra and window
+    tiers), refused for credits, a price that is not the table's, every group choice."""
+    bucket = Tier("bucket", "key", "60/minute", "gcra", burst=3)
+    meter = make_meter(_policy(bucket, Tier("two", "org", "5/hour"), allowance="0.12"))
+    decisions = [meter.check("key_a", org="org_a", operation="items.list") for _ in range(4)]
+    decisions.append(meter.check("key_b", org="org_a", operation="items.create"))
+    decisions.append(meter.check("key_c", org="org_a", operation="items.list", cost="0.02"))
+    at(clock, 30 * MIN)
+    decisions.append(meter.check("key_d", org="org_a", operation="items.create"))
+    reasons = {d.reason for d in decisions}
+    assert reasons == {None, "rate_limited", "insufficient_credits"}, reasons
+    for d in decisions:
+        for ietf in (True, False):
+            for legacy in (True, False):
+                for credits in (True, False):
+                    for retry in (True, False):
+                        groups = {
+                            "ietf": ietf,
+                            "legacy": legacy,
+                            "credits": credits,
+                            "credits_retry_after": retry,
+                        }
+                        text = d.http_headers(**groups)
+                        assert d.raw_http_headers(**groups) == [
+                            (k.lower().encode("latin-1"), v.encode("latin-1"))
+                            for k, v in text.items()
+                        ]
+
+
 def test_charges_and_balances_are_exact_decimals(make_meter: MakeMeter) -> None:
     """Balances are the allowance minus the exact sum of charges, as Decimals and header text."""
     meter = make_meter(_policy(allowance="1"))
