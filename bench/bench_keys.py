@@ -8,7 +8,7 @@ plaintext (``hmac.digest``) plus one dict lookup. ``test_ratio_to_the_hmac_floor
 interleaves the two in short rounds (``bench._interleave``) and reports the median of the
 per-round ratios in the end-of-run figures, then benches the floor itself.
 
-A store remembers what a header parses and hashes to (under the header's SHA-256), so
+A store remembers what a header parses and hashes to (under the header's BLAKE2s digest), so
 a key presented again skips the HMAC and can beat that floor; ``authenticate (new)``
 forgets before each call, and is what a header seen for the first time costs.
 """

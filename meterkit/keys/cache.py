@@ -14,7 +14,7 @@ through the cache forget that key at once. Only admissions are remembered: a ref
 header always reaches the store (so made-up keys cannot fill the cache), and so does
 a key admitted for one organization or permission when asked for another.
 
-Entries are keyed by SHA-256 of the presented header, never by the header: the
+Entries are keyed by the BLAKE2s digest of the presented header, never by the header: the
 cache holds no plaintext. At most ``max_entries`` are kept; the oldest go first.
 """
 

@@ -164,7 +164,7 @@ class KeyRules:
         #: What an organization id of this store looks like (``org_pattern``; the seed's
         #: ``org_…`` by default).
         self.org_rule = org_rule(org_pattern)
-        # read_header's answers by the SHA-256 of the header: a header is parsed,
+        # read_header's answers by the header_digest of the header: a header is parsed,
         # checksummed and hashed under every pepper once, not on every request.
         self._read: dict[bytes, tuple[str, tuple[str, ...]]] = {}
 
